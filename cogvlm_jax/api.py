@@ -1,0 +1,249 @@
+"""The stable public surface: ``load()`` and ``Model`` (forward, generate, build_inputs, chat, stream).
+
+Everything here takes and returns host numpy; the jitted work lives in ``model.py`` and ``sampling.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cogvlm_jax import sampling
+from cogvlm_jax.config import CogVLMConfig, load_config
+from cogvlm_jax.model import CogVLM
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MIN_BUCKET = 16
+STREAM_CHUNK = 4  # tokens generated on device between two stream yields
+
+
+class InputError(ValueError):
+    """Model inputs that would give a wrong answer; the message says what is wrong."""
+
+
+def bucket_length(n: int) -> int:
+    """Prompt lengths are left-padded to the next power of two (at least 16): one compile per bucket."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return b
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Model:
+    """A loaded CogVLM / CogVLM2: ``config``, ``params`` (a pytree), ``tokenizer`` (or None)."""
+
+    def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(_DTYPES)}")
+        self.config = config
+        self.dtype = dtype
+        self.params = params
+        self.tokenizer = tokenizer
+        self.module = CogVLM(config, _DTYPES[dtype], vit_query_chunk)
+        self._forward = jax.jit(lambda p, ids, tt, am, pv: self.module.apply(
+            {"params": p}, ids, tt, am, pv)[0])
+        self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id)
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, input_ids, token_type_ids, attention_mask, pixel_values):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        tt = np.asarray(token_type_ids)
+        am = np.asarray(attention_mask)
+        for name, a in (("token_type_ids", tt), ("attention_mask", am)):
+            if a.shape != ids.shape:
+                raise InputError(f"{name} has shape {a.shape}, input_ids {ids.shape}")
+        v = self.config.text.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= v):
+            raise InputError(f"input_ids outside the vocabulary [0, {v}): min {ids.min()}, max {ids.max()}")
+        if ids.shape[1] > self.config.context_length:
+            raise InputError(f"prompt of {ids.shape[1]} tokens exceeds max_length {self.config.context_length}")
+        n_img = self.config.num_image_tokens
+        tt = np.where(am.astype(bool), tt, 0)
+        counts = tt.sum(axis=1)
+        for row, c in enumerate(counts):
+            if c not in (0, n_img):
+                raise InputError(f"row {row} has {c} image tokens (token_type_ids == 1); one image takes exactly "
+                                 f"{n_img} (boi + {n_img - 2} + eoi), text-only rows none")
+            if c:
+                span = np.flatnonzero(tt[row])
+                if span[-1] - span[0] + 1 != c:
+                    raise InputError(f"row {row}: the image tokens are not one contiguous span")
+        pv = None
+        if counts.any():
+            if pixel_values is None:
+                raise InputError("token_type_ids mark image tokens but pixel_values is None")
+            pv = np.asarray(pixel_values, np.float32)
+            s = self.config.vision.image_size
+            want = (ids.shape[0], self.config.vision.in_channels, s, s)
+            if pv.shape != want:
+                raise InputError(f"pixel_values must have shape {want}, got {pv.shape}")
+        return ids.astype(np.int32), tt.astype(np.int32), am.astype(np.int32), pv
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids, token_type_ids, attention_mask, pixel_values=None) -> np.ndarray:
+        """Logits float32 [B, L, V] for [B, L] inputs (left padding: pads neither count nor are attended)."""
+        ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
+        return np.asarray(self._forward(self.params, ids, tt, am, pv), np.float32)
+
+    # ------------------------------------------------------------------ generate
+    def _start(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
+               top_k, top_p, seed, collect_logits=False):
+        ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not am[:, -1].all():
+            raise InputError("generate needs left-padded prompts: every row's last attention_mask must be 1")
+        longest = int(am.sum(axis=1).max())
+        if longest + max_new_tokens > self.config.context_length:
+            raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
+                             f"{self.config.context_length}")
+        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
+            raise InputError(f"bad sampling settings: temperature {temperature}, top_k {top_k}, top_p {top_p}")
+        b, n = ids.shape
+        length = bucket_length(n)
+        pad = length - n
+        pad2 = ((0, 0), (pad, 0))
+        ids = np.pad(ids, pad2, constant_values=self.config.pad_token_id)
+        tt, am = np.pad(tt, pad2), np.pad(am, pad2)
+        sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
+        state = self._generator.start(self.params, ids, tt, am, pv, sp, max_new_tokens=max_new_tokens,
+                                      cache_length=length + _round_up(max_new_tokens, 16),
+                                      collect_logits=collect_logits)
+        return state, temperature > 0
+
+    def generate(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+                 temperature=0.0, top_k=None, top_p=None, seed=0) -> np.ndarray:
+        """Token ids [B, max_new_tokens]; after a row's eos, the pad id."""
+        state = self.generate_state(input_ids, token_type_ids, attention_mask, pixel_values,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed)
+        return np.asarray(state.tokens)
+
+    def generate_state(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+                       temperature=0.0, top_k=None, top_p=None, seed=0, collect_logits=False):
+        """Like ``generate`` but returns the final ``DecodeState`` (tokens, chosen logits if collected)."""
+        state, do_sample = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                       temperature, top_k, top_p, seed, collect_logits)
+        return self._generator.decode(self.params, state, jnp.int32(max_new_tokens), do_sample=do_sample)
+
+    def generate_chunks(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+                        temperature=0.0, top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[np.ndarray]:
+        """Yield the new ids [B, k] every ``chunk`` tokens (same compiled loop as ``generate``)."""
+        state, do_sample = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                       temperature, top_k, top_p, seed)
+        emitted = 0
+        while emitted < max_new_tokens:
+            state = self._generator.decode(self.params, state, jnp.int32(emitted + chunk), do_sample=do_sample)
+            step = int(state.step)
+            yield np.asarray(state.tokens[:, emitted:step])
+            if step == emitted or bool(np.all(np.asarray(state.done))):
+                return
+            emitted = step
+
+    # ------------------------------------------------------------------ text
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise InputError(f"{what} needs a tokenizer: none was found beside the checkpoint; pass "
+                             "cogvlm_jax.load(path, tokenizer=PATH) with a tokenizer.model or tokenizer.json")
+        return self.tokenizer
+
+    def build_inputs(self, query, history=(), image=None, template=None):
+        """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None)."""
+        from cogvlm_jax.preprocess import build_inputs
+
+        tok = self._need_tokenizer("build_inputs")
+        return build_inputs(tok, self.config, query, history=history, image=image, template=template)
+
+    def _text_stop(self, ids: Sequence[int]) -> list[int]:
+        out = []
+        for i in ids:
+            if int(i) in self.config.eos_token_ids:
+                break
+            out.append(int(i))
+        return out
+
+    def chat(self, image, query, history=(), template=None, *, max_new_tokens=256, temperature=0.0,
+             top_k=None, top_p=None, seed=0) -> str:
+        """The answer to ``query`` about ``image`` (or None) after ``history`` [(q, a), ...]."""
+        return "".join(self.stream(image, query, history, template, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+
+    def stream(self, image, query, history=(), template=None, *, max_new_tokens=256, temperature=0.0,
+               top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[str]:
+        """The answer as text pieces, as it is generated."""
+        from cogvlm_jax.tokenizer import StreamDecoder
+
+        inputs = self.build_inputs(query, history, image, template)
+        ids = inputs["input_ids"]
+        budget = self.config.context_length - len(ids)
+        if budget < 1:
+            raise InputError(f"prompt of {len(ids)} tokens exceeds max_length {self.config.context_length}")
+        max_new_tokens = min(max_new_tokens, budget)
+        pv = None if inputs["pixel_values"] is None else inputs["pixel_values"][None]
+        decoder = StreamDecoder(self.tokenizer)
+        for new in self.generate_chunks(ids[None], inputs["token_type_ids"][None], inputs["attention_mask"][None],
+                                        pv, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seed=seed, chunk=chunk):
+            row = [int(i) for i in new[0]]
+            text_ids = self._text_stop(row)
+            for i in text_ids:
+                piece = decoder.add(i)
+                if piece:
+                    yield piece
+            if len(text_ids) < len(row):  # eos
+                break
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+
+def _find_tokenizer(path: Optional[str]):
+    from cogvlm_jax.tokenizer import load_tokenizer
+
+    if path is None:
+        return None
+    for cand in (path, os.path.join(path, "tokenizer")):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(cand, name)):
+                return load_tokenizer(cand)
+    return None
+
+
+def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
+         progress: bool = True) -> Model:
+    """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
+
+    ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
+    ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
+    """
+    from convert.convert_hf import read_hf_checkpoint
+
+    from cogvlm_jax import checkpoint
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(_DTYPES)}")
+    if path is None:
+        raise ValueError("cogvlm_jax.load() needs a checkpoint path")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    config = load_config(path)
+    if checkpoint.is_our_checkpoint(path):
+        params = checkpoint.restore_params(path)
+    else:
+        params = read_hf_checkpoint(path, config, progress=progress)
+    want = _DTYPES[dtype]
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=want), params)
+    tok = _find_tokenizer(tokenizer) if tokenizer is not None else _find_tokenizer(path)
+    if tokenizer is not None and tok is None:
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
+    return Model(config, params, tok, dtype)

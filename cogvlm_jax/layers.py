@@ -1,0 +1,139 @@
+"""Small building blocks shared by the ViT, the adapter and the decoder.
+
+Every parameter is created here or in the module using it, with its logical axes beside its shape
+(see ``axes.py`` for the names and the rules mapping them onto a mesh). Linear weights are ``kernel``
+``[in, out]``; norms carry ``scale`` (and ``bias`` for LayerNorm), matching the HF names after the
+renames in ``convert/mapping.py``.
+
+Axis legend: B batch, L length, D model width, F mlp width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def precision_for(dtype: Dtype):
+    """Float32 runs are the exact reference path: ask every backend for full-precision matmuls."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+class Dense(nn.Module):
+    """``x @ kernel (+ bias)`` with logical axes ``axes = (in_axis, out_axis)``; computes in ``dtype``."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None  # e.g. float32 logits from bfloat16 weights
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (x.shape[-1], self.features))
+        y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype),
+                       precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
+        y = y.astype(self.out_dtype or self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                              (self.features,))
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm, always computed in float32 and cast back to the input dtype."""
+
+    eps: float = 1e-5
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * y).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in float32 and cast back to the input dtype."""
+
+    eps: float = 1e-6
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (x.shape[-1],)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), shape)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), shape)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu(x):
+    """Exact (erf) GELU, as torch's default ``nn.GELU``."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotate-half rotary embedding over the full head dim.
+
+    x: [B, L, N, E] (N query or kv heads); positions: [B, L] integers. The angles are computed in
+    float32 from integer positions, so they are exact at any length (the official bfloat16 CogVLM2 rounds
+    positions above 256 because it builds them in the buffer's dtype; we do not reproduce that error).
+    """
+    e = x.shape[-1]
+    ang = positions.astype(jnp.float32)[..., None] * rope_inv_freq(e, theta)  # [B, L, E/2]
+    cos = jnp.concatenate([jnp.cos(ang), jnp.cos(ang)], axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(ang), jnp.sin(ang)], axis=-1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = e // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def split_sizes(x, sizes: Sequence[int], axis: int = -1):
+    """Split ``x`` along ``axis`` into consecutive pieces of the given sizes."""
+    idx, out = 0, []
+    for s in sizes:
+        out.append(jax.lax.slice_in_dim(x, idx, idx + s, axis=axis % x.ndim))
+        idx += s
+    return out
+
+
+class PatchConv(nn.Module):
+    """Conv2d whose kernel equals its stride (patch embedding, CogVLM2's 2x2 downsample), as one matmul.
+
+    x: [B, H, W, C] (NHWC) -> [B, H/P, W/P, out]; ``kernel`` is [P, P, C, out] (HWIO), with a bias.
+    """
+
+    patch: int
+    features: int
+    axes: tuple[str, str]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        p = self.patch
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init, (None, None) + tuple(self.axes)),
+                            (p, p, c, self.features))
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
+        x = x.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        y = jnp.einsum("bhpwqc,pqco->bhwo", x, kernel.astype(self.dtype), precision=precision_for(self.dtype))
+        return y + bias.astype(self.dtype)

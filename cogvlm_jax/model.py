@@ -1,0 +1,139 @@
+"""The whole CogVLM: (ids, token types, mask, pixels) -> logits, and the one-token decode step.
+
+Data flow: pixels -> ViT -> adapter (``adapter.VisionModel``) -> spliced into the token embeddings at the
+image slots -> decoder layers -> final norm -> lm_head (float32 logits).
+
+Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches + eoi).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cogvlm_jax import kv_cache, positions
+from cogvlm_jax.adapter import VisionModel
+from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.decoder import DecoderLayer
+from cogvlm_jax.layers import Dense, RMSNorm, _init
+
+Dtype = jnp.dtype
+
+
+def splice(text_embeds, token_type_ids, image_features):
+    """Replace the embeddings of the type-1 slots of each row, in order, by that row's image features.
+
+    text_embeds [B, L, D]; image_features [B, I, D]. Rows without image tokens are untouched.
+    """
+    is_image = token_type_ids == positions.VISION
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_features, slot[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class CogVLM(nn.Module):
+    config: CogVLMConfig
+    dtype: Dtype = jnp.float32
+    vit_query_chunk: Optional[int] = None
+
+    def setup(self):
+        t = self.config.text
+        self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk)
+        self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=self.dtype,
+                                     embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
+        self.layers = [DecoderLayer(t, self.dtype) for _ in range(t.num_layers)]
+        self.norm = RMSNorm(t.rms_norm_eps)
+        self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_dtype=jnp.float32)
+
+    def encode_images(self, pixel_values):
+        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi."""
+        return self.vision(pixel_values)
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, pixel_values=None, cache=None,
+                 last_only: bool = False, return_hidden: bool = False):
+        """Prefill / full forward. Returns (logits, cache, hidden_states).
+
+        logits: float32 [B, L, V], or [B, V] at the last position with ``last_only`` (left-padded
+        prompts end there). cache: the KV cache with the prompt written at slots [0, L), or None.
+        hidden_states: tuple of the decoder input and every layer's output (last one normed), if asked.
+        """
+        x = self.embed_tokens(input_ids)
+        vision_mask = None
+        if pixel_values is not None:
+            x = splice(x, token_type_ids, self.encode_images(pixel_values))
+            vision_mask = positions.vision_expert_mask(token_type_ids)
+        pos = positions.position_ids(token_type_ids, attention_mask)
+        mask = positions.causal_mask(attention_mask)
+        hidden = [x]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, vision_mask, pos, mask, kv, None if cache is None else cache.index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+            hidden.append(x)
+        x = self.norm(x)
+        hidden[-1] = x
+        if cache is not None:
+            cache = kv_cache.advance(cache.replace(k=tuple(new_k), v=tuple(new_v)), attention_mask.astype(bool))
+        logits = self.lm_head(x[:, -1] if last_only else x)
+        return logits, cache, (tuple(hidden) if return_hidden else None)
+
+    def decode_step(self, tokens, token_positions, cache):
+        """One text token per row: tokens [B], token_positions [B] -> (logits [B, V] float32, cache).
+
+        Runs the language expert only: the vision-expert weights are never read.
+        """
+        x = self.embed_tokens(tokens[:, None])
+        new_valid = jnp.ones((tokens.shape[0], 1), bool)
+        mask = kv_cache.read_mask(cache, new_valid)
+        pos = token_positions[:, None]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, None, pos, mask, (cache.k[i], cache.v[i]), cache.index, attend_cache=True)
+            new_k.append(k)
+            new_v.append(v)
+        cache = kv_cache.advance(cache.replace(k=tuple(new_k), v=tuple(new_v)), new_valid)
+        return self.lm_head(self.norm(x))[:, 0], cache
+
+
+def _dummy_inputs(config: CogVLMConfig, batch: int = 1):
+    n = config.num_image_tokens + 2
+    ids = jnp.zeros((batch, n), jnp.int32)
+    tt = jnp.zeros((batch, n), jnp.int32).at[:, 1:-1].set(1)
+    s = config.vision.image_size
+    return ids, tt, jnp.ones((batch, n), jnp.int32), jnp.zeros((batch, config.vision.in_channels, s, s), jnp.float32)
+
+
+def init_params(config: CogVLMConfig, rng, dtype=jnp.float32):
+    """Random parameters (normal 0.02, norms at one), boxed with their logical axes stripped."""
+    model = CogVLM(config, dtype)
+    boxed = model.init(rng, *_dummy_inputs(config))["params"]
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype), nn.unbox(boxed))
+
+
+def abstract_boxed_params(config: CogVLMConfig, dtype=jnp.float32):
+    """Parameter shapes with their ``nn.LogicallyPartitioned`` boxes, without allocating anything."""
+    model = CogVLM(config, dtype)
+    tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(config))["params"])
+    return jax.tree_util.tree_map(
+        lambda b: b.replace_boxed(jax.ShapeDtypeStruct(b.value.shape, dtype)), tree,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def abstract_params(config: CogVLMConfig, dtype=jnp.float32):
+    """Nested dict of ``jax.ShapeDtypeStruct``: every parameter's shape and dtype, nothing allocated."""
+    return nn.unbox(abstract_boxed_params(config, dtype))
+
+
+def logical_axes(config: CogVLMConfig):
+    """Nested dict of tuples: every parameter's logical axis names (see ``axes.py``)."""
+    return nn.get_partition_spec(abstract_boxed_params(config))
+
+
+def count_params(config: CogVLMConfig) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(abstract_params(config)))

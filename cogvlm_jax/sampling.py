@@ -1,0 +1,149 @@
+"""Jitted generation: one prefill that fills a preallocated KV cache, then a ``lax.while_loop`` decode.
+
+Static shapes: the caller left-pads prompts to a bucket length and fixes the cache length, so each
+(bucket, cache length) compiles once. Temperature, top-k, top-p, the step limit and the seeds are traced
+values: changing them never recompiles. The decode loop runs on device until every row has stopped or
+``stop_at`` steps are done: no host round trip per token (streaming calls it again for the next chunk).
+
+Axis legend: B batch, L prompt length, N max new tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from cogvlm_jax import kv_cache, positions
+from cogvlm_jax.model import CogVLM
+
+
+@flax.struct.dataclass
+class SamplingParams:
+    """Per-row sampling settings (all [B]); temperature 0 means greedy."""
+
+    temperature: jax.Array
+    top_k: jax.Array  # 0: off
+    top_p: jax.Array  # 1.0: off
+    key: jax.Array  # [B, 2] uint32 per-row PRNG keys; step s uses fold_in(key, s)
+
+    @classmethod
+    def make(cls, batch: int, temperature=0.0, top_k=None, top_p=None, seed=0):
+        base = jax.random.PRNGKey(seed)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+        full = lambda v, dt: jnp.full((batch,), v, dt)  # noqa: E731
+        return cls(full(temperature or 0.0, jnp.float32), full(top_k or 0, jnp.int32),
+                   full(1.0 if top_p is None else top_p, jnp.float32), keys)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    tokens: jax.Array  # [B, N] generated ids, pad after a row stops
+    logits: jax.Array  # [B, V] logits that will choose the next token
+    step: jax.Array  # [] tokens generated so far
+    done: jax.Array  # [B] row has stopped
+    position: jax.Array  # [B] position id of the next token
+    cache: kv_cache.KVCache
+    sampling: SamplingParams
+    chosen_logits: Any = None  # [B, N, V] when collected (tests), else None
+
+
+def filter_logits(logits, top_k, top_p):
+    """Mask (to -inf) what top-k [B] and top-p [B] exclude; 0 / 1.0 switch each off.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches p: a token is kept iff
+    the probability of the tokens ranked strictly above it is below p.
+    """
+    v = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(v)[None, :]
+    keep_sorted = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep_sorted, sorted_logits, -jnp.inf), axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted &= above < top_p[:, None]
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def choose(logits, sp: SamplingParams, step, do_sample: bool):
+    """Next token per row: argmax where temperature is 0, else a draw from the filtered distribution."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not do_sample:
+        return greedy
+    t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
+    filtered = filter_logits(logits / t[:, None], sp.top_k, sp.top_p)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(sp.key)
+    drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
+    return jnp.where(sp.temperature > 0, drawn, greedy)
+
+
+def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pixel_values, cache):
+    """Run the prompt, write it into ``cache``; -> (last logits [B, V], next positions [B], cache)."""
+    logits, cache, _ = model.apply({"params": params}, input_ids, token_type_ids, attention_mask, pixel_values,
+                                   cache=cache, last_only=True)
+    next_pos = jnp.max(positions.position_ids(token_type_ids, attention_mask), axis=1) + 1
+    return logits, next_pos, cache
+
+
+def decode_loop(model: CogVLM, params, state: DecodeState, stop_at, eos_ids, pad_id, do_sample: bool):
+    """Generate until ``state.step == stop_at`` or every row is done (eos or ``N`` tokens)."""
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    n = state.tokens.shape[1]
+    limit = jnp.minimum(stop_at, n)
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        tok = choose(s.logits, s.sampling, s.step, do_sample)
+        tok = jnp.where(s.done, pad_id, tok)
+        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[:, None], s.step, axis=1)
+        chosen = s.chosen_logits
+        if chosen is not None:
+            chosen = jax.lax.dynamic_update_slice_in_dim(chosen, s.logits[:, None], s.step, axis=1)
+        done = s.done | jnp.isin(tok, eos)
+        logits, cache = model.apply({"params": params}, tok, s.position, s.cache, method=CogVLM.decode_step)
+        return s.replace(tokens=tokens, logits=logits, step=s.step + 1, done=done, position=s.position + 1,
+                         cache=cache, chosen_logits=chosen)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_tokens: int, pad_id: int,
+                collect_logits: bool = False) -> DecodeState:
+    b = logits.shape[0]
+    return DecodeState(
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32), logits=logits, step=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((b,), bool), position=next_pos.astype(jnp.int32), cache=cache, sampling=sampling,
+        chosen_logits=(jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32) if collect_logits else None))
+
+
+class Generator:
+    """The jitted pair (prefill+start, decode loop) for one model; jax caches a compile per shape."""
+
+    def __init__(self, model: CogVLM, eos_ids, pad_id: int, in_shardings=None):
+        self.model = model
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.pad_id = int(pad_id)
+
+        @functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_length", "collect_logits"),
+                           donate_argnames=())
+        def _start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
+                   max_new_tokens, cache_length, collect_logits):
+            t = model.config.text
+            cache = kv_cache.init_cache(t.num_layers, input_ids.shape[0], cache_length, t.num_kv_heads,
+                                        t.head_dim, model.dtype)
+            logits, next_pos, cache = prefill(model, params, input_ids, token_type_ids, attention_mask,
+                                              pixel_values, cache)
+            return start_state(logits, next_pos, cache, sampling, max_new_tokens, self.pad_id, collect_logits)
+
+        @functools.partial(jax.jit, static_argnames=("do_sample",), donate_argnames=("state",))
+        def _decode(params, state, stop_at, *, do_sample):
+            return decode_loop(model, params, state, stop_at, self.eos_ids, self.pad_id, do_sample)
+
+        self.start = _start
+        self.decode = _decode

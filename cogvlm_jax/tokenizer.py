@@ -1,0 +1,287 @@
+"""Tokenizers of the two families behind one small interface.
+
+* CogVLM1 uses the Llama-2 sentencepiece model (``tokenizer.model``): BPE with byte fallback, a dummy
+  prefix space, and Hugging Face's *legacy* ``LlamaTokenizer`` behaviour. In that mode the special
+  token strings (``<s>``, ``</s>``, ``<unk>``) written in the text are matched first, and every piece
+  of text between them is handed to sentencepiece on its own (so each gets its own dummy prefix).
+* CogVLM2 uses Llama-3's byte-level BPE (``tokenizer.json``), run by the ``tokenizers`` library, which
+  matches added tokens in the text natively.
+
+Both expose ``encode``/``decode``, the special ids, and :class:`StreamDecoder` for printing generated
+text token by token. Decoding never applies Hugging Face's ``clean_up_tokenization_spaces`` rewrite
+(" ." -> "." and the like): it is lossy and would stop streamed pieces from adding up to the text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+REPLACEMENT_CHAR = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+
+
+class TokenizerError(ValueError):
+    """No usable tokenizer at a path; the message names the path."""
+
+
+def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
+    """A tokenizer from a ``tokenizer.model``/``tokenizer.json`` file or a directory holding one.
+
+    A directory is searched for the files themselves, then for a ``tokenizer/`` subdirectory (the
+    layout of a checkpoint folder). ``tokenizer_config.json`` beside the file, if present, supplies
+    the bos/eos/pad tokens.
+    """
+    path = os.fspath(path)
+    file = _find_tokenizer_file(path)
+    config = _read_tokenizer_config(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
+    if file.endswith(".model"):
+        return SentencePieceTokenizer(file, config)
+    return FastTokenizer(file, config)
+
+
+def _find_tokenizer_file(path: str) -> str:
+    if os.path.isfile(path):
+        if os.path.basename(path).endswith((".model", ".json")):
+            return path
+        raise TokenizerError(f"{path} is not a tokenizer file (expected one of {', '.join(TOKENIZER_FILES)})")
+    if os.path.isdir(path):
+        for folder in (path, os.path.join(path, "tokenizer")):
+            for name in TOKENIZER_FILES:
+                candidate = os.path.join(folder, name)
+                if os.path.isfile(candidate):
+                    return candidate
+        raise TokenizerError(
+            f"no tokenizer found in {path}: expected {' or '.join(TOKENIZER_FILES)} "
+            "in it or in its tokenizer/ subdirectory")
+    raise TokenizerError(f"tokenizer path {path} does not exist")
+
+
+def _read_tokenizer_config(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+
+
+def _token_content(value) -> str | None:
+    """A token entry of tokenizer_config.json: a plain string or a serialised AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """What both backends share: the special ids from tokenizer_config.json and streaming."""
+
+    def __init__(self, path: str, config: dict):
+        self.path = path
+        self.config = config
+
+    # ---------------------------------------------------------------- backend interface
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- shared
+    def _config_token_id(self, key: str) -> int | None:
+        """The id of the token tokenizer_config.json names under ``key`` (bos_token, ...), or None."""
+        content = _token_content(self.config.get(key))
+        if content is None:
+            return None
+        token_id = self.token_to_id(content)
+        if token_id is None:
+            raise TokenizerError(f"{self.path}: tokenizer_config.json {key} {content!r} is not in the vocabulary")
+        return token_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._config_token_id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._config_token_id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._config_token_id("pad_token")
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """CogVLM1: Llama sentencepiece model, Hugging Face legacy ``LlamaTokenizer`` semantics."""
+
+    def __init__(self, path: str, config: dict | None = None):
+        import sentencepiece as spm
+
+        super().__init__(path, config or {})
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"cannot load sentencepiece model {path}: {e}") from None
+        # Control symbols (<s>, </s>) and <unk> are the special tokens, as in LlamaTokenizer.
+        self._special = frozenset(
+            i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i) or self._sp.is_unknown(i))
+        self._special_by_text = {self._sp.id_to_piece(i): i for i in self._special}
+        if not self.config:  # no tokenizer_config.json: the model's own ids (pad stays unset)
+            self.config = {"bos_token": self._piece(self._sp.bos_id()),
+                           "eos_token": self._piece(self._sp.eos_id())}
+
+    def _piece(self, token_id: int) -> str | None:
+        return self._sp.id_to_piece(token_id) if token_id >= 0 else None
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self._sp.piece_to_id(token)
+        # piece_to_id answers unk for anything unknown; only <unk> itself really is unk.
+        return None if token_id == self._sp.unk_id() and token != self._piece(self._sp.unk_id()) else token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids: list[int] = []
+        if add_special_tokens and self.config.get("add_bos_token", True) and self.bos_id is not None:
+            ids.append(self.bos_id)
+        for chunk, special_id in _split_on_specials(text, self._special_by_text):
+            ids.extend([special_id] if special_id is not None else self._sp.encode(chunk))
+        if add_special_tokens and self.config.get("add_eos_token", False) and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            return self._sp.decode([i for i in ids if i not in self._special])
+        # Special tokens are written as their text; each run of ordinary pieces between them is
+        # decoded by sentencepiece (which drops the dummy prefix space of the run's first piece).
+        out, run = [], []
+        for i in ids:
+            if i in self._special:
+                out += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+
+def _split_on_specials(text: str, specials: dict[str, int]):
+    """Yield ``(chunk, None)`` for plain text and ``("", id)`` for each special token string in it.
+
+    Longest match first at each position, empty chunks dropped, no whitespace stripped around the
+    special tokens: the behaviour of Hugging Face's added-token trie for LlamaTokenizer.
+    """
+    by_length = sorted(specials, key=len, reverse=True)
+    start = pos = 0
+    while pos < len(text):
+        match = next((s for s in by_length if text.startswith(s, pos)), None)
+        if match is None:
+            pos += 1
+            continue
+        if pos > start:
+            yield text[start:pos], None
+        yield "", specials[match]
+        pos = start = pos + len(match)
+    if start < len(text):
+        yield text[start:], None
+
+
+class FastTokenizer(Tokenizer):
+    """CogVLM2: a ``tokenizers`` tokenizer.json (Llama-3 byte-level BPE)."""
+
+    def __init__(self, path: str, config: dict | None = None):
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        super().__init__(path, config or {})
+        try:
+            self._tok = _HFTokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"cannot load tokenizer.json {path}: {e}") from None
+        self._special = frozenset(
+            token_id for token_id, added in self._tok.get_added_tokens_decoder().items() if added.special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenisation: ``push`` one generated id at a time, print what comes back.
+
+    The pieces returned by ``push`` and a final ``flush`` add up to ``decode(all ids)``. Text that
+    ends in an incomplete UTF-8 character (a byte-fallback or byte-level token cut the character
+    in two) is held back until the character is complete. Each step decodes only a short window:
+    the ids from the start of the previously emitted piece on, so that context-dependent rendering
+    (sentencepiece dropping the space of a first piece) is the same in the window as in the text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: first id of the previously emitted piece
+        self._read = 0  # ids before this index have been emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (possibly "")."""
+        token_id = int(token_id)
+        if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
+            return ""  # invisible in the decoded text, so invisible in the window too
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def extend(self, token_ids: Sequence[int]) -> str:
+        return "".join(self.push(t) for t in token_ids)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character decodes as U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        seen = decode(self._ids[self._prefix:self._read])
+        text = decode(self._ids[self._prefix:])
+        if len(text) <= len(seen) or (text.endswith(REPLACEMENT_CHAR) and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(seen):]

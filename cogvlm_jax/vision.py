@@ -1,0 +1,89 @@
+"""EVA2-CLIP ViT: conv patch embedding, cls + learned positions, post-norm transformer blocks.
+
+Post-norm means the LayerNorm is applied to each branch's *output* before the residual add
+(``h = x + ln(attn(x))``), unlike the usual pre-norm ViT. The cls output is dropped at the end.
+
+Axis legend: B batch, C channels, S image side, P patch side, N tokens (cls + patches), W ViT width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cogvlm_jax.attention import attend
+from cogvlm_jax.config import VisionConfig
+from cogvlm_jax.layers import Dense, LayerNorm, PatchConv, gelu, _init
+
+Dtype = jnp.dtype
+
+
+class PatchEmbedding(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixels):  # [B, C, S, S] -> [B, 1 + g*g, W]
+        b, w, g = pixels.shape[0], self.cfg.hidden_size, self.cfg.grid
+        x = PatchConv(self.cfg.patch_size, w, ("vit_channels", "vit_embed"), self.dtype, name="proj")(
+            pixels.astype(self.dtype).transpose(0, 2, 3, 1))  # NCHW -> NHWC
+        x = x.reshape(b, g * g, w)  # row-major over the grid, as torch's flatten(2)
+        cls = self.param("cls_embedding", nn.with_logical_partitioning(_init, (None, "vit_embed")), (1, w))
+        pos = self.param("position_embedding", nn.with_logical_partitioning(_init, (None, "vit_embed")),
+                         (g * g + 1, w))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)), x], axis=1)
+        return x + pos.astype(self.dtype)[None]
+
+
+class ViTAttention(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+    query_chunk: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x):  # [B, N, W]
+        b, n, w = x.shape
+        h = self.cfg.num_heads
+        qkv = Dense(3 * w, ("vit_embed", "vit_qkv"), use_bias=True, dtype=self.dtype, name="query_key_value")(x)
+        qkv = qkv.reshape(b, n, 3, h, w // h)
+        o = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, query_chunk=self.query_chunk)
+        return Dense(w, ("vit_heads", "vit_embed"), use_bias=True, dtype=self.dtype, name="dense")(o.reshape(b, n, w))
+
+
+class ViTMLP(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = Dense(self.cfg.intermediate_size, ("vit_embed", "vit_mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
+        return Dense(self.cfg.hidden_size, ("vit_mlp", "vit_embed"), use_bias=True, dtype=self.dtype,
+                     name="fc2")(gelu(x))
+
+
+class ViTBlock(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+    query_chunk: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x):
+        eps = self.cfg.layer_norm_eps
+        attn = ViTAttention(self.cfg, self.dtype, self.query_chunk, name="attention")(x)
+        x = x + LayerNorm(eps, "vit_embed", name="input_layernorm")(attn)
+        mlp = ViTMLP(self.cfg, self.dtype, name="mlp")(x)
+        return x + LayerNorm(eps, "vit_embed", name="post_attention_layernorm")(mlp)
+
+
+class Transformer(nn.Module):
+    cfg: VisionConfig
+    dtype: Dtype = jnp.float32
+    query_chunk: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.cfg.num_layers):
+            x = ViTBlock(self.cfg, self.dtype, self.query_chunk, name=f"layers_{i}")(x)
+        return x
