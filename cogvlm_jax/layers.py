@@ -27,20 +27,24 @@ def precision_for(dtype: Dtype):
 
 
 class Dense(nn.Module):
-    """``x @ kernel (+ bias)`` with logical axes ``axes = (in_axis, out_axis)``; computes in ``dtype``."""
+    """``x @ kernel (+ bias)`` with logical axes ``axes = (in_axis, out_axis)``.
+
+    The operands are cast to ``dtype`` (the weights' dtype: bfloat16 runs multiply in bfloat16) and the
+    product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
+    stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
+    own bfloat16 error (measured in tests/test_model_parity.py).
+    """
 
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: Dtype = jnp.float32
-    out_dtype: Dtype | None = None  # e.g. float32 logits from bfloat16 weights
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (x.shape[-1], self.features))
         y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype),
                        precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
-        y = y.astype(self.out_dtype or self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,))
@@ -135,5 +139,6 @@ class PatchConv(nn.Module):
                             (p, p, c, self.features))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
         x = x.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-        y = jnp.einsum("bhpwqc,pqco->bhwo", x, kernel.astype(self.dtype), precision=precision_for(self.dtype))
-        return y + bias.astype(self.dtype)
+        y = jnp.einsum("bhpwqc,pqco->bhwo", x, kernel.astype(self.dtype), precision=precision_for(self.dtype),
+                       preferred_element_type=jnp.float32)
+        return y.astype(jnp.float32) + bias.astype(jnp.float32)

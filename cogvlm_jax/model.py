@@ -42,11 +42,11 @@ class CogVLM(nn.Module):
     def setup(self):
         t = self.config.text
         self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk)
-        self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=self.dtype,
+        self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=jnp.float32,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         self.layers = [DecoderLayer(t, self.dtype) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
-        self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_dtype=jnp.float32)
+        self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype)
 
     def encode_images(self, pixel_values):
         """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi."""

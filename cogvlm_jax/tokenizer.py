@@ -4,6 +4,8 @@
   prefix space, and Hugging Face's *legacy* ``LlamaTokenizer`` behaviour. In that mode the special
   token strings (``<s>``, ``</s>``, ``<unk>``) written in the text are matched first, and every piece
   of text between them is handed to sentencepiece on its own (so each gets its own dummy prefix).
+  The non-legacy mode (``"legacy": false``) is not reproduced; it differs only for leading spaces
+  and for text right after a special token string.
 * CogVLM2 uses Llama-3's byte-level BPE (``tokenizer.json``), run by the ``tokenizers`` library, which
   matches added tokens in the text natively.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterable, Sequence
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -89,6 +92,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
+    def decode_continuation(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Decode ``ids`` as they render after some earlier text (for :class:`StreamDecoder`).
+
+        Same as ``decode`` unless the backend renders the start of a text differently.
+        """
+        return self.decode(ids, skip_special_tokens)
+
     def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
@@ -148,6 +158,14 @@ class SentencePieceTokenizer(Tokenizer):
         if not self.config:  # no tokenizer_config.json: the model's own ids (pad stays unset)
             self.config = {"bos_token": self._piece(self._sp.bos_id()),
                            "eos_token": self._piece(self._sp.eos_id())}
+        # A piece that renders as visible text whatever follows it: decoded in front of a window of
+        # ids, it keeps sentencepiece from stripping the window's leading spaces (see
+        # decode_continuation).
+        self._anchor = next(
+            i for i in range(self._sp.get_piece_size())
+            if i not in self._special and not self._sp.is_byte(i) and not self._sp.is_unused(i)
+            and "\u2581" not in self._sp.id_to_piece(i) and self._sp.decode([i]).strip())
+        self._anchor_text = self._sp.decode([self._anchor])
 
     def _piece(self, token_id: int) -> str | None:
         return self._sp.id_to_piece(token_id) if token_id >= 0 else None
@@ -191,26 +209,26 @@ class SentencePieceTokenizer(Tokenizer):
         out.append(self._sp.decode(run))
         return "".join(out)
 
+    def decode_continuation(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # sentencepiece drops every whitespace piece at the start of a text (the dummy prefix and
+        # more: decode(["▁", "▁please"]) is "please"); in the middle of a text they are spaces.
+        text = self.decode([self._anchor, *ids], skip_special_tokens)
+        return text[len(self._anchor_text):]
+
 
 def _split_on_specials(text: str, specials: dict[str, int]):
     """Yield ``(chunk, None)`` for plain text and ``("", id)`` for each special token string in it.
 
-    Longest match first at each position, empty chunks dropped, no whitespace stripped around the
-    special tokens: the behaviour of Hugging Face's added-token trie for LlamaTokenizer.
+    Longest match first, empty chunks dropped, no whitespace stripped around the special tokens:
+    the behaviour of Hugging Face's added-token trie for LlamaTokenizer.
     """
-    by_length = sorted(specials, key=len, reverse=True)
-    start = pos = 0
-    while pos < len(text):
-        match = next((s for s in by_length if text.startswith(s, pos)), None)
-        if match is None:
-            pos += 1
-            continue
-        if pos > start:
-            yield text[start:pos], None
-        yield "", specials[match]
-        pos = start = pos + len(match)
-    if start < len(text):
-        yield text[start:], None
+    pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+    # With a capturing group, re.split alternates text, special, text, ...
+    for i, part in enumerate(re.split(f"({pattern})", text)):
+        if i % 2:
+            yield "", specials[part]
+        elif part:
+            yield part, None
 
 
 class FastTokenizer(Tokenizer):
@@ -246,13 +264,14 @@ class FastTokenizer(Tokenizer):
 
 
 class StreamDecoder:
-    """Incremental detokenisation: ``push`` one generated id at a time, print what comes back.
+    """Incremental detokenisation: ``add`` one generated id at a time, print what comes back.
 
-    The pieces returned by ``push`` and a final ``flush`` add up to ``decode(all ids)``. Text that
+    The pieces returned by ``add`` and a final ``flush`` add up to ``decode(all ids)``. Text that
     ends in an incomplete UTF-8 character (a byte-fallback or byte-level token cut the character
-    in two) is held back until the character is complete. Each step decodes only a short window:
-    the ids from the start of the previously emitted piece on, so that context-dependent rendering
-    (sentencepiece dropping the space of a first piece) is the same in the window as in the text.
+    in two) is held back until the character is complete. Each step decodes only a short window,
+    the ids from the start of the previously emitted piece on, and returns what the newest ids add
+    to it. Only the first window is decoded as the start of a text; later ones go through
+    ``decode_continuation``, so their leading spaces print as they do inside the whole text.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -262,7 +281,7 @@ class StreamDecoder:
         self._prefix = 0  # window start: first id of the previously emitted piece
         self._read = 0  # ids before this index have been emitted
 
-    def push(self, token_id: int) -> str:
+    def add(self, token_id: int) -> str:
         """Add one id; return the newly completed text (possibly "")."""
         token_id = int(token_id)
         if self.skip_special_tokens and token_id in self.tokenizer.special_ids:
@@ -271,16 +290,17 @@ class StreamDecoder:
         return self._emit(final=False)
 
     def extend(self, token_ids: Sequence[int]) -> str:
-        return "".join(self.push(t) for t in token_ids)
+        return "".join(self.add(t) for t in token_ids)
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character decodes as U+FFFD)."""
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-        seen = decode(self._ids[self._prefix:self._read])
-        text = decode(self._ids[self._prefix:])
+        tok, skip = self.tokenizer, self.skip_special_tokens
+        decode = tok.decode if self._prefix == 0 else tok.decode_continuation
+        seen = decode(self._ids[self._prefix:self._read], skip)
+        text = decode(self._ids[self._prefix:], skip)
         if len(text) <= len(seen) or (text.endswith(REPLACEMENT_CHAR) and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)

@@ -1,0 +1,168 @@
+"""From (image, query, history) to the arrays the model takes, exactly as the reference builds them.
+
+Layout of one prompt (``build_conversation_input_ids`` upstream)::
+
+    [bos] + [image_token_id] * num_image_tokens + encode(prompt)      (+ encode(answer) + [eos])
+    token_type_ids: 1 on the image span (boi, patches, eoi), 0 elsewhere
+
+Images: RGB, resized to S x S with PIL bicubic (the aspect ratio is not kept), scaled to [0, 1] and
+normalised with the CLIP mean and std. EXIF orientation is not applied, as upstream.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+
+# How each template asks for the answer; "base" is the bare query.
+ANSWER_PROMPTS = {"chat": "Answer:", "vqa": "Short answer:"}
+TEMPLATES = ("base", *ANSWER_PROMPTS)
+
+IGNORE_INDEX = -100  # label of positions the loss skips (the prompt)
+
+ImageLike = Union[str, os.PathLike, bytes, bytearray, Image.Image]
+
+
+class ImageError(ValueError):
+    """An image we cannot read; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------- images
+def load_image(image: ImageLike) -> Image.Image:
+    """An RGB PIL image from a path, the bytes of an image file, or a PIL image of any mode."""
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    if isinstance(image, (bytes, bytearray)):
+        name, source = f"<{len(image)} bytes>", io.BytesIO(image)
+    elif isinstance(image, (str, os.PathLike)):
+        name = source = os.fspath(image)
+        if not os.path.isfile(name):
+            raise ImageError(f"image file {name} not found" if not os.path.exists(name)
+                             else f"image path {name} is not a file")
+    else:
+        raise TypeError(f"expected an image path, bytes or a PIL image, got {type(image).__name__}")
+    try:
+        with Image.open(source) as img:
+            img.load()  # decode now: Image.open is lazy and a truncated file fails only here
+            rgb = _to_rgb(img)
+            return rgb.copy() if rgb is img else rgb  # a copy that outlives the closed file
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {name}: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB. Alpha is dropped (not composited), as ``convert("RGB")`` does."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        # Integer / float greyscale. 16-bit data (PNG loads as I;16, older Pillow as I) is scaled to
+        # 8 bits; convert() would clip it. Values that fit in 0..255 are taken as 8-bit already.
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
+        img = img.convert("LA")
+    return img.convert("RGB")
+
+
+def image_to_pixels(image: ImageLike, image_size: int) -> np.ndarray:
+    """``[3, S, S]`` float32 pixels: bicubic resize to S x S, /255, CLIP normalisation."""
+    img = load_image(image).resize((image_size, image_size), Image.BICUBIC)
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # [S, S, 3]
+    x = (x - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+# --------------------------------------------------------------------------------------- prompts
+def build_prompt(query: str, history: Sequence[Sequence[str]] = (), template: str = "chat") -> str:
+    """The text after the image span.
+
+    base: the query as is (history ignored, as upstream); chat and vqa: one
+    ``"Question: {q} Answer: {a}\\n"`` line per past turn, then ``"Question: {query} Answer:"``
+    (vqa says ``Short answer:``).
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    if template == "base":
+        return query
+    ask = ANSWER_PROMPTS[template]
+    turns = "".join(f"Question: {q} {ask} {a}\n" for q, a in history)
+    return f"{turns}Question: {query} {ask}"
+
+
+def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]] = (),
+                 image: ImageLike | None = None, template: str | None = None,
+                 answer: str | None = None) -> dict:
+    """One unbatched prompt as numpy arrays.
+
+    Returns ``input_ids``, ``token_type_ids``, ``attention_mask`` ([L] int32) and ``pixel_values``
+    ([3, S, S] float32, or None without an image). With ``answer`` (training), the answer and eos are
+    appended and ``labels`` ([L] int32, -100 on the prompt) is added. ``template`` defaults to the
+    config's ``template_version``.
+    """
+    prompt = build_prompt(query, history, config.template_version if template is None else template)
+    n_image = config.num_image_tokens if image is not None else 0
+    ids = [config.bos_token_id] + [config.image_token_id] * n_image + tokenizer.encode(prompt)
+    types = [0] + [1] * n_image + [0] * (len(ids) - 1 - n_image)
+    out = {}
+    if answer is not None:
+        # The tokenizer's eos (CogVLM2: <|end_of_text|> 128001, not <|eot_id|>), as upstream.
+        eos = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_token_ids[0]
+        answer_ids = tokenizer.encode(answer) + [eos]
+        out["labels"] = np.array([IGNORE_INDEX] * len(ids) + answer_ids, np.int32)
+        ids += answer_ids
+        types += [0] * len(answer_ids)
+    out["input_ids"] = np.array(ids, np.int32)
+    out["token_type_ids"] = np.array(types, np.int32)
+    out["attention_mask"] = np.ones(len(ids), np.int32)
+    out["pixel_values"] = image_to_pixels(image, config.vision.image_size) if image is not None else None
+    return out
+
+
+# --------------------------------------------------------------------------------------- batches
+def pad_batch(inputs: Sequence[dict], pad_id: int, length: int | None = None) -> dict:
+    """Left-pad prompts from :func:`build_inputs` into ``[B, L]`` arrays.
+
+    Padding has attention_mask 0, token type 0 and (if every row has labels) label -100. ``length``
+    defaults to the longest row. ``pixel_values`` is ``[B, 3, S, S]`` with zeros for rows without an
+    image, or None when no row has one.
+    """
+    if not inputs:
+        raise ValueError("pad_batch needs at least one prompt")
+    longest = max(len(x["input_ids"]) for x in inputs)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"pad length {length} is shorter than the longest prompt ({longest} tokens)")
+    with_labels = sum("labels" in x for x in inputs)
+    if with_labels not in (0, len(inputs)):
+        raise ValueError(f"{with_labels} of {len(inputs)} prompts have labels; all or none must")
+
+    fills = {"input_ids": pad_id, "token_type_ids": 0, "attention_mask": 0}
+    if with_labels:
+        fills["labels"] = IGNORE_INDEX
+    batch = {key: np.full((len(inputs), length), fill, np.int32) for key, fill in fills.items()}
+    for row, x in enumerate(inputs):
+        n = len(x["input_ids"])
+        for key in fills:
+            batch[key][row, length - n:] = x[key]
+
+    images = [x.get("pixel_values") for x in inputs]
+    shapes = {p.shape for p in images if p is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"prompts have images of different shapes {sorted(shapes)}")
+    batch["pixel_values"] = None
+    if shapes:
+        pixels = np.zeros((len(inputs), *shapes.pop()), np.float32)
+        for row, p in enumerate(images):
+            if p is not None:
+                pixels[row] = p
+        batch["pixel_values"] = pixels
+    return batch

@@ -1,0 +1,515 @@
+"""Hugging Face safetensors checkpoints <-> our parameter tree and Orbax checkpoints.
+
+Reading streams one tensor at a time and checks every key and shape against the config before any
+data is read, so a wrong checkpoint fails fast with every problem named. Writing streams one tensor
+at a time into shards laid out byte for byte as the ``safetensors`` library lays them out (so a
+round trip reproduces the published files exactly) and is atomic (temp directory + rename).
+
+The safetensors container is parsed here rather than through ``safe_open``: numpy cannot represent
+bfloat16 in older ``safetensors`` releases, and our own parser can say precisely which file is
+truncated. Format: 8-byte little-endian header length N, N bytes of JSON header (padded with spaces),
+then the tensor data, each tensor at ``data_offsets`` relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import struct
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from cogvlm_jax.checkpoint import (
+    CheckpointError, atomic_directory, check_destination, copy_files, is_our_checkpoint, read_meta,
+    restore_params, save_params, write_json)
+from cogvlm_jax.config import CogVLMConfig, load_config
+from convert import mapping
+
+__all__ = [
+    "CheckpointError", "read_hf_checkpoint", "write_hf_checkpoint", "convert_hf_to_ours",
+    "convert_ours_to_hf", "main_convert",
+]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# Files carried through a conversion unchanged (either direction): tokenizer, generation settings and
+# the reference's remote code, which HF's ``trust_remote_code`` loading needs beside the weights.
+CARRIED_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "generation_config.json", "configuration_cogvlm.py", "modeling_cogvlm.py", "visual.py", "util.py",
+)
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+_MAX_LISTED = 30  # problems listed in one error message
+
+# safetensors dtype code -> numpy dtype (little endian), and its rank in the library's data order.
+_DTYPES = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"),
+    "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "U64": np.dtype("<u8"),
+}
+_RANK = {code: i for i, code in enumerate(_DTYPES)}  # the library sorts tensors by this, descending
+_CODE = {dt: code for code, dt in _DTYPES.items()}
+_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+
+
+def as_dtype(dtype: Any) -> np.dtype | None:
+    """``None``, a numpy/jax dtype or a name ("bfloat16", "bf16", "float32", ...) -> numpy dtype."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise CheckpointError(f"unknown dtype {dtype!r}") from None
+
+
+def _code(dtype: np.dtype, what: str) -> str:
+    try:
+        return _CODE[np.dtype(dtype)]
+    except KeyError:
+        raise CheckpointError(f"{what}: dtype {dtype} cannot be stored in safetensors") from None
+
+
+def _listing(problems: list[str]) -> str:
+    shown = problems[:_MAX_LISTED]
+    more = len(problems) - len(shown)
+    return "\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+
+
+# =========================================================================== safetensors files
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    code: str            # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int           # absolute byte offsets in the file
+    end: int
+
+
+class SafetensorsFile:
+    """The header of one .safetensors file, validated against the file size; tensors read on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise self._corrupt(f"it has {size} bytes, fewer than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise self._corrupt(f"its header length field says {n} bytes but the file has {size}")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._corrupt(f"its JSON header does not parse ({e})") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("its header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        data_end = 0
+        for name, entry in header.items():
+            try:
+                code, shape, (a, b) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise self._corrupt(f"header entry {name} is malformed: {entry!r}") from None
+            if code not in _DTYPES:
+                raise self._corrupt(f"tensor {name} has unknown dtype {code}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[code].itemsize
+            if b - a != nbytes or a < 0:
+                raise self._corrupt(f"tensor {name} {code}{list(shape)} needs {nbytes} bytes but its offsets "
+                                    f"[{a}, {b}] span {b - a}")
+            self.tensors[name] = TensorInfo(code, shape, base + a, base + b)
+            data_end = max(data_end, b)
+        if base + data_end != size:
+            raise self._corrupt(
+                f"its header describes {base + data_end} bytes ({data_end} of tensor data) but the file has "
+                f"{size}" + (" (truncated)" if size < base + data_end else " (trailing bytes)"))
+
+    def _corrupt(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path} is truncated or not a valid safetensors file: {why}; "
+                               "re-download or re-convert it")
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a new numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
+        info = self.tensors[name]
+        buf = np.empty(info.end - info.start, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(memoryview(buf)) != buf.size:
+                raise self._corrupt(f"reading tensor {name} ran past the end of the file")
+        return buf.view(_DTYPES[info.code]).reshape(info.shape)
+
+
+@dataclasses.dataclass
+class _OutTensor:
+    """One tensor to write: its metadata now, its data from ``produce()`` when its turn comes."""
+    name: str
+    code: str
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.code].itemsize
+
+
+def write_safetensors(path: str, tensors: list[_OutTensor], metadata: Mapping[str, str] | None = None,
+                      progress: Callable[[int], Any] | None = None) -> None:
+    """Write one .safetensors file, one tensor in memory at a time.
+
+    Layout as the ``safetensors`` library writes it (so files compare byte for byte): tensors sorted by
+    dtype rank descending, then name; compact JSON header, metadata first, padded with spaces to a
+    multiple of 8 bytes.
+    """
+    order = sorted(tensors, key=lambda t: (-_RANK[t.code], t.name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for t in order:
+        header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in order:
+            arr = np.ascontiguousarray(t.produce())
+            if arr.shape != t.shape or _code(arr.dtype, t.name) != t.code:
+                raise CheckpointError(f"{t.name}: produced {arr.dtype}{arr.shape}, planned {t.code}{t.shape}")
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            del arr
+            if progress:
+                progress(1)
+
+
+# =========================================================================== reading HF checkpoints
+def _no_weights(path: str) -> CheckpointError:
+    """The error for a ``path`` without safetensors weights (pickled PyTorch weights: refused, with the fix)."""
+    found = sorted({os.path.basename(p) for pat in _PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat))})
+    if found:
+        return CheckpointError(
+            f"{path} holds PyTorch pickle weights ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}) and no "
+            "safetensors; cogvlm-jax never unpickles (it can run arbitrary code). Convert them once with PyTorch: "
+            "`from transformers import AutoModelForCausalLM; m = AutoModelForCausalLM.from_pretrained(SRC, "
+            "trust_remote_code=True, torch_dtype='auto'); m.save_pretrained(OUT, safe_serialization=True)`, "
+            "then convert OUT")
+    return CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+
+def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+    """(the .safetensors files, the index's key -> file map or None) of a checkpoint file or directory."""
+    if os.path.isfile(path):
+        if path.endswith(".json"):
+            path = os.path.dirname(path) or "."
+        elif path.endswith(".safetensors"):
+            return [path], None
+        else:
+            raise _no_weights(os.path.dirname(path) or ".")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    index_path = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index ({e!r})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(
+                f"{index_path} names shard file(s) that do not exist: "
+                + ", ".join(f"{s} (holds {sum(v == s for v in weight_map.values())} tensors, e.g. "
+                            f"{min(k for k, v in weight_map.items() if v == s)})" for s in missing))
+        return [os.path.join(path, s) for s in shards], weight_map
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single], None
+    raise _no_weights(path)
+
+
+def _open_tensors(path: str) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:
+    """Every tensor of the checkpoint -> (its file, its header entry); cross-checked with the index."""
+    files, weight_map = _weight_files(path)
+    entries: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
+    problems = []
+    for p in files:
+        st = SafetensorsFile(p)
+        for name, info in st.tensors.items():
+            if name in entries:
+                problems.append(f"{name} is stored twice: in {os.path.basename(entries[name][0].path)} and "
+                                f"{os.path.basename(p)}")
+            entries[name] = (st, info)
+    for name, shard in (weight_map or {}).items():
+        if name not in entries:
+            problems.append(f"missing key {name}: the index places it in {shard}, which does not hold it")
+        elif os.path.basename(entries[name][0].path) != shard:
+            problems.append(f"{name}: the index places it in {shard}, "
+                            f"but it is in {os.path.basename(entries[name][0].path)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is inconsistent:" + _listing(problems))
+    return entries
+
+
+def _check_keys(entries: Mapping[str, tuple[SafetensorsFile, TensorInfo]], config: CogVLMConfig, where: str) -> None:
+    """Every missing, unexpected, mis-shaped or non-float tensor, in one error."""
+    expected = mapping.expected_hf_keys(config)
+    optional = mapping.optional_hf_keys(config)
+    problems = [f"missing key {k} (expected shape {expected[k]})"
+                for k in expected if k not in entries and k not in optional]
+    problems += [f"unexpected key {k} (shape {entries[k][1].shape}, in {os.path.basename(entries[k][0].path)})"
+                 for k in sorted(entries) if k not in expected]
+    for k, (_, info) in entries.items():
+        if k not in expected:
+            continue
+        if info.shape != expected[k]:
+            problems.append(f"{k}: expected shape {expected[k]}, got {info.shape}")
+        if info.code not in _FLOAT_CODES:
+            problems.append(f"{k}: dtype {info.code} is not a floating-point type")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not match its config ({config.family}, "
+                              f"{config.text.num_layers} text layers, {config.vision.num_layers} vision layers):"
+                              + _listing(problems))
+
+
+def _check_inv_freq(key: str, stored: np.ndarray, config: CogVLMConfig) -> None:
+    """The stored rotary buffer must be the one our config implies (catches a wrong rope_theta)."""
+    want = mapping.rotary_inv_freq(config).astype(stored.dtype).astype(np.float64)
+    got = stored.astype(np.float64)
+    tol = 1e-2 if stored.dtype.itemsize <= 2 else 1e-6
+    err = np.max(np.abs(got - want) / np.abs(want)) if want.size else 0.0
+    if not err <= tol:
+        raise CheckpointError(
+            f"{key} does not match rope_theta {config.text.rope_theta} and head_dim {config.text.head_dim} of the "
+            f"config (max relative difference {err:.3g}); is the config.json the checkpoint's own?")
+
+
+def _set_path(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool):
+    """(config, params, facts about the source an export needs) of an HF checkpoint."""
+    if config is None:
+        config = load_config(path if os.path.isdir(path) else (os.path.dirname(path) or "."))
+    elif isinstance(config, str):
+        config = load_config(config)
+    dtype = as_dtype(dtype)
+    entries = _open_tensors(path)
+    _check_keys(entries, config, path)
+    params: dict = {}
+    facts: dict[str, Any] = {}
+    # Read file by file in data order: sequential I/O on large shards.
+    order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].start))
+    for key in tqdm(order, desc="reading", unit="tensor", disable=not progress):
+        st, _ = entries[key]
+        path_ours, array = mapping.to_ours(key, st.read(key))
+        if path_ours is None:  # the rotary buffer: check it, remember how it was stored, do not keep it
+            _check_inv_freq(key, array, config)
+            if "inv_freq_dtype" not in facts:
+                facts["inv_freq_dtype"] = array.dtype.name
+                if array.tobytes() != mapping.rotary_inv_freq(config).astype(array.dtype).tobytes():
+                    # within tolerance but not our bits (another pow implementation): keep the source's
+                    # values so that an export still reproduces them exactly
+                    facts["inv_freq"] = array.astype(np.float64).tolist()
+            continue
+        if dtype is not None and array.dtype != dtype:
+            array = array.astype(dtype)
+        _set_path(params, path_ours, array)
+    return config, params, facts
+
+
+def read_hf_checkpoint(path: str, config: CogVLMConfig | str | None = None, dtype=None,
+                       progress: bool = True) -> dict:
+    """Our parameter tree (nested dict of numpy arrays) from an HF safetensors checkpoint.
+
+    ``path``: a directory with ``model.safetensors`` or shards + ``model.safetensors.index.json`` (or a
+    single .safetensors file). ``config``: defaults to the directory's ``config.json``. ``dtype``: None
+    keeps the stored dtypes, else every tensor is cast. Raises :class:`CheckpointError` naming every
+    missing / unexpected / mis-shaped key, a truncated file, a missing shard, or pickle-only weights.
+    """
+    return _load_hf(path, config, dtype, progress)[1]
+
+
+# =========================================================================== writing HF checkpoints
+def _natural_key(name: str):
+    """Sort "layers.2" before "layers.10", so a shard holds consecutive layers."""
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    if not prefix and set(tree) == {"params"} and isinstance(tree["params"], Mapping):
+        tree = tree["params"]  # tolerate a Flax variables dict
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _plan_outputs(params: Mapping, config: CogVLMConfig, dtype: np.dtype | None,
+                  inv_freq: np.ndarray) -> list[_OutTensor]:
+    """Check our tree against the config and list every HF tensor to write (buffers included)."""
+    expected = mapping.expected_hf_keys(config)
+    flat = _flatten(params)
+    problems, outs, seen = [], [], set()
+    for path, leaf in flat.items():
+        name = "/".join(map(str, path))
+        try:
+            key = mapping.ours_to_hf_key(path)
+        except CheckpointError:
+            problems.append(f"unexpected parameter {name}")
+            continue
+        transform = mapping.hf_to_ours_key(key)[1]
+        want = mapping.ours_shape(expected[key], transform) if key in expected else None
+        if want is None:
+            problems.append(f"unexpected parameter {name} (not in a {config.family} model of this config)")
+            continue
+        if tuple(leaf.shape) != want:
+            problems.append(f"{name}: expected shape {want}, got {tuple(leaf.shape)}")
+            continue
+        seen.add(key)
+        out_dtype = dtype if dtype is not None else np.dtype(leaf.dtype)
+        outs.append(_OutTensor(key, _code(out_dtype, name), expected[key], _producer(path, leaf, out_dtype)))
+    buffers = set(mapping.buffer_hf_keys(config))
+    problems += [f"missing parameter {'/'.join(mapping.hf_to_ours_key(k)[0])} ({k})"
+                 for k in expected if k not in seen and k not in buffers]
+    if problems:
+        raise CheckpointError(f"parameters do not match the config ({config.family}):" + _listing(problems))
+    code = _code(inv_freq.dtype, "inv_freq")
+    outs += [_OutTensor(k, code, inv_freq.shape, lambda: inv_freq) for k in sorted(buffers)]
+    return sorted(outs, key=lambda t: _natural_key(t.name))
+
+
+def _producer(path: tuple, leaf, out_dtype: np.dtype) -> Callable[[], np.ndarray]:
+    """Fetch (device -> host if needed), re-layout and cast one parameter, only when it is written."""
+    def produce():
+        array = mapping.to_hf(path, np.asarray(leaf))[1]
+        return array if array.dtype == out_dtype else array.astype(out_dtype)
+    return produce
+
+
+def _shard(outs: list[_OutTensor], max_shard_bytes: int) -> list[list[_OutTensor]]:
+    """Greedy in order: start a new shard when the next tensor would push this one past the limit."""
+    shards: list[list[_OutTensor]] = [[]]
+    size = 0
+    for t in outs:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None, *,
+                        inv_freq_dtype=None, inv_freq_values=None, overwrite: bool = False,
+                        extra_files: Iterable[str] = (), progress: bool = True) -> str:
+    """Write our parameter tree as a Hugging Face checkpoint directory with the published names.
+
+    Shards ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json`` (one shard: a plain
+    ``model.safetensors``), filled greedily in natural key order up to ``max_shard_bytes``; and
+    ``config.json``. ``dtype``: None keeps each parameter's dtype, else casts (and records it as
+    ``torch_dtype``). The ``inv_freq`` buffers are recomputed, in ``inv_freq_dtype`` (default float32,
+    which both reference fixtures use; the published CogVLM2-19B stores bfloat16), or taken from
+    ``inv_freq_values`` when given (an import records them if the source's differ from ours in the last
+    bit). ``extra_files`` are copied in. Only one tensor is materialised at a time. Atomic; a non-empty ``out_dir`` is refused
+    unless ``overwrite``. Returns ``out_dir``.
+    """
+    check_destination(out_dir, overwrite)
+    dtype = as_dtype(dtype)
+    if dtype is not None:
+        config = config.replace(torch_dtype=dtype.name)
+    inv_freq = mapping.rotary_inv_freq(config) if inv_freq_values is None else np.asarray(inv_freq_values, np.float64)
+    if inv_freq.shape != (config.text.head_dim // 2,):
+        raise CheckpointError(f"inv_freq_values: expected shape {(config.text.head_dim // 2,)}, got {inv_freq.shape}")
+    outs = _plan_outputs(params, config, dtype, inv_freq.astype(as_dtype(inv_freq_dtype) or np.dtype(np.float32)))
+    shards = _shard(outs, max_shard_bytes)
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    with atomic_directory(out_dir, overwrite) as tmp, \
+            tqdm(total=len(outs), desc="writing", unit="tensor", disable=not progress) as bar:
+        for name, shard in zip(names, shards):
+            write_safetensors(os.path.join(tmp, name), shard, {"format": "pt"}, bar.update)
+        if n > 1:
+            write_json(os.path.join(tmp, INDEX_FILE), {
+                "metadata": {"total_size": sum(t.nbytes for t in outs)},
+                "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}})
+        write_json(os.path.join(tmp, "config.json"), config.to_hf_dict())
+        copy_files(extra_files, tmp)
+    return out_dir
+
+
+# =========================================================================== conversions
+def carried_files(src: str) -> list[str]:
+    """Tokenizer / generation / remote-code files in ``src`` or ``src/tokenizer/`` (first found wins)."""
+    found = {}
+    for d in (src, os.path.join(src, "tokenizer")):
+        for name in CARRIED_FILES:
+            p = os.path.join(d, name)
+            if name not in found and os.path.isfile(p):
+                found[name] = p
+    return list(found.values())
+
+
+def _check_not_same(src: str, dst: str) -> None:
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise CheckpointError(f"source and destination are the same directory: {src}")
+
+
+def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = False, progress: bool = True) -> str:
+    """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.checkpoint)."""
+    _check_not_same(src, dst)
+    check_destination(dst, overwrite)  # fail before reading gigabytes
+    config, params, facts = _load_hf(src, None, dtype, progress)
+    save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
+    return dst
+
+
+def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None, *,
+                       overwrite: bool = False, progress: bool = True) -> str:
+    """Our checkpoint ``src`` -> HF safetensors checkpoint at ``dst`` (published names and layout)."""
+    _check_not_same(src, dst)
+    check_destination(dst, overwrite)
+    if not is_our_checkpoint(src):
+        raise CheckpointError(f"{src} is not a cogvlm-jax checkpoint (needs config.json and params/)")
+    config = load_config(src)
+    facts = read_meta(src).get("hf", {})
+    params = restore_params(src)
+    return write_hf_checkpoint(params, config, dst, max_shard_bytes, dtype,
+                               inv_freq_dtype=facts.get("inv_freq_dtype"), inv_freq_values=facts.get("inv_freq"),
+                               overwrite=overwrite,
+                               extra_files=carried_files(src), progress=progress)
+
+
+def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                 progress: bool = True) -> int:
+    """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError."""
+    if to == "ours":
+        if is_our_checkpoint(src):
+            raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")
+        convert_hf_to_ours(src, dst, dtype, overwrite=overwrite, progress=progress)
+    elif to == "hf":
+        convert_ours_to_hf(src, dst, max_shard_bytes, dtype, overwrite=overwrite, progress=progress)
+    else:
+        raise CheckpointError(f"unknown conversion target {to!r}; expected 'ours' or 'hf'")
+    return 0

@@ -1,0 +1,55 @@
+"""Shared test helpers: the fixture cases (copied verbatim from ../shared/fixtures) and loaded models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FAMILIES = ("cogvlm1", "cogvlm2")
+
+
+def fixture_dir(family: str) -> str:
+    return os.path.join(FIXTURES, family)
+
+
+def cases(family: str) -> list[dict]:
+    """cases.json records, each with its arrays under ``arrays`` (an NpzFile)."""
+    out = []
+    with open(os.path.join(fixture_dir(family), "cases.json")) as f:
+        for rec in json.load(f):
+            rec = dict(rec)
+            rec["arrays"] = np.load(os.path.join(fixture_dir(family), "cases", rec["name"] + ".npz"))
+            out.append(rec)
+    return out
+
+
+def left_pad_batch(recs, pad_id: int):
+    """Left-pad the fixture prompts of ``recs`` into one batch (pixels zero for text-only rows)."""
+    n = max(len(r["arrays"]["input_ids"]) for r in recs)
+    b = len(recs)
+    ids = np.full((b, n), pad_id, np.int32)
+    tt = np.zeros((b, n), np.int32)
+    am = np.zeros((b, n), np.int32)
+    pix = None
+    for i, r in enumerate(recs):
+        a = r["arrays"]
+        m = len(a["input_ids"])
+        ids[i, n - m:], tt[i, n - m:], am[i, n - m:] = a["input_ids"], a["token_type_ids"], a["attention_mask"]
+        if "pixel_values" in a.files:
+            if pix is None:
+                pix = np.zeros((b,) + a["pixel_values"].shape, np.float32)
+            pix[i] = a["pixel_values"]
+    return ids, tt, am, pix
+
+
+@pytest.fixture(scope="session")
+def f32_models():
+    import cogvlm_jax
+
+    return {fam: cogvlm_jax.load(os.path.join(fixture_dir(fam), "checkpoint"),
+                                 tokenizer=os.path.join(fixture_dir(fam), "tokenizer"), progress=False)
+            for fam in FAMILIES}

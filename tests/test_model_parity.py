@@ -1,0 +1,104 @@
+"""Float32 parity with the official PyTorch code on every fixture case, alone and batched; bfloat16 bounds."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cogvlm_jax
+from cogvlm_jax.model import CogVLM
+from conftest import FAMILIES, cases, fixture_dir, left_pad_batch
+
+TOL = 1e-4  # fixtures README: logits, hidden states, vision features (float32)
+
+# Measured on this code (CPU, float32 reference path): max abs error over all cases.
+# Logits 1.7e-5, hidden states 6.3e-6, vision features 9.8e-7.
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_case_matches_reference(family, f32_models):
+    model = f32_models[family]
+    worst = {"vision": 0.0, "hidden": 0.0, "logits": 0.0, "last_logits": 0.0}
+    for case in cases(family):
+        a = case["arrays"]
+        pv = a["pixel_values"][None] if "pixel_values" in a.files else None
+        logits, _, hidden = model.module.apply({"params": model.params}, a["input_ids"][None],
+                                               a["token_type_ids"][None], a["attention_mask"][None], pv,
+                                               return_hidden=True)
+        assert len(hidden) == a["hidden_states"].shape[0]
+        for i, h in enumerate(hidden):
+            worst["hidden"] = max(worst["hidden"], float(np.abs(np.asarray(h[0]) - a["hidden_states"][i]).max()))
+        cols = a["logits_columns"]
+        logits = np.asarray(logits[0])
+        worst["logits"] = max(worst["logits"], float(np.abs(logits[:, cols] - a["logits"]).max()))
+        worst["last_logits"] = max(worst["last_logits"], float(np.abs(logits[-1] - a["last_logits"]).max()))
+        if pv is not None:
+            vf = model.module.apply({"params": model.params}, pv, method=CogVLM.encode_images)
+            worst["vision"] = max(worst["vision"], float(np.abs(np.asarray(vf[0]) - a["vision_features"]).max()))
+        # The public (jitted) forward matches the reference as well.
+        pub = model.forward(a["input_ids"][None], a["token_type_ids"][None], a["attention_mask"][None], pv)
+        assert pub.dtype == np.float32 and pub.shape == (1, len(a["input_ids"]), model.config.text.vocab_size)
+        worst["logits"] = max(worst["logits"], float(np.abs(pub[0][:, cols] - a["logits"]).max()))
+    print(f"\n{family} float32 max abs errors: {worst}")
+    assert max(worst.values()) <= TOL, worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_gives_each_row_its_own_logits(family, f32_models):
+    model = f32_models[family]
+    recs = cases(family)
+    ids, tt, am, pix = left_pad_batch(recs, model.config.pad_token_id)
+    out = model.forward(ids, tt, am, pix)
+    n = ids.shape[1]
+    worst = 0.0
+    for i, r in enumerate(recs):
+        a = r["arrays"]
+        m = len(a["input_ids"])
+        worst = max(worst, float(np.abs(out[i, n - m:][:, a["logits_columns"]] - a["logits"]).max()))
+    print(f"\n{family} batched max abs logit error: {worst:.2e}")
+    assert worst <= TOL
+
+
+# bfloat16: weights and matmul operands bf16; accumulation, residual stream, norms, softmax and logits
+# float32. Measured max |ours bf16 - reference fp32| per family: cogvlm1 0.107, cogvlm2 0.105 (the
+# reference's own bf16 run: up to 0.175 / 0.171). What is left is the rounding of the weights themselves.
+BF16_BOUND = {"cogvlm1": 0.11, "cogvlm2": 0.11}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_error_is_bounded(family):
+    model = cogvlm_jax.load(os.path.join(fixture_dir(family), "checkpoint"), dtype="bfloat16", progress=False)
+    assert all(p.dtype == jnp.bfloat16 for p in __import__("jax").tree_util.tree_leaves(model.params))
+    worst = 0.0
+    for case in cases(family):
+        a = case["arrays"]
+        pv = a["pixel_values"][None] if "pixel_values" in a.files else None
+        out = model.forward(a["input_ids"][None], a["token_type_ids"][None], a["attention_mask"][None], pv)
+        err = float(np.abs(out[0][:, a["logits_columns"]] - a["logits"]).max())
+        ref_err = case["bf16_max_abs_error"]
+        assert err < ref_err, (case["name"], err, ref_err)
+        worst = max(worst, err)
+    print(f"\n{family} bfloat16 max abs logit error vs float32 reference: {worst:.4f}")
+    assert worst <= BF16_BOUND[family]
+
+
+def test_bad_inputs_are_named(f32_models):
+    model = f32_models["cogvlm1"]
+    a = cases("cogvlm1")[0]["arrays"]
+    ids, tt, am = a["input_ids"][None], a["token_type_ids"][None], a["attention_mask"][None]
+    with pytest.raises(cogvlm_jax.InputError, match="pixel_values is None"):
+        model.forward(ids, tt, am)
+    with pytest.raises(cogvlm_jax.InputError, match="pixel_values must have shape"):
+        model.forward(ids, tt, am, np.zeros((1, 3, 8, 8), np.float32))
+    bad_tt = tt.copy()
+    bad_tt[0, 3] = 0
+    with pytest.raises(cogvlm_jax.InputError, match="image tokens"):
+        model.forward(ids, bad_tt, am, a["pixel_values"][None])
+    with pytest.raises(cogvlm_jax.InputError, match="vocabulary"):
+        model.forward(ids + 10_000, tt, am, a["pixel_values"][None])
+    long = np.zeros((1, model.config.context_length + 1), np.int32)
+    with pytest.raises(cogvlm_jax.InputError, match="exceeds max_length"):
+        model.forward(long, long, np.ones_like(long))
