@@ -185,10 +185,6 @@ class Model:
 
         inputs = self.build_inputs(query, history, image, template)
         ids = inputs["input_ids"]
-        budget = self.config.context_length - len(ids)
-        if budget < 1:
-            raise InputError(f"prompt of {len(ids)} tokens exceeds max_length {self.config.context_length}")
-        max_new_tokens = min(max_new_tokens, budget)
         pv = None if inputs["pixel_values"] is None else inputs["pixel_values"][None]
         decoder = StreamDecoder(self.tokenizer)
         for new in self.generate_chunks(ids[None], inputs["token_type_ids"][None], inputs["attention_mask"][None],

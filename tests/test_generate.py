@@ -130,3 +130,42 @@ def test_generate_input_errors(f32_models):
         model.generate(ids, np.zeros_like(ids), np.array([[1, 1, 0]]), max_new_tokens=2)
     with pytest.raises(cogvlm_jax.InputError, match="exceeds max_length"):
         model.generate(ids, np.zeros_like(ids), np.ones_like(ids), max_new_tokens=model.config.context_length)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_inputs_and_chat_from_text(family, f32_models):
+    import os
+
+    from conftest import fixture_dir
+
+    model = f32_models[family]
+    for case in cases(family):
+        a = case["arrays"]
+        image = None if case["image"] is None else os.path.join(fixture_dir(family), "images", case["image"])
+        x = model.build_inputs(case["query"], [tuple(h) for h in case["history"]], image, case["template"])
+        for k in ("input_ids", "token_type_ids", "attention_mask"):
+            np.testing.assert_array_equal(x[k], a[k], err_msg=f"{case['name']} {k}")
+        if image is not None:
+            np.testing.assert_allclose(x["pixel_values"], a["pixel_values"], atol=1e-5)
+        if case["max_new_tokens"]:
+            ids = [int(i) for i in a["generated_ids"]]
+            stop = [i for i, t in enumerate(ids) if t in model.config.eos_token_ids]
+            want = model.tokenizer.decode(ids[:stop[0]] if stop else ids)
+            kw = dict(history=[tuple(h) for h in case["history"]], template=case["template"],
+                      max_new_tokens=case["max_new_tokens"])
+            assert model.chat(image, case["query"], **kw) == want
+            assert "".join(model.stream(image, case["query"], chunk=3, **kw)) == want
+
+
+def test_load_without_tokenizer_still_runs_ids():
+    import os
+
+    from conftest import fixture_dir
+
+    model = cogvlm_jax.load(os.path.join(fixture_dir("cogvlm1"), "checkpoint"), progress=False)
+    assert model.tokenizer is None  # CogVLM1 checkpoints ship none
+    case = _gen_cases("cogvlm1")[0]
+    np.testing.assert_array_equal(model.generate(*_single(case), max_new_tokens=8)[0],
+                                  case["arrays"]["generated_ids"])
+    with pytest.raises(cogvlm_jax.InputError, match="needs a tokenizer"):
+        model.chat(None, "hello")

@@ -1,0 +1,70 @@
+"""The CLI end to end on the fixture checkpoints, in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import cases, fixture_dir
+
+
+def _run(*args, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cogvlm_jax.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=timeout)
+
+
+def _model_args(family):
+    d = fixture_dir(family)
+    return ["--model", os.path.join(d, "checkpoint"), "--tokenizer", os.path.join(d, "tokenizer")]
+
+
+def test_generate_streams_the_greedy_answer(f32_models):
+    family = "cogvlm1"
+    case = next(c for c in cases(family) if c["name"] == "chat_image")
+    image = os.path.join(fixture_dir(family), "images", case["image"])
+    r = _run("generate", *_model_args(family), "--image", image, "--prompt", case["query"],
+             "--max-new-tokens", str(case["max_new_tokens"]))
+    assert r.returncode == 0, r.stderr
+    tok = f32_models[family].tokenizer
+    ids = [int(i) for i in case["arrays"]["generated_ids"]]
+    eos = f32_models[family].config.eos_token_ids
+    if any(i in eos for i in ids):
+        ids = ids[:min(ids.index(e) for e in eos if e in ids)]
+    assert r.stdout == tok.decode(ids) + "\n"
+
+
+def test_chat_repl_keeps_history(f32_models):
+    family = "cogvlm2"
+    image = os.path.join(fixture_dir(family), "images", "img1.png")
+    r = _run("chat", *_model_args(family), "--image", image, "--max-new-tokens", "3",
+             stdin="Describe the picture.\nHow many squares are there?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("cogvlm> ") == 2
+    # The second turn is the model's answer with the first turn as history.
+    model = f32_models[family]
+    first = model.chat(image, "Describe the picture.", max_new_tokens=3)
+    second = model.chat(image, "How many squares are there?", history=[("Describe the picture.", first)],
+                        max_new_tokens=3)
+    assert r.stdout.split("cogvlm> ")[2].split("\n")[0] == second, (r.stdout, second)
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    checks = [
+        (["generate", *_model_args("cogvlm1"), "--image", str(tmp_path / "missing.png"), "--prompt", "hi"],
+         "missing.png"),
+        (["generate", *_model_args("cogvlm1"), "--image", str(not_image), "--prompt", "hi"], "notes.png"),
+        (["generate", *_model_args("cogvlm1"), "--prompt", "hi", "--max-new-tokens", "5000"], "exceeds max_length"),
+        (["generate", *_model_args("cogvlm1"), "--prompt", "hi", "--template", "poem"], "invalid choice: 'poem'"),
+        (["generate", "--model", str(tmp_path), "--prompt", "hi"], "config.json"),
+    ]
+    for args, needle in checks:
+        r = _run(*args)
+        assert r.returncode != 0, args
+        err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+        assert len(err_lines) == 1 and needle in err_lines[0], (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
