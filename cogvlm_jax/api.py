@@ -40,17 +40,30 @@ def _round_up(n: int, m: int) -> int:
 class Model:
     """A loaded CogVLM / CogVLM2: ``config``, ``params`` (a pytree), ``tokenizer`` (or None)."""
 
-    def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None):
+    def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
+                 mesh=None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(_DTYPES)}")
         self.config = config
         self.dtype = dtype
-        self.params = params
         self.tokenizer = tokenizer
+        self.mesh = mesh
+        if mesh is not None:  # place (or re-place) every parameter in its sharded layout
+            from cogvlm_jax.sharding import param_shardings
+
+            params = jax.device_put(params, param_shardings(config, mesh))
+        self.params = params
         self.module = CogVLM(config, _DTYPES[dtype], vit_query_chunk)
-        self._forward = jax.jit(lambda p, ids, tt, am, pv: self.module.apply(
-            {"params": p}, ids, tt, am, pv)[0])
-        self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id)
+        self._forward = jax.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0])
+        self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
+
+    def _place(self, *arrays):
+        """Host inputs -> device arrays, batch-sharded over the mesh when there is one."""
+        if self.mesh is None:
+            return arrays
+        from cogvlm_jax.sharding import batch_sharding
+
+        return tuple(None if a is None else jax.device_put(a, batch_sharding(self.mesh, a.shape)) for a in arrays)
 
     # ------------------------------------------------------------------ checks
     def _check(self, input_ids, token_type_ids, attention_mask, pixel_values):
@@ -93,7 +106,7 @@ class Model:
     def forward(self, input_ids, token_type_ids, attention_mask, pixel_values=None) -> np.ndarray:
         """Logits float32 [B, L, V] for [B, L] inputs (left padding: pads neither count nor are attended)."""
         ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
-        return np.asarray(self._forward(self.params, ids, tt, am, pv), np.float32)
+        return np.asarray(self._forward(self.params, *self._place(ids, tt, am, pv)), np.float32)
 
     # ------------------------------------------------------------------ generate
     def _start(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
@@ -116,7 +129,7 @@ class Model:
         ids = np.pad(ids, pad2, constant_values=self.config.pad_token_id)
         tt, am = np.pad(tt, pad2), np.pad(am, pad2)
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
-        state = self._generator.start(self.params, ids, tt, am, pv, sp, max_new_tokens=max_new_tokens,
+        state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=max_new_tokens,
                                       cache_length=length + _round_up(max_new_tokens, 16),
                                       collect_logits=collect_logits)
         return state, temperature > 0

@@ -125,18 +125,21 @@ def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_token
 class Generator:
     """The jitted pair (prefill+start, decode loop) for one model; jax caches a compile per shape."""
 
-    def __init__(self, model: CogVLM, eos_ids, pad_id: int, in_shardings=None):
+    def __init__(self, model: CogVLM, eos_ids, pad_id: int, mesh=None):
         self.model = model
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
 
-        @functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_length", "collect_logits"),
-                           donate_argnames=())
+        @functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
         def _start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
                    max_new_tokens, cache_length, collect_logits):
             t = model.config.text
             cache = kv_cache.init_cache(t.num_layers, input_ids.shape[0], cache_length, t.num_kv_heads,
                                         t.head_dim, model.dtype)
+            if mesh is not None:  # batch over data, kv heads over tensor
+                from cogvlm_jax.sharding import cache_shardings
+
+                cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
             logits, next_pos, cache = prefill(model, params, input_ids, token_type_ids, attention_mask,
                                               pixel_values, cache)
             return start_state(logits, next_pos, cache, sampling, max_new_tokens, self.pad_id, collect_logits)

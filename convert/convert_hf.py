@@ -1,9 +1,11 @@
 """Hugging Face safetensors checkpoints <-> our parameter tree and Orbax checkpoints.
 
-Reading streams one tensor at a time and checks every key and shape against the config before any
-data is read, so a wrong checkpoint fails fast with every problem named. Writing streams one tensor
-at a time into shards laid out byte for byte as the ``safetensors`` library lays them out (so a
-round trip reproduces the published files exactly) and is atomic (temp directory + rename).
+Reading checks every key and shape against the config before any data is read, so a wrong
+checkpoint fails fast with every problem named; then it reads one tensor at a time (the result, the
+whole model, is held in host memory: an import needs about the model's size in RAM). Writing fetches
+one shard's parameters at a time (from memory or, on export, from the Orbax checkpoint) and writes
+one tensor at a time into shards laid out byte for byte as the ``safetensors`` library lays them out
+(so a round trip reproduces the published files exactly); it is atomic (temp directory + rename).
 
 The safetensors container is parsed here rather than through ``safe_open``: numpy cannot represent
 bfloat16 in older ``safetensors`` releases, and our own parser can say precisely which file is
@@ -26,8 +28,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cogvlm_jax.checkpoint import (
-    CheckpointError, atomic_directory, check_destination, copy_files, is_our_checkpoint, read_meta,
-    restore_params, save_params, write_json)
+    CheckpointError, atomic_directory, check_destination, copy_files, flatten_tree, is_our_checkpoint,
+    params_metadata, read_meta, restore_params, save_params, unflatten_tree, write_json)
 from cogvlm_jax.config import CogVLMConfig, load_config
 from convert import mapping
 
@@ -153,22 +155,23 @@ class SafetensorsFile:
         return buf.view(_DTYPES[info.code]).reshape(info.shape)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _OutTensor:
-    """One tensor to write: its metadata now, its data from ``produce()`` when its turn comes."""
+    """One tensor to write: its HF name, dtype code and shape, and where its data comes from."""
     name: str
     code: str
     shape: tuple[int, ...]
-    produce: Callable[[], np.ndarray]
+    source: tuple | None  # our parameter path; None for the recomputed inv_freq buffer
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.code].itemsize
 
 
-def write_safetensors(path: str, tensors: list[_OutTensor], metadata: Mapping[str, str] | None = None,
+def write_safetensors(path: str, tensors: list[_OutTensor], produce: Callable[[_OutTensor], np.ndarray],
+                      metadata: Mapping[str, str] | None = None,
                       progress: Callable[[int], Any] | None = None) -> None:
-    """Write one .safetensors file, one tensor in memory at a time.
+    """Write one .safetensors file; ``produce(t)`` makes each tensor's data just before it is written.
 
     Layout as the ``safetensors`` library writes it (so files compare byte for byte): tensors sorted by
     dtype rank descending, then name; compact JSON header, metadata first, padded with spaces to a
@@ -186,7 +189,7 @@ def write_safetensors(path: str, tensors: list[_OutTensor], metadata: Mapping[st
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in order:
-            arr = np.ascontiguousarray(t.produce())
+            arr = np.ascontiguousarray(produce(t))
             if arr.shape != t.shape or _code(arr.dtype, t.name) != t.code:
                 raise CheckpointError(f"{t.name}: produced {arr.dtype}{arr.shape}, planned {t.code}{t.shape}")
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
@@ -297,12 +300,6 @@ def _check_inv_freq(key: str, stored: np.ndarray, config: CogVLMConfig) -> None:
             f"config (max relative difference {err:.3g}); is the config.json the checkpoint's own?")
 
 
-def _set_path(tree: dict, path: tuple, value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
 def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool):
     """(config, params, facts about the source an export needs) of an HF checkpoint."""
     if config is None:
@@ -312,7 +309,7 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
     dtype = as_dtype(dtype)
     entries = _open_tensors(path)
     _check_keys(entries, config, path)
-    params: dict = {}
+    flat: dict[tuple, np.ndarray] = {}
     facts: dict[str, Any] = {}
     # Read file by file in data order: sequential I/O on large shards.
     order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].start))
@@ -330,8 +327,8 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
             continue
         if dtype is not None and array.dtype != dtype:
             array = array.astype(dtype)
-        _set_path(params, path_ours, array)
-    return config, params, facts
+        flat[path_ours] = array
+    return config, unflatten_tree(flat), facts
 
 
 def read_hf_checkpoint(path: str, config: CogVLMConfig | str | None = None, dtype=None,
@@ -352,58 +349,53 @@ def _natural_key(name: str):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    if not prefix and set(tree) == {"params"} and isinstance(tree["params"], Mapping):
-        tree = tree["params"]  # tolerate a Flax variables dict
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+# A parameter source: the (shape, dtype) of every leaf, and a function that materialises a list of leaves
+# as host arrays. The writer fetches one shard's leaves at a time, so exporting from an Orbax checkpoint
+# never holds more than one shard of the model.
+Specs = dict[tuple, tuple[tuple[int, ...], np.dtype]]
+Fetch = Callable[[list[tuple]], dict[tuple, Any]]
 
 
-def _plan_outputs(params: Mapping, config: CogVLMConfig, dtype: np.dtype | None,
+def _tree_source(params: Mapping) -> tuple[Specs, Fetch]:
+    flat = flatten_tree(params)
+    return ({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
+            lambda paths: {p: flat[p] for p in paths})
+
+
+def _orbax_source(ckpt_dir: str) -> tuple[Specs, Fetch]:
+    specs = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten_tree(params_metadata(ckpt_dir)).items()}
+    return specs, lambda paths: flatten_tree(restore_params(ckpt_dir, subset=paths))
+
+
+def _plan_outputs(specs: Specs, config: CogVLMConfig, dtype: np.dtype | None,
                   inv_freq: np.ndarray) -> list[_OutTensor]:
-    """Check our tree against the config and list every HF tensor to write (buffers included)."""
+    """Check our leaves against the config and list every HF tensor to write, buffers included."""
     expected = mapping.expected_hf_keys(config)
-    flat = _flatten(params)
     problems, outs, seen = [], [], set()
-    for path, leaf in flat.items():
+    for path, (shape, leaf_dtype) in specs.items():
         name = "/".join(map(str, path))
         try:
             key = mapping.ours_to_hf_key(path)
         except CheckpointError:
             problems.append(f"unexpected parameter {name}")
             continue
-        transform = mapping.hf_to_ours_key(key)[1]
-        want = mapping.ours_shape(expected[key], transform) if key in expected else None
-        if want is None:
+        if key not in expected:
             problems.append(f"unexpected parameter {name} (not in a {config.family} model of this config)")
             continue
-        if tuple(leaf.shape) != want:
-            problems.append(f"{name}: expected shape {want}, got {tuple(leaf.shape)}")
+        want = mapping.ours_shape(expected[key], mapping.hf_to_ours_key(key)[1])
+        if shape != want:
+            problems.append(f"{name}: expected shape {want}, got {shape}")
             continue
         seen.add(key)
-        out_dtype = dtype if dtype is not None else np.dtype(leaf.dtype)
-        outs.append(_OutTensor(key, _code(out_dtype, name), expected[key], _producer(path, leaf, out_dtype)))
+        outs.append(_OutTensor(key, _code(dtype if dtype is not None else leaf_dtype, name), expected[key], path))
     buffers = set(mapping.buffer_hf_keys(config))
     problems += [f"missing parameter {'/'.join(mapping.hf_to_ours_key(k)[0])} ({k})"
                  for k in expected if k not in seen and k not in buffers]
     if problems:
         raise CheckpointError(f"parameters do not match the config ({config.family}):" + _listing(problems))
     code = _code(inv_freq.dtype, "inv_freq")
-    outs += [_OutTensor(k, code, inv_freq.shape, lambda: inv_freq) for k in sorted(buffers)]
+    outs += [_OutTensor(k, code, inv_freq.shape, None) for k in sorted(buffers)]
     return sorted(outs, key=lambda t: _natural_key(t.name))
-
-
-def _producer(path: tuple, leaf, out_dtype: np.dtype) -> Callable[[], np.ndarray]:
-    """Fetch (device -> host if needed), re-layout and cast one parameter, only when it is written."""
-    def produce():
-        array = mapping.to_hf(path, np.asarray(leaf))[1]
-        return array if array.dtype == out_dtype else array.astype(out_dtype)
-    return produce
 
 
 def _shard(outs: list[_OutTensor], max_shard_bytes: int) -> list[list[_OutTensor]]:
@@ -423,7 +415,7 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None, *,
                         inv_freq_dtype=None, inv_freq_values=None, overwrite: bool = False,
                         extra_files: Iterable[str] = (), progress: bool = True) -> str:
-    """Write our parameter tree as a Hugging Face checkpoint directory with the published names.
+    """Write our parameter tree (numpy or jax arrays) as a Hugging Face checkpoint with the published names.
 
     Shards ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json`` (one shard: a plain
     ``model.safetensors``), filled greedily in natural key order up to ``max_shard_bytes``; and
@@ -431,24 +423,44 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
     ``torch_dtype``). The ``inv_freq`` buffers are recomputed, in ``inv_freq_dtype`` (default float32,
     which both reference fixtures use; the published CogVLM2-19B stores bfloat16), or taken from
     ``inv_freq_values`` when given (an import records them if the source's differ from ours in the last
-    bit). ``extra_files`` are copied in. Only one tensor is materialised at a time. Atomic; a non-empty ``out_dir`` is refused
-    unless ``overwrite``. Returns ``out_dir``.
+    bit). ``extra_files`` are copied in. Only one re-laid-out tensor exists at a time. Atomic; a
+    non-empty ``out_dir`` is refused unless ``overwrite``. Returns ``out_dir``.
     """
+    return _write_hf(_tree_source(params), config, out_dir, max_shard_bytes, dtype, inv_freq_dtype,
+                     inv_freq_values, overwrite, extra_files, progress)
+
+
+def _producer(leaves: dict[tuple, Any], inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray]:
+    """Make each tensor of a shard from its fetched leaf: device -> host, HF layout, dtype."""
+    def produce(t: _OutTensor) -> np.ndarray:
+        if t.source is None:
+            return inv_freq
+        # pop: the shard's reference to a leaf is dropped as soon as the leaf is written
+        array = mapping.to_hf(t.source, np.asarray(leaves.pop(t.source)))[1]
+        return array.astype(_DTYPES[t.code], copy=False)
+    return produce
+
+
+def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
+              inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool) -> str:
     check_destination(out_dir, overwrite)
+    specs, fetch = source
     dtype = as_dtype(dtype)
     if dtype is not None:
         config = config.replace(torch_dtype=dtype.name)
     inv_freq = mapping.rotary_inv_freq(config) if inv_freq_values is None else np.asarray(inv_freq_values, np.float64)
     if inv_freq.shape != (config.text.head_dim // 2,):
         raise CheckpointError(f"inv_freq_values: expected shape {(config.text.head_dim // 2,)}, got {inv_freq.shape}")
-    outs = _plan_outputs(params, config, dtype, inv_freq.astype(as_dtype(inv_freq_dtype) or np.dtype(np.float32)))
+    inv_freq = inv_freq.astype(as_dtype(inv_freq_dtype) or np.dtype(np.float32))
+    outs = _plan_outputs(specs, config, dtype, inv_freq)
     shards = _shard(outs, max_shard_bytes)
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     with atomic_directory(out_dir, overwrite) as tmp, \
             tqdm(total=len(outs), desc="writing", unit="tensor", disable=not progress) as bar:
         for name, shard in zip(names, shards):
-            write_safetensors(os.path.join(tmp, name), shard, {"format": "pt"}, bar.update)
+            produce = _producer(fetch([t.source for t in shard if t.source is not None]), inv_freq)
+            write_safetensors(os.path.join(tmp, name), shard, produce, {"format": "pt"}, bar.update)
         if n > 1:
             write_json(os.path.join(tmp, INDEX_FILE), {
                 "metadata": {"total_size": sum(t.nbytes for t in outs)},
@@ -480,6 +492,8 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
     _check_not_same(src, dst)
     check_destination(dst, overwrite)  # fail before reading gigabytes
     config, params, facts = _load_hf(src, None, dtype, progress)
+    if dtype is not None:
+        config = config.replace(torch_dtype=as_dtype(dtype).name)
     save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
     return dst
 
@@ -491,13 +505,9 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
     check_destination(dst, overwrite)
     if not is_our_checkpoint(src):
         raise CheckpointError(f"{src} is not a cogvlm-jax checkpoint (needs config.json and params/)")
-    config = load_config(src)
     facts = read_meta(src).get("hf", {})
-    params = restore_params(src)
-    return write_hf_checkpoint(params, config, dst, max_shard_bytes, dtype,
-                               inv_freq_dtype=facts.get("inv_freq_dtype"), inv_freq_values=facts.get("inv_freq"),
-                               overwrite=overwrite,
-                               extra_files=carried_files(src), progress=progress)
+    return _write_hf(_orbax_source(src), load_config(src), dst, max_shard_bytes, dtype, facts.get("inv_freq_dtype"),
+                     facts.get("inv_freq"), overwrite, carried_files(src), progress)
 
 
 def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,

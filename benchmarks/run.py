@@ -1,0 +1,125 @@
+"""Run the benchmarks: one JSON line per measurement, then a markdown table.
+
+    python -m benchmarks.run                       # everything, full sizes (minutes)
+    python -m benchmarks.run --quick               # smaller sizes
+    python -m benchmarks.run --only decode --tiny  # the tiny fixture configs only
+
+Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
+``fraction_of_limit`` compares with a limit measured on the same machine in the same run: the
+bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
+for the converter. Decode needs the bandwidth probe, so it is run (and printed) whenever decode is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
+
+BENCHMARKS = ("bandwidth", "decode", "prefill", "converter")
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        bad = [x for x in items if choices is not None and x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(map(str, choices))}, "
+                                             f"got {text!r}")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(BENCHMARKS),
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--quick", action="store_true", help="smaller arrays, fewer steps and repeats")
+    p.add_argument("--tiny", action="store_true", help="decode/prefill on the tiny fixture configs only")
+    p.add_argument("--configs", type=_csv(str, CONFIG_NAMES), help=f"decode configs (default: all of {CONFIG_NAMES})")
+    p.add_argument("--dtypes", type=_csv(str, ("float32", "bfloat16")), default=["float32", "bfloat16"])
+    p.add_argument("--batches", type=_csv(int), default=[1, 8], help="decode batch sizes")
+    p.add_argument("--steps", type=int, help="decode steps timed per repetition (default: by size)")
+    p.add_argument("--probe-gb", type=float, help="bandwidth probe array size (default 1 GB, 0.25 with --quick)")
+    p.add_argument("--no-table", action="store_true", help="JSON lines only")
+    return p
+
+
+def _notes(r: dict) -> str:
+    """The few extras worth a glance in the table."""
+    e = r.get("extra", {})
+    if r["name"].startswith("decode"):
+        return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step "
+                f"(KV {e['kv_bytes'] / 1e6:.1f} MB, T={e['cache_length']}), {e['achieved_gb_s']:.2f} GB/s")
+    if r["name"] == "prefill":
+        return (f"{e['prompt_tokens']} tokens ({e['image_tokens']} image), {e['ms']:.0f} ms, "
+                f"{e['achieved_gflop_s']:.1f} of {e['limit_gflop_s']:.1f} GFLOP/s useful"
+                + (f", XLA counts {e['executed_gflop']:.1f} GFLOP executed vs {e['model_gflop']:.1f} useful"
+                   if e.get("executed_gflop") else ""))
+    if r["name"] == "convert_throughput":
+        return (f"{e['checkpoint_mb']:.0f} MB in {e['shards']} shards, {e['layers']} layers, {e['wall_s']:.1f} s; "
+                f"plain copy {e['limit_mb_s']:.0f} MB/s")
+    if r["name"] == "convert_peak_rss":
+        return f"limit {e['limit_mb']:.0f} MB; imports alone {e['import_rss_mb']:.0f} MB"
+    if r["name"].startswith("bandwidth"):
+        return f"{e['array_gb']:.2f} GB array" + (f", best kernel {e['kernel']}" if "kernel" in e else "")
+    if r["name"] == "matmul_peak":
+        return f"{e['n']}^3 matmul"
+    return ""
+
+
+def table(recs: Sequence[dict], info: dict) -> str:
+    lines = [f"machine: {info}", "",
+             "| benchmark | config | dtype | batch | value | unit | fraction of limit | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        frac = "" if r["fraction_of_limit"] is None else f"{r['fraction_of_limit']:.0%}"
+        lines.append(f"| {r['name']} | {r['config']} | {r['dtype']} | {'' if r['batch'] is None else r['batch']} | "
+                     f"{r['value']:.4g} | {r['unit']} | {frac} | {_notes(r)} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    only = set(args.only)
+    configs = args.configs or (list(TINY_NAMES) if args.tiny else list(CONFIG_NAMES))
+    info = machine()
+    recs: list[dict] = []
+
+    def out(new):
+        for r in new:
+            emit(r)
+        recs.extend(new)
+
+    probe = None
+    if "bandwidth" in only or "decode" in only:
+        from benchmarks import bandwidth
+
+        bw = bandwidth.run(args.quick, size_gb=args.probe_gb)
+        out(bw)
+        probe = bw[-1]["value"]
+    if "decode" in only:
+        from benchmarks import decode
+
+        out(decode.run(probe, args.quick, configs=configs, dtypes=args.dtypes, batches=args.batches,
+                       steps=args.steps))
+    if "prefill" in only:
+        from benchmarks import prefill
+
+        pre_configs = [c for c in configs if c == "mid"] or configs[:1]
+        out(prefill.run(args.quick, configs=pre_configs, dtypes=args.dtypes))
+    if "converter" in only:
+        from benchmarks import converter
+
+        out(converter.run(args.quick))
+    if not args.no_table:
+        info["loadavg_1m_end"] = machine().get("loadavg_1m")
+        print()
+        print(table(recs, info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

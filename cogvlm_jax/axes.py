@@ -1,0 +1,84 @@
+"""Logical axis names, the one table that maps them onto mesh axes, and ``make_mesh``.
+
+Every parameter declares logical names where it is created (``layers.py``, ``vision.py`` ...); the KV
+cache and the inputs use the names below too. Changing the parallelism is editing ``RULES``.
+
+Fallback rule (stated, never an XLA error): a dimension is sharded over its mesh axes only if its size
+is divisible by the product of their sizes; otherwise that dimension is replicated. A mesh axis is used
+at most once per array (the first dimension that claims it wins).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (a tuple: sharded over their product), or () for replicated.
+RULES: dict[str, tuple[str, ...]] = {
+    # activations / cache
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    # decoder weights: fsdp shards the model width, tensor the heads / mlp / vocab
+    "embed": ("fsdp",),
+    "qkv": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    # ViT weights
+    "vit_embed": ("fsdp",),
+    "vit_qkv": ("tensor",),
+    "vit_heads": ("tensor",),
+    "vit_mlp": ("tensor",),
+    "vit_channels": (),
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all of ``jax.devices()``).
+
+    ``tensor`` is the fastest-varying axis, so with the devices ordered by process a tensor group stays
+    inside one host when ``tensor`` divides the devices per host.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = data * fsdp * tensor
+    if min(data, fsdp, tensor) < 1:
+        raise ValueError(f"mesh sizes must be >= 1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if n != len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, but {len(devices)} "
+                         f"are available; the product must equal the device count")
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+             rules: dict[str, tuple[str, ...]] = RULES) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes and shape, after the fallback rule."""
+    if len(logical) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    out = []
+    for name, size in zip(logical, shape):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in axes.RULES")
+        axes = tuple(a for a in rules[name] if mesh.shape[a] > 1 and a not in used)
+        total = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or size % total:
+            out.append(None)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def named_sharding(logical, shape, mesh: Mesh, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(logical, shape, mesh, rules))

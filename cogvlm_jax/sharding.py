@@ -1,0 +1,47 @@
+"""Shardings for parameters, inputs and the KV cache, from abstract shapes and the rules in ``axes.py``.
+
+Nothing here allocates: parameter shardings come from ``jax.eval_shape`` of the model's init, with the
+logical axes each parameter declared where it was created.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cogvlm_jax import axes, kv_cache
+from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.model import abstract_params, logical_axes
+
+
+def param_shardings(config: CogVLMConfig, mesh: Mesh, rules=axes.RULES):
+    """Nested dict of NamedSharding, one per parameter."""
+    shapes = abstract_params(config)
+    names = logical_axes(config)
+    return jax.tree_util.tree_map(lambda s, p: axes.named_sharding(tuple(p), s.shape, mesh, rules), shapes, names,
+                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def abstract_sharded_params(config: CogVLMConfig, mesh: Mesh, dtype, rules=axes.RULES):
+    """ShapeDtypeStructs carrying their sharding: the target of a sharded restore."""
+    shapes = abstract_params(config, dtype)
+    shard = param_shardings(config, mesh, rules)
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shard)
+
+
+def batch_sharding(mesh: Mesh, shape) -> NamedSharding:
+    """Inputs [B, ...]: batch over (data, fsdp) when divisible, the rest replicated."""
+    return axes.named_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def cache_shardings(cache: kv_cache.KVCache, mesh: Mesh):
+    """KV cache: batch over data (and fsdp), kv heads over tensor; per-row bookkeeping by batch."""
+    kv = lambda x: axes.named_sharding(("batch", "length", "kv_heads", "head_dim"), x.shape, mesh)  # noqa: E731
+    return kv_cache.KVCache(k=tuple(kv(x) for x in cache.k), v=tuple(kv(x) for x in cache.v),
+                            valid=axes.named_sharding(("batch", "length"), cache.valid.shape, mesh),
+                            index=axes.named_sharding(("batch",), cache.index.shape, mesh))
+

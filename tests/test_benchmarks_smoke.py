@@ -1,0 +1,33 @@
+"""The benchmark runner works end to end (a smoke test: no timing thresholds, just sane records)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+REQUIRED = ("name", "config", "dtype", "batch", "value", "unit", "fraction_of_limit")
+
+
+def test_quick_decode_on_a_tiny_config(capsys):
+    from benchmarks.run import main
+
+    assert main(["--quick", "--only", "decode", "--configs", "tiny-cogvlm1", "--dtypes", "float32",
+                 "--batches", "1,2", "--steps", "4", "--probe-gb", "0.125"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    recs = [json.loads(ln) for ln in lines]
+    for r in recs:
+        assert all(k in r for k in REQUIRED), r
+        assert math.isfinite(r["value"]) and r["value"] > 0, r
+    assert [r["name"] for r in recs if r["name"] == "bandwidth"] == ["bandwidth"]
+    decode = [r for r in recs if r["name"] == "decode"]
+    assert [(r["config"], r["dtype"], r["batch"]) for r in decode] == [
+        ("tiny-cogvlm1", "float32", 1), ("tiny-cogvlm1", "float32", 2)]
+    for r in decode:
+        assert r["unit"] == "tok/s" and 0 < r["fraction_of_limit"] < 100, r
+        e = r["extra"]
+        assert e["ms_per_step"] > 0 and e["cache_length"] >= e["steps"] == 4
+        assert e["bytes_per_step"] == e["weight_bytes"] + e["kv_bytes"] + e["embed_bytes"]
+        assert abs(r["value"] - r["batch"] * 1e3 / e["ms_per_step"]) < 1e-3 * r["value"] + 1e-3
+    # A bigger batch reads a bigger KV cache but the same weights.
+    assert decode[1]["extra"]["kv_bytes"] == 2 * decode[0]["extra"]["kv_bytes"]
+    assert decode[1]["extra"]["weight_bytes"] == decode[0]["extra"]["weight_bytes"]
