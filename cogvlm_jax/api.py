@@ -246,13 +246,27 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
-    if checkpoint.is_our_checkpoint(path):
-        params = checkpoint.restore_params(path)
-    else:
-        params = read_hf_checkpoint(path, config, progress=progress)
     want = _DTYPES[dtype]
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=want), params)
+    if mesh is None:
+        target, place = None, (lambda _path, a: jnp.asarray(a, dtype=want))
+    else:  # every tensor goes straight into its sharded layout; the host holds one tensor at a time
+        from cogvlm_jax.sharding import abstract_sharded_params
+
+        target = abstract_sharded_params(config, mesh, want)
+        place = lambda p, a: jax.device_put(a.astype(want), _leaf(target, p).sharding)  # noqa: E731
+    if checkpoint.is_our_checkpoint(path):
+        params = checkpoint.restore_params(path, target)
+        if target is None:
+            params = jax.tree_util.tree_map(lambda a: place(None, a), params)
+    else:
+        params = read_hf_checkpoint(path, config, progress=progress, place=place)
     tok = _find_tokenizer(tokenizer) if tokenizer is not None else _find_tokenizer(path)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
-    return Model(config, params, tok, dtype)
+    return Model(config, params, tok, dtype, mesh=mesh)
+
+
+def _leaf(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree

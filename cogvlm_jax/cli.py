@@ -82,6 +82,21 @@ def cmd_convert(args) -> int:
     return main_convert(args.src, args.dst, to=args.to) or 0
 
 
+def cmd_plan(args) -> int:
+    from cogvlm_jax.config import load_config
+    from cogvlm_jax.plan import format_plan, plan
+
+    try:
+        data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {args.mesh!r}") from None
+    cfg = load_config(args.config)
+    context = args.context or cfg.context_length
+    p = plan(cfg, data, fsdp, tensor, args.dtype, args.batch, context)
+    print(format_plan(cfg.name or args.config, p, args.dtype, args.batch, context))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvlm-jax", description="CogVLM / CogVLM2 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("ours", "hf"), default="ours")
     cv.set_defaults(func=cmd_convert)
+
+    pl = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (nothing allocated)")
+    pl.add_argument("--config", required=True, help="config.json, checkpoint directory or preset name")
+    pl.add_argument("--mesh", default="1,1,1", help="DATA,FSDP,TENSOR")
+    pl.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--context", type=int, help="KV cache length (default: the model's context)")
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -8,6 +8,7 @@ Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -116,8 +117,12 @@ def init_params(config: CogVLMConfig, rng, dtype=jnp.float32):
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), nn.unbox(boxed))
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_boxed_params(config: CogVLMConfig, dtype=jnp.float32):
-    """Parameter shapes with their ``nn.LogicallyPartitioned`` boxes, without allocating anything."""
+    """Parameter shapes with their ``nn.LogicallyPartitioned`` boxes, without allocating anything.
+
+    Cached per (config, dtype): tracing the published 19B init takes seconds."""
+    dtype = jnp.dtype(dtype)
     model = CogVLM(config, dtype)
     tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(config))["params"])
     return jax.tree_util.tree_map(

@@ -300,7 +300,7 @@ def _check_inv_freq(key: str, stored: np.ndarray, config: CogVLMConfig) -> None:
             f"config (max relative difference {err:.3g}); is the config.json the checkpoint's own?")
 
 
-def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool):
+def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None):
     """(config, params, facts about the source an export needs) of an HF checkpoint."""
     if config is None:
         config = load_config(path if os.path.isdir(path) else (os.path.dirname(path) or "."))
@@ -327,20 +327,22 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
             continue
         if dtype is not None and array.dtype != dtype:
             array = array.astype(dtype)
-        flat[path_ours] = array
+        flat[path_ours] = array if place is None else place(path_ours, array)
     return config, unflatten_tree(flat), facts
 
 
 def read_hf_checkpoint(path: str, config: CogVLMConfig | str | None = None, dtype=None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, place=None) -> dict:
     """Our parameter tree (nested dict of numpy arrays) from an HF safetensors checkpoint.
 
     ``path``: a directory with ``model.safetensors`` or shards + ``model.safetensors.index.json`` (or a
     single .safetensors file). ``config``: defaults to the directory's ``config.json``. ``dtype``: None
     keeps the stored dtypes, else every tensor is cast. Raises :class:`CheckpointError` naming every
     missing / unexpected / mis-shaped key, a truncated file, a missing shard, or pickle-only weights.
+    ``place(path, array)``: called on each tensor as it is read (e.g. to put it on devices in its
+    sharded layout), so the host never holds more than one tensor; its result goes into the tree.
     """
-    return _load_hf(path, config, dtype, progress)[1]
+    return _load_hf(path, config, dtype, progress, place)[1]
 
 
 # =========================================================================== writing HF checkpoints
