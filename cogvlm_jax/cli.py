@@ -97,6 +97,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from benchmarks.run import main as bench_main
+
+    return bench_main(args.bench_args) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvlm-jax", description="CogVLM / CogVLM2 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--context", type=int, help="KV cache length (default: the model's context)")
     pl.set_defaults(func=cmd_plan)
+
+    bn = sub.add_parser("bench", help="benchmarks against the hardware limit (see benchmarks/run.py --help)")
+    bn.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bn.set_defaults(func=cmd_bench)
     return parser
 
 
