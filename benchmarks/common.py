@@ -106,6 +106,28 @@ def tree_bytes(tree) -> int:
                for x in jax.tree_util.tree_leaves(tree))
 
 
+def last_level_cache_bytes() -> Optional[int]:
+    """The CPU's largest cache in bytes (Linux sysfs), or None where unknown.
+
+    A decode step whose bytes fit in it is served from cache, not DRAM: its "fraction of the
+    bandwidth probe" can exceed 1 and says nothing about the DRAM roofline (the tiny configs).
+    """
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on: backend, device kind, CPU count, load average."""
     import jax
@@ -113,6 +135,9 @@ def machine() -> dict[str, Any]:
     d = jax.devices()[0]
     info = {"backend": jax.default_backend(), "device": getattr(d, "device_kind", str(d)),
             "devices": jax.device_count(), "cpus": os.cpu_count(), "jax": jax.__version__}
+    llc = last_level_cache_bytes()
+    if llc and info["backend"] == "cpu":
+        info["llc_mb"] = llc / 2**20
     try:
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     except OSError:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import best_time, load_bench_config, record, tree_bytes
+from benchmarks.common import best_time, last_level_cache_bytes, load_bench_config, record, tree_bytes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NEVER_EOS = -1  # no token id is negative: the loop always runs its N steps
@@ -114,6 +114,7 @@ class DecodeCase:
     prompt_length: int
     repeats: int
     do_sample: bool = False  # temperature sampling with top-k/top-p (sorts the vocabulary every step)
+    cache_length: Optional[int] = None  # default: as the api sizes it (bucket + steps rounded up to 16)
 
 
 class DecodeBench:
@@ -133,6 +134,8 @@ class DecodeBench:
         """As ``cogvlm_jax.api``: the prompt bucket plus max_new_tokens rounded up to 16."""
         from cogvlm_jax.api import bucket_length
 
+        if case.cache_length is not None:
+            return case.cache_length
         return bucket_length(case.prompt_length) + -(-case.steps // 16) * 16
 
     def fresh_state(self, case: DecodeCase, inputs):
@@ -207,11 +210,31 @@ def hlo_findings(hlo: str, min_bytes: int = 1 << 16) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the benchmark
+LONG_CACHE = 4096  # the long-context case: a cache 4096 slots long (the mid config's context)
+
+
+def decode_flops(config, batch: int, cache_length: int) -> float:
+    """FLOPs of one decode step: 2 per weight per row (language expert + lm_head) + attention over T."""
+    t = config.text
+    d = t.hidden_size
+    weights = t.num_layers * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size) + d * t.vocab_size
+    attention = t.num_layers * 4 * cache_length * t.num_heads * t.head_dim
+    return float(batch * (2 * weights + attention))
+
+
 def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", "tiny-cogvlm2"),
         dtypes=("float32", "bfloat16"), batches=(1, 8), sample: bool = True,
-        steps: Optional[int] = None) -> list[dict]:
-    """One measurement per (config, dtype, batch); plus a sampled (top-k/top-p) batch-1 case per config."""
+        steps: Optional[int] = None, peak_flops: Optional[dict] = None) -> list[dict]:
+    """One measurement per (config, dtype, batch); on the mid config (full runs) also a sampled
+    (temperature, top-k, top-p) case and a long-cache case (``LONG_CACHE`` slots) at the first batch size.
+
+    ``fraction_of_limit`` is the roofline fraction: the time the step must take at least, the larger
+    of bytes / ``probe_gb_s`` and FLOPs / ``peak_flops[dtype]`` (the measured matmul peak, when given),
+    over the time it took. At batch 1 the bytes decide (it is the bandwidth fraction); at batch 8 on a
+    small CPU the FLOPs can. ``bandwidth_fraction`` in the extras is always achieved GB/s / probe.
+    """
     recs = []
+    llc = last_level_cache_bytes() if jax.default_backend() == "cpu" else None
     for name in configs:
         tiny = name.startswith("tiny")
         n = steps or (8 if quick else (32 if tiny else 64))
@@ -219,17 +242,26 @@ def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", 
         for dtype in dtypes:
             bench = DecodeBench(name, dtype)
             cases = [DecodeCase(name, dtype, b, n, prompt, 2 if quick else 5) for b in batches]
-            if sample and not quick:
+            if sample and not quick and not tiny:
                 cases.append(DecodeCase(name, dtype, batches[0], n, prompt, 5, do_sample=True))
+                cases.append(DecodeCase(name, dtype, batches[0], n, prompt, 3, cache_length=LONG_CACHE))
             for case in cases:
                 m = bench.measure(case)
+                label = "decode_sample" if case.do_sample else "decode_long" if case.cache_length else "decode"
+                flops = decode_flops(bench.config, case.batch, m["cache_length"])
+                memory_s = m["bytes"]["total"] / (probe_gb_s * 1e9)
+                peak = (peak_flops or {}).get(dtype)
+                compute_s = flops / peak if peak else 0.0
                 recs.append(record(
-                    "decode_sample" if case.do_sample else "decode", m["tok_s"], "tok/s", config=name, dtype=dtype,
-                    batch=case.batch, fraction_of_limit=m["gb_s"] / probe_gb_s,
+                    label, m["tok_s"], "tok/s", config=name, dtype=dtype,
+                    batch=case.batch, fraction_of_limit=max(memory_s, compute_s) / m["step_s"],
+                    bound="compute" if compute_s > memory_s else "memory", bandwidth_fraction=m["gb_s"] / probe_gb_s,
+                    gflop_per_step=flops / 1e9, limit_gflop_s=None if peak is None else peak / 1e9,
                     ms_per_step=m["step_s"] * 1e3, bytes_per_step=m["bytes"]["total"],
                     weight_bytes=m["bytes"]["layer_weights"] + m["bytes"]["head"],
                     kv_bytes=m["bytes"]["kv_cache"], embed_bytes=m["bytes"]["embed_rows"], cache_length=m["cache_length"], steps=case.steps,
                     achieved_gb_s=m["gb_s"], limit_gb_s=probe_gb_s,
-                    limit_tok_s=case.batch * probe_gb_s * 1e9 / m["bytes"]["total"]))
+                    limit_tok_s=case.batch / max(memory_s, compute_s),
+                    cache_resident=bool(llc and m["bytes"]["total"] <= 1.5 * llc)))
             del bench
     return recs

@@ -4,7 +4,8 @@
     python -m benchmarks.run --quick               # smaller sizes
     python -m benchmarks.run --only decode --tiny  # the tiny fixture configs only
 
-Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
+``matvec`` (one-row matmul variants, float32 and bfloat16 weights) and ``prototypes`` (the proposed
+decode fixes, patched in-process) are the experiments behind the decode findings. Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
 ``fraction_of_limit`` compares with a limit measured on the same machine in the same run: the
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
 for the converter. Decode needs the bandwidth probe, so it is run (and printed) whenever decode is.
@@ -18,7 +19,8 @@ from typing import Optional, Sequence
 
 from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 
-BENCHMARKS = ("bandwidth", "decode", "prefill", "converter")
+BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter")
+DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter")  # prototypes: on request (minutes)
 
 
 def _csv(kind, choices=None):
@@ -34,8 +36,8 @@ def _csv(kind, choices=None):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
-    p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(BENCHMARKS),
-                   help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(DEFAULT),
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes)")
     p.add_argument("--quick", action="store_true", help="smaller arrays, fewer steps and repeats")
     p.add_argument("--tiny", action="store_true", help="decode/prefill on the tiny fixture configs only")
     p.add_argument("--configs", type=_csv(str, CONFIG_NAMES), help=f"decode configs (default: all of {CONFIG_NAMES})")
@@ -52,7 +54,15 @@ def _notes(r: dict) -> str:
     e = r.get("extra", {})
     if r["name"].startswith("decode"):
         return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step "
-                f"(KV {e['kv_bytes'] / 1e6:.1f} MB, T={e['cache_length']}), {e['achieved_gb_s']:.2f} GB/s")
+                f"(KV {e['kv_bytes'] / 1e6:.1f} MB, T={e['cache_length']}), {e['achieved_gb_s']:.2f} GB/s "
+                f"= {e['bandwidth_fraction']:.0%} of the probe; {e['bound']} bound"
+                + (" (fits in the CPU cache: not a DRAM roofline)" if e.get("cache_resident") else ""))
+    if r["name"].startswith("proto_decode"):
+        return f"{e['ms_per_step']:.2f} ms/step, {e['achieved_gb_s']:.2f} GB/s"
+    if r["name"].startswith("proto_attention"):
+        return f"attention reads only, {e['kv_mb']:.0f} MB of KV: {e['kv_gb_s']:.2f} GB/s"
+    if r["name"].startswith("matvec"):
+        return f"{e['ms_per_step']:.2f} ms/step over {e['weight_mb']:.0f} MB of weights"
     if r["name"] == "prefill":
         return (f"{e['prompt_tokens']} tokens ({e['image_tokens']} image), {e['ms']:.0f} ms, "
                 f"{e['achieved_gflop_s']:.1f} of {e['limit_gflop_s']:.1f} GFLOP/s useful"
@@ -94,17 +104,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recs.extend(new)
 
     probe = None
-    if "bandwidth" in only or "decode" in only:
+    if only & {"bandwidth", "matvec", "prototypes", "decode"}:
         from benchmarks import bandwidth
 
         bw = bandwidth.run(args.quick, size_gb=args.probe_gb)
         out(bw)
         probe = bw[-1]["value"]
-    if "decode" in only:
-        from benchmarks import decode
+    if "matvec" in only:
+        from benchmarks import matvec
 
+        out(matvec.run(probe, args.quick))
+    if "prototypes" in only:
+        from benchmarks import prototypes
+
+        out(prototypes.run(probe, args.quick))
+    if "decode" in only:
+        from benchmarks import decode, prefill
+
+        # The compute side of the decode roofline (matters at batch 8 on a small CPU).
+        peaks = {dt: prefill.matmul_peak(dt, n=1024 if args.quick else 2048, repeats=3) for dt in args.dtypes}
         out(decode.run(probe, args.quick, configs=configs, dtypes=args.dtypes, batches=args.batches,
-                       steps=args.steps))
+                       steps=args.steps, peak_flops=peaks))
     if "prefill" in only:
         from benchmarks import prefill
 
