@@ -7,8 +7,8 @@ real 40 GB download), runs ``python -m cogvlm_jax.cli convert SRC DST`` as a chi
 * ``convert_throughput``: checkpoint MB / child wall time (python start and imports included),
   against a plain copy of the same shards (``shutil.copyfile``: the same bytes read and written, in
   the same page-cache state), which is what a conversion could at best do;
-* ``convert_peak_rss``: the child's peak resident set (``wait4`` rusage ``ru_maxrss``), against the
-  1 GB target; ``import_rss_mb`` in its extras is the peak of a child that only imports the same
+* ``convert_peak_rss``: the child's peak resident set (its ``VmHWM``, polled), against the 1 GB
+  target; ``import_rss_mb`` in its extras is the peak of a child that only imports the same
   modules, i.e. the part of the peak the data is not responsible for.
 
 Everything is written under a temporary directory in /tmp and deleted afterwards.
@@ -112,19 +112,45 @@ def make_hf_checkpoint(out_dir: str, layers: int, shard_bytes: int = 512 * 2**20
     return total
 
 
-def run_child(argv: list[str], log_path: str) -> tuple[float, int, int]:
-    """Run ``argv`` with output to ``log_path``; -> (wall seconds, exit code, peak RSS bytes of that child)."""
+def _vm_hwm(pid: int) -> int | None:
+    """The peak resident set of a live process in bytes (``VmHWM`` of /proc/PID/status), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_child(argv: list[str], log_path: str, poll_s: float = 0.02) -> tuple[float, int, int]:
+    """Run ``argv`` with output to ``log_path``; -> (wall seconds, exit code, peak RSS bytes of that child).
+
+    The peak is the child's own ``VmHWM`` (the high-water mark of its address space, which starts
+    afresh at exec), polled until it exits; it is monotonic, so the last reading is the peak unless
+    the peak came in the last ``poll_s``. Not ``getrusage``: on Linux a child's ``ru_maxrss`` keeps
+    the RSS its parent had when it forked, so a child of a big process (this one, after the decode
+    benchmarks) would report the parent's size.
+    """
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    peak = 0
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in every earlier child).
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            hwm = _vm_hwm(proc.pid)
+            if hwm is not None:
+                peak = max(peak, hwm)
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(poll_s)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, proc.returncode, usage.ru_maxrss * 1024  # Linux reports KiB
+    return wall, proc.returncode, peak
 
 
 def copy_time(src: str, dst: str) -> float:

@@ -202,7 +202,7 @@ def hlo_findings(hlo: str, min_bytes: int = 1 << 16) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for op in ("copy", "dynamic-slice", "dynamic-update-slice", "scatter", "gather", "sort", "convert",
                "transpose", "dot", "while", "fusion"):
-        pat = re.compile(rf"=\s*(\S+)\s+{re.escape(op)}\(")
+        pat = re.compile(rf"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+{re.escape(op)}\(", re.M)  # shape may be a tuple
         sizes = [_shape_bytes(m.group(1)) for m in pat.finditer(hlo)]
         big = [s for s in sizes if s >= min_bytes]
         found[op] = {"count": len(sizes), "big": len(big), "big_bytes": int(sum(big))}
