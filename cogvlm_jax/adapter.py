@@ -40,12 +40,13 @@ class VisionModel(nn.Module):
     cfg: CogVLMConfig
     dtype: Dtype = jnp.float32
     query_chunk: int | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, pixels):
         v = self.cfg.vision
         x = PatchEmbedding(v, self.dtype, name="patch_embedding")(pixels)
-        x = Transformer(v, self.dtype, self.query_chunk, name="transformer")(x)
+        x = Transformer(v, self.dtype, self.query_chunk, self.remat, name="transformer")(x)
         x = x[:, 1:]  # drop cls
         b = x.shape[0]
         if v.downsample:

@@ -39,13 +39,15 @@ class CogVLM(nn.Module):
     config: CogVLMConfig
     dtype: Dtype = jnp.float32
     vit_query_chunk: Optional[int] = None
+    remat: bool = False  # training: recompute each decoder layer / ViT block in the backward pass
 
     def setup(self):
         t = self.config.text
-        self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk)
+        self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk, self.remat)
         self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=jnp.float32,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-        self.layers = [DecoderLayer(t, self.dtype) for _ in range(t.num_layers)]
+        layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        self.layers = [layer(t, self.dtype) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
         self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype)
 

@@ -81,9 +81,11 @@ class Transformer(nn.Module):
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
     query_chunk: Optional[int] = None
+    remat: bool = False  # recompute each block in the backward pass (training memory)
 
     @nn.compact
     def __call__(self, x):
+        block = nn.remat(ViTBlock) if self.remat else ViTBlock
         for i in range(self.cfg.num_layers):
-            x = ViTBlock(self.cfg, self.dtype, self.query_chunk, name=f"layers_{i}")(x)
+            x = block(self.cfg, self.dtype, self.query_chunk, name=f"layers_{i}")(x)
         return x
