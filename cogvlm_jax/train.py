@@ -1,33 +1,72 @@
-"""Training: the loss (DESIGN fact 15) and its gradients.
+"""Training: the loss (DESIGN fact 15), what is trained, AdamW with warmup + cosine, and one jitted step.
 
 The training signal is prompt + answer + eos, labels -100 on the prompt (``preprocess.build_inputs(...,
 answer=...)`` makes them), and the mean next-token cross-entropy over the labelled positions: position
 i's logits predict label i+1.
+
+What is trained (``TrainConfig.trainable``):
+
+* ``full``: every parameter.
+* ``vision-expert``: CogVLM's own recipe: every decoder layer's vision expert (QKV with its bias, the
+  attention output ``vision_expert_dense``, ``vision_mlp``) and the adapter between the ViT and the
+  decoder (CogVLM2's 2x2 conv, the GLU ``linear_proj``, boi/eoi). The ViT and the language model stay.
+* ``lora``: low-rank factors beside the chosen linear layers (``lora.py``); the base stays.
+
+Parameters are split into ``trainable`` (float32 master copies, in the optimizer) and ``frozen`` (in the
+compute dtype, never updated, no optimizer state): a frozen parameter is the same array after any
+number of steps.
+
+One step (:meth:`Trainer.step`, jitted, the state donated) takes a batch laid out as ``[accum, micro, ...]``
+and scans over the ``accum`` micro-batches, summing each one's cross-entropy *sum* divided by the whole
+batch's labelled-token count: the loss and gradient of the whole batch, not a mean of micro-batch means.
+With a mesh, trainable parameters and their optimizer moments carry the parameters' shardings (fsdp and
+tensor, as inference), and each micro-batch is split over the batch axes (``data``, ``fsdp``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Optional
+
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
+from cogvlm_jax import lora as lora_lib
+from cogvlm_jax.checkpoint import flatten_tree, unflatten_tree
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
 
+TRAINABLE = ("full", "vision-expert", "lora")
+BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
-def next_token_loss(logits, labels):
-    """Mean cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]`` over labelled positions.
+
+# =========================================================================== loss
+def next_token_nll(logits, labels):
+    """Summed cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]`` over labelled positions.
 
     logits: float [B, L, V]; labels: int [B, L] with ``IGNORE`` where there is nothing to learn.
-    Returns (loss, number of labelled tokens). The log-softmax is taken in float32.
+    Returns (sum, number of labelled tokens). The log-softmax is taken in float32.
     """
     logits = logits[:, :-1].astype(jnp.float32)
     target = labels[:, 1:]
     keep = target != IGNORE
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, jnp.where(keep, target, 0)[..., None], axis=-1)[..., 0]
-    count = keep.sum()
-    loss = -jnp.where(keep, picked, 0.0).sum() / jnp.maximum(count, 1)
-    return loss, count
+    return -jnp.where(keep, picked, 0.0).sum(), keep.sum()
+
+
+def next_token_loss(logits, labels):
+    """Mean cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]`` over labelled positions.
+
+    Returns (loss, number of labelled tokens); see :func:`next_token_nll`.
+    """
+    total, count = next_token_nll(logits, labels)
+    return total / jnp.maximum(count, 1), count
 
 
 def loss_fn(module: CogVLM, params, batch):
@@ -36,3 +75,368 @@ def loss_fn(module: CogVLM, params, batch):
     logits, _, _ = module.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                                 batch["attention_mask"], batch.get("pixel_values"))
     return next_token_loss(logits, batch["labels"])
+
+
+# =========================================================================== settings
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that changes the numbers of a step (a resumed run must use the same)."""
+
+    trainable: str = "full"             # full | vision-expert | lora
+    learning_rate: float = 1e-4         # peak, reached at the end of warmup
+    warmup_steps: int = 0
+    total_steps: int = 1000             # the cosine reaches end_lr_ratio * learning_rate here
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0           # decoupled (AdamW), on kernels, embeddings and LoRA factors only
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0          # global-norm clipping; 0 disables
+    accum: int = 1                      # micro-batches per step
+    remat: bool = False                 # recompute each decoder layer / ViT block in the backward pass
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
+
+    def __post_init__(self):
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable {self.trainable!r} unknown; expected one of {', '.join(TRAINABLE)}")
+        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got total_steps "
+                             f"{self.total_steps}, warmup_steps {self.warmup_steps}")
+        if self.accum < 1:
+            raise ValueError(f"accum must be >= 1, got {self.accum}")
+        if self.learning_rate <= 0 or not 0 <= self.end_lr_ratio <= 1:
+            raise ValueError(f"need learning_rate > 0 and 0 <= end_lr_ratio <= 1, got {self.learning_rate}, "
+                             f"{self.end_lr_ratio}")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        d = dict(d)
+        d["lora_targets"] = tuple(d.get("lora_targets", lora_lib.DEFAULT_TARGETS))
+        return cls(**d)
+
+
+def lr_schedule(cfg: TrainConfig):
+    """Learning rate of the update with optax count ``t`` (the (t+1)-th step).
+
+    Linear warmup ``lr * (t + 1) / warmup`` for the first ``warmup_steps`` steps (no step with lr 0), then a
+    cosine from ``lr`` after the last warmup step down to ``end_lr_ratio * lr`` at step ``total_steps``.
+    """
+    peak, warm, total = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps
+    end = peak * cfg.end_lr_ratio
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + 1.0  # 1-based step number
+        warmup = peak * step / max(warm, 1)
+        progress = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
+        cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return jnp.where(step <= warm, warmup, cosine)
+    return schedule
+
+
+def _decays(path: tuple) -> bool:
+    return path[-1] in ("kernel", "embedding", lora_lib.A, lora_lib.B)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with :func:`lr_schedule` (decay on matrices, not norms/biases)."""
+    def decay_mask(tree):
+        return unflatten_tree({p: _decays(p) for p in flatten_tree(tree)})
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm > 0 else adamw
+
+
+# =========================================================================== what is trained
+def is_vision_expert(path: tuple) -> bool:
+    """True for the parameters CogVLM trains in its own recipe: the decoder's vision expert + the adapter."""
+    if path[0] == "vision":
+        return path[1] not in ("patch_embedding", "transformer")  # conv, linear_proj (GLU), boi, eoi
+    return any(name.startswith("vision_expert_") or name == "vision_mlp" for name in path)
+
+
+def trainable_mask(params: Mapping, mode: str) -> dict:
+    """Nested dict of bools like ``params``: True where ``mode`` (full | vision-expert) trains the leaf."""
+    if mode not in ("full", "vision-expert"):
+        raise ValueError(f"trainable_mask covers full and vision-expert; {mode!r} has its own parameters")
+    return unflatten_tree({p: mode == "full" or is_vision_expert(p) for p in flatten_tree(params)})
+
+
+def split(tree: Mapping, mask: Mapping) -> tuple[dict, dict]:
+    """(leaves where ``mask`` is True, the others), each a nested dict with only its leaves."""
+    m = flatten_tree(mask)
+    flat = flatten_tree(tree)
+    return (unflatten_tree({p: v for p, v in flat.items() if m[p]}),
+            unflatten_tree({p: v for p, v in flat.items() if not m[p]}))
+
+
+def combine(a: Mapping, b: Mapping) -> dict:
+    """The union of two nested dicts with disjoint leaves (the inverse of :func:`split`)."""
+    flat = flatten_tree(a)
+    for p, v in flatten_tree(b).items():
+        if p in flat:
+            raise ValueError(f"parameter {'/'.join(p)} is in both trees")
+        flat[p] = v
+    return unflatten_tree(flat)
+
+
+# =========================================================================== state and step
+@flax.struct.dataclass
+class TrainState:
+    """What a checkpoint holds: ``step`` (int32, updates done), ``trainable`` (float32 parameters or LoRA
+    factors), ``opt_state`` (optax, only for ``trainable``), ``rng`` (the per-step key: split every step,
+    its subkey given to the model as the ``dropout`` stream)."""
+
+    step: Any
+    trainable: Any
+    opt_state: Any
+    rng: Any
+
+
+_STEPS: dict = {}  # (config, TrainConfig, dtype, mesh, vit_query_chunk) -> jitted step
+
+
+class Trainer:
+    """A model (config + flax module), a :class:`TrainConfig` and optionally a mesh; pure in the state.
+
+    ``init(params, seed)`` -> (state, frozen); ``step(state, frozen, batch)`` -> (state, metrics);
+    ``params(state, frozen)`` -> the full parameter tree (LoRA merged), e.g. for export.
+    """
+
+    def __init__(self, config, train_config: TrainConfig, dtype=jnp.float32, mesh=None, vit_query_chunk=None):
+        self.config = config
+        self.tc = train_config
+        self.dtype = jnp.dtype(dtype)
+        self.mesh = mesh
+        self._key = (config, train_config, self.dtype.name, mesh, vit_query_chunk)
+        self.module = CogVLM(config, self.dtype, vit_query_chunk, remat=train_config.remat)
+        self.optimizer = make_optimizer(train_config)
+        self.schedule = lr_schedule(train_config)
+        self._step = None
+
+    # ------------------------------------------------------------------ forward
+    def _nll(self, trainable, frozen, batch, rng):
+        """(summed cross-entropy, labelled tokens) of one micro-batch."""
+        rngs = {"dropout": rng}
+        args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch.get("pixel_values"))
+        if self.tc.trainable == "lora":
+            with lora_lib.applied(self.tc.lora_scale):
+                logits = self.module.apply({"params": frozen, lora_lib.COLLECTION: trainable}, *args, rngs=rngs)[0]
+        else:
+            logits = self.module.apply({"params": combine(trainable, frozen)}, *args, rngs=rngs)[0]
+        return next_token_nll(logits, batch["labels"])
+
+    def loss_and_grads(self, trainable, frozen, batch, rng=None):
+        """Loss and gradient (w.r.t. ``trainable``) of a whole ``[accum, micro, ...]`` batch: the micro-batches'
+        cross-entropy sums over the batch's labelled-token count. Returns (loss, tokens, grads)."""
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        tokens = (batch["labels"][..., 1:] != IGNORE).sum()
+        denom = jnp.maximum(tokens, 1).astype(jnp.float32)
+        constrain = self._constrain_like_trainable
+
+        def micro(carry, xs):
+            grads, loss = carry
+            i, mb = xs
+            value, g = jax.value_and_grad(lambda t: self._nll(t, frozen, mb, jax.random.fold_in(rng, i))[0] / denom)(
+                trainable)
+            grads = constrain(jax.tree.map(jnp.add, grads, g))
+            return (grads, loss + value), None
+
+        zeros = constrain(jax.tree.map(jnp.zeros_like, trainable))
+        n = batch["labels"].shape[0]
+        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.float32(0.0)), (jnp.arange(n), batch))
+        return loss, tokens, grads
+
+    def _constrain_like_trainable(self, tree):
+        if self.mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, self._trainable_shardings)
+
+    # ------------------------------------------------------------------ state
+    def init(self, params: Mapping, seed: int = 0) -> tuple[TrainState, dict]:
+        """Split ``params`` by the trainable mode (LoRA: new factors from ``seed``), build the optimizer state
+        and place everything on the mesh. Returns (state, frozen)."""
+        rng = jax.random.PRNGKey(seed)
+        if self.tc.trainable == "lora":
+            trainable = lora_lib.init(params, self.tc.lora_targets, self.tc.lora_rank, jax.random.fold_in(rng, 1))
+            frozen = params
+        else:
+            trainable, frozen = split(params, trainable_mask(params, self.tc.trainable))
+        # Casts are elementwise, so sharded inputs stay sharded (no device ever holds a whole model). The
+        # trainable arrays are copied (may_alias=False): the step donates them, and they must not be the caller's.
+        trainable = jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32), trainable)
+        frozen = jax.tree.map(lambda a: jnp.asarray(a).astype(self.dtype), frozen)
+        self._set_shardings(trainable)
+        if self.mesh is None:
+            # committed to the device, like a restored state: the step then compiles once for both
+            device = jax.devices()[0]
+            trainable = jax.device_put(trainable, device, may_alias=False)
+            frozen = jax.device_put(frozen, device)
+            opt_state = jax.jit(self.optimizer.init)(trainable)
+        else:
+            trainable = jax.device_put(trainable, self._trainable_shardings, may_alias=False)
+            frozen = jax.device_put(frozen, self._frozen_shardings(frozen))
+            opt_state = jax.jit(self.optimizer.init, out_shardings=self._opt_shardings(trainable))(trainable)
+        state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=opt_state, rng=rng)
+        return jax.device_put(state, device if self.mesh is None else self.state_shardings(state)), frozen
+
+    def _set_shardings(self, trainable):
+        if self.mesh is None:
+            self._trainable_shardings = None
+            return
+        from cogvlm_jax import axes
+        from cogvlm_jax.model import logical_axes
+        from cogvlm_jax.sharding import param_shardings
+
+        if self.tc.trainable == "lora":
+            names = lora_lib.axes_of(trainable, logical_axes(self.config))
+            self._trainable_shardings = jax.tree.map(
+                lambda a, n: axes.named_sharding(tuple(n), a.shape, self.mesh), trainable, names,
+                is_leaf=lambda x: isinstance(x, tuple))
+        else:
+            every = flatten_tree(param_shardings(self.config, self.mesh))
+            self._trainable_shardings = unflatten_tree({p: every[p] for p in flatten_tree(trainable)})
+
+    def _frozen_shardings(self, frozen):
+        from cogvlm_jax.sharding import param_shardings
+
+        every = flatten_tree(param_shardings(self.config, self.mesh))
+        return unflatten_tree({p: every[p] for p in flatten_tree(frozen)})
+
+    def _opt_shardings(self, trainable):
+        if self.mesh is None:
+            return None
+        from cogvlm_jax.sharding import replicated
+
+        abstract = jax.eval_shape(self.optimizer.init, trainable)
+        return optax.tree_map_params(self.optimizer, lambda _, s: s, abstract, self._trainable_shardings,
+                                     transform_non_params=lambda _: replicated(self.mesh))
+
+    def state_shardings(self, state: TrainState) -> Optional[TrainState]:
+        """A TrainState of NamedShardings (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        from cogvlm_jax.sharding import replicated
+
+        rep = replicated(self.mesh)
+        return TrainState(step=rep, trainable=self._trainable_shardings,
+                          opt_state=self._opt_shardings(state.trainable), rng=rep)
+
+    # ------------------------------------------------------------------ step
+    def place_batch(self, batch: Mapping) -> dict:
+        """A host batch of ``accum * micro`` rows -> device arrays ``[accum, micro, ...]``, each micro-batch
+        split over the mesh's batch axes. ``pixel_values`` None is dropped (a text-only batch)."""
+        a = self.tc.accum
+        out = {}
+        for key, value in batch.items():
+            if value is None:
+                continue
+            value = np.asarray(value)
+            if value.shape[0] % a:
+                raise ValueError(f"batch of {value.shape[0]} rows does not split into accum={a} micro-batches")
+            value = value.reshape(a, value.shape[0] // a, *value.shape[1:])
+            if self.mesh is None:
+                out[key] = jax.device_put(value, jax.devices()[0])
+            else:
+                from cogvlm_jax import axes
+
+                sharding = axes.named_sharding((None, "batch") + (None,) * (value.ndim - 2), value.shape, self.mesh)
+                out[key] = jax.device_put(value, sharding)
+        return out
+
+    def _step_fn(self, state: TrainState, frozen, batch):
+        rng, key = jax.random.split(state.rng)
+        loss, tokens, grads = self.loss_and_grads(state.trainable, frozen, batch, key)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
+                   "lr": self.schedule(state.step)}
+        return TrainState(state.step + 1, trainable, opt_state, rng), metrics
+
+    def step(self, state: TrainState, frozen, batch: Mapping):
+        """One optimizer update on a batch from :meth:`place_batch`. ``state`` is donated (do not reuse it).
+        Returns (new state, metrics: loss, tokens, grad_norm, lr of this step)."""
+        if self._step is None:
+            # Trainers with the same model, settings and mesh share one jitted step (compiled once).
+            if self._key not in _STEPS:
+                out = None if self.mesh is None else (self.state_shardings(state), None)
+                if len(_STEPS) >= 8:
+                    _STEPS.pop(next(iter(_STEPS)))
+                _STEPS[self._key] = jax.jit(self._step_fn, donate_argnums=0, out_shardings=out)
+            self._step = _STEPS[self._key]
+        return self._step(state, frozen, batch)
+
+    def params(self, state: TrainState, frozen) -> dict:
+        """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels)."""
+        if self.tc.trainable == "lora":
+            return lora_lib.merge(frozen, state.trainable, self.tc.lora_scale)
+        return combine(state.trainable, frozen)
+
+
+# =========================================================================== checkpoints of the state
+STATE_DIR = "state"
+
+
+def _state_tree(state: TrainState) -> dict:
+    """The state as nested dicts of arrays (optimizer leaves numbered in their tree order), for Orbax."""
+    leaves = jax.tree.leaves(state.opt_state)
+    return {"step": state.step, "rng": state.rng, "trainable": state.trainable,
+            "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}}
+
+
+def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, overwrite: bool = False) -> str:
+    """Write ``state`` (Orbax, under ``path/state``) and ``meta`` (``path/train.json``) atomically: the
+    directory appears complete or not at all. Returns ``path``."""
+    import orbax.checkpoint as ocp
+
+    from cogvlm_jax.checkpoint import atomic_directory, write_json
+
+    with atomic_directory(path, overwrite) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, STATE_DIR), _state_tree(state))
+            ckptr.wait_until_finished()
+        write_json(os.path.join(tmp, "train.json"), dict(meta or {}, step=int(state.step)))
+    return path
+
+
+def restore_state(path: str, like: TrainState) -> TrainState:
+    """Read a state written by :func:`save_state` into the structure, dtypes and shardings of ``like`` (a
+    state from :meth:`Trainer.init` of the same model and settings, or its ``jax.ShapeDtypeStruct`` s)."""
+    import orbax.checkpoint as ocp
+
+    from cogvlm_jax.checkpoint import CheckpointError
+
+    where = os.path.join(path, STATE_DIR)
+    if not os.path.isdir(where):
+        raise CheckpointError(f"{path} is not a training checkpoint (no {STATE_DIR}/ directory)")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(a):
+        sharding = getattr(a, "sharding", None) or device
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+    target = jax.tree.map(abstract, _state_tree(like))
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(where)
+        stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
+        have = {"/".join(p): tuple(v.shape) for p, v in flatten_tree(stored).items()}
+        want = {"/".join(p): tuple(v.shape) for p, v in flatten_tree(target).items()}
+        if have != want:
+            diff = sorted(set(have) ^ set(want)) + sorted(k for k in set(have) & set(want) if have[k] != want[k])
+            raise CheckpointError(f"training checkpoint {path} does not match this model and these settings "
+                                  f"(trainable / LoRA targets and rank must be the same); differing: "
+                                  + ", ".join(diff[:8]))
+        tree = ckptr.restore(where, target)
+    opt_def = jax.tree.structure(like.opt_state)
+    opt_state = jax.tree.unflatten(opt_def, [tree["opt_state"][k] for k in sorted(tree["opt_state"])])
+    return TrainState(step=tree["step"], trainable=tree["trainable"], opt_state=opt_state, rng=tree["rng"])
