@@ -1,4 +1,4 @@
-"""``cogvlm-jax convert|generate|chat``: bad input is one clear line on stderr and a non-zero exit."""
+"""``cogvlm-jax convert|generate|chat|train|plan|bench``: bad input is one clear line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -86,10 +86,7 @@ def cmd_plan(args) -> int:
     from cogvlm_jax.config import load_config
     from cogvlm_jax.plan import format_plan, plan
 
-    try:
-        data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
-    except ValueError:
-        raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {args.mesh!r}") from None
+    data, fsdp, tensor = _mesh_arg(args.mesh)
     cfg = load_config(args.config)
     context = args.context or cfg.context_length
     p = plan(cfg, data, fsdp, tensor, args.dtype, args.batch, context)
@@ -101,6 +98,81 @@ def cmd_bench(args) -> int:
     from benchmarks.run import main as bench_main
 
     return bench_main(args.bench_args) or 0
+
+
+# cogvlm-jax train: option -> (RunConfig / TrainConfig field, default). Defaults are applied here, so that
+# on --resume only the options actually given are checked against the run's saved settings.
+_TRAIN_OPTIONS = {
+    "data": ("data", None), "model": ("model", None), "tokenizer": ("tokenizer", None),
+    "template": ("template", None), "batch_size": ("batch_size", 8), "seed": ("seed", 0),
+    "dtype": ("dtype", "float32"), "mesh": ("mesh", "1,1,1"),
+    "trainable": ("train.trainable", "full"), "steps": ("train.total_steps", None),
+    "lr": ("train.learning_rate", 1e-4), "warmup": ("train.warmup_steps", 0),
+    "end_lr_ratio": ("train.end_lr_ratio", 0.0), "weight_decay": ("train.weight_decay", 0.0),
+    "max_grad_norm": ("train.max_grad_norm", 1.0), "accum": ("train.accum", 1), "remat": ("train.remat", False),
+    "lora_rank": ("train.lora_rank", 8), "lora_alpha": ("train.lora_alpha", 16.0),
+    "lora_targets": ("train.lora_targets", None),
+}
+
+
+def _mesh_arg(text: str) -> tuple[int, int, int]:
+    try:
+        data, fsdp, tensor = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {text!r}") from None
+    return data, fsdp, tensor
+
+
+def _run_config(args, base=None):
+    """The RunConfig of ``cogvlm-jax train``: ``base`` (a resumed run's) or the defaults, then the options given."""
+    import dataclasses
+    import os
+
+    from cogvlm_jax.finetune import RunConfig
+    from cogvlm_jax.train import TrainConfig
+
+    top, tc = {}, {}
+    for opt, (field, default) in _TRAIN_OPTIONS.items():
+        value = getattr(args, opt)
+        if value is None or value is False:
+            if base is not None:
+                continue
+            value = default
+        if value is None:
+            continue
+        if opt in ("data", "model", "tokenizer"):
+            value = os.path.abspath(value)
+        elif opt == "mesh":
+            value = _mesh_arg(value)
+        elif opt == "lora_targets":
+            value = tuple(t.strip() for t in value.split(",") if t.strip())
+        if field.startswith("train."):
+            tc[field[len("train."):]] = value
+        else:
+            top[field] = value
+    if base is not None:
+        return dataclasses.replace(base, **top, train=dataclasses.replace(base.train, **tc))
+    for need in ("data", "model"):
+        if need not in top:
+            raise ValueError(f"--{need} is required for a new run")
+    if "total_steps" not in tc:  # --epochs: fit() sets the step count once the data is read
+        tc["total_steps"] = max(1, tc.get("warmup_steps", 0))
+    return RunConfig(train=TrainConfig(**tc), **top)
+
+
+def cmd_train(args) -> int:
+    from cogvlm_jax import finetune
+
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    epochs = args.epochs
+    if epochs is None and args.steps is None and not args.resume:
+        epochs = 1.0
+    run = _run_config(args, finetune.read_run(args.out) if args.resume else None)
+    path = finetune.fit(args.out, run, resume=args.resume, epochs=epochs, save_every=args.save_every,
+                        keep=args.keep, progress=not args.quiet)
+    print(path)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--context", type=int, help="KV cache length (default: the model's context)")
     pl.set_defaults(func=cmd_plan)
+
+    t = sub.add_parser("train", help="fine-tune on a JSONL file (full, vision-expert or LoRA), with checkpoints, "
+                                     "--resume and an exported model in OUT/model")
+    t.add_argument("--data", help='JSONL: {"image": path, "query": str, "answer": str, "history": [[q, a], ...]}')
+    t.add_argument("--model", help="checkpoint to start from (HF safetensors or converted)")
+    t.add_argument("--out", required=True, help="run directory: run.json, log.jsonl, checkpoints/, model/")
+    t.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
+    t.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the model's)")
+    t.add_argument("--trainable", choices=("full", "vision-expert", "lora"), help="what to train (default full)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default: --epochs 1)")
+    t.add_argument("--epochs", type=float, help="passes over the data (instead of --steps)")
+    t.add_argument("--batch-size", type=int, help="records per optimizer step (default 8)")
+    t.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation; default 1)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    t.add_argument("--warmup", type=int, help="linear warmup steps (default 0), then cosine decay")
+    t.add_argument("--end-lr-ratio", type=float, help="final learning rate / peak (default 0)")
+    t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
+    t.add_argument("--max-grad-norm", type=float, help="global gradient-norm clip, 0 = off (default 1)")
+    t.add_argument("--lora-rank", type=int, help="LoRA rank (default 8)")
+    t.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha / rank (default 16)")
+    t.add_argument("--lora-targets", help="comma-separated globs over linear-layer paths (default: the decoder's "
+                                          "attention projections, both experts)")
+    t.add_argument("--remat", action="store_true", default=None, help="recompute layers in the backward pass")
+    t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    t.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
+    t.add_argument("--seed", type=int, help="data order and LoRA initialisation (default 0)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype, frozen weights and export (trainable weights stay float32; default float32)")
+    t.add_argument("--mesh", help="DATA,FSDP,TENSOR devices (default 1,1,1)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
 
     bn = sub.add_parser("bench", help="benchmarks against the hardware limit (see benchmarks/run.py --help)")
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -1,0 +1,250 @@
+"""A fine-tuning run in a directory: the loop behind ``cogvlm-jax train``.
+
+The run directory holds::
+
+    run.json                  the settings (data, model, batch size, TrainConfig, seed, dtype, mesh)
+    log.jsonl                 one line per step: step, epoch, loss, tokens, lr, grad_norm, seconds
+    checkpoints/step_NNNNNNNN/ train.json + state/ (Orbax: trainable parameters or LoRA factors, optimizer
+                              state, step, RNG), each written atomically; the newest ``keep`` are kept
+    model/                    the result in Hugging Face format (safetensors + config.json), LoRA merged,
+                              with the tokenizer and generation config copied: ``cogvlm_jax.load`` and
+                              ``cogvlm-jax generate --model`` read it
+
+Resuming (``resume=True``) reads ``run.json``, restores the newest checkpoint and continues: the batch of
+step k is a function of (seed, k) (``data.Batches``), so a resumed run computes exactly what an
+uninterrupted one does, bit for bit (tested). Log lines after the restored step are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+from cogvlm_jax import train
+from cogvlm_jax.checkpoint import CheckpointError, write_json
+
+RUN_FILE = "run.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+EXPORT = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    data: str                                   # the JSONL file
+    model: str                                  # checkpoint to start from (HF or ours)
+    train: train.TrainConfig = train.TrainConfig()
+    batch_size: int = 8                         # records per optimizer step (all micro-batches)
+    tokenizer: Optional[str] = None             # default: beside the model
+    template: Optional[str] = None              # default: the model's
+    seed: int = 0                               # data order (and LoRA initialisation)
+    dtype: str = "float32"                      # compute dtype and the frozen weights'; trainable stay float32
+    mesh: tuple[int, int, int] = (1, 1, 1)      # data, fsdp, tensor
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.batch_size % self.train.accum:
+            raise ValueError(f"batch size {self.batch_size} must be a positive multiple of accum {self.train.accum}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"] = self.train.to_dict()
+        d["mesh"] = list(self.mesh)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RunConfig":
+        d = dict(d)
+        d["train"] = train.TrainConfig.from_dict(d["train"])
+        d["mesh"] = tuple(d["mesh"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- the run directory
+def checkpoint_steps(out: str) -> list[int]:
+    """Steps of the complete checkpoints in ``out`` (ascending)."""
+    root = os.path.join(out, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        if name.startswith("step_") and os.path.isfile(os.path.join(root, name, "train.json")):
+            steps.append(int(name[len("step_"):]))
+    return sorted(steps)
+
+
+def checkpoint_dir(out: str, step: int) -> str:
+    return os.path.join(out, CHECKPOINTS, f"step_{step:08d}")
+
+
+def read_run(out: str) -> RunConfig:
+    path = os.path.join(out, RUN_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{out} holds no training run ({RUN_FILE} missing); start one without --resume")
+    with open(path) as f:
+        return RunConfig.from_dict(json.load(f))
+
+
+def differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """``name: a -> b`` for every setting that differs between two runs."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (those the restored state has done)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+    _write_atomic(path, "".join(kept))
+
+
+def _mesh(shape):
+    if tuple(shape) == (1, 1, 1):
+        return None
+    from cogvlm_jax.axes import make_mesh
+
+    n = math.prod(shape)
+    if n > len(jax.devices()):
+        raise ValueError(f"mesh {','.join(map(str, shape))} needs {n} devices, {len(jax.devices())} available")
+    return make_mesh(*shape, devices=jax.devices()[:n])
+
+
+def _tokenizer_files(run: RunConfig) -> list[str]:
+    """Tokenizer and generation files to ship with the export (from --tokenizer first, then the model)."""
+    from convert.convert_hf import carried_files
+
+    keep = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "generation_config.json")
+    found: dict[str, str] = {}
+    places = [] if run.tokenizer is None else [run.tokenizer if os.path.isdir(run.tokenizer)
+                                               else os.path.dirname(run.tokenizer)]
+    for place in places + [run.model]:
+        for p in carried_files(place):
+            found.setdefault(os.path.basename(p), p)
+    return [p for name, p in found.items() if name in keep]
+
+
+# --------------------------------------------------------------------------- the loop
+def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epochs: Optional[float] = None,
+        save_every: int = 100, keep: int = 3, progress: bool = True, export: bool = True) -> str:
+    """Train ``run`` in the directory ``out`` (or continue the run there with ``resume``) and export it.
+
+    ``epochs``: set ``run.train.total_steps`` to cover that many passes over the data (on resume it must
+    give the run's own step count).
+    Returns the export directory (``out/model``), or ``out`` with ``export=False``.
+    """
+    import cogvlm_jax
+    from cogvlm_jax.api import _find_tokenizer
+    from cogvlm_jax.config import load_config
+    from cogvlm_jax.data import Batches, read_jsonl
+
+    out = os.path.abspath(out)
+    if resume:
+        saved = read_run(out)
+        if run is not None and run != saved:
+            raise ValueError(f"a resumed run keeps the settings in {out}/{RUN_FILE}; these differ: "
+                             + ", ".join(differences(saved, run)))
+        run = saved
+    elif run is None:
+        raise ValueError("fit needs a RunConfig for a new run")
+    elif os.path.exists(os.path.join(out, RUN_FILE)) or checkpoint_steps(out):
+        raise CheckpointError(f"{out} already holds a training run; pass --resume to continue it, or choose "
+                              "another --out")
+    if save_every < 1 or keep < 1:
+        raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
+
+    # The data is read and checked before the (possibly large) model is loaded.
+    config = load_config(run.model)
+    tokenizer = _find_tokenizer(run.tokenizer or run.model)
+    if tokenizer is None:
+        raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; pass --tokenizer")
+    records = read_jsonl(run.data, tokenizer, config, run.template)
+    batches = Batches(records, tokenizer, config, run.batch_size, run.seed, run.template)
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs * batches.steps_per_epoch))
+        if resume and steps != run.train.total_steps:
+            raise ValueError(f"{epochs} epochs are {steps} steps, but the run in {out} was set up for "
+                             f"{run.train.total_steps}; a resumed run keeps its step count")
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, total_steps=steps))
+    if not resume:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, RUN_FILE), run.to_dict())
+
+    mesh = _mesh(run.mesh)
+    params = cogvlm_jax.load(run.model, dtype="float32", mesh=mesh, progress=progress).params
+    trainer = train.Trainer(config, run.train, dtype=run.dtype, mesh=mesh)
+    state, frozen = trainer.init(params, seed=run.seed)
+    del params  # the parameters now live in (state, frozen)
+    done = checkpoint_steps(out)
+    if resume and done:
+        state = train.restore_state(checkpoint_dir(out, done[-1]), state)
+    start, total = int(state.step), run.train.total_steps
+    log_path = os.path.join(out, LOG_FILE)
+    _truncate_log(log_path, start)
+
+    from tqdm import tqdm
+
+    meta = {"run": run.to_dict()}
+    with open(log_path, "a") as log, tqdm(total=total, initial=start, desc="train", unit="step",
+                                          disable=not progress) as bar:
+        host = batches.batch(start) if start < total else None
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            state, metrics = trainer.step(state, frozen, trainer.place_batch(host))
+            host = batches.batch(step + 1) if step + 1 < total else None  # overlaps the device step
+            m = jax.device_get(metrics)
+            entry = {"step": step + 1, "epoch": step // batches.steps_per_epoch, "loss": float(m["loss"]),
+                     "tokens": int(m["tokens"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                     "seconds": round(time.perf_counter() - t0, 4)}
+            if not np.isfinite(entry["loss"]):
+                raise ValueError(f"loss is {entry['loss']} at step {step + 1}; lower --lr or check the data")
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            bar.update()
+            if (step + 1) % save_every == 0 or step + 1 == total:
+                train.save_state(checkpoint_dir(out, step + 1), state, meta, overwrite=True)
+                for old in checkpoint_steps(out)[:-keep]:
+                    shutil.rmtree(checkpoint_dir(out, old), ignore_errors=True)
+    if not export:
+        return out
+    return export_model(trainer, state, frozen, config, os.path.join(out, EXPORT), run.dtype,
+                        _tokenizer_files(run), progress)
+
+
+def export_model(trainer: train.Trainer, state: train.TrainState, frozen: Any, config, out_dir: str,
+                 dtype: str = "float32", extra_files=(), progress: bool = True) -> str:
+    """The full parameters (LoRA merged) as a Hugging Face checkpoint in ``dtype``; atomic, replaces
+    ``out_dir``. Returns ``out_dir``."""
+    from convert.convert_hf import write_hf_checkpoint
+
+    params = jax.device_get(trainer.params(state, frozen))
+    return write_hf_checkpoint(params, config, out_dir, dtype=dtype, overwrite=True, extra_files=extra_files,
+                               progress=progress)
