@@ -1,4 +1,4 @@
-"""``cogvlm-jax convert|generate|chat|train|plan|bench``: bad input is one clear line on stderr and a non-zero exit."""
+"""``cogvlm-jax convert|generate|chat|train|serve|plan|bench``: bad input is one clear line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -175,6 +175,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cogvlm_jax.server import load_engine_and_config, serve
+
+    engine, config = load_engine_and_config(args)
+    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level,
+                 announce=lambda line: print(line, flush=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvlm-jax", description="CogVLM / CogVLM2 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a chat page at /")
+    sv.add_argument("--model", help="checkpoint directory (default: the shipped default model)")
+    sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
+    sv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
+    sv.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    sv.add_argument("--max-length", type=int, help="KV cache tokens per slot: prompt bucket + max_tokens "
+                                                   "(default: the model's context length)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    sv.add_argument("--decode-chunk", type=int, default=4, help="decode steps per device call")
+    sv.add_argument("--default-max-tokens", type=int, default=256, help="when a request sets no max_tokens")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and /")
+    sv.add_argument("--image-root", help="directory file:// image URLs may read from (default: none allowed)")
+    sv.add_argument("--max-image-bytes", type=int, default=20 << 20)
+    sv.add_argument("--drain-seconds", type=float, default=30.0,
+                    help="on SIGTERM, time running requests get to finish")
+    sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks against the hardware limit (see benchmarks/run.py --help)")
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -1,0 +1,440 @@
+"""Continuous batching: many requests share one jitted decode over a fixed number of slots.
+
+prefill -> insert -> generate. A new request is prefilled on its own (its prompt left-padded to the
+bucket ``Model.chat`` uses), and its one-row KV cache is inserted into a free slot of the shared
+``[S, ...]`` cache between two decode chunks. Each chunk runs ``chunk`` decode steps of all S slots on
+device, then the host reads the new tokens once (no host round trip per token). A slot is freed the
+moment its request stops: eos, ``max_tokens``, a stop string, or ``cancel()`` (the client went away).
+Idle slots keep computing (static shapes); their tokens are dropped.
+
+Compiles: one per prefill shape (prompt bucket, with or without an image) and one for the decode
+chunk, whatever the traffic: sampling settings, seeds, slot numbers and limits are traced values.
+
+Sampling: token i of a request is chosen with ``sampling.choose`` and the key
+``fold_in(fold_in(PRNGKey(seed), 0), i)``, the key ``Model.chat(seed=seed)`` uses for the same token,
+so a request's text depends on its own seed and prompt, not on what else is being served.
+
+The engine relies on one fact about the KV cache: every leaf has the batch on axis 0.
+
+Axis legend: S slots, L prompt bucket, T cache length, V vocab, C decode chunk.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cogvlm_jax import kv_cache, sampling
+from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
+from cogvlm_jax.model import CogVLM
+from cogvlm_jax.tokenizer import StreamDecoder
+
+DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
+
+
+class ContextLengthError(InputError):
+    """Prompt plus ``max_tokens`` does not fit the context (or the engine's cache)."""
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+# --------------------------------------------------------------------------------------- requests
+@dataclasses.dataclass
+class Event:
+    """What a request receives: new text, and at the end a finish reason (``stop``, ``length``, ``error``)."""
+
+    text: str = ""
+    finish_reason: Optional[str] = None
+    completion_tokens: int = 0  # tokens generated so far, the eos included
+    error: Optional[str] = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation. ``inputs``: a ``Model.build_inputs`` dict; ``on_event`` is called from the engine thread."""
+
+    inputs: dict
+    max_tokens: int
+    on_event: Callable[[Event], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: Sequence[str] = ()
+    cancelled: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(len(self.inputs["input_ids"]))
+
+    def cancel(self) -> None:
+        """Stop generating (the engine frees the slot before its next decode chunk)."""
+        self.cancelled = True
+
+
+class TextOutput:
+    """Generated ids -> text deltas; holds back text that may be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = tuple(s for s in stop if s)
+        self.held = ""
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """-> (text to emit, whether a stop string was reached: the text ends right before it)."""
+        return self._release(self.held + self.decoder.add(token_id), final=False)
+
+    def flush(self) -> tuple[str, bool]:
+        return self._release(self.held + self.decoder.flush(), final=True)
+
+    def _release(self, text: str, final: bool) -> tuple[str, bool]:
+        self.held = ""
+        if not self.stop:
+            return text, False
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            return text[:min(hits)], True
+        if final:
+            return text, False
+        keep = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if keep:
+            text, self.held = text[:-keep], text[-keep:]
+        return text, False
+
+
+# --------------------------------------------------------------------------------------- device state
+@flax.struct.dataclass
+class Slots:
+    """Everything the decode chunk reads and writes, for all S slots (batch on axis 0 everywhere)."""
+
+    cache: kv_cache.KVCache
+    token: jax.Array  # [S] the last chosen token: the next one fed to the model
+    position: jax.Array  # [S] its position id
+    step: jax.Array  # [S] tokens chosen so far (the index of the next token's key)
+    sampling: sampling.SamplingParams  # [S] per-slot settings; key = fold_in(PRNGKey(seed), 0)
+
+
+def choose_rows(logits, sp: sampling.SamplingParams, steps):
+    """Next token per row [S] with each row's own step [S]; argmax unless some row samples (one compile)."""
+    def draw():
+        def one(row_logits, row_sp, row_step):
+            one_row = jax.tree_util.tree_map(lambda x: x[None], row_sp)
+            return sampling.choose(row_logits[None], one_row, row_step, True)[0]
+
+        return jax.vmap(one)(logits, sp, steps)
+
+    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(jnp.any(sp.temperature > 0), draw, greedy)
+
+
+def _put_row(full, row, slot):
+    """Write the one-row ``row`` [1, ...] into row ``slot`` of ``full`` [S, ...]."""
+    return jax.lax.dynamic_update_index_in_dim(full, row.astype(full.dtype), slot, axis=0)
+
+
+class _Programs:
+    """The jitted functions of one engine: empty slots, prefill+insert (per prompt shape), decode chunk."""
+
+    def __init__(self, module: CogVLM, slots: int, cache_length: int, chunk: int):
+        t = module.config.text
+
+        def new_cache(batch):
+            return kv_cache.init_cache(t.num_layers, batch, cache_length, t.num_kv_heads, t.head_dim, module.dtype)
+
+        def empty():
+            """All-zero slots, made on the host from the traced shapes: nothing to compile."""
+            def abstract():
+                zeros = jnp.zeros((slots,), jnp.int32)
+                sp = sampling.SamplingParams(zeros.astype(jnp.float32), zeros, zeros.astype(jnp.float32),
+                                             jnp.zeros((slots, 2), jnp.uint32))
+                return Slots(cache=new_cache(slots), token=zeros, position=zeros, step=zeros, sampling=sp)
+
+            return jax.tree_util.tree_map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype)),
+                                          jax.eval_shape(abstract))
+
+        @functools.partial(jax.jit, donate_argnames=("state",))
+        def insert(params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
+                   temperature, top_k, top_p, seed):
+            """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``."""
+            logits, next_pos, cache = sampling.prefill(module, params, input_ids, token_type_ids, attention_mask,
+                                                       pixel_values, new_cache(1))
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)  # = SamplingParams.make(1, seed=seed).key[0]
+            sp = sampling.SamplingParams(temperature[None], top_k[None], top_p[None], key[None])
+            first = choose_rows(logits, sp, jnp.zeros((1,), jnp.int32))
+            put = lambda full, row: _put_row(full, row, slot)  # noqa: E731
+            state = Slots(cache=jax.tree_util.tree_map(put, state.cache, cache), token=put(state.token, first),
+                          position=put(state.position, next_pos.astype(jnp.int32)),
+                          step=put(state.step, jnp.ones((1,), jnp.int32)),
+                          sampling=jax.tree_util.tree_map(put, state.sampling, sp))
+            return state, first[0]
+
+        @functools.partial(jax.jit, donate_argnames=("state",))
+        def decode(params, state: Slots, live):
+            """``chunk`` steps of every slot -> (state, tokens [S, C]). ``live`` [S]: slots whose tokens are used
+            (an idle slot never makes the chunk take the sampling branch)."""
+            def body(i, carry):
+                s, out = carry
+                logits, cache = module.apply({"params": params}, s.token, s.position, s.cache,
+                                             method=CogVLM.decode_step)
+                sp = s.sampling.replace(temperature=jnp.where(live, s.sampling.temperature, 0.0))
+                tok = choose_rows(logits, sp, s.step)
+                s = s.replace(cache=cache, token=tok, position=s.position + 1, step=s.step + 1)
+                return s, jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
+
+            return jax.lax.fori_loop(0, chunk, body, (state, jnp.zeros((slots, chunk), jnp.int32)))
+
+        self.empty, self.insert, self.decode = empty, insert, decode
+
+
+# --------------------------------------------------------------------------------------- the engine
+@dataclasses.dataclass
+class _Live:
+    request: Request
+    text: TextOutput
+    generated: int = 0
+
+
+class Engine:
+    """Serve ``model`` (an ``api.Model`` with a tokenizer) to many callers at once from one thread.
+
+    ``slots``: requests decoded together. ``max_length``: KV cache slots per request, prompt bucket
+    plus ``max_tokens`` (default: the model's context length). ``max_queue``: requests that may wait
+    for a slot beyond the free ones; ``submit`` raises ``QueueFullError`` past that.
+    """
+
+    def __init__(self, model, slots: int = 8, max_length: Optional[int] = None, chunk: int = DEFAULT_CHUNK,
+                 max_queue: int = 64):
+        if model.tokenizer is None:
+            raise InputError("serving needs a tokenizer: load the model with tokenizer=PATH")
+        if slots < 1 or chunk < 1 or max_queue < 0:
+            raise ValueError(f"need slots >= 1, chunk >= 1, max_queue >= 0; got {slots}, {chunk}, {max_queue}")
+        self.model = model
+        self.config = model.config
+        self.slots = slots
+        self.chunk = chunk
+        self.max_queue = max_queue
+        self.max_length = int(max_length or self.config.context_length)
+        if self.max_length <= MIN_BUCKET:
+            raise ValueError(f"max_length {self.max_length} leaves no room: prompts take at least {MIN_BUCKET} slots")
+        self.eos = frozenset(self.config.eos_token_ids)
+        self._programs = _Programs(model.module, slots, self.max_length, chunk)
+        self._state: Optional[Slots] = None
+        self._live: list[Optional[_Live]] = [None] * slots
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._accepting = False
+        self._stop = False
+        self.completed = 0  # requests that left their slot (any reason), for /health and tests
+        self.cancelled = 0  # of which cancelled (the client went away)
+        self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled so far: one compile each
+
+    # ------------------------------------------------------------------ admission
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ``ContextLengthError`` if a prompt of ``prompt_tokens`` plus ``max_tokens`` cannot be served."""
+        if max_tokens < 1:
+            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+        ctx = self.config.context_length
+        if prompt_tokens + max_tokens > ctx:
+            raise ContextLengthError(f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the "
+                                     f"model's context length {ctx}")
+        padded = bucket_length(prompt_tokens)
+        if padded + max_tokens > self.max_length:
+            raise ContextLengthError(
+                f"prompt of {prompt_tokens} tokens (padded to {padded}) plus max_tokens {max_tokens} exceeds this "
+                f"server's cache of {self.max_length} tokens per request (--max-length)")
+
+    def room(self, prompt_tokens: int) -> int:
+        """The largest ``max_tokens`` a prompt of this length can have."""
+        return min(self.config.context_length - prompt_tokens, self.max_length - bucket_length(prompt_tokens))
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (checked first); its events arrive through ``request.on_event``."""
+        self.check(request.prompt_tokens, request.max_tokens)
+        if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
+            raise InputError(f"bad sampling settings: temperature {request.temperature}, top_p {request.top_p}, "
+                             f"top_k {request.top_k}")
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            free = sum(s is None for s in self._live)
+            if len(self._waiting) >= free + self.max_queue:
+                raise QueueFullError(f"all {self.slots} slots are busy and {len(self._waiting)} requests are "
+                                     f"waiting (--max-queue {self.max_queue})")
+            self._waiting.append(request)
+            self._cv.notify()
+        return request
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"slots": self.slots, "busy": sum(s is not None for s in self._live),
+                    "waiting": len(self._waiting), "completed": self.completed, "cancelled": self.cancelled,
+                    "max_length": self.max_length}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        """Compile the decode chunk and start the serving thread."""
+        if self._thread is not None:
+            return self
+        self._state = self._programs.empty()
+        self._state, _ = self._programs.decode(self.model.params, self._state, np.zeros(self.slots, bool))
+        self._accepting, self._stop = True, False
+        self._thread = threading.Thread(target=self._run, name="cogvlm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, drain_seconds: float = 0.0) -> None:
+        """Take no new requests; let running and waiting ones finish for up to ``drain_seconds``; cancel the rest."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify()
+        deadline = time.monotonic() + max(drain_seconds, 0.0)
+        while time.monotonic() < deadline and self.stats()["busy"] + self.stats()["waiting"]:
+            time.sleep(0.01)
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ------------------------------------------------------------------ synchronous helpers
+    def stream(self, inputs: dict, max_tokens: int, **sampling_kw) -> Iterator[Event]:
+        """Submit and yield the events in this thread (tests, benchmarks); cancels if the caller stops early."""
+        import queue
+
+        q: queue.Queue = queue.Queue()
+        req = self.submit(Request(inputs, max_tokens, q.put, **sampling_kw))
+        try:
+            while True:
+                ev = q.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            req.cancel()
+
+    def complete(self, inputs: dict, max_tokens: int, **sampling_kw) -> tuple[str, Event]:
+        """-> (the whole text, the last event)."""
+        parts = []
+        for ev in self.stream(inputs, max_tokens, **sampling_kw):
+            parts.append(ev.text)
+        return "".join(parts), ev
+
+    # ------------------------------------------------------------------ the serving thread
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and all(s is None for s in self._live):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                admit = []
+                for s in range(self.slots):
+                    if self._live[s] is None:
+                        while self._waiting and self._waiting[0].cancelled:
+                            self._waiting.popleft()
+                        if not self._waiting:
+                            break
+                        admit.append((s, self._waiting.popleft()))
+                        self._live[s] = _Live(admit[-1][1], TextOutput(self.model.tokenizer, admit[-1][1].stop))
+            try:
+                for s, req in admit:
+                    self._insert(s, req)
+                self._free_cancelled()
+                if any(x is not None for x in self._live):
+                    self._decode()
+            except Exception as e:  # a device failure: fail what is running, start again from empty slots
+                self._fail_all(f"{type(e).__name__}: {e}")
+        self._fail_all("the server shut down before this request finished")
+
+    def _insert(self, slot: int, req: Request) -> None:
+        x = req.inputs
+        n = len(x["input_ids"])
+        pad = bucket_length(n) - n
+        pad_ids = np.pad(np.asarray(x["input_ids"], np.int32), (pad, 0), constant_values=self.config.pad_token_id)
+        tt = np.pad(np.asarray(x["token_type_ids"], np.int32), (pad, 0))
+        am = np.pad(np.asarray(x["attention_mask"], np.int32), (pad, 0))
+        pv = None if x.get("pixel_values") is None else np.asarray(x["pixel_values"], np.float32)[None]
+        self.prefill_shapes.add((n + pad, pv is not None))
+        self._state, first = self._programs.insert(
+            self.model.params, self._state, pad_ids[None], tt[None], am[None], pv, np.int32(slot),
+            np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
+        self._take(slot, [int(first)])
+
+    def _decode(self) -> None:
+        live = np.array([x is not None for x in self._live])
+        self._state, out = self._programs.decode(self.model.params, self._state, live)
+        out = np.asarray(out)
+        for s in np.flatnonzero(live):
+            self._take(int(s), out[s].tolist())
+
+    def _take(self, slot: int, tokens: list[int]) -> None:
+        """Hand a slot's new tokens to its request; free the slot when the request stops."""
+        live = self._live[slot]
+        req = live.request
+        text, finish, hit = [], None, False
+        for tok in tokens:
+            live.generated += 1
+            if tok in self.eos:
+                finish = "stop"
+                break
+            piece, hit = live.text.add(tok)
+            text.append(piece)
+            if hit:
+                finish = "stop"
+                break
+            if live.generated >= req.max_tokens:
+                finish = "length"
+                break
+        if finish is not None:
+            if not hit:  # what the decoder and the stop check still hold; text after a stop string is dropped
+                tail, hit = live.text.flush()
+                text.append(tail)
+                finish = "stop" if hit else finish
+            self._free(slot)
+        if not req.cancelled:
+            req.on_event(Event("".join(text), finish, live.generated))
+
+    def _free(self, slot: int, cancelled: bool = False) -> None:
+        with self._cv:
+            self._live[slot] = None
+            self.completed += 1
+            self.cancelled += cancelled
+
+    def _free_cancelled(self) -> None:
+        for s, live in enumerate(self._live):
+            if live is not None and live.request.cancelled:
+                self._free(s, cancelled=True)
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            pending = [x.request for x in self._live if x is not None] + list(self._waiting)
+            self._live = [None] * self.slots
+            self._waiting.clear()
+        for req in pending:
+            if not req.cancelled:
+                req.on_event(Event("", "error", 0, message))
+        if not self._stop:
+            self._state = self._programs.empty()
