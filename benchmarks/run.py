@@ -8,7 +8,9 @@
 decode fixes, patched in-process) are the experiments behind the decode findings. Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
 ``fraction_of_limit`` compares with a limit measured on the same machine in the same run: the
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
-for the converter. Decode needs the bandwidth probe, so it is run (and printed) whenever decode is.
+for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
+compares with one stream on a one-slot server (``speedup_vs_one_stream``). Decode needs the
+bandwidth probe, so it is run (and printed) whenever decode is.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Optional, Sequence
 
 from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 
-BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter")
-DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter")  # prototypes: on request (minutes)
+BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving")
+DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")  # prototypes: on request (minutes)
 
 
 def _csv(kind, choices=None):
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_csv(str, ("float32", "bfloat16")), default=["float32", "bfloat16"])
     p.add_argument("--batches", type=_csv(int), default=[1, 8], help="decode batch sizes")
     p.add_argument("--steps", type=int, help="decode steps timed per repetition (default: by size)")
+    p.add_argument("--streams", type=_csv(int), default=[1, 4, 16],
+                   help="serving: concurrent streams (the server gets as many slots as the most)")
     p.add_argument("--probe-gb", type=float, help="bandwidth probe array size (default 1 GB, 0.25 with --quick)")
     p.add_argument("--no-table", action="store_true", help="JSON lines only")
     return p
@@ -73,6 +77,10 @@ def _notes(r: dict) -> str:
                 f"plain copy {e['limit_mb_s']:.0f} MB/s")
     if r["name"] == "convert_peak_rss":
         return f"limit {e['limit_mb']:.0f} MB; imports alone {e['import_rss_mb']:.0f} MB"
+    if r["name"] == "serving":
+        return (f"{e['slots']} slots, {e['requests']} requests of {e['prompt_tokens']} prompt + {e['max_tokens']} "
+                f"new tokens; TTFT p50 {e['ttft_p50_ms']:.0f} ms, p95 {e['ttft_p95_ms']:.0f} ms; "
+                f"{e['speedup_vs_one_stream']:.2f}x one stream")
     if r["name"].startswith("bandwidth"):
         return f"{e['array_gb']:.2f} GB array" + (f", best kernel {e['kernel']}" if "kernel" in e else "")
     if r["name"] == "matmul_peak":
@@ -134,6 +142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from benchmarks import converter
 
         out(converter.run(args.quick))
+    if "serving" in only:
+        from benchmarks import serving
+
+        serve_config = "mid" if "mid" in configs else configs[0]
+        out(serving.run(args.quick, config_name=serve_config, dtype=args.dtypes[0], streams=args.streams))
     if not args.no_table:
         info["loadavg_1m_end"] = machine().get("loadavg_1m")
         print()

@@ -130,16 +130,21 @@ class Slots:
 
 
 def choose_rows(logits, sp: sampling.SamplingParams, steps):
-    """Next token per row [S] with each row's own step [S]; argmax unless some row samples (one compile)."""
-    def draw():
-        def one(row_logits, row_sp, row_step):
-            one_row = jax.tree_util.tree_map(lambda x: x[None], row_sp)
-            return sampling.choose(row_logits[None], one_row, row_step, True)[0]
+    """Next token per row [S], each row with its own settings and step [S] (one compile for any mix).
 
-        return jax.vmap(one)(logits, sp, steps)
+    Rows are visited one at a time and only a sampling row (temperature > 0) pays for the top-k/top-p
+    filter over the vocabulary: a full-vocabulary sort per row and step, which an idle or greedy slot
+    should not cost. Each row's draw is ``sampling.choose`` on that row alone, as in ``Model.chat``.
+    """
+    def one(row):
+        row_logits, row_sp, row_step = row
+        one_row = jax.tree_util.tree_map(lambda x: x[None], row_sp)
+        draw = lambda: sampling.choose(row_logits[None], one_row, row_step, True)[0]  # noqa: E731
+        greedy = lambda: jnp.argmax(row_logits).astype(jnp.int32)  # noqa: E731
+        return jax.lax.cond(row_sp.temperature > 0, draw, greedy)
 
-    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
-    return jax.lax.cond(jnp.any(sp.temperature > 0), draw, greedy)
+    return jax.lax.cond(jnp.any(sp.temperature > 0), lambda: jax.lax.map(one, (logits, sp, steps)),
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 def _put_row(full, row, slot):

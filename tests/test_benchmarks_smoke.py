@@ -31,3 +31,20 @@ def test_quick_decode_on_a_tiny_config(capsys):
     # A bigger batch reads a bigger KV cache but the same weights.
     assert decode[1]["extra"]["kv_bytes"] == 2 * decode[0]["extra"]["kv_bytes"]
     assert decode[1]["extra"]["weight_bytes"] == decode[0]["extra"]["weight_bytes"]
+
+
+def test_quick_serving_on_a_tiny_config(capsys):
+    """The serving benchmark through a real HTTP server: the 1-slot one-stream baseline, then 2 streams on 2 slots."""
+    from benchmarks.run import main
+
+    assert main(["--quick", "--only", "serving", "--configs", "tiny-cogvlm1", "--dtypes", "float32",
+                 "--streams", "2", "--no-table"]) == 0
+    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert [(r["name"], r["batch"], r["extra"]["slots"]) for r in recs] == [("serving", 1, 1), ("serving", 2, 2)]
+    base = recs[0]["value"]
+    for r in recs:
+        assert all(k in r for k in REQUIRED) and r["unit"] == "tok/s" and r["value"] > 0, r
+        e = r["extra"]
+        assert e["requests"] == r["batch"] and e["max_tokens"] == 16  # quick: one request of 16 tokens per stream
+        assert 0 < e["ttft_p50_ms"] <= e["ttft_p95_ms"] < 1e3 * e["wall_s"]
+        assert abs(e["speedup_vs_one_stream"] - r["value"] / base) < 1e-3 * e["speedup_vs_one_stream"] + 1e-3

@@ -1,0 +1,162 @@
+"""Serving throughput and time to first token through the whole stack: HTTP, engine, model.
+
+A ``cogvlm-jax serve`` server (in this process, on 127.0.0.1) holds the model with random weights; C
+client threads each stream ``per_stream`` chat completions back to back (a closed loop), every one with
+an image and ``max_tokens`` new tokens, greedy. Measured per C: aggregate completion tokens per second
+(the sum of every request's ``usage.completion_tokens`` over the wall time of the whole run) and the
+p50/p95 time from sending a request to its first streamed text (TTFT; it includes the wait for a slot
+and for the prefills of the requests admitted before it).
+
+The C streams share a server of ``slots`` slots (the most C); the one-stream baseline that the
+speedup is taken against runs on a 1-slot server, so it pays for no idle slot. The model never stops
+early: its eos is set to an id no token has, so every request generates exactly ``max_tokens``.
+
+Axis legend: C concurrent streams, S slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import io
+import json
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from benchmarks.common import FIXTURES, load_bench_config, record
+from benchmarks.decode import NEVER_EOS, make_params
+
+# The tokenizer the prompts are written with: the mid config is CogVLM2-style, like this one.
+TOKENIZERS = {"mid": "cogvlm2", "tiny-cogvlm1": "cogvlm1", "tiny-cogvlm2": "cogvlm2"}
+
+
+def _image_data_url(size: int, seed: int) -> str:
+    import base64
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclasses.dataclass
+class Result:
+    ttft_s: float
+    completion_tokens: int
+
+
+def stream_once(port: int, body: dict) -> Result:
+    """One streamed chat completion over a fresh connection; TTFT is the first chunk with text."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"server answered {resp.status}: {resp.read()[:300]!r}")
+        ttft, tokens = None, None
+        for raw in resp:
+            if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(raw[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+        if ttft is None or tokens is None:
+            raise RuntimeError("the stream ended without text or usage")
+        return Result(ttft, tokens)
+    finally:
+        conn.close()
+
+
+def closed_loop(port: int, streams: int, per_stream: int, bodies: list[dict]) -> tuple[float, list[Result]]:
+    """``streams`` threads, each sending ``per_stream`` requests one after the other -> (wall s, results)."""
+    results: list[Result] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(i: int):
+        try:
+            for j in range(per_stream):
+                r = stream_once(port, bodies[(i * per_stream + j) % len(bodies)])
+                with lock:
+                    results.append(r)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=1800)
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return wall, results
+
+
+def _server(model, slots: int, max_length: int):
+    from cogvlm_jax.engine import Engine
+    from cogvlm_jax.server import BackgroundServer, ServerConfig
+
+    engine = Engine(model, slots=slots, max_length=max_length, max_queue=256)
+    return BackgroundServer(engine, ServerConfig("bench")).start()
+
+
+def run(quick: bool = False, config_name: str = "mid", dtype: str = "float32", streams=(1, 4, 16),
+        max_tokens: Optional[int] = None, per_stream: Optional[int] = None) -> list[dict]:
+    """One record per concurrency (on a server of max(streams) slots) plus the 1-slot one-stream baseline."""
+    from cogvlm_jax.api import Model, bucket_length
+    from cogvlm_jax.tokenizer import load_tokenizer
+
+    max_tokens = max_tokens or (16 if quick else 64)
+    per_stream = per_stream or (1 if quick else 2)
+    config = dataclasses.replace(load_bench_config(config_name), eos_token_ids=(NEVER_EOS,))
+    tokenizer = load_tokenizer(f"{FIXTURES}/{TOKENIZERS[config_name]}/tokenizer")
+    model = Model(config, make_params(config, dtype), tokenizer, dtype)
+    slots = max(streams)
+    n_bodies = max(streams) * per_stream
+    bodies = [{"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _image_data_url(config.vision.image_size, k)}},
+        {"type": "text", "text": f"Describe picture {k} in detail, please."}]}],
+        "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        for k in range(n_bodies)]
+    from PIL import Image
+
+    blank = Image.new("RGB", (config.vision.image_size,) * 2)
+    prompt_tokens = max(len(model.build_inputs(b["messages"][0]["content"][1]["text"], image=blank)["input_ids"])
+                        for b in bodies)
+    max_length = bucket_length(prompt_tokens) + max_tokens
+
+    recs = []
+    runs = [(1, (1,))] + ([(slots, tuple(streams))] if slots > 1 else [])
+    baseline = None
+    for n_slots, concurrencies in runs:
+        srv = _server(model, n_slots, max_length)
+        port = int(srv.url.rsplit(":", 1)[1])
+        try:
+            stream_once(port, bodies[0])  # compile this prompt shape's prefill (the decode step compiled at start)
+            for c in concurrencies:
+                wall, results = closed_loop(port, c, per_stream, bodies)
+                tokens = sum(r.completion_tokens for r in results)
+                if tokens != len(results) * max_tokens:
+                    raise RuntimeError(f"{tokens} tokens generated, expected {len(results)} x {max_tokens}")
+                tok_s = tokens / wall
+                baseline = tok_s if n_slots == 1 else baseline
+                ttft = np.array([r.ttft_s for r in results]) * 1e3
+                recs.append(record(
+                    "serving", tok_s, "tok/s", config=config_name, dtype=dtype, batch=c, slots=n_slots,
+                    requests=len(results), max_tokens=max_tokens, prompt_tokens=prompt_tokens,
+                    ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p95_ms=float(np.percentile(ttft, 95)),
+                    wall_s=wall, speedup_vs_one_stream=tok_s / baseline))
+        finally:
+            srv.stop()
+    return recs
