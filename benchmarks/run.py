@@ -4,8 +4,8 @@
     python -m benchmarks.run --quick               # smaller sizes
     python -m benchmarks.run --only decode --tiny  # the tiny fixture configs only
 
-``matvec`` (one-row matmul variants, float32 and bfloat16 weights) and ``prototypes`` (the proposed
-decode fixes, patched in-process) are the experiments behind the decode findings. Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
+``matvec`` (one-row matmul variants, float32 and bfloat16 weights) and ``prototypes`` (layout
+alternatives, patched in-process) are the experiments behind the layout choices. Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
 ``fraction_of_limit`` compares with a limit measured on the same machine in the same run: the
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
 for the converter. Decode needs the bandwidth probe, so it is run (and printed) whenever decode is.
@@ -57,8 +57,8 @@ def _notes(r: dict) -> str:
                 f"(KV {e['kv_bytes'] / 1e6:.1f} MB, T={e['cache_length']}), {e['achieved_gb_s']:.2f} GB/s "
                 f"= {e['bandwidth_fraction']:.0%} of the probe; {e['bound']} bound"
                 + (" (fits in the CPU cache: not a DRAM roofline)" if e.get("cache_resident") else ""))
-    if r["name"].startswith("proto_decode"):
-        return f"{e['ms_per_step']:.2f} ms/step, {e['achieved_gb_s']:.2f} GB/s"
+    if r["name"].startswith("proto_vit"):
+        return f"image encoder (ViT + adapter), {e['image_tokens']} image tokens"
     if r["name"].startswith("proto_attention"):
         return f"attention reads only, {e['kv_mb']:.0f} MB of KV: {e['kv_gb_s']:.2f} GB/s"
     if r["name"].startswith("matvec"):

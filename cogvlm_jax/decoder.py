@@ -38,9 +38,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         f, d = self.cfg.intermediate_size, self.cfg.hidden_size
-        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj")(x)
-        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="up_proj")(x)
-        return Dense(d, ("mlp", "embed"), dtype=self.dtype, name="down_proj")(nn.silu(gate) * up)
+        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="gate_proj")(x)
+        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="up_proj")(x)
+        return Dense(d, ("mlp", "embed"), dtype=self.dtype, out_in=True, name="down_proj")(nn.silu(gate) * up)
 
 
 class VisionExpertMLP(nn.Module):
@@ -70,12 +70,13 @@ class VisionExpertAttention(nn.Module):
         c = self.cfg
         b, n, _ = x.shape
         h, kh, e = c.num_heads, c.num_kv_heads, c.head_dim
-        language_qkv = Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, name="language_expert_query_key_value")
+        language_qkv = Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True,
+                             name="language_expert_query_key_value")
         if vision_mask is None:
             qkv = language_qkv(x)
         else:
             vision_qkv = Dense(c.qkv_size, ("embed", "qkv"), use_bias=c.vision_qkv_bias, dtype=self.dtype,
-                               name="vision_expert_query_key_value")
+                               out_in=True, name="vision_expert_query_key_value")
             qkv = _route(vision_mask, vision_qkv, language_qkv, x)
         q, k, v = split_sizes(qkv, (h * e, kh * e, kh * e))
         q = apply_rope(q.reshape(b, n, h, e), positions, c.rope_theta)
@@ -86,10 +87,12 @@ class VisionExpertAttention(nn.Module):
             if attend_cache:
                 k, v = kv
         o = attend(q, k, v, mask).reshape(b, n, h * e)
-        language_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, name="language_expert_dense")
+        language_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
+                               name="language_expert_dense")
         if vision_mask is None:
             return language_dense(o), kv
-        vision_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, name="vision_expert_dense")
+        vision_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
+                             name="vision_expert_dense")
         return _route(vision_mask, vision_dense, language_dense, o), kv
 
 

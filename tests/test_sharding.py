@@ -63,11 +63,12 @@ def test_rules_table_for_published_cogvlm2():
     }
     for path, spec in expected.items():
         assert sh[path[0]][path[1]].spec == spec, path
-    assert layer["self_attn"]["language_expert_query_key_value"]["kernel"].spec == P("fsdp", "tensor")
+    # Decoder linears are stored [out, in] (PyTorch's layout): their specs read out-axis first.
+    assert layer["self_attn"]["language_expert_query_key_value"]["kernel"].spec == P("tensor", "fsdp")
     assert layer["self_attn"]["vision_expert_query_key_value"]["bias"].spec == P("tensor")
-    assert layer["self_attn"]["language_expert_dense"]["kernel"].spec == P("tensor", "fsdp")
-    assert layer["mlp"]["vision_mlp"]["down_proj"]["kernel"].spec == P("tensor", "fsdp")
-    assert layer["mlp"]["language_mlp"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")
+    assert layer["self_attn"]["language_expert_dense"]["kernel"].spec == P("fsdp", "tensor")
+    assert layer["mlp"]["vision_mlp"]["down_proj"]["kernel"].spec == P("fsdp", "tensor")
+    assert layer["mlp"]["language_mlp"]["up_proj"]["kernel"].spec == P("tensor", "fsdp")
     vit = sh["vision"]["transformer"]["layers_0"]
     assert vit["attention"]["query_key_value"]["kernel"].spec == P("fsdp", "tensor")
     assert vit["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
