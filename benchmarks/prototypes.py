@@ -7,24 +7,20 @@ re-implements a piece inside this process only).
   runs. Implemented by swapping the ``Dense`` that ``cogvlm_jax.vision`` and ``cogvlm_jax.adapter``
   use for ``Dense(out_in=True)``. Measured equal within noise (float32 68 vs 72 ms, bfloat16 100 vs
   98 ms on the 2-core VM), so they stay ``[in, out]``.
-* ``attention``: one decode step's attention reads over a long KV cache, for 8 layers, in the current
-  cache layout ``[B, T, K, E]`` (through ``cogvlm_jax.attention.attend``, as the model does) and in
-  a heads-major layout ``[B, K, T, E]`` whose einsums read the cache without transposing it.
 
-Axis legend: B batch, T cache length, K kv heads, G query heads per kv head, E head dim, D in, F out.
+The earlier prototypes (decoder kernels ``[out, in]``, a heads-major KV cache) are in the model now;
+``decode_long`` in ``benchmarks.decode`` measures the cache read directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.common import best_time, record
+from benchmarks.common import record
 
 _VIT_MODULES = ("cogvlm_jax.vision", "cogvlm_jax.adapter")
 
@@ -91,48 +87,5 @@ def vit_kernel_layouts(quick: bool = False, dtypes=("float32", "bfloat16"), roun
     return recs
 
 
-# --------------------------------------------------------------------------- attention over the cache
-def _attend_heads_major(q, k, v, mask):
-    """One query position against a heads-major cache: q [B, 1, H, E]; k, v [B, K, T, E]; mask [B, 1, T]."""
-    b, _, h, e = q.shape
-    kh = k.shape[1]
-    qg = q.reshape(b, kh, h // kh, e)
-    s = jnp.einsum("bkge,bkte->bkgt", qg, k, precision=jax.lax.Precision.HIGHEST) / math.sqrt(e)
-    s = jnp.where(mask[:, 0][:, None, None, :], s, -1e30)
-    o = jnp.einsum("bkgt,bkte->bkge", jax.nn.softmax(s, axis=-1), v, precision=jax.lax.Precision.HIGHEST)
-    return o.reshape(b, 1, h, e)
-
-
-def attention_layouts(quick: bool = False, cache_length: int = 4096, batch: int = 1, layers: int = 8,
-                      heads: int = 16, kv_heads: int = 4, head_dim: int = 64, steps: int = 16) -> list[dict]:
-    """ms per decode step of the attention reads alone (``layers`` layers, no cache write), float32:
-    the current ``[B, T, K, E]`` cache through ``cogvlm_jax.attention.attend`` vs a ``[B, K, T, E]`` one."""
-    from cogvlm_jax.attention import attend
-
-    recs = []
-    t = 1024 if quick else cache_length
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((batch, 1, heads, head_dim), np.float32))
-    mask = jnp.ones((batch, 1, t), bool)
-    kv_bytes = 2 * layers * batch * t * kv_heads * head_dim * 4
-    for layout, fn, shape in (("current", attend, (batch, t, kv_heads, head_dim)),
-                              ("heads_major", _attend_heads_major, (batch, kv_heads, t, head_dim))):
-        ks = [jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2 * layers)]
-
-        @jax.jit
-        def loop(q, ks):
-            def body(_, x):  # each step's query depends on the last: nothing can be hoisted
-                for i in range(layers):
-                    x = x + 1e-3 * fn(x, ks[2 * i], ks[2 * i + 1], mask)
-                return x
-            return jax.lax.fori_loop(0, steps, body, q)
-
-        jax.block_until_ready(loop(q, ks))
-        secs = best_time(lambda: jax.block_until_ready(loop(q, ks)), 2 if quick else 5) / steps
-        recs.append(record(f"proto_attention_{layout}", secs * 1e3, "ms/step", config=f"{layers}L T={t}",
-                           dtype="float32", batch=batch, kv_mb=kv_bytes / 1e6, kv_gb_s=kv_bytes / secs / 1e9))
-    return recs
-
-
 def run(probe_gb_s: float, quick: bool = False) -> list[dict]:
-    return vit_kernel_layouts(quick) + attention_layouts(quick)
+    return vit_kernel_layouts(quick)

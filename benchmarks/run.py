@@ -54,13 +54,11 @@ def _notes(r: dict) -> str:
     e = r.get("extra", {})
     if r["name"].startswith("decode"):
         return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step "
-                f"(KV {e['kv_bytes'] / 1e6:.1f} MB, T={e['cache_length']}), {e['achieved_gb_s']:.2f} GB/s "
+                f"(KV {e['kv_bytes'] / 1e6:.1f} MB: {e['cache_slots_read']:.0f} of T={e['cache_length']} slots), {e['achieved_gb_s']:.2f} GB/s "
                 f"= {e['bandwidth_fraction']:.0%} of the probe; {e['bound']} bound"
                 + (" (fits in the CPU cache: not a DRAM roofline)" if e.get("cache_resident") else ""))
     if r["name"].startswith("proto_vit"):
         return f"image encoder (ViT + adapter), {e['image_tokens']} image tokens"
-    if r["name"].startswith("proto_attention"):
-        return f"attention reads only, {e['kv_mb']:.0f} MB of KV: {e['kv_gb_s']:.2f} GB/s"
     if r["name"].startswith("matvec"):
         return f"{e['ms_per_step']:.2f} ms/step over {e['weight_mb']:.0f} MB of weights"
     if r["name"] == "prefill":

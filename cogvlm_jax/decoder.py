@@ -15,8 +15,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cogvlm_jax import kv_cache
-from cogvlm_jax.attention import attend
+from cogvlm_jax import attention, kv_cache
 from cogvlm_jax.config import TextConfig
 from cogvlm_jax.layers import Dense, RMSNorm, apply_rope, split_sizes
 
@@ -64,8 +63,9 @@ class VisionExpertAttention(nn.Module):
         """x [B, L, D]; positions [B, L]; mask [B, L, L] (prefill) or [B, 1, T] (decode).
 
         kv: this layer's (k, v) cache buffers or None; the new keys/values are written at
-        ``write_index`` [B]. With ``attend_cache`` the queries read the whole cache (decode), else only
-        the fresh keys (prefill). Returns (output [B, L, D], updated (k, v) or None).
+        ``write_index`` [B]. With ``attend_cache`` the queries read the cache (decode: only its filled
+        part, up to the largest write index, see ``attention.attend_cache``), else only the fresh keys
+        (prefill). Returns (output [B, L, D], updated (k, v) or None).
         """
         c = self.cfg
         b, n, _ = x.shape
@@ -84,9 +84,12 @@ class VisionExpertAttention(nn.Module):
         v = v.reshape(b, n, kh, e)
         if kv is not None:
             kv = (kv_cache.write(kv[0], k, write_index), kv_cache.write(kv[1], v, write_index))
-            if attend_cache:
-                k, v = kv
-        o = attend(q, k, v, mask).reshape(b, n, h * e)
+        if attend_cache:  # the queries read the filled part of the (heads-major) cache
+            o = attention.attend_cache(q, kv[0], kv[1], mask, jnp.max(write_index) + n,
+                                       chunk=attention.CACHE_CHUNK)
+        else:
+            o = attention.attend(q, k, v, mask)
+        o = o.reshape(b, n, h * e)
         language_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
                                name="language_expert_dense")
         if vision_mask is None:

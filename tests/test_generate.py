@@ -80,6 +80,24 @@ def test_decode_reads_only_the_language_expert(f32_models):
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), case["arrays"]["generated_ids"])
 
 
+def test_decode_reading_the_cache_in_blocks_keeps_ids_and_logits(f32_models, monkeypatch):
+    """Decode attention walks the cache in blocks up to its filled part (``attention.attend_cache``); with
+    7-slot blocks (several per cache, the last one shifted back to end at T since 7 does not divide the
+    cache lengths, which are multiples of 16) the fixtures' ids and logits hold."""
+    from cogvlm_jax import attention
+
+    monkeypatch.setattr(attention, "CACHE_CHUNK", 7)
+    base = f32_models["cogvlm2"]
+    model = cogvlm_jax.Model(base.config, base.params, dtype="float32")  # a fresh jit traces with 7
+    for case in _gen_cases("cogvlm2"):
+        a = case["arrays"]
+        state = model.generate_state(*_single(case), max_new_tokens=case["max_new_tokens"], collect_logits=True)
+        assert state.cache.length > 2 * 7 and state.cache.length % 7
+        np.testing.assert_array_equal(np.asarray(state.tokens[0]), a["generated_ids"], err_msg=case["name"])
+        chosen = np.asarray(state.chosen_logits[0])[:, a["logits_columns"]]
+        assert float(np.abs(chosen - a["generated_logits"]).max()) <= TOL
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(f32_models):
     model = f32_models["cogvlm1"]
     case = _gen_cases("cogvlm1")[0]
