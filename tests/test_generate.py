@@ -128,6 +128,43 @@ def test_top_p_keeps_smallest_set_reaching_p(seed):
     assert (topk.sum(-1) == 7).all()
 
 
+def _reference_keep(logits, top_k, top_p):
+    """Top-k then top-p by a full stable sort in float64 (the definition ``filter_logits`` must meet)."""
+    order = np.argsort(-logits, kind="stable")
+    rank = np.arange(logits.size)
+    keep = (top_k <= 0) | (rank < top_k)
+    ranked = logits[order].astype(np.float64)
+    probs = np.where(keep, np.exp(ranked - ranked[0]), 0.0)
+    probs /= probs.sum()
+    keep &= (top_p >= 1.0) | (np.cumsum(probs) - probs < top_p)
+    out = np.zeros(logits.size, bool)
+    out[order] = keep
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 8.0], ids=["flat", "peaked", "very-peaked"])
+def test_top_k_candidates_give_the_full_sort_answer(scale):
+    """``filter_logits`` pre-selects 32 candidates with ``lax.top_k`` (the vocabulary here is 300) and
+    sorts the whole row only when a row's cut may fall outside them: every setting (top-k off, inside,
+    beyond the candidates, beyond the vocabulary; top-p off or on; a flat distribution whose top-p set is
+    larger than the candidates) keeps exactly the reference's set, with rows of different settings mixed."""
+    rng = np.random.default_rng(int(scale * 10))
+    settings = [(k, p) for k in (0, 1, 7, 32, 40, 300, 500) for p in (0.3, 0.9, 1.0)]
+    logits = (rng.normal(size=(len(settings), 300)) * scale).astype(np.float32)
+    logits[:, 17] = logits[:, 18]  # a tie: the lower id ranks first
+    top_k = jnp.asarray([k for k, _ in settings], jnp.int32)
+    top_p = jnp.asarray([p for _, p in settings], jnp.float32)
+    kept = np.isfinite(np.asarray(jax.jit(lambda l, k, p: filter_logits(l, k, p, candidates=32))(
+        jnp.asarray(logits), top_k, top_p)))
+    for row, (k, p) in enumerate(settings):
+        want = _reference_keep(logits[row], k, p)
+        assert np.array_equal(kept[row], want), (scale, k, p, int(kept[row].sum()), int(want.sum()))
+        if 1 <= k <= 300 and p >= 1.0:
+            assert kept[row].sum() == k
+        if k == 0 and p >= 1.0:
+            assert kept[row].all()
+
+
 def test_one_compile_per_bucket(f32_models):
     model = cogvlm_jax.Model(f32_models["cogvlm1"].config, f32_models["cogvlm1"].params, dtype="float32")
     compiles = []
