@@ -2,8 +2,9 @@
 
 One decode step of a batch of B rows must read every language-expert weight once (the vision expert
 is never used for generated text), the final norm, the lm_head, B embedding rows and the KV cache.
-Our decode step attends over the whole fixed-length cache (T slots, masked), so it reads all T slots
-of every layer's keys and values whatever the position: that is what we count. The limit is
+Our decode step reads the cache up to its filled part: all T slots of a cache no longer than
+``attention.CACHE_CHUNK``, else the blocks of that many slots up to the largest write index
+(``attention.attend_cache``); we count those slots, averaged over the timed steps (``kv_slots_read``). The limit is
 ``bytes_per_step / bandwidth``; we report the achieved ``bytes_per_step / step_time`` and its fraction
 of the bandwidth probe (``benchmarks.bandwidth``).
 
@@ -86,8 +87,20 @@ def make_params(config, dtype: str, seed: int = 0):
 _LANGUAGE_LAYER_LEAF = re.compile(r"^layers_\d+/(?!.*vision).*")  # every decoder-layer leaf but the vision expert's
 
 
-def decode_bytes(config, dtype: str, batch: int, cache_length: int) -> dict[str, int]:
-    """The bytes one decode step must read, by part (from the parameter shapes, nothing allocated)."""
+def kv_slots_read(cache_length: int, first_index: int, steps: int) -> float:
+    """Cache slots one decode step reads per layer and row, averaged over ``steps`` steps whose first
+    writes slot ``first_index`` (the prompt bucket): the rule of ``attention.attend_cache``."""
+    from cogvlm_jax.attention import CACHE_CHUNK
+
+    if cache_length <= CACHE_CHUNK:
+        return float(cache_length)
+    blocks = [min(-(-(first_index + s + 1) // CACHE_CHUNK) * CACHE_CHUNK, cache_length) for s in range(steps)]
+    return float(np.mean(blocks))
+
+
+def decode_bytes(config, dtype: str, batch: int, cache_slots: float) -> dict[str, int]:
+    """The bytes one decode step must read, by part (from the parameter shapes, nothing allocated);
+    ``cache_slots``: the KV slots read per layer and row (``kv_slots_read``)."""
     from cogvlm_jax.model import abstract_params
 
     params = abstract_params(config, DTYPES[dtype])
@@ -98,7 +111,7 @@ def decode_bytes(config, dtype: str, batch: int, cache_length: int) -> dict[str,
     emb = flat["embed_tokens/embedding"]
     embed_rows = batch * emb.shape[1] * np.dtype(emb.dtype).itemsize
     t = config.text
-    kv = 2 * t.num_layers * batch * cache_length * t.num_kv_heads * t.head_dim * np.dtype(DTYPES[dtype]).itemsize
+    kv = int(2 * t.num_layers * batch * cache_slots * t.num_kv_heads * t.head_dim * np.dtype(DTYPES[dtype]).itemsize)
     parts = {"layer_weights": layers, "head": head, "embed_rows": embed_rows, "kv_cache": kv}
     parts["total"] = sum(parts.values())
     return parts
@@ -164,8 +177,9 @@ class DecodeBench:
         t = best_time(lambda s: self.run_loop(case, s), case.repeats, setup=lambda: self.fresh_state(case, inputs))
         step_s = t / case.steps
         cache_len = self.cache_length(case)
-        nbytes = decode_bytes(self.config, self.dtype, case.batch, cache_len)
-        return {"step_s": step_s, "tok_s": case.batch / step_s, "cache_length": cache_len,
+        slots = kv_slots_read(cache_len, length, case.steps)
+        nbytes = decode_bytes(self.config, self.dtype, case.batch, slots)
+        return {"step_s": step_s, "tok_s": case.batch / step_s, "cache_length": cache_len, "cache_slots": slots,
                 "bytes": nbytes, "gb_s": nbytes["total"] / step_s / 1e9}
 
     def compiled_decode_text(self, case: DecodeCase) -> str:
@@ -213,12 +227,13 @@ def hlo_findings(hlo: str, min_bytes: int = 1 << 16) -> dict[str, Any]:
 LONG_CACHE = 4096  # the long-context case: a cache 4096 slots long (the mid config's context)
 
 
-def decode_flops(config, batch: int, cache_length: int) -> float:
-    """FLOPs of one decode step: 2 per weight per row (language expert + lm_head) + attention over T."""
+def decode_flops(config, batch: int, cache_slots: float) -> float:
+    """FLOPs of one decode step: 2 per weight per row (language expert + lm_head) + attention over the
+    cache slots read."""
     t = config.text
     d = t.hidden_size
     weights = t.num_layers * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size) + d * t.vocab_size
-    attention = t.num_layers * 4 * cache_length * t.num_heads * t.head_dim
+    attention = t.num_layers * 4 * cache_slots * t.num_heads * t.head_dim
     return float(batch * (2 * weights + attention))
 
 
@@ -248,7 +263,7 @@ def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", 
             for case in cases:
                 m = bench.measure(case)
                 label = "decode_sample" if case.do_sample else "decode_long" if case.cache_length else "decode"
-                flops = decode_flops(bench.config, case.batch, m["cache_length"])
+                flops = decode_flops(bench.config, case.batch, m["cache_slots"])
                 memory_s = m["bytes"]["total"] / (probe_gb_s * 1e9)
                 peak = (peak_flops or {}).get(dtype)
                 compute_s = flops / peak if peak else 0.0
@@ -259,7 +274,8 @@ def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", 
                     gflop_per_step=flops / 1e9, limit_gflop_s=None if peak is None else peak / 1e9,
                     ms_per_step=m["step_s"] * 1e3, bytes_per_step=m["bytes"]["total"],
                     weight_bytes=m["bytes"]["layer_weights"] + m["bytes"]["head"],
-                    kv_bytes=m["bytes"]["kv_cache"], embed_bytes=m["bytes"]["embed_rows"], cache_length=m["cache_length"], steps=case.steps,
+                    kv_bytes=m["bytes"]["kv_cache"], embed_bytes=m["bytes"]["embed_rows"], cache_length=m["cache_length"],
+                    cache_slots_read=m["cache_slots"], steps=case.steps,
                     achieved_gb_s=m["gb_s"], limit_gb_s=probe_gb_s,
                     limit_tok_s=case.batch / max(memory_s, compute_s),
                     cache_resident=bool(llc and m["bytes"]["total"] <= 1.5 * llc)))

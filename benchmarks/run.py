@@ -4,8 +4,8 @@
     python -m benchmarks.run --quick               # smaller sizes
     python -m benchmarks.run --only decode --tiny  # the tiny fixture configs only
 
-``matvec`` (one-row matmul variants, float32 and bfloat16 weights) and ``prototypes`` (the proposed
-decode fixes, patched in-process) are the experiments behind the decode findings. Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
+``matvec`` (one-row matmul variants, float32 and bfloat16 weights) and ``prototypes`` (layout
+alternatives, patched in-process) are the experiments behind the layout choices. Every JSON line has ``name, config, dtype, batch, value, unit, fraction_of_limit`` (and ``extra``).
 ``fraction_of_limit`` compares with a limit measured on the same machine in the same run: the
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
 for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
@@ -58,13 +58,11 @@ def _notes(r: dict) -> str:
     e = r.get("extra", {})
     if r["name"].startswith("decode"):
         return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step "
-                f"(KV {e['kv_bytes'] / 1e6:.1f} MB, T={e['cache_length']}), {e['achieved_gb_s']:.2f} GB/s "
+                f"(KV {e['kv_bytes'] / 1e6:.1f} MB: {e['cache_slots_read']:.0f} of T={e['cache_length']} slots), {e['achieved_gb_s']:.2f} GB/s "
                 f"= {e['bandwidth_fraction']:.0%} of the probe; {e['bound']} bound"
                 + (" (fits in the CPU cache: not a DRAM roofline)" if e.get("cache_resident") else ""))
-    if r["name"].startswith("proto_decode"):
-        return f"{e['ms_per_step']:.2f} ms/step, {e['achieved_gb_s']:.2f} GB/s"
-    if r["name"].startswith("proto_attention"):
-        return f"attention reads only, {e['kv_mb']:.0f} MB of KV: {e['kv_gb_s']:.2f} GB/s"
+    if r["name"].startswith("proto_vit"):
+        return f"image encoder (ViT + adapter), {e['image_tokens']} image tokens"
     if r["name"].startswith("matvec"):
         return f"{e['ms_per_step']:.2f} ms/step over {e['weight_mb']:.0f} MB of weights"
     if r["name"] == "prefill":

@@ -15,8 +15,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cogvlm_jax import kv_cache
-from cogvlm_jax.attention import attend
+from cogvlm_jax import attention, kv_cache
 from cogvlm_jax.config import TextConfig
 from cogvlm_jax.layers import Dense, RMSNorm, apply_rope, split_sizes
 
@@ -38,9 +37,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         f, d = self.cfg.intermediate_size, self.cfg.hidden_size
-        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj")(x)
-        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="up_proj")(x)
-        return Dense(d, ("mlp", "embed"), dtype=self.dtype, name="down_proj")(nn.silu(gate) * up)
+        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="gate_proj")(x)
+        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="up_proj")(x)
+        return Dense(d, ("mlp", "embed"), dtype=self.dtype, out_in=True, name="down_proj")(nn.silu(gate) * up)
 
 
 class VisionExpertMLP(nn.Module):
@@ -64,18 +63,20 @@ class VisionExpertAttention(nn.Module):
         """x [B, L, D]; positions [B, L]; mask [B, L, L] (prefill) or [B, 1, T] (decode).
 
         kv: this layer's (k, v) cache buffers or None; the new keys/values are written at
-        ``write_index`` [B]. With ``attend_cache`` the queries read the whole cache (decode), else only
-        the fresh keys (prefill). Returns (output [B, L, D], updated (k, v) or None).
+        ``write_index`` [B]. With ``attend_cache`` the queries read the cache (decode: only its filled
+        part, up to the largest write index, see ``attention.attend_cache``), else only the fresh keys
+        (prefill). Returns (output [B, L, D], updated (k, v) or None).
         """
         c = self.cfg
         b, n, _ = x.shape
         h, kh, e = c.num_heads, c.num_kv_heads, c.head_dim
-        language_qkv = Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, name="language_expert_query_key_value")
+        language_qkv = Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True,
+                             name="language_expert_query_key_value")
         if vision_mask is None:
             qkv = language_qkv(x)
         else:
             vision_qkv = Dense(c.qkv_size, ("embed", "qkv"), use_bias=c.vision_qkv_bias, dtype=self.dtype,
-                               name="vision_expert_query_key_value")
+                               out_in=True, name="vision_expert_query_key_value")
             qkv = _route(vision_mask, vision_qkv, language_qkv, x)
         q, k, v = split_sizes(qkv, (h * e, kh * e, kh * e))
         q = apply_rope(q.reshape(b, n, h, e), positions, c.rope_theta)
@@ -83,13 +84,18 @@ class VisionExpertAttention(nn.Module):
         v = v.reshape(b, n, kh, e)
         if kv is not None:
             kv = (kv_cache.write(kv[0], k, write_index), kv_cache.write(kv[1], v, write_index))
-            if attend_cache:
-                k, v = kv
-        o = attend(q, k, v, mask).reshape(b, n, h * e)
-        language_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, name="language_expert_dense")
+        if attend_cache:  # the queries read the filled part of the (heads-major) cache
+            o = attention.attend_cache(q, kv[0], kv[1], mask, jnp.max(write_index) + n,
+                                       chunk=attention.CACHE_CHUNK)
+        else:
+            o = attention.attend(q, k, v, mask)
+        o = o.reshape(b, n, h * e)
+        language_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
+                               name="language_expert_dense")
         if vision_mask is None:
             return language_dense(o), kv
-        vision_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, name="vision_expert_dense")
+        vision_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
+                             name="vision_expert_dense")
         return _route(vision_mask, vision_dense, language_dense, o), kv
 
 

@@ -1,8 +1,12 @@
 """The KV cache: an explicit pytree passed into prefill/decode and returned updated. Nothing else.
 
-Per layer, keys and values ``[B, T, K, E]`` (T the fixed cache length), plus per row the slots that hold
-real tokens (``valid`` [B, T]; left padding leaves holes) and the next slot to write (``index`` [B]).
-Rows write at their own index, so a serving engine can hold requests of different lengths.
+Per layer, keys and values ``[B, K, T, E]`` (heads-major, T the fixed cache length: a decode step's
+attention reads each head's keys as one contiguous block, with no transpose of the cache), plus per
+row the slots that hold real tokens (``valid`` [B, T]; left padding leaves holes) and the next slot to
+write (``index`` [B]). Rows write at their own index, so a serving engine can hold requests of
+different lengths. Every leaf has the batch on axis 0.
+
+Axis legend: B batch, T cache length, K kv heads, E head dim, n new tokens.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# Logical axes of one layer's key (or value) buffer, for the sharding rules in ``axes.py``.
+KV_AXES = ("batch", "kv_heads", "length", "head_dim")
+
 
 @flax.struct.dataclass
 class KVCache:
-    k: tuple  # per layer [B, T, K, E]
-    v: tuple  # per layer [B, T, K, E]
+    k: tuple  # per layer [B, K, T, E]
+    v: tuple  # per layer [B, K, T, E]
     valid: jax.Array  # [B, T] bool
     index: jax.Array  # [B] int32
 
@@ -24,25 +31,35 @@ class KVCache:
         return self.valid.shape[1]
 
 
+def kv_shape(batch: int, length: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """The shape of one layer's key (or value) buffer, in the order of ``KV_AXES``."""
+    return (batch, num_kv_heads, length, head_dim)
+
+
 def init_cache(num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
-    shape = (batch, length, num_kv_heads, head_dim)
+    shape = kv_shape(batch, length, num_kv_heads, head_dim)
     return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((batch,), jnp.int32))
 
 
-def write(buf, new, index):
-    """buf [B, T, ...] with new [B, n, ...] written at slot index[b] of each row."""
-    return jax.vmap(lambda b, x, i: jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), i, axis=0))(
+def _write_rows(buf, new, index, axis: int):
+    """buf [B, ...] with new [B, ...] written at position index[b] of (per-row) axis ``axis`` of each row."""
+    return jax.vmap(lambda b, x, i: jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), i, axis=axis))(
         buf, new, index)
+
+
+def write(buf, new, index):
+    """One layer's buf [B, K, T, E] with new keys/values [B, n, K, E] written at slots index[b].. of row b."""
+    return _write_rows(buf, jnp.swapaxes(new, 1, 2), index, axis=1)
 
 
 def advance(cache: KVCache, new_valid) -> KVCache:
     """After every layer wrote ``n`` slots at ``index``: mark them (``new_valid`` [B, n]) and move on."""
-    return cache.replace(valid=write(cache.valid, new_valid, cache.index),
+    return cache.replace(valid=_write_rows(cache.valid, new_valid, cache.index, axis=0),
                          index=cache.index + new_valid.shape[1])
 
 
 def read_mask(cache: KVCache, new_valid):
     """[B, 1, T] mask for a one-token query written at ``index``: the valid slots plus the new one."""
-    return write(cache.valid, new_valid, cache.index)[:, None, :]
+    return _write_rows(cache.valid, new_valid, cache.index, axis=0)[:, None, :]

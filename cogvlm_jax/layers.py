@@ -2,8 +2,9 @@
 
 Every parameter is created here or in the module using it, with its logical axes beside its shape
 (see ``axes.py`` for the names and the rules mapping them onto a mesh). Linear weights are ``kernel``
-``[in, out]``; norms carry ``scale`` (and ``bias`` for LayerNorm), matching the HF names after the
-renames in ``convert/mapping.py``.
+``[in, out]``, or ``[out, in]`` (PyTorch's own layout) where ``Dense(out_in=True)``; norms carry
+``scale`` (and ``bias`` for LayerNorm), matching the HF names after the renames in
+``convert/mapping.py``.
 
 Axis legend: B batch, L length, D model width, F mlp width.
 """
@@ -29,6 +30,12 @@ def precision_for(dtype: Dtype):
 class Dense(nn.Module):
     """``x @ kernel (+ bias)`` with logical axes ``axes = (in_axis, out_axis)``.
 
+    ``out_in``: the kernel is stored ``[out, in]`` (PyTorch's layout; its logical axes reversed to
+    match) and the product is ``x @ kernel.T``. On XLA:CPU a one-row product then reads each output's
+    weights as one contiguous row: the decoder's linears use it (batch-1 decode is a chain of such
+    products; ``benchmarks/matvec.py`` ``dot_t``). The wide-output lm_head and the prefill-only
+    ViT/adapter keep ``[in, out]``, which measured as fast or faster there (``benchmarks/prototypes.py``).
+
     The operands are cast to ``dtype`` (the weights' dtype: bfloat16 runs multiply in bfloat16) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
     stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
@@ -39,11 +46,18 @@ class Dense(nn.Module):
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: Dtype = jnp.float32
+    out_in: bool = False
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (x.shape[-1], self.features))
-        y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype),
+        d = x.shape[-1]
+        if self.out_in:
+            kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes[::-1]), (self.features, d))
+            spec = "...d,fd->...f"
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
+            spec = "...d,df->...f"
+        y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype),
                        precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from cogvlm_jax import axes
+from cogvlm_jax import axes, kv_cache
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.model import abstract_params, logical_axes
 
@@ -60,8 +60,8 @@ def plan(config: CogVLMConfig, data: int = 1, fsdp: int = 1, tensor: int = 1, dt
     p_total = sum(math.prod(s) for s, _ in leaves) * itemsize
     p_dev = sum(_shard_elems(s, spec, sizes) for s, spec in leaves) * itemsize
     t = config.text
-    kv_shape = (batch, context or config.context_length, t.num_kv_heads, t.head_dim)
-    kv_spec = axes.spec_for(("batch", "length", "kv_heads", "head_dim"), kv_shape, mesh, rules)
+    kv_shape = kv_cache.kv_shape(batch, context or config.context_length, t.num_kv_heads, t.head_dim)
+    kv_spec = axes.spec_for(kv_cache.KV_AXES, kv_shape, mesh, rules)
     per_layer = 2 * itemsize
     kv_total = per_layer * t.num_layers * math.prod(kv_shape)
     kv_dev = per_layer * t.num_layers * _shard_elems(kv_shape, kv_spec, sizes)

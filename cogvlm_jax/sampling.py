@@ -51,21 +51,54 @@ class DecodeState:
     chosen_logits: Any = None  # [B, N, V] when collected (tests), else None
 
 
-def filter_logits(logits, top_k, top_p):
-    """Mask (to -inf) what top-k [B] and top-p [B] exclude; 0 / 1.0 switch each off.
+TOP_CANDIDATES = 256  # tokens lax.top_k pre-selects per row before top-k / top-p filtering
+
+
+def _keep_ranked(ranked, top_k, top_p, log_total):
+    """Keep mask [B, C] over logits sorted descending (``ranked`` [B, C], a prefix of the whole sorted row
+    or all of it): rank < top_k (0: off), then the probability ranked strictly above < top_p (>= 1: off).
+    ``log_total`` [B]: log of the softmax denominator of what top-k keeps (over the whole row)."""
+    rank = jnp.arange(ranked.shape[-1])[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jnp.where(keep, jnp.exp(ranked - log_total[:, None]), 0.0)
+    above = jnp.cumsum(probs, axis=-1) - probs
+    return keep & ((top_p[:, None] >= 1.0) | (above < top_p[:, None]))
+
+
+def _filter_by_sort(logits, top_k, top_p):
+    """The whole vocabulary sorted: exact for any setting, but a full sort per step (slow on CPU)."""
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    kept = (top_k[:, None] <= 0) | (jnp.arange(logits.shape[-1])[None, :] < top_k[:, None])
+    log_total = jax.nn.logsumexp(jnp.where(kept, ranked, -jnp.inf), axis=-1)
+    keep_ranked = _keep_ranked(ranked, top_k, top_p, log_total)
+    return jnp.zeros_like(keep_ranked).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_ranked)
+
+
+def filter_logits(logits, top_k, top_p, candidates: int = TOP_CANDIDATES):
+    """Mask (to -inf) what top-k [B] and top-p [B] exclude; 0 and >= 1.0 switch each off.
 
     top-p keeps the smallest set of most likely tokens whose probability reaches p: a token is kept iff
-    the probability of the tokens ranked strictly above it is below p.
+    the probability of the tokens ranked strictly above it is below p (ties rank the lower id first).
+
+    ``lax.top_k`` picks the ``candidates`` most likely tokens of each row; that decides exactly when
+    every row's cut falls among them (``1 <= top_k <= candidates``, or top-p reached within them, or
+    both filters off). Only if some row's does not, the whole vocabulary is sorted (``lax.cond``: the
+    sort runs only on such steps).
     """
-    v = logits.shape[-1]
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    rank = jnp.arange(v)[None, :]
-    keep_sorted = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep_sorted, sorted_logits, -jnp.inf), axis=-1)
-    above = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted &= above < top_p[:, None]
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    b, v = logits.shape
+    c = min(candidates, v)
+    ranked, ids = jax.lax.top_k(logits, c)
+    k_within = (top_k >= 1) & (top_k <= c)
+    k_off = (top_k <= 0) | (top_k >= v)
+    first_k = jnp.where(jnp.arange(c)[None, :] < top_k[:, None], ranked, -jnp.inf)
+    log_total = jnp.where(k_within, jax.nn.logsumexp(first_k, axis=-1), jax.nn.logsumexp(logits, axis=-1))
+    keep = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], ids].set(_keep_ranked(ranked, top_k, top_p, log_total))
+    keep |= (k_off & (top_p >= 1.0))[:, None]  # no filter: the whole row
+    if c < v:
+        mass = jnp.sum(jnp.exp(ranked - log_total[:, None]), axis=-1)  # of the candidates
+        decided = k_within | (k_off & ((top_p >= 1.0) | (mass >= top_p)))
+        keep = jax.lax.cond(jnp.all(decided), lambda: keep, lambda: _filter_by_sort(logits, top_k, top_p))
     return jnp.where(keep, logits, -jnp.inf)
 
 

@@ -2,9 +2,11 @@
 
 Each rule reads as a rename plus a layout change:
 
-* ``"transpose"``: a PyTorch linear weight ``[out, in]`` becomes our ``kernel [in, out]``;
+* ``"transpose"``: a PyTorch linear weight ``[out, in]`` becomes our ``kernel [in, out]`` (the ViT,
+  the adapter and the lm_head);
 * ``"conv"``: a PyTorch conv weight ``[out, in, kh, kw]`` becomes our ``kernel [kh, kw, in, out]``;
-* ``"none"``: same layout (norm weights, biases, embeddings, boi/eoi, cls/position embeddings);
+* ``"none"``: same layout: the decoder layers' linears (stored ``[out, in]`` as in PyTorch, see
+  ``layers.Dense(out_in=True)``), norm weights, biases, embeddings, boi/eoi, cls/position embeddings;
 * ``"buffer"``: ``rotary_emb.inv_freq``, a buffer the reference saves with the weights. It is not a
   parameter here: it is checked on import and recomputed on export (:func:`rotary_inv_freq`).
 
@@ -69,7 +71,7 @@ def _expert_mlps() -> list[Rule]:
     rules = []
     for expert in ("language_mlp", "vision_mlp"):
         for proj, shape in (("gate_proj", ("F", "D")), ("up_proj", ("F", "D")), ("down_proj", ("D", "F"))):
-            rules.append(_text_layer(f"mlp.{expert}.{proj}.weight", f"mlp/{expert}/{proj}/kernel", TRANSPOSE, shape))
+            rules.append(_text_layer(f"mlp.{expert}.{proj}.weight", f"mlp/{expert}/{proj}/kernel", NONE, shape))
     return rules
 
 
@@ -104,13 +106,13 @@ RULES: tuple[Rule, ...] = (
     _text_layer("input_layernorm.weight", "input_layernorm/scale", NONE, ("D",)),
     _text_layer("post_attention_layernorm.weight", "post_attention_layernorm/scale", NONE, ("D",)),
     _text_layer("self_attn.language_expert_query_key_value.weight", "self_attn/language_expert_query_key_value/kernel",
-                TRANSPOSE, ("QKV", "D")),
+                NONE, ("QKV", "D")),
     _text_layer("self_attn.vision_expert_query_key_value.weight", "self_attn/vision_expert_query_key_value/kernel",
-                TRANSPOSE, ("QKV", "D")),
+                NONE, ("QKV", "D")),
     _text_layer("self_attn.vision_expert_query_key_value.bias", "self_attn/vision_expert_query_key_value/bias",
                 NONE, ("QKV",), when="vision_qkv_bias"),
-    _text_layer("self_attn.language_expert_dense.weight", "self_attn/language_expert_dense/kernel", TRANSPOSE, ("D", "HE")),
-    _text_layer("self_attn.vision_expert_dense.weight", "self_attn/vision_expert_dense/kernel", TRANSPOSE, ("D", "HE")),
+    _text_layer("self_attn.language_expert_dense.weight", "self_attn/language_expert_dense/kernel", NONE, ("D", "HE")),
+    _text_layer("self_attn.vision_expert_dense.weight", "self_attn/vision_expert_dense/kernel", NONE, ("D", "HE")),
     *_expert_mlps(),
     _text_layer("self_attn.rotary_emb.inv_freq", None, BUFFER, ("E/2",), optional=True),
     Rule("model.norm.weight", "norm/scale", NONE, ("D",)),

@@ -153,7 +153,11 @@ def test_read_layouts_and_dtypes(family):
     tensors = raw_tensors(hf_dir(family))
     code, shape, data = tensors["model.layers.1.self_attn.vision_expert_query_key_value.weight"]
     hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
-    assert np.array_equal(leaves["layers_1/self_attn/vision_expert_query_key_value/kernel"], hf.T)
+    # Decoder linears keep PyTorch's [out, in] (layers.Dense(out_in=True)); the ViT/adapter/lm_head transpose.
+    assert np.array_equal(leaves["layers_1/self_attn/vision_expert_query_key_value/kernel"], hf)
+    code, shape, data = tensors["model.vision.linear_proj.gate_proj.weight"]
+    hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
+    assert np.array_equal(leaves["vision/linear_proj/gate_proj/kernel"], hf.T)
     code, shape, data = tensors["model.vision.patch_embedding.proj.weight"]
     hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
     assert np.array_equal(leaves["vision/patch_embedding/proj/kernel"], hf.transpose(2, 3, 1, 0))

@@ -80,6 +80,24 @@ def test_decode_reads_only_the_language_expert(f32_models):
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), case["arrays"]["generated_ids"])
 
 
+def test_decode_reading_the_cache_in_blocks_keeps_ids_and_logits(f32_models, monkeypatch):
+    """Decode attention walks the cache in blocks up to its filled part (``attention.attend_cache``); with
+    7-slot blocks (several per cache, the last one shifted back to end at T since 7 does not divide the
+    cache lengths, which are multiples of 16) the fixtures' ids and logits hold."""
+    from cogvlm_jax import attention
+
+    monkeypatch.setattr(attention, "CACHE_CHUNK", 7)
+    base = f32_models["cogvlm2"]
+    model = cogvlm_jax.Model(base.config, base.params, dtype="float32")  # a fresh jit traces with 7
+    for case in _gen_cases("cogvlm2"):
+        a = case["arrays"]
+        state = model.generate_state(*_single(case), max_new_tokens=case["max_new_tokens"], collect_logits=True)
+        assert state.cache.length > 2 * 7 and state.cache.length % 7
+        np.testing.assert_array_equal(np.asarray(state.tokens[0]), a["generated_ids"], err_msg=case["name"])
+        chosen = np.asarray(state.chosen_logits[0])[:, a["logits_columns"]]
+        assert float(np.abs(chosen - a["generated_logits"]).max()) <= TOL
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(f32_models):
     model = f32_models["cogvlm1"]
     case = _gen_cases("cogvlm1")[0]
@@ -108,6 +126,43 @@ def test_top_p_keeps_smallest_set_reaching_p(seed):
         assert set(np.flatnonzero(kept[r])) == set(order[:k].tolist())
     topk = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), jnp.full(4, 7, jnp.int32), jnp.ones(4))))
     assert (topk.sum(-1) == 7).all()
+
+
+def _reference_keep(logits, top_k, top_p):
+    """Top-k then top-p by a full stable sort in float64 (the definition ``filter_logits`` must meet)."""
+    order = np.argsort(-logits, kind="stable")
+    rank = np.arange(logits.size)
+    keep = (top_k <= 0) | (rank < top_k)
+    ranked = logits[order].astype(np.float64)
+    probs = np.where(keep, np.exp(ranked - ranked[0]), 0.0)
+    probs /= probs.sum()
+    keep &= (top_p >= 1.0) | (np.cumsum(probs) - probs < top_p)
+    out = np.zeros(logits.size, bool)
+    out[order] = keep
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 8.0], ids=["flat", "peaked", "very-peaked"])
+def test_top_k_candidates_give_the_full_sort_answer(scale):
+    """``filter_logits`` pre-selects 32 candidates with ``lax.top_k`` (the vocabulary here is 300) and
+    sorts the whole row only when a row's cut may fall outside them: every setting (top-k off, inside,
+    beyond the candidates, beyond the vocabulary; top-p off or on; a flat distribution whose top-p set is
+    larger than the candidates) keeps exactly the reference's set, with rows of different settings mixed."""
+    rng = np.random.default_rng(int(scale * 10))
+    settings = [(k, p) for k in (0, 1, 7, 32, 40, 300, 500) for p in (0.3, 0.9, 1.0)]
+    logits = (rng.normal(size=(len(settings), 300)) * scale).astype(np.float32)
+    logits[:, 17] = logits[:, 18]  # a tie: the lower id ranks first
+    top_k = jnp.asarray([k for k, _ in settings], jnp.int32)
+    top_p = jnp.asarray([p for _, p in settings], jnp.float32)
+    kept = np.isfinite(np.asarray(jax.jit(lambda l, k, p: filter_logits(l, k, p, candidates=32))(
+        jnp.asarray(logits), top_k, top_p)))
+    for row, (k, p) in enumerate(settings):
+        want = _reference_keep(logits[row], k, p)
+        assert np.array_equal(kept[row], want), (scale, k, p, int(kept[row].sum()), int(want.sum()))
+        if 1 <= k <= 300 and p >= 1.0:
+            assert kept[row].sum() == k
+        if k == 0 and p >= 1.0:
+            assert kept[row].all()
 
 
 def test_one_compile_per_bucket(f32_models):

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 import cogvlm_jax
 from cogvlm_jax.axes import make_mesh, spec_for
 from cogvlm_jax.config import preset
-from cogvlm_jax.sharding import param_shardings
+from cogvlm_jax import kv_cache
+from cogvlm_jax.sharding import cache_shardings, param_shardings
 from conftest import FAMILIES, cases, left_pad_batch
 
 MESHES = [(1, 1, 1), (2, 2, 2), (2, 1, 2), (1, 4, 2), (8, 1, 1)]
@@ -63,16 +64,22 @@ def test_rules_table_for_published_cogvlm2():
     }
     for path, spec in expected.items():
         assert sh[path[0]][path[1]].spec == spec, path
-    assert layer["self_attn"]["language_expert_query_key_value"]["kernel"].spec == P("fsdp", "tensor")
+    # Decoder linears are stored [out, in] (PyTorch's layout): their specs read out-axis first.
+    assert layer["self_attn"]["language_expert_query_key_value"]["kernel"].spec == P("tensor", "fsdp")
     assert layer["self_attn"]["vision_expert_query_key_value"]["bias"].spec == P("tensor")
-    assert layer["self_attn"]["language_expert_dense"]["kernel"].spec == P("tensor", "fsdp")
-    assert layer["mlp"]["vision_mlp"]["down_proj"]["kernel"].spec == P("tensor", "fsdp")
-    assert layer["mlp"]["language_mlp"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")
+    assert layer["self_attn"]["language_expert_dense"]["kernel"].spec == P("fsdp", "tensor")
+    assert layer["mlp"]["vision_mlp"]["down_proj"]["kernel"].spec == P("fsdp", "tensor")
+    assert layer["mlp"]["language_mlp"]["up_proj"]["kernel"].spec == P("tensor", "fsdp")
     vit = sh["vision"]["transformer"]["layers_0"]
     assert vit["attention"]["query_key_value"]["kernel"].spec == P("fsdp", "tensor")
     assert vit["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
     assert sh["vision"]["patch_embedding"]["proj"]["kernel"].spec == P(None, None, None, "fsdp")
     assert sh["vision"]["boi"].spec == P(None, None, "fsdp")
+    # The KV cache [B, K, T, E]: batch over (data, fsdp), kv heads over tensor; bookkeeping by batch.
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(2, 4, 64, 8, 16, jnp.bfloat16))
+    csh = cache_shardings(cache, mesh)
+    assert all(s.spec == P(("data", "fsdp"), "tensor", None, None) for s in csh.k + csh.v)
+    assert csh.valid.spec == P(("data", "fsdp"), None) and csh.index.spec == P(("data", "fsdp"))
 
 
 def test_indivisible_dimension_falls_back_to_replication():
