@@ -34,6 +34,13 @@ A, B = "lora_a", "lora_b"
 DEFAULT_TARGETS = ("layers_*/self_attn/*_expert_query_key_value", "layers_*/self_attn/*_expert_dense")
 
 
+def _out_in(path) -> bool:
+    """Whether the kernel at module ``path`` is stored ``[out, in]``: the decoder layers' linears are
+    (``decoder.py`` builds them with ``Dense(out_in=True)``); the ViT, adapter and lm_head are ``[in, out]``.
+    The interceptor checks this against each module it touches."""
+    return str(path[0]).startswith("layers_")
+
+
 def target_paths(params: Mapping, patterns: Sequence[str]) -> list[tuple]:
     """Module paths (tuples) of the 2-D ``kernel`` leaves whose ``/``-joined module path matches a pattern.
 
@@ -58,7 +65,7 @@ def init(params: Mapping, patterns: Sequence[str], rank: int, rng) -> dict:
     flat = {}
     paths = target_paths(params, patterns)
     for path, key in zip(paths, jax.random.split(rng, len(paths))):
-        d_in, d_out = _leaf(params, path + ("kernel",)).shape
+        d_in, d_out = _leaf(params, path + ("kernel",)).shape[::-1 if _out_in(path) else 1]
         bound = 1.0 / d_in ** 0.5
         flat[path + (A,)] = jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound)
         flat[path + (B,)] = jnp.zeros((rank, d_out), jnp.float32)
@@ -69,7 +76,7 @@ def axes_of(lora: Mapping, kernel_axes: Mapping) -> dict:
     """Logical axes of every factor from its kernel's ``(in, out)`` axes: a ``(in, None)``, b ``(None, out)``."""
     out = {}
     for path in flatten_tree(lora):
-        k_in, k_out = tuple(_leaf(kernel_axes, path[:-1] + ("kernel",)))
+        k_in, k_out = tuple(_leaf(kernel_axes, path[:-1] + ("kernel",)))[::-1 if _out_in(path[:-1]) else 1]
         out[path] = (k_in, None) if path[-1] == A else (None, k_out)
     return unflatten_tree(out)
 
@@ -80,6 +87,8 @@ def _interceptor(scale: float):
         if (context.method_name != "__call__" or not isinstance(module, Dense)
                 or not module.has_variable(COLLECTION, A)):
             return next_fun(*args, **kwargs)
+        if module.out_in != _out_in(module.scope.path):
+            raise ValueError(f"LoRA: kernel layout of {'/'.join(module.scope.path)} is not the one lora.py assumes")
         x = args[0]
         dt = module.dtype
         a = module.get_variable(COLLECTION, A).astype(dt)
@@ -109,7 +118,9 @@ def merge(params: Mapping, lora: Mapping, scale: float) -> dict:
             raise ValueError(f"LoRA factors for {'/'.join(path)}, which has no kernel in the parameters")
         kernel = flat[k]
         a, b = (jnp.asarray(factors[path + (k,)], jnp.float32) for k in (A, B))
-        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [in, out]
+        if _out_in(path):
+            delta = delta.T
         flat[k] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
     return unflatten_tree(flat)
 

@@ -230,8 +230,8 @@ def test_sharded_step_equals_one_device(env, reference):
     mesh = cogvlm_jax.make_mesh(2, 2, 2)
     tr = train.Trainer(model.config, LINEAR, mesh=mesh)
     state, frozen = tr.init(model.params)
-    k = state.trainable["layers_0"]["mlp"]["language_mlp"]["up_proj"]["kernel"]  # [embed, mlp]
-    assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    k = state.trainable["layers_0"]["mlp"]["language_mlp"]["up_proj"]["kernel"]  # [mlp, embed]: decoder kernels are [out, in]
+    assert k.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     mu = state.opt_state[0].mu["layers_0"]["mlp"]["language_mlp"]["up_proj"]["kernel"]
     assert mu.sharding == k.sharding  # the optimizer moments are sharded like their parameters
     state, losses = _steps(tr, state, frozen, batches, [0])
