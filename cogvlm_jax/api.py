@@ -15,6 +15,7 @@ import numpy as np
 from cogvlm_jax import sampling
 from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.model import CogVLM
+from cogvlm_jax.multihost import to_global, to_host
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MIN_BUCKET = 16
@@ -58,12 +59,16 @@ class Model:
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
 
     def _place(self, *arrays):
-        """Host inputs -> device arrays, batch-sharded over the mesh when there is one."""
+        """Host inputs -> device arrays, batch-sharded over the mesh when there is one.
+
+        On a mesh spanning several processes every process passes the same host arrays and supplies the
+        slices of its own devices (``multihost.to_global``).
+        """
         if self.mesh is None:
             return arrays
         from cogvlm_jax.sharding import batch_sharding
 
-        return tuple(None if a is None else jax.device_put(a, batch_sharding(self.mesh, a.shape)) for a in arrays)
+        return tuple(None if a is None else to_global(a, batch_sharding(self.mesh, a.shape)) for a in arrays)
 
     # ------------------------------------------------------------------ checks
     def _check(self, input_ids, token_type_ids, attention_mask, pixel_values):
@@ -106,7 +111,7 @@ class Model:
     def forward(self, input_ids, token_type_ids, attention_mask, pixel_values=None) -> np.ndarray:
         """Logits float32 [B, L, V] for [B, L] inputs (left padding: pads neither count nor are attended)."""
         ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
-        return np.asarray(self._forward(self.params, *self._place(ids, tt, am, pv)), np.float32)
+        return to_host(self._forward(self.params, *self._place(ids, tt, am, pv))).astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ generate
     def _start(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
@@ -129,6 +134,8 @@ class Model:
         ids = np.pad(ids, pad2, constant_values=self.config.pad_token_id)
         tt, am = np.pad(tt, pad2), np.pad(am, pad2)
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
+        if self.mesh is not None:  # per-row settings live with their rows
+            sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
         state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=max_new_tokens,
                                       cache_length=length + _round_up(max_new_tokens, 16),
                                       collect_logits=collect_logits)
@@ -140,14 +147,14 @@ class Model:
         state = self.generate_state(input_ids, token_type_ids, attention_mask, pixel_values,
                                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=seed)
-        return np.asarray(state.tokens)
+        return to_host(state.tokens)
 
     def generate_state(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
                        temperature=0.0, top_k=None, top_p=None, seed=0, collect_logits=False):
         """Like ``generate`` but returns the final ``DecodeState`` (tokens, chosen logits if collected)."""
         state, do_sample = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
                                        temperature, top_k, top_p, seed, collect_logits)
-        return self._generator.decode(self.params, state, jnp.int32(max_new_tokens), do_sample=do_sample)
+        return self._generator.decode(self.params, state, np.int32(max_new_tokens), do_sample=do_sample)
 
     def generate_chunks(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
                         temperature=0.0, top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[np.ndarray]:
@@ -156,10 +163,10 @@ class Model:
                                        temperature, top_k, top_p, seed)
         emitted = 0
         while emitted < max_new_tokens:
-            state = self._generator.decode(self.params, state, jnp.int32(emitted + chunk), do_sample=do_sample)
-            step = int(state.step)
-            yield np.asarray(state.tokens[:, emitted:step])
-            if step == emitted or bool(np.all(np.asarray(state.done))):
+            state = self._generator.decode(self.params, state, np.int32(emitted + chunk), do_sample=do_sample)
+            step = int(to_host(state.step))
+            yield to_host(state.tokens)[:, emitted:step]
+            if step == emitted or bool(np.all(to_host(state.done))):
                 return
             emitted = step
 
@@ -234,9 +241,11 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
 
     ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
     ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
+    ``mesh`` (``make_mesh``): every parameter goes straight into its sharded layout and each process
+    reads only the slices its own devices hold: from HF safetensors region by region
+    (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
+    On a mesh over several processes (after ``jax.distributed.initialize``) every process calls this.
     """
-    from convert.convert_hf import read_hf_checkpoint
-
     from cogvlm_jax import checkpoint
 
     if dtype not in _DTYPES:
@@ -247,26 +256,27 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
     want = _DTYPES[dtype]
+    ours = checkpoint.is_our_checkpoint(path)
     if mesh is None:
-        target, place = None, (lambda _path, a: jnp.asarray(a, dtype=want))
-    else:  # every tensor goes straight into its sharded layout; the host holds one tensor at a time
+        place = lambda _path, a: jnp.asarray(a, dtype=want)  # noqa: E731
+        if ours:
+            params = jax.tree_util.tree_map(lambda a: place(None, a), checkpoint.restore_params(path))
+        else:
+            from convert.convert_hf import read_hf_checkpoint
+
+            params = read_hf_checkpoint(path, config, progress=progress, place=place)
+    elif ours:
         from cogvlm_jax.sharding import abstract_sharded_params
 
-        target = abstract_sharded_params(config, mesh, want)
-        place = lambda p, a: jax.device_put(a.astype(want), _leaf(target, p).sharding)  # noqa: E731
-    if checkpoint.is_our_checkpoint(path):
-        params = checkpoint.restore_params(path, target)
-        if target is None:
-            params = jax.tree_util.tree_map(lambda a: place(None, a), params)
+        params = checkpoint.restore_params(path, abstract_sharded_params(config, mesh, want))
     else:
-        params = read_hf_checkpoint(path, config, progress=progress, place=place)
+        from convert.hf_sharded import read_hf_sharded
+
+        from cogvlm_jax.sharding import param_shardings
+
+        shardings = checkpoint.flatten_tree(param_shardings(config, mesh))
+        params = read_hf_sharded(path, config, shardings, want, progress=progress)
     tok = _find_tokenizer(tokenizer) if tokenizer is not None else _find_tokenizer(path)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
     return Model(config, params, tok, dtype, mesh=mesh)
-
-
-def _leaf(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree

@@ -10,6 +10,7 @@ at most once per array (the first dimension that claims it wins).
 
 from __future__ import annotations
 
+import collections
 from typing import Optional, Sequence
 
 import jax
@@ -41,10 +42,12 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all of ``jax.devices()``).
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all of ``jax.devices()``, every process's).
 
-    ``tensor`` is the fastest-varying axis, so with the devices ordered by process a tensor group stays
-    inside one host when ``tensor`` divides the devices per host.
+    Devices are ordered by process, then id, and ``tensor`` varies fastest: a tensor group (the axis
+    with the most traffic) stays inside one process (host) whenever ``tensor`` divides the devices per
+    process, and ``data``/``fsdp`` span the processes. A ``tensor`` that neither divides nor is a
+    multiple of the devices per process would split groups unevenly across hosts and is refused.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = data * fsdp * tensor
@@ -53,6 +56,15 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Optional[S
     if n != len(devices):
         raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, but {len(devices)} "
                          f"are available; the product must equal the device count")
+    per_process = collections.Counter(d.process_index for d in devices)
+    if len(per_process) > 1:
+        local = min(per_process.values())
+        if local != max(per_process.values()):
+            raise ValueError(f"processes contribute different numbers of devices {dict(per_process)}; a mesh "
+                             "over several processes needs the same number from each")
+        if local % tensor and tensor % local:
+            raise ValueError(f"tensor={tensor} neither divides nor is a multiple of the {local} devices per process: "
+                             "tensor groups would straddle hosts unevenly")
     devices.sort(key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
 

@@ -1,9 +1,17 @@
-"""``cogvlm-jax convert|generate|chat|train|serve|plan|bench``: bad input is one clear line on stderr and a non-zero exit."""
+"""``cogvlm-jax convert|generate|chat|train|serve|plan|bench``: bad input is one clear line on stderr and a non-zero exit.
+
+``generate`` and ``chat`` run on one device, on a mesh (``--mesh``), or as one of several processes
+(``--coordinator/--num-processes/--process-id``, see ``multihost.py``): then process 0 reads the input
+and prints, the others follow it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from cogvlm_jax import multihost
 
 TEMPLATES = ("chat", "vqa", "base")
 
@@ -18,6 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
+    multihost.add_cli_args(p)
 
 
 def _sampling(args) -> dict:
@@ -25,39 +34,82 @@ def _sampling(args) -> dict:
                 top_p=args.top_p, seed=args.seed)
 
 
-def _load(args):
+def _load(args, mesh):
     import cogvlm_jax
 
-    return cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    return cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
+                           progress=multihost.is_main_process())
 
 
 def _image(path):
+    """The image at ``path`` (read by process 0 and shared when several processes run), or None."""
     from cogvlm_jax.preprocess import load_image
 
-    return None if path is None else load_image(path)
+    if path is None:
+        return None
+    import jax
+
+    if jax.process_count() == 1:
+        return load_image(path)
+
+    def read() -> bytes:
+        load_image(path)  # a clear error naming the file if it is not a readable image
+        with open(path, "rb") as f:
+            return f.read()
+
+    return load_image(multihost.from_main(read))
+
+
+def _out():
+    """Where answers go: stdout on process 0, nowhere on the others.
+
+    With several processes, native libraries print to file descriptor 1 too (gloo: "[Gloo] Rank 0 is
+    connected to ..."): descriptor 1 is pointed at stderr and ``sys.stdout`` keeps the real stdout.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return sys.stdout
+    sys.stdout.flush()
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    if not multihost.is_main_process():
+        answer.close()
+        answer = open(os.devnull, "w")
+    sys.stdout = answer  # Python's own prints (and input()'s prompt) follow the answer
+    return answer
 
 
 def cmd_generate(args) -> int:
+    mesh = multihost.init_from_args(args)
+    out = _out()
     image = _image(args.image)  # fail on a bad image before loading the model
-    model = _load(args)
+    model = _load(args, mesh)
     for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        out.write(piece)
+        out.flush()
+    out.write("\n")
     return 0
 
 
+def _query() -> bytes:
+    try:
+        return input("you> ").strip().encode()
+    except EOFError:
+        print()
+        return b""
+
+
 def cmd_chat(args) -> int:
+    mesh = multihost.init_from_args(args)
+    out = _out()
     image = _image(args.image)
-    model = _load(args)
+    model = _load(args, mesh)
     history: list[tuple[str, str]] = []
-    print("cogvlm-jax chat: empty line or Ctrl-D to quit, '/image PATH' to change the picture, '/clear' to restart.")
+    out.write("cogvlm-jax chat: empty line or Ctrl-D to quit, '/image PATH' to change the picture, '/clear' to "
+              "restart.\n")
     while True:
-        try:
-            query = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
+        query = multihost.from_main(_query).decode()
         if not query:
             return 0
         if query.startswith("/image "):
@@ -66,27 +118,46 @@ def cmd_chat(args) -> int:
         if query == "/clear":
             history = []
             continue
-        sys.stdout.write("cogvlm> ")
+        out.write("cogvlm> ")
         answer = []
         for piece in model.stream(image, query, tuple(history), template=args.template, **_sampling(args)):
             answer.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            out.write(piece)
+            out.flush()
+        out.write("\n")
         history.append((query, "".join(answer)))
+
+
+def _cpu_mesh(text: str):
+    """A mesh of this shape over CPU devices (made up to the count needed): it sets the stored chunk layout."""
+    import jax
+
+    from cogvlm_jax.axes import make_mesh
+
+    shape = multihost.parse_mesh(text)
+    n = shape[0] * shape[1] * shape[2]
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already up: use the CPU devices there are
+        pass
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise ValueError(f"--mesh {text} needs {n} CPU devices; this process has {len(devices)}")
+    return make_mesh(*shape, devices=devices[:n])
 
 
 def cmd_convert(args) -> int:
     from convert.convert_hf import main_convert
 
-    return main_convert(args.src, args.dst, to=args.to) or 0
+    mesh = _cpu_mesh(args.mesh) if args.mesh else None
+    return main_convert(args.src, args.dst, to=args.to, mesh=mesh) or 0
 
 
 def cmd_plan(args) -> int:
     from cogvlm_jax.config import load_config
     from cogvlm_jax.plan import format_plan, plan
 
-    data, fsdp, tensor = _mesh_arg(args.mesh)
+    data, fsdp, tensor = multihost.parse_mesh(args.mesh)
     cfg = load_config(args.config)
     context = args.context or cfg.context_length
     p = plan(cfg, data, fsdp, tensor, args.dtype, args.batch, context)
@@ -115,14 +186,6 @@ _TRAIN_OPTIONS = {
 }
 
 
-def _mesh_arg(text: str) -> tuple[int, int, int]:
-    try:
-        data, fsdp, tensor = (int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {text!r}") from None
-    return data, fsdp, tensor
-
-
 def _run_config(args, base=None):
     """The RunConfig of ``cogvlm-jax train``: ``base`` (a resumed run's) or the defaults, then the options given."""
     import dataclasses
@@ -143,7 +206,7 @@ def _run_config(args, base=None):
         if opt in ("data", "model", "tokenizer"):
             value = os.path.abspath(value)
         elif opt == "mesh":
-            value = _mesh_arg(value)
+            value = multihost.parse_mesh(value)
         elif opt == "lora_targets":
             value = tuple(t.strip() for t in value.split(",") if t.strip())
         if field.startswith("train."):
@@ -202,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("ours", "hf"), default="ours")
+    cv.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                    help="store each tensor in chunks of its shard on this mesh (made of CPU devices), so that "
+                         "loading on it, in one process or several, reads only each process's slices")
     cv.set_defaults(func=cmd_convert)
 
     pl = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (nothing allocated)")

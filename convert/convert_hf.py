@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import os
 import re
@@ -90,6 +91,23 @@ def _listing(problems: list[str]) -> str:
 
 
 # =========================================================================== safetensors files
+@dataclasses.dataclass
+class ReadCounter:
+    """Bytes and read calls this process has read from safetensors files (tests assert on it)."""
+    bytes: int = 0
+    reads: int = 0
+
+    def add(self, nbytes: int) -> None:
+        self.bytes += nbytes
+        self.reads += 1
+
+    def reset(self) -> None:
+        self.bytes = self.reads = 0
+
+
+READS = ReadCounter()  # every SafetensorsFile read goes through this one counter
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     code: str            # safetensors dtype code, e.g. "BF16"
@@ -148,11 +166,49 @@ class SafetensorsFile:
         """The tensor as a new numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
         info = self.tensors[name]
         buf = np.empty(info.end - info.start, np.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(info.start)
-            if f.readinto(memoryview(buf)) != buf.size:
-                raise self._corrupt(f"reading tensor {name} ran past the end of the file")
+        with open(self.path, "rb", buffering=0) as f:
+            self._read_into(f, info.start, memoryview(buf), name)
         return buf.view(_DTYPES[info.code]).reshape(info.shape)
+
+    def read_region(self, name: str, index) -> np.ndarray:
+        """``read(name)[index]`` (``index``: one step-1 slice per axis) reading only the bytes it needs.
+
+        The region's innermost partial axis and the whole axes after it are contiguous in the file: one
+        read each (a row block of a matrix is one read; a column block is one read per row).
+        """
+        info = self.tensors[name]
+        dtype = _DTYPES[info.code]
+        shape = info.shape
+        if len(index) != len(shape):
+            raise ValueError(f"{name}: region {index} does not match shape {shape}")
+        bounds = []
+        for s, n in zip(index, shape):
+            start, stop, step = s.indices(n)
+            if step != 1:
+                raise ValueError(f"{name}: region {index} has a step; only contiguous slices can be read")
+            bounds.append((start, max(start, stop)))
+        out = np.empty([b - a for a, b in bounds], dtype)
+        if out.size == 0:
+            return out
+        k = len(shape)  # axes k.. are read whole
+        while k > 0 and bounds[k - 1] == (0, shape[k - 1]):
+            k -= 1
+        strides = [dtype.itemsize * int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+        lead = max(k - 1, 0)  # the run axis; the axes before it: one read per index combination
+        first = sum(a * st for (a, _), st in zip(bounds[lead:], strides[lead:]))
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        run = out.nbytes // int(np.prod(out.shape[:lead], dtype=np.int64))
+        with open(self.path, "rb", buffering=0) as f:
+            for i, idx in enumerate(itertools.product(*[range(a, b) for a, b in bounds[:lead]])):
+                offset = info.start + first + sum(j * st for j, st in zip(idx, strides))
+                self._read_into(f, offset, flat[i * run:(i + 1) * run], name)
+        return out
+
+    def _read_into(self, f, offset: int, buf: memoryview, name: str) -> None:
+        f.seek(offset)
+        if f.readinto(buf) != len(buf):
+            raise self._corrupt(f"reading tensor {name} ran past the end of the file")
+        READS.add(len(buf))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +356,17 @@ def _check_inv_freq(key: str, stored: np.ndarray, config: CogVLMConfig) -> None:
             f"config (max relative difference {err:.3g}); is the config.json the checkpoint's own?")
 
 
+def _note_inv_freq(key: str, array: np.ndarray, config: CogVLMConfig, facts: dict[str, Any]) -> None:
+    """Check a stored rotary buffer and record in ``facts`` how it was stored (an export reproduces it)."""
+    _check_inv_freq(key, array, config)
+    if "inv_freq_dtype" not in facts:
+        facts["inv_freq_dtype"] = array.dtype.name
+        if array.tobytes() != mapping.rotary_inv_freq(config).astype(array.dtype).tobytes():
+            # within tolerance but not our bits (another pow implementation): keep the source's
+            # values so that an export still reproduces them exactly
+            facts["inv_freq"] = array.astype(np.float64).tolist()
+
+
 def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None):
     """(config, params, facts about the source an export needs) of an HF checkpoint."""
     if config is None:
@@ -317,13 +384,7 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
         st, _ = entries[key]
         path_ours, array = mapping.to_ours(key, st.read(key))
         if path_ours is None:  # the rotary buffer: check it, remember how it was stored, do not keep it
-            _check_inv_freq(key, array, config)
-            if "inv_freq_dtype" not in facts:
-                facts["inv_freq_dtype"] = array.dtype.name
-                if array.tobytes() != mapping.rotary_inv_freq(config).astype(array.dtype).tobytes():
-                    # within tolerance but not our bits (another pow implementation): keep the source's
-                    # values so that an export still reproduces them exactly
-                    facts["inv_freq"] = array.astype(np.float64).tolist()
+            _note_inv_freq(key, array, config, facts)
             continue
         if dtype is not None and array.dtype != dtype:
             array = array.astype(dtype)
@@ -489,11 +550,27 @@ def _check_not_same(src: str, dst: str) -> None:
         raise CheckpointError(f"source and destination are the same directory: {src}")
 
 
-def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = False, progress: bool = True) -> str:
-    """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.checkpoint)."""
+def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = False, progress: bool = True,
+                       mesh=None) -> str:
+    """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.checkpoint).
+
+    ``mesh``: read each tensor onto this mesh's devices in its sharded layout and save it sharded: Orbax
+    then stores every tensor in chunks of one shard, so a later load on a mesh whose per-process slices
+    are unions of those shards (the same mesh, one process or several) reads only what each process
+    holds. Without a mesh each tensor is one chunk, which every loading process reads whole.
+    """
     _check_not_same(src, dst)
     check_destination(dst, overwrite)  # fail before reading gigabytes
-    config, params, facts = _load_hf(src, None, dtype, progress)
+    if mesh is None:
+        config, params, facts = _load_hf(src, None, dtype, progress)
+    else:
+        from convert.hf_sharded import read_hf_sharded
+
+        from cogvlm_jax.sharding import param_shardings
+
+        config, facts = load_config(src), {}
+        shardings = flatten_tree(param_shardings(config, mesh))
+        params = read_hf_sharded(src, config, shardings, as_dtype(dtype), progress=progress, facts=facts)
     if dtype is not None:
         config = config.replace(torch_dtype=as_dtype(dtype).name)
     save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
@@ -514,12 +591,12 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
 
 def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                 progress: bool = True) -> int:
+                 progress: bool = True, mesh=None) -> int:
     """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError."""
     if to == "ours":
         if is_our_checkpoint(src):
             raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")
-        convert_hf_to_ours(src, dst, dtype, overwrite=overwrite, progress=progress)
+        convert_hf_to_ours(src, dst, dtype, overwrite=overwrite, progress=progress, mesh=mesh)
     elif to == "hf":
         convert_ours_to_hf(src, dst, max_shard_bytes, dtype, overwrite=overwrite, progress=progress)
     else:

@@ -238,14 +238,41 @@ def transpose2d(a: np.ndarray) -> np.ndarray:
     return out
 
 
+# Our axis k is HF axis _AXES[transform][k] (``ours = hf.transpose(axes)``); other transforms keep the order.
+_AXES = {TRANSPOSE: (1, 0), CONV: (2, 3, 1, 0)}
+
+
+def layout_axes(transform: str, ndim: int) -> tuple[int, ...]:
+    """The HF axis behind each of our axes after ``transform``."""
+    return _AXES.get(transform, tuple(range(ndim)))
+
+
+def relayout(transform: str, array: np.ndarray) -> np.ndarray:
+    """An HF-layout array (or a region of one) in our layout, C-contiguous."""
+    if transform == TRANSPOSE:
+        return transpose2d(array)
+    if transform in _AXES:
+        return np.ascontiguousarray(array.transpose(_AXES[transform]))
+    return array
+
+
+def hf_region(transform: str, index: Sequence[slice]) -> tuple[slice, ...]:
+    """The HF-layout region behind the region ``index`` (one slice per our axis) of a re-laid-out tensor.
+
+    ``relayout(t, hf[hf_region(t, index)]) == relayout(t, hf)[index]``: a slice of a transposed tensor is
+    the transpose of the swapped slice of the source, so a loader can read only the source bytes it needs.
+    """
+    axes = layout_axes(transform, len(index))
+    out: list[slice] = [slice(None)] * len(index)
+    for ours_axis, hf_axis in enumerate(axes):
+        out[hf_axis] = index[ours_axis]
+    return tuple(out)
+
+
 def to_ours(hf_key: str, array: np.ndarray) -> tuple[Path | None, np.ndarray]:
     """Map one HF tensor to (our path, array in our layout). Buffers give ``(None, array)``."""
     path, transform = hf_to_ours_key(hf_key)
-    if transform == TRANSPOSE:
-        array = transpose2d(array)
-    elif transform == CONV:
-        array = np.ascontiguousarray(array.transpose(2, 3, 1, 0))
-    return path, array
+    return path, relayout(transform, array)
 
 
 def to_hf(path, array: np.ndarray) -> tuple[str, np.ndarray]:

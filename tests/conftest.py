@@ -57,3 +57,25 @@ def f32_models():
     return {fam: cogvlm_jax.load(os.path.join(fixture_dir(fam), "checkpoint"),
                                  tokenizer=os.path.join(fixture_dir(fam), "tokenizer"), progress=False)
             for fam in FAMILIES}
+
+
+def parity_bound(floor: float) -> float:
+    """The bound on |sharded - one device| logits: issue 5's 1e-5, or twice one device's own batch-size
+    floor where that is larger (XLA:CPU's dot is not batch-invariant; 1.5e-5 on cogvlm2, logits up to 12)."""
+    return max(1e-5, 2 * floor)
+
+
+@pytest.fixture(scope="session")
+def reference(f32_models):
+    """Single-device logits and greedy ids (6 tokens) for a left-padded batch of all cases of each family,
+    and the single device's own float32 noise floor: how much a row's logits move when only the batch size
+    changes. {family: (batch, logits, ids, floor)}."""
+    out = {}
+    for fam in FAMILIES:
+        m = f32_models[fam]
+        batch = left_pad_batch(cases(fam), m.config.pad_token_id)
+        logits = m.forward(*batch)
+        floor = max(float(np.abs(m.forward(*[x[i:i + 1] for x in batch])[0] - logits[i]).max())
+                    for i in range(len(batch[0])))
+        out[fam] = (batch, logits, m.generate(*batch, max_new_tokens=6), floor)
+    return out

@@ -1,0 +1,207 @@
+"""One model across several processes: joining the JAX cluster, and host data <-> global arrays.
+
+Each process runs the same program (``jax.distributed``, one process per host): it calls
+:func:`initialize` once before any JAX computation, builds the same mesh over all global devices
+(``make_mesh``), loads only the parameter slices its own devices hold (``cogvlm_jax.load(mesh=)``), and
+calls ``forward``/``generate`` with the same host inputs as every other process. :func:`to_global`
+turns those host inputs into global arrays (each process supplies its own devices' slices) and
+:func:`to_host` gathers a result back to full numpy on every process.
+
+The CLI flags (``--coordinator HOST:PORT --num-processes N --process-id I``, ``--mesh``) are
+:func:`add_cli_args` / :func:`init_from_args`, shared by every command that runs a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import threading
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+DEFAULT_TIMEOUT_S = 120
+EXIT_UNREACHABLE = 3  # the exit status of a process that could not join its cluster in time
+
+
+class ClusterError(ValueError):
+    """Bad multi-process settings; the message says which."""
+
+
+def _cluster_detected() -> bool:
+    """True where ``jax.distributed.initialize()`` can find its settings by itself (TPU pods, SLURM, Open MPI,
+    Kubernetes with the ``kubernetes`` package). Asks the same detectors JAX does; False if they moved."""
+    try:
+        from jax._src.clusters import ClusterEnv
+    except ImportError:
+        return False
+    return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
+
+
+def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the JAX cluster: ``jax.distributed.initialize`` with a deadline. Returns True if it did.
+
+    With no arguments it joins only where JAX detects a cluster (else it returns False: one process).
+    A process that has not reached its coordinator, or whose peers have not all come up, within
+    ``timeout`` seconds prints an error naming the coordinator and exits with status
+    ``EXIT_UNREACHABLE`` (JAX itself would abort with a stack trace, or wait forever for a peer).
+    Must run before any JAX computation.
+    """
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    if any(v is not None for v in given.values()):
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise ClusterError(f"multi-process settings need all of coordinator, num_processes and process_id; "
+                               f"missing {', '.join(missing)}")
+        if ":" not in coordinator:
+            raise ClusterError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ClusterError(f"process id {process_id} is not in [0, {num_processes})")
+    elif not _cluster_detected():
+        return False
+    import jax
+
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # CPU processes talk over gloo
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    joined = threading.Event()
+    who = "this process" if process_id is None else f"process {process_id} of {num_processes}"
+
+    def watchdog():
+        if joined.wait(timeout):
+            return
+        from jax._src import distributed
+
+        where = coordinator or getattr(distributed.global_state, "coordinator_address", None) or "(auto-detected)"
+        sys.stderr.write(f"cogvlm-jax: error: {who} could not join the JAX cluster at coordinator {where} within "
+                         f"{timeout:g} s: is process 0 running there with the same --num-processes, is the port "
+                         f"reachable, and have all processes been started?\n")
+        sys.stderr.flush()
+        os._exit(EXIT_UNREACHABLE)
+
+    threading.Thread(target=watchdog, name="cogvlm-jax-join-watchdog", daemon=True).start()
+    try:  # JAX's own deadline is later than ours, so the message above is the one the user sees
+        extra = {}
+        if "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+            extra["shutdown_timeout_seconds"] = max(int(timeout), 10)  # a peer gone at exit: do not wait 300 s
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   initialization_timeout=int(timeout) + 60, **extra)
+    finally:
+        joined.set()
+    return True
+
+
+def is_main_process() -> bool:
+    """Process 0: the one that prints, serves, writes files meant once."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+# --------------------------------------------------------------------------- host data <-> global arrays
+def to_global(a: np.ndarray, sharding):
+    """A global ``jax.Array`` from the same host array on every process; each supplies its own devices' slices."""
+    import jax
+
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def to_host(x) -> np.ndarray:
+    """The full value of a (possibly multi-process) array as numpy, on every process.
+
+    Arrays spread over other processes' devices are all-gathered: a collective, so every process must
+    call this for the same arrays in the same order (as it does when all run the same program).
+    """
+    import jax
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.sharding.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def broadcast_bytes(data: Optional[bytes]) -> bytes:
+    """Process 0's ``data`` on every process (the others pass anything, e.g. None)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return data if data is not None else b""
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(data or b"", np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(mine.size)))
+    buf = np.zeros(n, np.uint8)
+    if is_main_process():
+        buf[:] = mine
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes() if n else b""
+
+
+def from_main(read: Callable[[], bytes]) -> bytes:
+    """``read()`` on process 0, its bytes on every process (user input, an image file).
+
+    If it fails on process 0 with a ``ValueError``/``OSError``, every process raises a ``ValueError`` with
+    that message, so none is left waiting for the others.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return read()
+    message = None
+    if is_main_process():
+        try:
+            message = b"\x00" + read()
+        except (ValueError, OSError) as e:
+            message = b"\x01" + str(e).encode()
+    message = broadcast_bytes(message)
+    if message[:1] == b"\x01":
+        raise ValueError(message[1:].decode())
+    return message[1:]
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """``"DATA,FSDP,TENSOR"`` -> three ints (a clear error otherwise)."""
+    try:
+        data, fsdp, tensor = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {text!r}") from None
+    return data, fsdp, tensor
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    """``--mesh`` and the multi-process flags, for every command that runs a model."""
+    g = p.add_argument_group("devices and processes")
+    g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                   help="shard the model over this mesh of all (global) devices; default: one device, or "
+                        "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process: the address of process 0 (omit on clusters JAX detects: TPU pods, SLURM, "
+                        "Open MPI)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="multi-process: how many processes in all")
+    g.add_argument("--process-id", type=int, metavar="I", help="multi-process: this process's index, 0..N-1")
+    g.add_argument("--init-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"give up joining the cluster after this long (default {DEFAULT_TIMEOUT_S} s)")
+
+
+def init_from_args(args: argparse.Namespace):
+    """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None."""
+    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    import jax
+
+    from cogvlm_jax.axes import make_mesh
+
+    if args.mesh:
+        return make_mesh(*parse_mesh(args.mesh))
+    if jax.process_count() > 1:
+        return make_mesh(1, jax.process_count(), jax.local_device_count())
+    return None
+
+
+__all__: Sequence[str] = [
+    "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "broadcast_bytes", "from_main",
+    "init_from_args", "initialize", "is_main_process", "parse_mesh", "to_global", "to_host",
+]
