@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 REQUIRED = ("name", "config", "dtype", "batch", "value", "unit", "fraction_of_limit")
 
@@ -33,13 +34,20 @@ def test_quick_decode_on_a_tiny_config(capsys):
     assert decode[1]["extra"]["weight_bytes"] == decode[0]["extra"]["weight_bytes"]
 
 
-def test_quick_serving_on_a_tiny_config(capsys):
-    """The serving benchmark through a real HTTP server: the 1-slot one-stream baseline, then 2 streams on 2 slots."""
-    from benchmarks.run import main
+def test_quick_serving_on_a_tiny_config():
+    """The serving benchmark through a real HTTP server: the 1-slot one-stream baseline, then 2 streams on 2 slots.
 
-    assert main(["--quick", "--only", "serving", "--configs", "tiny-cogvlm1", "--dtypes", "float32",
-                 "--streams", "2", "--no-table"]) == 0
-    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    Run in its own process, as users run it: the server's threads and logging then cannot outlive
+    pytest's output capture (in-process, a later test crashed writing to a closed stderr)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", "serving", "--configs",
+                           "tiny-cogvlm1", "--dtypes", "float32", "--streams", "2", "--no-table"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert [(r["name"], r["batch"], r["extra"]["slots"]) for r in recs] == [("serving", 1, 1), ("serving", 2, 2)]
     base = recs[0]["value"]
     for r in recs:
