@@ -1,8 +1,9 @@
 """``cogvlm-jax convert|generate|chat|train|serve|plan|bench``: bad input is one clear line on stderr and a non-zero exit.
 
-``generate``, ``chat`` and ``train`` run on one device, on a mesh (``--mesh``), or as one of several
-processes (``--coordinator/--num-processes/--process-id``, see ``multihost.py``): then process 0 reads the
-input and prints (``train``: writes the log and the export), the others follow it.
+``generate``, ``chat``, ``train`` and ``serve`` run on one device, on a mesh (``--mesh``), or as one of
+several processes (``--coordinator/--num-processes/--process-id``, see ``multihost.py``): then process 0
+reads the input and prints (``train``: writes the log and the export; ``serve``: serves HTTP), the others
+follow it.
 """
 
 from __future__ import annotations
@@ -246,9 +247,18 @@ def cmd_train(args) -> int:
 def cmd_serve(args) -> int:
     from cogvlm_jax.server import load_engine_and_config, serve
 
-    engine, config = load_engine_and_config(args)
-    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level,
-                 announce=lambda line: print(line, flush=True))
+    mesh = multihost.init_from_args(args)
+    out = _out()
+    engine, config = load_engine_and_config(args, mesh)
+    if not multihost.is_main_process():  # process 0 serves HTTP; this one runs the same device programs
+        engine.follow()
+        return 0
+
+    def announce(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+
+    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level, announce=announce)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-seconds", type=float, default=30.0,
                     help="on SIGTERM, time running requests get to finish")
     sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    multihost.add_cli_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks against the hardware limit (see benchmarks/run.py --help)")

@@ -142,10 +142,13 @@ def broadcast_bytes(data: Optional[bytes]) -> bytes:
 
     mine = np.frombuffer(data or b"", np.uint8) if is_main_process() else np.zeros(0, np.uint8)
     n = int(multihost_utils.broadcast_one_to_all(np.int64(mine.size)))
-    buf = np.zeros(n, np.uint8)
+    if not n:
+        return b""
+    # Sent in a buffer of a power-of-two size: each size is a compiled program, and a server sends many.
+    buf = np.zeros(max(256, 1 << (n - 1).bit_length()), np.uint8)
     if is_main_process():
-        buf[:] = mine
-    return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes() if n else b""
+        buf[:n] = mine
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n].tobytes()
 
 
 def from_main(read: Callable[[], bytes]) -> bytes:
