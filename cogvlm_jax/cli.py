@@ -1,8 +1,9 @@
 """``cogvlm-jax convert|generate|chat|train|serve|plan|bench``: bad input is one clear line on stderr and a non-zero exit.
 
-``generate`` and ``chat`` run on one device, on a mesh (``--mesh``), or as one of several processes
-(``--coordinator/--num-processes/--process-id``, see ``multihost.py``): then process 0 reads the input
-and prints, the others follow it.
+``generate``, ``chat``, ``train`` and ``serve`` run on one device, on a mesh (``--mesh``), or as one of
+several processes (``--coordinator/--num-processes/--process-id``, see ``multihost.py``): then process 0
+reads the input and prints (``train``: writes the log and the export; ``serve``: serves HTTP), the others
+follow it.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ _TRAIN_OPTIONS = {
     "trainable": ("train.trainable", "full"), "steps": ("train.total_steps", None),
     "lr": ("train.learning_rate", 1e-4), "warmup": ("train.warmup_steps", 0),
     "end_lr_ratio": ("train.end_lr_ratio", 0.0), "weight_decay": ("train.weight_decay", 0.0),
-    "max_grad_norm": ("train.max_grad_norm", 1.0), "accum": ("train.accum", 1), "remat": ("train.remat", False),
+    "max_grad_norm": ("train.max_grad_norm", 1.0), "adam_eps": ("train.eps", 1e-8), "accum": ("train.accum", 1), "remat": ("train.remat", False),
     "lora_rank": ("train.lora_rank", 8), "lora_alpha": ("train.lora_alpha", 16.0),
     "lora_targets": ("train.lora_targets", None),
 }
@@ -228,22 +229,36 @@ def cmd_train(args) -> int:
 
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    out = _out()
+    shape = multihost.default_mesh_shape()
+    if args.mesh is None and not args.resume and shape is not None:  # several processes: fsdp over them
+        args.mesh = ",".join(map(str, shape))
     epochs = args.epochs
     if epochs is None and args.steps is None and not args.resume:
         epochs = 1.0
     run = _run_config(args, finetune.read_run(args.out) if args.resume else None)
     path = finetune.fit(args.out, run, resume=args.resume, epochs=epochs, save_every=args.save_every,
                         keep=args.keep, progress=not args.quiet)
-    print(path)
+    out.write(path + "\n")
     return 0
 
 
 def cmd_serve(args) -> int:
     from cogvlm_jax.server import load_engine_and_config, serve
 
-    engine, config = load_engine_and_config(args)
-    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level,
-                 announce=lambda line: print(line, flush=True))
+    mesh = multihost.init_from_args(args)
+    out = _out()
+    engine, config = load_engine_and_config(args, mesh)
+    if not multihost.is_main_process():  # process 0 serves HTTP; this one runs the same device programs
+        engine.follow()
+        return 0
+
+    def announce(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+
+    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level, announce=announce)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--end-lr-ratio", type=float, help="final learning rate / peak (default 0)")
     t.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
     t.add_argument("--max-grad-norm", type=float, help="global gradient-norm clip, 0 = off (default 1)")
+    t.add_argument("--adam-eps", type=float, help="AdamW's epsilon, added to the root of the second moment "
+                                                  "(default 1e-8)")
     t.add_argument("--lora-rank", type=int, help="LoRA rank (default 8)")
     t.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha / rank (default 16)")
     t.add_argument("--lora-targets", help="comma-separated globs over linear-layer paths (default: the decoder's "
@@ -305,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="data order and LoRA initialisation (default 0)")
     t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype, frozen weights and export (trainable weights stay float32; default float32)")
-    t.add_argument("--mesh", help="DATA,FSDP,TENSOR devices (default 1,1,1)")
+    t.add_argument("--mesh", help="DATA,FSDP,TENSOR devices (default 1,1,1; with several processes "
+                                  "1,PROCESSES,DEVICES-PER-PROCESS)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    multihost.add_cli_args(t, mesh=False)
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a chat page at /")
@@ -329,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-seconds", type=float, default=30.0,
                     help="on SIGTERM, time running requests get to finish")
     sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    multihost.add_cli_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks against the hardware limit (see benchmarks/run.py --help)")

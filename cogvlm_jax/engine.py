@@ -16,6 +16,13 @@ so a request's text depends on its own seed and prompt, not on what else is bein
 
 The engine relies on one fact about the KV cache: every leaf has the batch on axis 0.
 
+On a mesh (a model loaded with ``mesh=``) the slots' KV cache is sharded like ``generate``'s, batch over
+``data``/``fsdp`` and kv heads over ``tensor``, and the host reads replicated tokens. Across several
+processes, process 0's engine runs the requests; before each device program (empty slots, insert, decode
+chunk) it sends that program's host inputs to the others (``multihost.broadcast_bytes``), which run the
+same program in :meth:`Engine.follow` until it stops. While idle it sends a no-op every
+``HEARTBEAT_S`` seconds, so that no process waits in a collective for longer than that.
+
 Axis legend: S slots, L prompt bucket, T cache length, V vocab, C decode chunk.
 """
 
@@ -24,6 +31,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import io
+import sys
 import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
@@ -33,12 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import kv_cache, sampling
+from cogvlm_jax import kv_cache, multihost, sampling
 from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.tokenizer import StreamDecoder
 
 DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
+HEARTBEAT_S = 60.0  # several processes: an idle process 0 tells the others it is alive this often
 
 
 class ContextLengthError(InputError):
@@ -155,24 +165,36 @@ def _put_row(full, row, slot):
 class _Programs:
     """The jitted functions of one engine: empty slots, prefill+insert (per prompt shape), decode chunk."""
 
-    def __init__(self, module: CogVLM, slots: int, cache_length: int, chunk: int):
+    def __init__(self, module: CogVLM, slots: int, cache_length: int, chunk: int, mesh=None):
         t = module.config.text
 
         def new_cache(batch):
             return kv_cache.init_cache(t.num_layers, batch, cache_length, t.num_kv_heads, t.head_dim, module.dtype)
 
+        def abstract():
+            zeros = jnp.zeros((slots,), jnp.int32)
+            sp = sampling.SamplingParams(zeros.astype(jnp.float32), zeros, zeros.astype(jnp.float32),
+                                         jnp.zeros((slots, 2), jnp.uint32))
+            return Slots(cache=new_cache(slots), token=zeros, position=zeros, step=zeros, sampling=sp)
+
+        shapes = jax.eval_shape(abstract)
+        out = {}
+        if mesh is not None:  # the cache sharded like generate's; the rest, and the outputs, replicated
+            from cogvlm_jax.sharding import cache_shardings, replicated
+
+            rep = replicated(mesh)
+            state_shardings = jax.tree_util.tree_map(lambda _: rep, shapes).replace(
+                cache=cache_shardings(shapes.cache, mesh))
+            out = {"out_shardings": (state_shardings, rep)}
+
         def empty():
             """All-zero slots, made on the host from the traced shapes: nothing to compile."""
-            def abstract():
-                zeros = jnp.zeros((slots,), jnp.int32)
-                sp = sampling.SamplingParams(zeros.astype(jnp.float32), zeros, zeros.astype(jnp.float32),
-                                             jnp.zeros((slots, 2), jnp.uint32))
-                return Slots(cache=new_cache(slots), token=zeros, position=zeros, step=zeros, sampling=sp)
+            if mesh is None:
+                return jax.tree_util.tree_map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype)), shapes)
+            return jax.tree_util.tree_map(lambda x, sh: multihost.to_global(np.zeros(x.shape, x.dtype), sh),
+                                          shapes, state_shardings)
 
-            return jax.tree_util.tree_map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype)),
-                                          jax.eval_shape(abstract))
-
-        @functools.partial(jax.jit, donate_argnames=("state",))
+        @functools.partial(jax.jit, donate_argnames=("state",), **out)
         def insert(params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``."""
@@ -188,7 +210,7 @@ class _Programs:
                           sampling=jax.tree_util.tree_map(put, state.sampling, sp))
             return state, first[0]
 
-        @functools.partial(jax.jit, donate_argnames=("state",))
+        @functools.partial(jax.jit, donate_argnames=("state",), **out)
         def decode(params, state: Slots, live):
             """``chunk`` steps of every slot -> (state, tokens [S, C]). ``live`` [S]: slots whose tokens are used
             (an idle slot never makes the chunk take the sampling branch)."""
@@ -206,6 +228,19 @@ class _Programs:
         self.empty, self.insert, self.decode = empty, insert, decode
 
 
+def _encode(op: str, args: tuple) -> bytes:
+    """A device program's name and host inputs (numpy or None) as bytes, for the other processes."""
+    buf = io.BytesIO()
+    np.savez(buf, op=np.array(op), n=np.array(len(args)),
+             **{f"a{i}": np.asarray(a) for i, a in enumerate(args) if a is not None})
+    return buf.getvalue()
+
+
+def _decode_op(data: bytes) -> tuple[str, tuple]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return str(z["op"]), tuple(z[f"a{i}"] if f"a{i}" in z.files else None for i in range(int(z["n"])))
+
+
 # --------------------------------------------------------------------------------------- the engine
 @dataclasses.dataclass
 class _Live:
@@ -216,6 +251,9 @@ class _Live:
 
 class Engine:
     """Serve ``model`` (an ``api.Model`` with a tokenizer) to many callers at once from one thread.
+
+    With several processes (``model`` loaded on a mesh over all of them) every process makes the engine;
+    process 0 calls :meth:`start` and takes the requests, the others call :meth:`follow`.
 
     ``slots``: requests decoded together. ``max_length``: KV cache slots per request, prompt bucket
     plus ``max_tokens`` (default: the model's context length). ``max_queue``: requests that may wait
@@ -237,7 +275,12 @@ class Engine:
         if self.max_length <= MIN_BUCKET:
             raise ValueError(f"max_length {self.max_length} leaves no room: prompts take at least {MIN_BUCKET} slots")
         self.eos = frozenset(self.config.eos_token_ids)
-        self._programs = _Programs(model.module, slots, self.max_length, chunk)
+        self.mesh = getattr(model, "mesh", None)
+        if self.mesh is None and jax.process_count() > 1:
+            raise ValueError(f"serving with {jax.process_count()} processes needs the model loaded on a mesh over "
+                             "their devices")
+        self._leader = jax.process_count() > 1 and multihost.is_main_process()  # tells the others what to run
+        self._programs = _Programs(model.module, slots, self.max_length, chunk, self.mesh)
         self._state: Optional[Slots] = None
         self._live: list[Optional[_Live]] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
@@ -296,8 +339,7 @@ class Engine:
         """Compile the decode chunk and start the serving thread."""
         if self._thread is not None:
             return self
-        self._state = self._programs.empty()
-        self._state, _ = self._programs.decode(self.model.params, self._state, np.zeros(self.slots, bool))
+        self._warm_up()
         self._accepting, self._stop = True, False
         self._thread = threading.Thread(target=self._run, name="cogvlm-engine", daemon=True)
         self._thread.start()
@@ -347,12 +389,58 @@ class Engine:
             parts.append(ev.text)
         return "".join(parts), ev
 
+    def follow(self) -> None:
+        """On every process but 0: run the device programs process 0's engine runs, in its order, until it
+        stops (its :meth:`shutdown`)."""
+        if multihost.is_main_process():
+            raise RuntimeError("process 0 serves (start); the others follow")
+        self._warm_up()
+        while True:
+            op, args = _decode_op(multihost.broadcast_bytes(None))
+            if op == "stop":
+                return
+            try:
+                self._apply(op, args)
+            except Exception as e:  # process 0 meets it too: it fails its requests and sends "empty"
+                print(f"cogvlm-jax engine: {op} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ device programs
+    def _warm_up(self) -> None:
+        """Empty slots, and the decode chunk compiled (every process does this at start, unannounced)."""
+        self._apply("empty", ())
+        self._apply("decode", (np.zeros(self.slots, bool),))
+
+    def _device(self, op: str, *args):
+        """Run device program ``op`` (``empty``, ``insert``, ``decode``, or ``noop``) with host inputs ``args``;
+        process 0 of several first sends it to the others."""
+        if self._leader:
+            multihost.broadcast_bytes(_encode(op, args))
+        return self._apply(op, args)
+
+    def _apply(self, op: str, args: tuple):
+        p = self._programs
+        if op == "noop":
+            return None
+        if op == "empty":
+            self._state = p.empty()
+            return None
+        if self.mesh is not None:  # every process supplies the same host inputs, replicated
+            from cogvlm_jax.sharding import replicated
+
+            args = tuple(None if a is None else multihost.to_global(np.asarray(a), replicated(self.mesh))
+                         for a in args)
+        self._state, out = (p.insert if op == "insert" else p.decode)(self.model.params, self._state, *args)
+        return out
+
     # ------------------------------------------------------------------ the serving thread
     def _run(self) -> None:
         while True:
+            idle = False
             with self._cv:
                 while not self._stop and not self._waiting and all(s is None for s in self._live):
-                    self._cv.wait()
+                    if not self._cv.wait(HEARTBEAT_S if self._leader else None):
+                        idle = True
+                        break
                 if self._stop:
                     break
                 admit = []
@@ -364,6 +452,9 @@ class Engine:
                             break
                         admit.append((s, self._waiting.popleft()))
                         self._live[s] = _Live(admit[-1][1], TextOutput(self.model.tokenizer, admit[-1][1].stop))
+            if idle:
+                self._device("noop")
+                continue
             try:
                 for s, req in admit:
                     self._insert(s, req)
@@ -373,6 +464,8 @@ class Engine:
             except Exception as e:  # a device failure: fail what is running, start again from empty slots
                 self._fail_all(f"{type(e).__name__}: {e}")
         self._fail_all("the server shut down before this request finished")
+        if self._leader:
+            multihost.broadcast_bytes(_encode("stop", ()))
 
     def _insert(self, slot: int, req: Request) -> None:
         x = req.inputs
@@ -383,15 +476,14 @@ class Engine:
         am = np.pad(np.asarray(x["attention_mask"], np.int32), (pad, 0))
         pv = None if x.get("pixel_values") is None else np.asarray(x["pixel_values"], np.float32)[None]
         self.prefill_shapes.add((n + pad, pv is not None))
-        self._state, first = self._programs.insert(
-            self.model.params, self._state, pad_ids[None], tt[None], am[None], pv, np.int32(slot),
-            np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
+        first = self._device("insert", pad_ids[None], tt[None], am[None], pv, np.int32(slot),
+                             np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
+                             np.uint32(req.seed % 2**32))
         self._take(slot, [int(first)])
 
     def _decode(self) -> None:
         live = np.array([x is not None for x in self._live])
-        self._state, out = self._programs.decode(self.model.params, self._state, live)
-        out = np.asarray(out)
+        out = np.asarray(self._device("decode", live))
         for s in np.flatnonzero(live):
             self._take(int(s), out[s].tolist())
 
@@ -442,4 +534,4 @@ class Engine:
             if not req.cancelled:
                 req.on_event(Event("", "error", 0, message))
         if not self._stop:
-            self._state = self._programs.empty()
+            self._device("empty")

@@ -13,10 +13,19 @@ The run directory holds::
 Resuming (``resume=True``) reads ``run.json``, restores the newest checkpoint and continues: the batch of
 step k is a function of (seed, k) (``data.Batches``), so a resumed run computes exactly what an
 uninterrupted one does, bit for bit (tested). Log lines after the restored step are dropped.
+
+Across several processes (``multihost.initialize`` first; the mesh spans every process's devices, e.g.
+fsdp over the processes) every process calls :func:`fit` with the same arguments: every one reads the
+data and builds the same whole batch of each step, and puts on its devices only their rows; the step runs
+on the global mesh. Checkpoints are written and restored by all processes together (each its own shards),
+the export is gathered one file at a time and written by process 0, which alone writes ``run.json``, the
+log and the progress bar. The run directory, the data and the model must be at the same paths on every
+process (shared storage across hosts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,8 +37,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
-from cogvlm_jax import train
-from cogvlm_jax.checkpoint import CheckpointError, write_json
+from cogvlm_jax import multihost, train
+from cogvlm_jax.checkpoint import CheckpointError
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -133,6 +142,9 @@ def _mesh(shape):
     n = math.prod(shape)
     if n > len(jax.devices()):
         raise ValueError(f"mesh {','.join(map(str, shape))} needs {n} devices, {len(jax.devices())} available")
+    if jax.process_count() > 1 and n != len(jax.devices()):
+        raise ValueError(f"mesh {','.join(map(str, shape))} covers {n} of the {len(jax.devices())} devices of "
+                         f"{jax.process_count()} processes; a run across processes uses them all")
     return make_mesh(*shape, devices=jax.devices()[:n])
 
 
@@ -174,9 +186,13 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         run = saved
     elif run is None:
         raise ValueError("fit needs a RunConfig for a new run")
-    elif os.path.exists(os.path.join(out, RUN_FILE)) or checkpoint_steps(out):
-        raise CheckpointError(f"{out} already holds a training run; pass --resume to continue it, or choose "
-                              "another --out")
+    else:
+        def fresh() -> bytes:
+            if os.path.exists(os.path.join(out, RUN_FILE)) or checkpoint_steps(out):
+                raise CheckpointError(f"{out} already holds a training run; pass --resume to continue it, or "
+                                      "choose another --out")
+            return b""
+        multihost.from_main(fresh)  # process 0 looks (before it writes run.json); its refusal is raised on all
     if save_every < 1 or keep < 1:
         raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
 
@@ -193,9 +209,11 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
             raise ValueError(f"{epochs} epochs are {steps} steps, but the run in {out} was set up for "
                              f"{run.train.total_steps}; a resumed run keeps its step count")
         run = dataclasses.replace(run, train=dataclasses.replace(run.train, total_steps=steps))
-    if not resume:
+    main = multihost.is_main_process()
+    progress = progress and main
+    if not resume and main:
         os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, RUN_FILE), run.to_dict())
+        _write_atomic(os.path.join(out, RUN_FILE), json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
 
     mesh = _mesh(run.mesh)
     params = cogvlm_jax.load(run.model, dtype="float32", mesh=mesh, progress=progress).params
@@ -207,13 +225,14 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         state = train.restore_state(checkpoint_dir(out, done[-1]), state)
     start, total = int(state.step), run.train.total_steps
     log_path = os.path.join(out, LOG_FILE)
-    _truncate_log(log_path, start)
+    if main:
+        _truncate_log(log_path, start)
 
     from tqdm import tqdm
 
     meta = {"run": run.to_dict()}
-    with open(log_path, "a") as log, tqdm(total=total, initial=start, desc="train", unit="step",
-                                          disable=not progress) as bar:
+    log_file = open(log_path, "a") if main else contextlib.nullcontext()  # only process 0 logs
+    with log_file as log, tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress) as bar:
         host = batches.batch(start) if start < total else None
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -225,13 +244,14 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
                      "seconds": round(time.perf_counter() - t0, 4)}
             if not np.isfinite(entry["loss"]):
                 raise ValueError(f"loss is {entry['loss']} at step {step + 1}; lower --lr or check the data")
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
             bar.update()
             if (step + 1) % save_every == 0 or step + 1 == total:
-                train.save_state(checkpoint_dir(out, step + 1), state, meta, overwrite=True)
-                for old in checkpoint_steps(out)[:-keep]:
+                train.save_state(checkpoint_dir(out, step + 1), state, meta, overwrite=True)  # all processes
+                for old in checkpoint_steps(out)[:-keep] if main else ():
                     shutil.rmtree(checkpoint_dir(out, old), ignore_errors=True)
     if not export:
         return out
@@ -242,9 +262,12 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
 def export_model(trainer: train.Trainer, state: train.TrainState, frozen: Any, config, out_dir: str,
                  dtype: str = "float32", extra_files=(), progress: bool = True) -> str:
     """The full parameters (LoRA merged) as a Hugging Face checkpoint in ``dtype``; atomic, replaces
-    ``out_dir``. Returns ``out_dir``."""
+    ``out_dir``. Returns ``out_dir``. With several processes all call this; process 0 writes (see
+    ``write_hf_checkpoint``)."""
     from convert.convert_hf import write_hf_checkpoint
 
-    params = jax.device_get(trainer.params(state, frozen))
+    params = trainer.params(state, frozen)
+    if jax.process_count() == 1:
+        params = jax.device_get(params)  # else gathered one output file at a time
     return write_hf_checkpoint(params, config, out_dir, dtype=dtype, overwrite=True, extra_files=extra_files,
                                progress=progress)

@@ -7,6 +7,9 @@ calls ``forward``/``generate`` with the same host inputs as every other process.
 turns those host inputs into global arrays (each process supplies its own devices' slices) and
 :func:`to_host` gathers a result back to full numpy on every process.
 
+Files every process writes into together (an Orbax checkpoint: each process its own shards) go through
+:func:`atomic_directory`; :func:`sync` is a barrier.
+
 The CLI flags (``--coordinator HOST:PORT --num-processes N --process-id I``, ``--mesh``) are
 :func:`add_cli_args` / :func:`init_from_args`, shared by every command that runs a model.
 """
@@ -14,11 +17,12 @@ The CLI flags (``--coordinator HOST:PORT --num-processes N --process-id I``, ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import sys
 import threading
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -45,11 +49,17 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     """Join the JAX cluster: ``jax.distributed.initialize`` with a deadline. Returns True if it did.
 
     With no arguments it joins only where JAX detects a cluster (else it returns False: one process).
+    In a process that has already joined, it checks nothing and returns True (the CLI entry points call it,
+    and tests call them one after another in one process).
     A process that has not reached its coordinator, or whose peers have not all come up, within
     ``timeout`` seconds prints an error naming the coordinator and exits with status
     ``EXIT_UNREACHABLE`` (JAX itself would abort with a stack trace, or wait forever for a peer).
     Must run before any JAX computation.
     """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return True
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     if any(v is not None for v in given.values()):
         missing = [k for k, v in given.items() if v is None]
@@ -62,8 +72,6 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
             raise ClusterError(f"process id {process_id} is not in [0, {num_processes})")
     elif not _cluster_detected():
         return False
-    import jax
-
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # CPU processes talk over gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     joined = threading.Event()
@@ -134,10 +142,13 @@ def broadcast_bytes(data: Optional[bytes]) -> bytes:
 
     mine = np.frombuffer(data or b"", np.uint8) if is_main_process() else np.zeros(0, np.uint8)
     n = int(multihost_utils.broadcast_one_to_all(np.int64(mine.size)))
-    buf = np.zeros(n, np.uint8)
+    if not n:
+        return b""
+    # Sent in a buffer of a power-of-two size: each size is a compiled program, and a server sends many.
+    buf = np.zeros(max(256, 1 << (n - 1).bit_length()), np.uint8)
     if is_main_process():
-        buf[:] = mine
-    return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes() if n else b""
+        buf[:n] = mine
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n].tobytes()
 
 
 def from_main(read: Callable[[], bytes]) -> bytes:
@@ -162,6 +173,58 @@ def from_main(read: Callable[[], bytes]) -> bytes:
     return message[1:]
 
 
+# --------------------------------------------------------------------------- files written together
+_barriers = 0  # how many barriers this process has passed: the next one's name (the same on every process)
+
+
+def sync(what: str, timeout: float = 600) -> None:
+    """Wait until every process gets here (nothing with one process). ``what`` names the barrier in errors;
+    every process must pass the same barriers in the same order. Gives up after ``timeout`` seconds."""
+    global _barriers
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost as ocp_multihost
+
+    _barriers += 1  # Orbax barriers need a name never used before
+    ocp_multihost.sync_global_processes(f"cogvlm-jax:{_barriers}:{what}", timeout=int(timeout))
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """``checkpoint.atomic_directory`` for a directory every process writes into (an Orbax save, each process
+    its own shards): process 0 makes the temporary directory and tells the others its name; when every
+    process has left the block, process 0 renames it into place, and then all return. The directory must
+    be on storage every process sees (the same path). With one process this is
+    ``checkpoint.atomic_directory`` itself.
+
+    Process 0's refusal of the destination (not empty, not a directory) is raised on every process.
+    """
+    import jax
+
+    from cogvlm_jax import checkpoint
+
+    if jax.process_count() == 1:
+        with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+            yield tmp
+        return
+    if not is_main_process():
+        tmp = from_main(lambda: b"").decode()  # raises process 0's error, if any
+        yield tmp
+        sync(f"written {out_dir}")
+        sync(f"renamed {out_dir}")
+        return
+    with contextlib.ExitStack() as stack:
+        def make() -> bytes:
+            return stack.enter_context(checkpoint.atomic_directory(out_dir, overwrite)).encode()
+
+        tmp = from_main(make).decode()
+        yield tmp
+        sync(f"written {out_dir}")
+    sync(f"renamed {out_dir}")
+
+
 # --------------------------------------------------------------------------- CLI
 def parse_mesh(text: str) -> tuple[int, int, int]:
     """``"DATA,FSDP,TENSOR"`` -> three ints (a clear error otherwise)."""
@@ -172,12 +235,14 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     return data, fsdp, tensor
 
 
-def add_cli_args(p: argparse.ArgumentParser) -> None:
-    """``--mesh`` and the multi-process flags, for every command that runs a model."""
+def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
+    """``--mesh`` (unless ``mesh=False``: the command has its own) and the multi-process flags, for every
+    command that runs a model."""
     g = p.add_argument_group("devices and processes")
-    g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                   help="shard the model over this mesh of all (global) devices; default: one device, or "
-                        "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
+    if mesh:
+        g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                       help="shard the model over this mesh of all (global) devices; default: one device, or "
+                            "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help="multi-process: the address of process 0 (omit on clusters JAX detects: TPU pods, SLURM, "
                         "Open MPI)")
@@ -187,21 +252,27 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help=f"give up joining the cluster after this long (default {DEFAULT_TIMEOUT_S} s)")
 
 
-def init_from_args(args: argparse.Namespace):
-    """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None."""
-    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+def default_mesh_shape() -> Optional[tuple[int, int, int]]:
+    """The mesh a command uses when none is given: None (one device) in one process, else fsdp over the
+    processes and tensor over each process's devices."""
     import jax
 
-    from cogvlm_jax.axes import make_mesh
-
-    if args.mesh:
-        return make_mesh(*parse_mesh(args.mesh))
     if jax.process_count() > 1:
-        return make_mesh(1, jax.process_count(), jax.local_device_count())
+        return 1, jax.process_count(), jax.local_device_count()
     return None
 
 
+def init_from_args(args: argparse.Namespace):
+    """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None."""
+    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    from cogvlm_jax.axes import make_mesh
+
+    shape = parse_mesh(args.mesh) if args.mesh else default_mesh_shape()
+    return None if shape is None else make_mesh(*shape)
+
+
 __all__: Sequence[str] = [
-    "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "broadcast_bytes", "from_main",
-    "init_from_args", "initialize", "is_main_process", "parse_mesh", "to_global", "to_host",
+    "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory", "broadcast_bytes",
+    "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process", "parse_mesh", "sync",
+    "to_global", "to_host",
 ]

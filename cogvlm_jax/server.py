@@ -530,14 +530,15 @@ class BackgroundServer:
         self.stop()
 
 
-def load_engine_and_config(args) -> tuple[Engine, ServerConfig]:
-    """From the ``cogvlm-jax serve`` arguments (see ``cli.py``)."""
+def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
+    """From the ``cogvlm-jax serve`` arguments (see ``cli.py``); the model on ``mesh`` if given."""
     import cogvlm_jax
+    from cogvlm_jax.multihost import is_main_process
 
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
-    model = cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer) if args.model else \
-        cogvlm_jax.load(dtype=args.dtype, tokenizer=args.tokenizer)
+    kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=is_main_process())
+    model = cogvlm_jax.load(args.model, **kw) if args.model else cogvlm_jax.load(**kw)
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
                                (model.config.name or "cogvlm-jax"))
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,

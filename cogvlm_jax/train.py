@@ -214,6 +214,9 @@ class Trainer:
     """
 
     def __init__(self, config, train_config: TrainConfig, dtype=jnp.float32, mesh=None, vit_query_chunk=None):
+        if mesh is None and jax.process_count() > 1:
+            raise ValueError(f"training with {jax.process_count()} processes needs a mesh over their devices "
+                             "(e.g. cogvlm_jax.make_mesh(1, processes, devices per process))")
         self.config = config
         self.tc = train_config
         self.dtype = jnp.dtype(dtype)
@@ -335,7 +338,10 @@ class Trainer:
     # ------------------------------------------------------------------ step
     def place_batch(self, batch: Mapping) -> dict:
         """A host batch of ``accum * micro`` rows -> device arrays ``[accum, micro, ...]``, each micro-batch
-        split over the mesh's batch axes. ``pixel_values`` None is dropped (a text-only batch)."""
+        split over the mesh's batch axes. ``pixel_values`` None is dropped (a text-only batch).
+
+        With several processes every process passes the same whole host batch (``data.Batches`` makes it
+        from (seed, step) alone) and places only the rows its own devices hold."""
         a = self.tc.accum
         out = {}
         for key, value in batch.items():
@@ -349,9 +355,10 @@ class Trainer:
                 out[key] = jax.device_put(value, jax.devices()[0])
             else:
                 from cogvlm_jax import axes
+                from cogvlm_jax.multihost import to_global
 
                 sharding = axes.named_sharding((None, "batch") + (None,) * (value.ndim - 2), value.shape, self.mesh)
-                out[key] = jax.device_put(value, sharding)
+                out[key] = to_global(value, sharding)  # each process puts its own devices' rows
         return out
 
     def _step_fn(self, state: TrainState, frozen, batch):
@@ -367,9 +374,12 @@ class Trainer:
         """One optimizer update on a batch from :meth:`place_batch`. ``state`` is donated (do not reuse it).
         Returns (new state, metrics: loss, tokens, grad_norm, lr of this step)."""
         if self._step is None:
+            from cogvlm_jax.sharding import replicated
+
             # Trainers with the same model, settings and mesh share one jitted step (compiled once).
             if self._key not in _STEPS:
-                out = None if self.mesh is None else (self.state_shardings(state), None)
+                # metrics replicated: every process can read them (several processes: each holds a copy)
+                out = None if self.mesh is None else (self.state_shardings(state), replicated(self.mesh))
                 if len(_STEPS) >= 8:
                     _STEPS.pop(next(iter(_STEPS)))
                 _STEPS[self._key] = jax.jit(self._step_fn, donate_argnums=0, out_shardings=out)
@@ -396,22 +406,29 @@ def _state_tree(state: TrainState) -> dict:
 
 def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, overwrite: bool = False) -> str:
     """Write ``state`` (Orbax, under ``path/state``) and ``meta`` (``path/train.json``) atomically: the
-    directory appears complete or not at all. Returns ``path``."""
+    directory appears complete or not at all. Returns ``path``.
+
+    With several processes every process calls this (a collective): each writes the shards its devices
+    hold, process 0 writes ``train.json`` and renames the directory into place, and all return once it is
+    there. ``path`` must be on storage every process sees."""
     import orbax.checkpoint as ocp
 
-    from cogvlm_jax.checkpoint import atomic_directory, write_json
+    from cogvlm_jax.checkpoint import write_json
+    from cogvlm_jax.multihost import atomic_directory, is_main_process
 
     with atomic_directory(path, overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, STATE_DIR), _state_tree(state))
             ckptr.wait_until_finished()
-        write_json(os.path.join(tmp, "train.json"), dict(meta or {}, step=int(state.step)))
+        if is_main_process():
+            write_json(os.path.join(tmp, "train.json"), dict(meta or {}, step=int(state.step)))
     return path
 
 
 def restore_state(path: str, like: TrainState) -> TrainState:
     """Read a state written by :func:`save_state` into the structure, dtypes and shardings of ``like`` (a
-    state from :meth:`Trainer.init` of the same model and settings, or its ``jax.ShapeDtypeStruct`` s)."""
+    state from :meth:`Trainer.init` of the same model and settings, or its ``jax.ShapeDtypeStruct`` s).
+    With several processes every process calls this, and each reads the shards its devices hold."""
     import orbax.checkpoint as ocp
 
     from cogvlm_jax.checkpoint import CheckpointError

@@ -420,9 +420,13 @@ Fetch = Callable[[list[tuple]], dict[tuple, Any]]
 
 
 def _tree_source(params: Mapping) -> tuple[Specs, Fetch]:
+    from cogvlm_jax.multihost import to_host
+
     flat = flatten_tree(params)
+    # to_host: a parameter sharded over several processes' devices is gathered (all processes fetch the same
+    # paths in the same order, see _write_hf)
     return ({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
-            lambda paths: {p: flat[p] for p in paths})
+            lambda paths: {p: to_host(flat[p]) for p in paths})
 
 
 def _orbax_source(ckpt_dir: str) -> tuple[Specs, Fetch]:
@@ -488,6 +492,10 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
     ``inv_freq_values`` when given (an import records them if the source's differ from ours in the last
     bit). ``extra_files`` are copied in. Only one re-laid-out tensor exists at a time. Atomic; a
     non-empty ``out_dir`` is refused unless ``overwrite``. Returns ``out_dir``.
+
+    With several processes (``params`` sharded over all their devices) every process calls this: the
+    parameters of one output file at a time are gathered on every process, process 0 writes, and all
+    return once the checkpoint is in place.
     """
     return _write_hf(_tree_source(params), config, out_dir, max_shard_bytes, dtype, inv_freq_dtype,
                      inv_freq_values, overwrite, extra_files, progress)
@@ -506,7 +514,9 @@ def _producer(leaves: dict[tuple, Any], inv_freq: np.ndarray) -> Callable[[_OutT
 
 def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
               inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool) -> str:
-    check_destination(out_dir, overwrite)
+    from cogvlm_jax import multihost
+
+    multihost.from_main(lambda: check_destination(out_dir, overwrite) or b"")  # process 0's refusal, on all
     specs, fetch = source
     dtype = as_dtype(dtype)
     if dtype is not None:
@@ -519,6 +529,11 @@ def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, m
     shards = _shard(outs, max_shard_bytes)
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    if not multihost.is_main_process():  # take part in the gathers; process 0 writes
+        for shard in shards:
+            fetch([t.source for t in shard if t.source is not None])
+        multihost.sync(f"exported {out_dir}")
+        return out_dir
     with atomic_directory(out_dir, overwrite) as tmp, \
             tqdm(total=len(outs), desc="writing", unit="tensor", disable=not progress) as bar:
         for name, shard in zip(names, shards):
@@ -530,6 +545,7 @@ def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, m
                 "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}})
         write_json(os.path.join(tmp, "config.json"), config.to_hf_dict())
         copy_files(extra_files, tmp)
+    multihost.sync(f"exported {out_dir}")
     return out_dir
 
 

@@ -50,6 +50,35 @@ def left_pad_batch(recs, pad_id: int):
     return ids, tt, am, pix
 
 
+# The small training set and the settings of tests/test_train_step.py and tests/test_multihost_train.py: the
+# same data shapes and TrainConfig in both, so that one compiled one-device step serves both modules.
+TRAIN_RECORDS = [  # every prompt + answer is 17..32 tokens: one length bucket, one compile per trainer
+    {"image": "red.png", "query": "What color is it?", "answer": "red"},
+    {"image": "blue.png", "query": "What color is this one?", "answer": "blue, quite dark"},
+    {"query": "Hi?", "answer": "hi all", "history": [["a", "b"]]},
+    {"image": "red.png", "query": "Which shape is this?", "answer": "a square"},
+    {"query": "Count to three please", "answer": "one two three"},
+    {"image": "blue.png", "query": "Is it red?", "answer": "no"},
+    {"image": "red.png", "query": "Is it red or blue?", "answer": "yes it is red"},
+    {"query": "What is two plus two? Think.", "answer": "four"},
+]
+# AdamW with eps=1, no clipping or decay, a constant learning rate 1 (TrainConfig(**LINEAR_TRAIN)); see
+# tests/test_train_step.py for why. total_steps does not change the numbers (the rate is constant).
+LINEAR_TRAIN = dict(learning_rate=1.0, eps=1.0, max_grad_norm=0.0, total_steps=2, end_lr_ratio=1.0)
+
+
+def write_train_data(directory) -> str:
+    """TRAIN_RECORDS as ``directory/train.jsonl`` with their two images beside it; -> the JSONL's path."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(os.path.join(directory, "red.png"))
+    Image.new("RGB", (30, 40), (20, 20, 220)).save(os.path.join(directory, "blue.png"))
+    path = os.path.join(directory, "train.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in TRAIN_RECORDS)
+    return path
+
+
 @pytest.fixture(scope="session")
 def f32_models():
     import cogvlm_jax

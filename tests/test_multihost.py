@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from cogvlm_jax.multihost import EXIT_UNREACHABLE
 from conftest import FAMILIES, cases, fixture_dir, parity_bound
+from processes import ROOT, free_port, python, run_together
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(2, 2, 2), (1, 4, 2)]
 MAX_NEW_TOKENS = 6  # what the `reference` fixture generates
 DEADLINE_S = 420  # hard limit for every child; measured well under it (see the test output)
@@ -31,29 +26,15 @@ JOIN_TIMEOUT_S = 8  # --init-timeout of the processes whose peer never comes up
 CLI_CASE = ("cogvlm1", "chat_image")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # read before the child imports jax
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
 def _cli_args(port: int, process_id: int, timeout: float):
     fam, name = CLI_CASE
     case = next(c for c in cases(fam) if c["name"] == name)
     d = fixture_dir(fam)
-    return [sys.executable, "-m", "cogvlm_jax.cli", "generate", "--model", os.path.join(d, "checkpoint"),
-            "--tokenizer", os.path.join(d, "tokenizer"), "--image", os.path.join(d, "images", case["image"]),
-            "--prompt", case["query"], "--max-new-tokens", str(case["max_new_tokens"]), "--mesh", "1,4,2",
-            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id),
-            "--init-timeout", str(timeout)]
+    return python("-m", "cogvlm_jax.cli", "generate", "--model", os.path.join(d, "checkpoint"),
+                  "--tokenizer", os.path.join(d, "tokenizer"), "--image", os.path.join(d, "images", case["image"]),
+                  "--prompt", case["query"], "--max-new-tokens", str(case["max_new_tokens"]), "--mesh", "1,4,2",
+                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id),
+                  "--init-timeout", str(timeout))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +57,10 @@ def runs(tmp_path_factory, reference):
         json.dump({"meshes": MESHES, "families": families, "max_new_tokens": MAX_NEW_TOKENS}, f)
 
     worker = os.path.join(ROOT, "tests", "multihost_worker.py")
-    p_work, p_cli, p_lone0, p_lone1 = (_free_port() for _ in range(4))
+    p_work, p_cli, p_lone0, p_lone1 = (free_port() for _ in range(4))
     commands = {
-        "worker0": [sys.executable, worker, f"127.0.0.1:{p_work}", "0", work],
-        "worker1": [sys.executable, worker, f"127.0.0.1:{p_work}", "1", work],
+        "worker0": python(worker, f"127.0.0.1:{p_work}", "0", work),
+        "worker1": python(worker, f"127.0.0.1:{p_work}", "1", work),
         "cli0": _cli_args(p_cli, 0, 60),
         "cli1": _cli_args(p_cli, 1, 60),
         # process 1 of 2, and nobody at the coordinator's address
@@ -87,39 +68,10 @@ def runs(tmp_path_factory, reference):
         # process 0 of 2 (it is the coordinator), and its peer never starts
         "lonely0": _cli_args(p_lone0, 0, JOIN_TIMEOUT_S),
     }
-    procs, started, ended, files = {}, {}, {}, {}
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    env = _child_env()
-    for name, cmd in commands.items():
-        out, err = (open(os.path.join(work, f"{name}.{s}"), "w+") for s in ("out", "err"))
-        files[name] = (out, err)
-        started[name] = time.monotonic()
-        procs[name] = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
-    t0 = time.monotonic()
-    while len(ended) < len(procs) and time.monotonic() - t0 < DEADLINE_S:
-        for name, p in procs.items():
-            if name not in ended and p.poll() is not None:
-                ended[name] = time.monotonic() - started[name]
-        time.sleep(0.2)
-    results = {}
-    for name, p in procs.items():
-        if name not in ended:  # past the deadline: stop it, and report it as a failure below
-            p.kill()
-            p.wait()
-        out, err = files[name]
-        out.seek(0)
-        err.seek(0)
-        results[name] = {"rc": p.returncode, "seconds": ended.get(name), "stdout": out.read(),
-                         "coordinator": commands[name][commands[name].index("--coordinator") + 1]
-                         if "--coordinator" in commands[name] else None,
-                         "stderr": "\n".join(ln for ln in err.read().splitlines() if not ln.startswith("[Gloo]"))}
-        out.close()
-        err.close()
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-    print("\nchild wall times (s): " + ", ".join(f"{k} {v['seconds'] and round(v['seconds'], 1)}"
-                                                 for k, v in results.items())
-          + f"; CPU time of all children {cpu:.0f} s (about {cpu / 2:.0f} s of wall time on 2 idle cores)")
+    results = run_together(commands, work, DEADLINE_S)
+    for r in results.values():
+        r["coordinator"] = r["command"][r["command"].index("--coordinator") + 1] if "--coordinator" in r["command"] \
+            else None
     for pid in (0, 1):
         path = os.path.join(work, f"out_{pid}.npz")
         results[f"worker{pid}"]["out"] = dict(np.load(path)) if os.path.exists(path) else None

@@ -19,34 +19,20 @@ import os
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from cogvlm_jax import lora, train
 from cogvlm_jax.checkpoint import flatten_tree
 from cogvlm_jax.data import Batches, read_jsonl
+from conftest import LINEAR_TRAIN, write_train_data
 
-RECORDS = [  # every prompt + answer is 17..32 tokens: one length bucket, one compile per trainer
-    {"image": "red.png", "query": "What color is it?", "answer": "red"},
-    {"image": "blue.png", "query": "What color is this one?", "answer": "blue, quite dark"},
-    {"query": "Hi?", "answer": "hi all", "history": [["a", "b"]]},
-    {"image": "red.png", "query": "Which shape is this?", "answer": "a square"},
-    {"query": "Count to three please", "answer": "one two three"},
-    {"image": "blue.png", "query": "Is it red?", "answer": "no"},
-    {"image": "red.png", "query": "Is it red or blue?", "answer": "yes it is red"},
-    {"query": "What is two plus two? Think.", "answer": "four"},
-]
-LINEAR = train.TrainConfig(learning_rate=1.0, eps=1.0, max_grad_norm=0.0, total_steps=8, end_lr_ratio=1.0)
+LINEAR = train.TrainConfig(**LINEAR_TRAIN)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, f32_models):
     d = tmp_path_factory.mktemp("train")
-    Image.new("RGB", (40, 30), (220, 20, 20)).save(d / "red.png")
-    Image.new("RGB", (30, 40), (20, 20, 220)).save(d / "blue.png")
-    with open(d / "train.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in RECORDS)
     model = f32_models["cogvlm1"]
-    recs = read_jsonl(str(d / "train.jsonl"), model.tokenizer, model.config)
+    recs = read_jsonl(write_train_data(d), model.tokenizer, model.config)
     batches = Batches(recs, model.tokenizer, model.config, batch_size=4, seed=0)
     assert batches.buckets == (32,) and batches.steps_per_epoch == 2
     return d, model, batches

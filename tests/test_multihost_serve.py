@@ -1,0 +1,118 @@
+"""Serving across two processes, for real: ``cogvlm-jax serve`` on a two-process JAX cluster on 127.0.0.1
+(4 CPU devices each, gloo collectives), on its default mesh (1, 2, 4). Process 0 serves HTTP; process 1
+runs the device programs process 0's engine sends it.
+
+One module fixture starts the pair (each killed if it outlives its deadline), sends it requests for both
+slots and one more (it waits for a slot, then is inserted between decode chunks), reads /health, and
+stops process 0 with SIGTERM: the follower must stop with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from conftest import cases, fixture_dir
+from processes import finish, free_port, python, start
+
+DEADLINE_S = 240  # hard limit for each child; measured well under it (see the test output)
+NAME = "tiny-two-processes"
+# fixture cases (chat template, greedy): two slots, and a third request that waits for one
+REQUESTS = ["chat_image", "chat_text_only", "chat_image"]
+
+
+def _case(name):
+    return next(c for c in cases("cogvlm1") if c["name"] == name)
+
+
+def _body(case):
+    content = case["query"]
+    if case["image"] is not None:
+        with open(os.path.join(fixture_dir("cogvlm1"), "images", case["image"]), "rb") as f:
+            url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": content}]
+    return {"model": NAME, "messages": [{"role": "user", "content": content}], "max_tokens": case["max_new_tokens"],
+            "temperature": 0}
+
+
+def _reference_text(case, model) -> str:
+    """The reference implementation's greedy answer (the fixture's ids, up to eos)."""
+    ids = [int(i) for i in case["arrays"]["generated_ids"]]
+    stop = [i for i, t in enumerate(ids) if t in model.config.eos_token_ids]
+    return model.tokenizer.decode(ids[:stop[0]] if stop else ids)
+
+
+def _request(url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _wait_for_url(path, children) -> str:
+    """The address process 0 announces on its stdout (None if a child exits or the deadline passes first)."""
+    while time.monotonic() - children["t0"] < DEADLINE_S:
+        with open(path) as f:
+            found = re.search(r"on (http://\S+) ", f.read())
+        if found:
+            return found.group(1)
+        if any(p.poll() is not None for p in children["procs"].values()):
+            return None
+        time.sleep(0.2)
+    return None
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, f32_models):
+    work = str(tmp_path_factory.mktemp("multihost_serve"))
+    d = fixture_dir("cogvlm1")
+    port = free_port()
+    commands = {f"serve{i}": python("-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"),
+                                    "--tokenizer", os.path.join(d, "tokenizer"), "--model-name", NAME, "--port", "0",
+                                    "--slots", "2", "--decode-chunk", "2", "--max-length", "128",
+                                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                    "--process-id", str(i), "--init-timeout", "60")
+                for i in (0, 1)}
+    children = start(commands, work)
+    answers, health, stop_seconds = None, None, None
+    want = [_reference_text(_case(name), f32_models["cogvlm1"]) for name in REQUESTS]
+    try:
+        url = _wait_for_url(os.path.join(work, "serve0.out"), children)
+        if url is not None:
+            with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+                replies = list(pool.map(lambda b: _request(url + "/v1/chat/completions", b),
+                                        [_body(_case(name)) for name in REQUESTS]))
+            answers = [r["choices"][0]["message"]["content"] for r in replies]
+            health = _request(url + "/health")
+            t = time.monotonic()
+            children["procs"]["serve0"].send_signal(signal.SIGTERM)
+            children["procs"]["serve1"].wait(timeout=max(1.0, DEADLINE_S - (t - children["t0"])))
+            stop_seconds = time.monotonic() - t
+    finally:
+        results = finish(children, DEADLINE_S)
+    return {"results": results, "want": want, "answers": answers, "health": health, "stop_seconds": stop_seconds}
+
+
+def test_two_processes_serve_the_reference_answers(served):
+    r = served["results"]
+    assert served["answers"] is not None, f"no server: {r['serve0']['stderr'][-3000:]}\n{r['serve1']['stderr'][-3000:]}"
+    print(f"\nanswers: {served['answers']}")
+    assert served["answers"] == served["want"]
+    assert served["health"]["completed"] == len(REQUESTS) and served["health"]["slots"] == 2
+
+
+def test_follower_stops_with_process_0_and_only_process_0_serves(served):
+    r = served["results"]
+    print(f"\nthe follower stopped {served['stop_seconds']:.1f} s after process 0 was sent SIGTERM")
+    for name in ("serve0", "serve1"):
+        assert r[name]["rc"] == 0, f"{name} rc {r[name]['rc']}:\n{r[name]['stderr'][-3000:]}"
+    assert len(r["serve0"]["stdout"].splitlines()) == 1 and f"{NAME} on http://" in r["serve0"]["stdout"]
+    assert r["serve1"]["stdout"] == ""
