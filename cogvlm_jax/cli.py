@@ -18,7 +18,8 @@ TEMPLATES = ("chat", "vqa", "base")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (HF safetensors or converted)")
+    p.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
+                   "model shipped in the package (coloured shapes only, see the README)")
     p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: beside the model)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
