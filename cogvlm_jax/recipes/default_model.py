@@ -20,6 +20,8 @@ Measured with /tmp-style runs of batch 32 on the 2-core machine (0.4-0.6 s/step)
   rates (suspects: attention-logit growth in the ViT without QK-norm; EVA's LayerNorm'd branch outputs);
 - the colour-first curriculum (``stage_at``) lifts colour (68-79%) but shape stays at chance and where at
   ~54% with up to 2 objects after 600 steps.
+- per-module learning rates on shape-only, one object, 300 steps: ViT 3e-4 / rest 3e-3 -> 39%, ViT 3e-3 /
+  rest 3e-4 -> 56%, both 1e-3 -> 68%: the ViT alone is not what breaks at high rates.
 Next: find the unstable component (log per-module update/param ratios and attention entropy at lr 3e-3
 on shape-only), try per-module learning rates (ViT lower), smaller patches (84/7), longer runs.
 """
