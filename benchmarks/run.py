@@ -70,10 +70,10 @@ def _notes(r: dict) -> str:
                 f"{e['achieved_gflop_s']:.1f} of {e['limit_gflop_s']:.1f} GFLOP/s useful"
                 + (f", XLA counts {e['executed_gflop']:.1f} GFLOP executed vs {e['model_gflop']:.1f} useful"
                    if e.get("executed_gflop") else ""))
-    if r["name"] == "convert_throughput":
+    if r["name"] in ("convert_throughput", "export_throughput"):
         return (f"{e['checkpoint_mb']:.0f} MB in {e['shards']} shards, {e['layers']} layers, {e['wall_s']:.1f} s; "
                 f"plain copy {e['limit_mb_s']:.0f} MB/s")
-    if r["name"] == "convert_peak_rss":
+    if r["name"] in ("convert_peak_rss", "export_peak_rss"):
         return f"limit {e['limit_mb']:.0f} MB; imports alone {e['import_rss_mb']:.0f} MB"
     if r["name"] == "serving":
         return (f"{e['slots']} slots, {e['requests']} requests of {e['prompt_tokens']} prompt + {e['max_tokens']} "
