@@ -64,17 +64,17 @@ class CogVLM(nn.Module):
         hidden_states: tuple of the decoder input and every layer's output (last one normed), if asked.
         """
         x = self.embed_tokens(input_ids)
-        vision_mask = None
+        route = None
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
-            vision_mask = positions.vision_expert_mask(token_type_ids)
+            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1)
         pos = positions.position_ids(token_type_ids, attention_mask)
         mask = positions.causal_mask(attention_mask)
         hidden = [x]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, vision_mask, pos, mask, kv, None if cache is None else cache.index)
+            x, kv = layer(x, route, pos, mask, kv, None if cache is None else cache.index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

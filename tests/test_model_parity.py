@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import cogvlm_jax
+from cogvlm_jax import positions
 from cogvlm_jax.model import CogVLM
 from conftest import FAMILIES, cases, fixture_dir, left_pad_batch
 
@@ -60,6 +62,27 @@ def test_left_padded_batch_gives_each_row_its_own_logits(family, f32_models):
         worst = max(worst, float(np.abs(out[i, n - m:][:, a["logits_columns"]] - a["logits"]).max()))
     print(f"\n{family} batched max abs logit error: {worst:.2e}")
     assert worst <= TOL
+
+
+def test_each_expert_on_its_own_tokens_equals_both_and_select(f32_models, monkeypatch):
+    """A batch of image rows takes the split route (each expert on its own tokens); forcing the select
+    route (both experts on every token, as for a batch mixing text-only rows) gives the same logits.
+    CogVLM2 (GQA, a vision-expert QKV bias); both families' split route also meets the reference in
+    test_every_case_matches_reference (one image row) and the select route in the left-padded batch."""
+    family = "cogvlm2"
+    model = f32_models[family]
+    recs = [r for r in cases(family) if "pixel_values" in r["arrays"].files]
+    ids, tt, am, pix = left_pad_batch(recs, model.config.pad_token_id)
+    assert bool(positions.expert_route(tt, model.config.num_image_tokens - 1).split)
+    apply = jax.jit(lambda *a: model.module.apply({"params": model.params}, *a)[0])
+    split = np.asarray(apply(ids, tt, am, pix))
+    real_route = positions.expert_route
+    monkeypatch.setattr(positions, "expert_route",
+                        lambda *a: real_route(*a).replace(split=jnp.zeros((), bool)))
+    select = np.asarray(jax.jit(lambda *a: model.module.apply({"params": model.params}, *a)[0])(ids, tt, am, pix))
+    err = float(np.abs(split - select).max())
+    print(f"\n{family}: split vs select routing, max abs logit difference {err:.2e}")
+    assert err <= 1e-5
 
 
 # bfloat16: weights and matmul operands bf16; accumulation, residual stream, norms, softmax and logits
