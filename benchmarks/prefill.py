@@ -28,10 +28,12 @@ from benchmarks.decode import DTYPES, DecodeBench, image_prompt
 
 # --------------------------------------------------------------------------- the limit
 def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` (float32 accumulation, the model's precision)."""
+    """FLOP/s of a jitted [n, n] @ [n, n] in the dtype a model loaded in ``dtype`` multiplies in
+    (``api.compute_dtype``: float32 on CPU for bfloat16), float32 accumulation, the model's precision."""
+    from cogvlm_jax.api import compute_dtype
     from cogvlm_jax.layers import precision_for
 
-    dt = DTYPES[dtype]
+    dt = compute_dtype(DTYPES[dtype])
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((n, n), np.float32), dt)
     b = jnp.asarray(rng.standard_normal((n, n), np.float32), dt)

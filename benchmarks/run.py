@@ -57,7 +57,8 @@ def _notes(r: dict) -> str:
     """The few extras worth a glance in the table."""
     e = r.get("extra", {})
     if r["name"].startswith("decode"):
-        return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step "
+        read = f" read as {e['read_dtype']}" if e.get("read_dtype", r["dtype"]) != r["dtype"] else ""
+        return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step{read} "
                 f"(KV {e['kv_bytes'] / 1e6:.1f} MB: {e['cache_slots_read']:.0f} of T={e['cache_length']} slots), {e['achieved_gb_s']:.2f} GB/s "
                 f"= {e['bandwidth_fraction']:.0%} of the probe; {e['bound']} bound"
                 + (" (fits in the CPU cache: not a DRAM roofline)" if e.get("cache_resident") else ""))

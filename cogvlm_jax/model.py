@@ -44,12 +44,18 @@ class CogVLM(nn.Module):
     def setup(self):
         t = self.config.text
         self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk, self.remat)
-        self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=jnp.float32,
+        # dtype None: look rows up in the table's own dtype, then widen only those rows (``embed``); a
+        # float32 Embed would widen the whole table first (once per decode loop call, on XLA:CPU).
+        self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=None,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = [layer(t, self.dtype) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
         self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype)
+
+    def embed(self, ids):
+        """[B, L] token ids -> [B, L, D] float32 embeddings."""
+        return self.embed_tokens(ids).astype(jnp.float32)
 
     def encode_images(self, pixel_values):
         """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi."""
@@ -63,7 +69,7 @@ class CogVLM(nn.Module):
         prompts end there). cache: the KV cache with the prompt written at slots [0, L), or None.
         hidden_states: tuple of the decoder input and every layer's output (last one normed), if asked.
         """
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         route = None
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
@@ -91,7 +97,7 @@ class CogVLM(nn.Module):
 
         Runs the language expert only: the vision-expert weights are never read.
         """
-        x = self.embed_tokens(tokens[:, None])
+        x = self.embed(tokens[:, None])
         new_valid = jnp.ones((tokens.shape[0], 1), bool)
         mask = kv_cache.read_mask(cache, new_valid)
         pos = token_positions[:, None]
