@@ -37,8 +37,9 @@ def bucket_length(n: int) -> int:
 def compute_dtype(dtype):
     """The dtype a model loaded in ``dtype`` computes in: float32 on CPU for bfloat16 / float16 (see
     :func:`weights_for_compute`), else ``dtype``."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize == 2 and jax.default_backend() == "cpu" else dtype
+    from cogvlm_jax.layers import widens_on_cpu
+
+    return jnp.dtype(jnp.float32) if widens_on_cpu(dtype) else jnp.dtype(dtype)
 
 
 def weights_for_compute(params, dtype):

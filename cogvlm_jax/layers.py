@@ -27,7 +27,8 @@ def precision_for(dtype: Dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def _widen_on_cpu(dtype) -> bool:
+def widens_on_cpu(dtype) -> bool:
+    """Whether ``dtype`` is a 16-bit float that this backend (CPU) multiplies by widening to float32."""
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and jax.default_backend() == "cpu"
 
 
@@ -41,7 +42,7 @@ def operands(dtype, *arrays):
     and sums in float32. Other backends multiply 16-bit operands natively and get them as they are.
     """
     out = [a.astype(dtype) for a in arrays]
-    return [a.astype(jnp.float32) for a in out] if _widen_on_cpu(dtype) else out
+    return [a.astype(jnp.float32) for a in out] if widens_on_cpu(dtype) else out
 
 
 class Dense(nn.Module):
