@@ -1,13 +1,14 @@
-"""Converter throughput and memory: HF safetensors -> our checkpoint, in a child process.
+"""Converter throughput and memory: HF safetensors -> our checkpoint -> HF, each in a child process.
 
 The benchmark writes its own multi-GB sharded bfloat16 HF checkpoint (many layers, a Llama-3 sized
 vocabulary, a tiny width: the shape of the problem, parameters by the gigabyte, without needing a
-real 40 GB download), runs ``python -m cogvlm_jax.cli convert SRC DST`` as a child and reports:
+real 40 GB download), runs ``python -m cogvlm_jax.cli convert SRC DST`` as a child, then the export
+``convert DST BACK --to hf``, and reports for each (``convert_*``, ``export_*``):
 
-* ``convert_throughput``: checkpoint MB / child wall time (python start and imports included),
+* ``*_throughput``: checkpoint MB / child wall time (python start and imports included),
   against a plain copy of the same shards (``shutil.copyfile``: the same bytes read and written, in
   the same page-cache state), which is what a conversion could at best do;
-* ``convert_peak_rss``: the child's peak resident set (its ``VmHWM``, polled), against the 1 GB
+* ``*_peak_rss``: the child's peak resident set (its ``VmHWM``, polled), against the 1 GB
   target; ``import_rss_mb`` in its extras is the peak of a child that only imports the same
   modules, i.e. the part of the peak the data is not responsible for.
 
@@ -169,7 +170,8 @@ def _dir_bytes(path: str) -> int:
 
 
 def run(quick: bool = False, layers: int | None = None, workdir: str | None = None) -> list[dict]:
-    """Generate the checkpoint, convert it in a child, report MB/s and peak RSS; delete everything."""
+    """Generate the checkpoint, convert it and export it back in children, report MB/s and peak RSS; delete
+    everything."""
     layers = layers or (24 if quick else 280)
     root = tempfile.mkdtemp(prefix="cogvlm-bench-convert-", dir=workdir or "/tmp")
     try:
@@ -182,21 +184,23 @@ def run(quick: bool = False, layers: int | None = None, workdir: str | None = No
         # The same imports without the data: the floor of the child's RSS.
         imp_s, rc, imp_rss = run_child([sys.executable, "-c", "import cogvlm_jax.cli, convert.convert_hf, "
                                         "orbax.checkpoint, jax; jax.numpy.zeros(1).block_until_ready()"], log)
-        wall, rc, rss = run_child([sys.executable, "-m", "cogvlm_jax.cli", "convert", src, dst], log)
-        if rc != 0:
-            with open(log, "rb") as f:
-                tail = f.read()[-2000:].decode(errors="replace")
-            raise RuntimeError(f"conversion failed (exit {rc}):\n{tail}")
-        out_bytes = _dir_bytes(dst)
         cfg = f"{layers}L-256w-v128256"
-        common = dict(checkpoint_mb=nbytes / MB, shards=n_shards, layers=layers, output_mb=out_bytes / MB,
-                      wall_s=wall, import_s=imp_s, generate_s=gen_s)
-        return [
-            record("convert_throughput", nbytes / MB / wall, "MB/s", config=cfg, dtype="bfloat16",
-                   fraction_of_limit=copy_s / wall, limit_mb_s=nbytes / MB / copy_s, **common),
-            record("convert_peak_rss", rss / MB, "MB", config=cfg, dtype="bfloat16",
-                   fraction_of_limit=rss / TARGET_RSS_BYTES, limit_mb=TARGET_RSS_BYTES / MB,
-                   import_rss_mb=imp_rss / MB, rss_over_checkpoint=rss / nbytes, **common),
-        ]
+        recs = []
+        for step, argv in (("convert", [src, dst]), ("export", [dst, os.path.join(root, "back"), "--to", "hf"])):
+            wall, rc, rss = run_child([sys.executable, "-m", "cogvlm_jax.cli", "convert", *argv], log)
+            if rc != 0:
+                with open(log, "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"{step} failed (exit {rc}):\n{tail}")
+            common = dict(checkpoint_mb=nbytes / MB, shards=n_shards, layers=layers, output_mb=_dir_bytes(argv[1]) / MB,
+                          wall_s=wall, import_s=imp_s, generate_s=gen_s)
+            recs += [
+                record(f"{step}_throughput", nbytes / MB / wall, "MB/s", config=cfg, dtype="bfloat16",
+                       fraction_of_limit=copy_s / wall, limit_mb_s=nbytes / MB / copy_s, **common),
+                record(f"{step}_peak_rss", rss / MB, "MB", config=cfg, dtype="bfloat16",
+                       fraction_of_limit=rss / TARGET_RSS_BYTES, limit_mb=TARGET_RSS_BYTES / MB,
+                       import_rss_mb=imp_rss / MB, rss_over_checkpoint=rss / nbytes, **common),
+            ]
+        return recs
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,7 +1,10 @@
 """Decode speed against the memory-bandwidth roofline.
 
 One decode step of a batch of B rows must read every language-expert weight once (the vision expert
-is never used for generated text), the final norm, the lm_head, B embedding rows and the KV cache.
+is never used for generated text), the final norm, the lm_head, B embedding rows and the KV cache,
+each in the dtype the loop holds it in (``read_dtype``): a bfloat16 model on CPU holds float32 weights
+and cache (``cogvlm_jax.api.weights_for_compute``: XLA:CPU widens 16-bit weights to float32 copies
+anyway), so its steps read 4 bytes per weight; elsewhere 2.
 Our decode step reads the cache up to its filled part: all T slots of a cache no longer than
 ``attention.CACHE_CHUNK``, else the blocks of that many slots up to the largest write index
 (``attention.attend_cache``); we count those slots, averaged over the timed steps (``kv_slots_read``). The limit is
@@ -99,8 +102,10 @@ def kv_slots_read(cache_length: int, first_index: int, steps: int) -> float:
 
 
 def decode_bytes(config, dtype: str, batch: int, cache_slots: float) -> dict[str, int]:
-    """The bytes one decode step must read, by part (from the parameter shapes, nothing allocated);
-    ``cache_slots``: the KV slots read per layer and row (``kv_slots_read``)."""
+    """The bytes one decode step must read, by part (from the parameter shapes, nothing allocated), for
+    weights and a KV cache stored in ``dtype``: the dtype the loop reads, ``DecodeBench.compute_dtype``
+    (float32 for a bfloat16 model on CPU, whose weights ``cogvlm_jax.load`` widens once; see
+    ``api.weights_for_compute``). ``cache_slots``: the KV slots read per layer and row (``kv_slots_read``)."""
     from cogvlm_jax.model import abstract_params
 
     params = abstract_params(config, DTYPES[dtype])
@@ -137,10 +142,15 @@ class DecodeBench:
         from cogvlm_jax.model import CogVLM
         from cogvlm_jax.sampling import Generator
 
+        from cogvlm_jax.api import compute_dtype, weights_for_compute
+
         self.config_name, self.dtype = config_name, dtype
         self.config = load_bench_config(config_name)
-        self.params = make_params(self.config, dtype) if params is None else params
-        self.model = CogVLM(self.config, DTYPES[dtype])
+        # as cogvlm_jax.load(dtype=...) keeps them: on CPU, bfloat16 weights widened to float32 once
+        self.params = weights_for_compute(make_params(self.config, dtype) if params is None else params,
+                                          DTYPES[dtype])
+        self.compute_dtype = compute_dtype(DTYPES[dtype]).name
+        self.model = CogVLM(self.config, DTYPES[self.compute_dtype])
         self.gen = Generator(self.model, (NEVER_EOS,), self.config.pad_token_id)
 
     def cache_length(self, case: DecodeCase) -> int:
@@ -178,7 +188,7 @@ class DecodeBench:
         step_s = t / case.steps
         cache_len = self.cache_length(case)
         slots = kv_slots_read(cache_len, length, case.steps)
-        nbytes = decode_bytes(self.config, self.dtype, case.batch, slots)
+        nbytes = decode_bytes(self.config, self.compute_dtype, case.batch, slots)
         return {"step_s": step_s, "tok_s": case.batch / step_s, "cache_length": cache_len, "cache_slots": slots,
                 "bytes": nbytes, "gb_s": nbytes["total"] / step_s / 1e9}
 
@@ -273,7 +283,7 @@ def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", 
                     bound="compute" if compute_s > memory_s else "memory", bandwidth_fraction=m["gb_s"] / probe_gb_s,
                     gflop_per_step=flops / 1e9, limit_gflop_s=None if peak is None else peak / 1e9,
                     ms_per_step=m["step_s"] * 1e3, bytes_per_step=m["bytes"]["total"],
-                    weight_bytes=m["bytes"]["layer_weights"] + m["bytes"]["head"],
+                    weight_bytes=m["bytes"]["layer_weights"] + m["bytes"]["head"], read_dtype=bench.compute_dtype,
                     kv_bytes=m["bytes"]["kv_cache"], embed_bytes=m["bytes"]["embed_rows"], cache_length=m["cache_length"],
                     cache_slots_read=m["cache_slots"], steps=case.steps,
                     achieved_gb_s=m["gb_s"], limit_gb_s=probe_gb_s,

@@ -7,8 +7,10 @@ square matmul (best of N) in the dtype and precision the model's ``Dense`` layer
 FLOPs are counted two ways. ``model_flops`` (the fraction is taken on these) are the useful ones:
 each token through one expert, causal attention counted half, the lm_head on the last position only.
 ``executed_flops`` are XLA's own count of the compiled function (``cost_analysis``), which includes
-the work our prefill does on purpose beyond that: both experts run on every token and a select picks
-one (so the decoder's matmuls are done twice), and the attention computes the full square of scores.
+work beyond that: the attention computes the full square of scores, and for each routed projection
+XLA counts the costlier branch of its ``cond``, the select route (both experts on every token, the
+fallback of a batch that mixes text-only rows). An image batch runs the other branch, each expert on
+its own tokens (``decoder._route``), so this count overstates what the measured prefill executes.
 
 Axis legend: B batch, L prompt length, D text width, F text mlp width, V vocab, N ViT tokens, W ViT
 width, G ViT mlp width.
@@ -26,10 +28,12 @@ from benchmarks.decode import DTYPES, DecodeBench, image_prompt
 
 # --------------------------------------------------------------------------- the limit
 def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` (float32 accumulation, the model's precision)."""
+    """FLOP/s of a jitted [n, n] @ [n, n] in the dtype a model loaded in ``dtype`` multiplies in
+    (``api.compute_dtype``: float32 on CPU for bfloat16), float32 accumulation, the model's precision."""
+    from cogvlm_jax.api import compute_dtype
     from cogvlm_jax.layers import precision_for
 
-    dt = DTYPES[dtype]
+    dt = compute_dtype(DTYPES[dtype])
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((n, n), np.float32), dt)
     b = jnp.asarray(rng.standard_normal((n, n), np.float32), dt)

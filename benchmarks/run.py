@@ -57,7 +57,8 @@ def _notes(r: dict) -> str:
     """The few extras worth a glance in the table."""
     e = r.get("extra", {})
     if r["name"].startswith("decode"):
-        return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step "
+        read = f" read as {e['read_dtype']}" if e.get("read_dtype", r["dtype"]) != r["dtype"] else ""
+        return (f"{e['ms_per_step']:.2f} ms/step, {e['bytes_per_step'] / 1e6:.1f} MB/step{read} "
                 f"(KV {e['kv_bytes'] / 1e6:.1f} MB: {e['cache_slots_read']:.0f} of T={e['cache_length']} slots), {e['achieved_gb_s']:.2f} GB/s "
                 f"= {e['bandwidth_fraction']:.0%} of the probe; {e['bound']} bound"
                 + (" (fits in the CPU cache: not a DRAM roofline)" if e.get("cache_resident") else ""))
@@ -70,10 +71,10 @@ def _notes(r: dict) -> str:
                 f"{e['achieved_gflop_s']:.1f} of {e['limit_gflop_s']:.1f} GFLOP/s useful"
                 + (f", XLA counts {e['executed_gflop']:.1f} GFLOP executed vs {e['model_gflop']:.1f} useful"
                    if e.get("executed_gflop") else ""))
-    if r["name"] == "convert_throughput":
+    if r["name"] in ("convert_throughput", "export_throughput"):
         return (f"{e['checkpoint_mb']:.0f} MB in {e['shards']} shards, {e['layers']} layers, {e['wall_s']:.1f} s; "
                 f"plain copy {e['limit_mb_s']:.0f} MB/s")
-    if r["name"] == "convert_peak_rss":
+    if r["name"] in ("convert_peak_rss", "export_peak_rss"):
         return f"limit {e['limit_mb']:.0f} MB; imports alone {e['import_rss_mb']:.0f} MB"
     if r["name"] == "serving":
         return (f"{e['slots']} slots, {e['requests']} requests of {e['prompt_tokens']} prompt + {e['max_tokens']} "

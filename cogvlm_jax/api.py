@@ -36,12 +36,45 @@ def bucket_length(n: int) -> int:
     return b
 
 
+def compute_dtype(dtype):
+    """The dtype a model loaded in ``dtype`` computes in: float32 on CPU for bfloat16 / float16 (see
+    :func:`weights_for_compute`), else ``dtype``."""
+    from cogvlm_jax.layers import widens_on_cpu
+
+    return jnp.dtype(jnp.float32) if widens_on_cpu(dtype) else jnp.dtype(dtype)
+
+
+def weights_for_compute(params, dtype):
+    """``params`` as a model loaded in ``dtype`` keeps them: rounded to ``dtype`` once, stored in
+    :func:`compute_dtype`.
+
+    On CPU a bfloat16 / float16 model holds float32 weights whose values are rounded to ``dtype``, and
+    computes in float32. XLA:CPU has no 16-bit matmul (without AVX512-BF16 or AMX): given 16-bit weights
+    it widens them to float32 inside every jitted call, and in the decode loop that widening is
+    loop-invariant and hoisted, so every call first converts the whole model and every step then reads
+    the float32 copies (4 bytes per weight) anyway. Measured on the benchmarks' mid config, batch 1:
+    90 ms per step for calls of 8 steps and 36 ms for 64 (about 0.49 s of conversion per call), against
+    30 ms either way with the weights widened once here; at batch 8, 186 / 108 ms against 59 ms. Widening
+    every step instead (no hoisting) measured 2.5x slower than reading float32. The rounding keeps the
+    part of a 16-bit run's error that matters, the weights' (see tests/test_model_parity.py). Other
+    backends multiply 16-bit operands natively: there the weights are ``params`` as given.
+    """
+    if compute_dtype(dtype) == jnp.dtype(dtype):
+        return params
+    rounded = jax.jit(lambda a: a.astype(dtype).astype(jnp.float32))
+    return jax.tree_util.tree_map(rounded, params)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
 class Model:
-    """A loaded CogVLM / CogVLM2: ``config``, ``params`` (a pytree), ``tokenizer`` (or None)."""
+    """A loaded CogVLM / CogVLM2: ``config``, ``params`` (a pytree), ``tokenizer`` (or None).
+
+    ``dtype``: the weights' precision. On CPU a bfloat16 / float16 model keeps its weights rounded to it
+    but stored, and multiplied, in float32 (``weights_for_compute``: XLA:CPU has no 16-bit matmul).
+    """
 
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
                  mesh=None):
@@ -55,8 +88,8 @@ class Model:
             from cogvlm_jax.sharding import param_shardings
 
             params = jax.device_put(params, param_shardings(config, mesh))
-        self.params = params
-        self.module = CogVLM(config, _DTYPES[dtype], vit_query_chunk)
+        self.params = weights_for_compute(params, _DTYPES[dtype])
+        self.module = CogVLM(config, compute_dtype(_DTYPES[dtype]), vit_query_chunk)
         self._forward = jax.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0])
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
 
@@ -243,6 +276,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
 
     Without ``path``: the small default model shipped in the package (trained from scratch on the
     coloured-shapes task of ``cogvlm_jax.synthetic``; see the README), with its tokenizer.
+    ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
+    rounded to it and kept in float32, see :func:`weights_for_compute`).
     ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
     ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
     ``mesh`` (``make_mesh``): every parameter goes straight into its sharded layout and each process

@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax.layers import precision_for
+from cogvlm_jax.layers import operands, precision_for
 
 _MASKED = -1e30  # finite: a row with no visible key (a pad query) gives a uniform average, never NaN
 CACHE_CHUNK = 256  # slots per block when decode attention walks the filled part of a long cache
@@ -29,11 +29,13 @@ def _attend_block(q, k, v, mask, scale, heads_major: bool):
     kv_spec = "bkse" if heads_major else "bske"
     qg = q.reshape(b, nq, kv, h // kv, e)
     prec = precision_for(q.dtype)
-    s = jnp.einsum(f"bqkge,{kv_spec}->bkgqs", qg, k, precision=prec, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum(f"bqkge,{kv_spec}->bkgqs", *operands(q.dtype, qg, k), precision=prec,
+                   preferred_element_type=jnp.float32) * scale
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, _MASKED)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum(f"bkgqs,{kv_spec}->bqkge", p, v, precision=prec, preferred_element_type=jnp.float32)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum(f"bkgqs,{kv_spec}->bqkge", *operands(v.dtype, p, v), precision=prec,
+                   preferred_element_type=jnp.float32)
     return o.reshape(b, nq, h, e).astype(q.dtype)
 
 
@@ -82,14 +84,15 @@ def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK):
         m, l, acc = carry  # running max, sum of exp, weighted values: [B, K, G, Q] (acc: + [E])
         start = jnp.minimum(c * chunk, t - chunk)
         kc, vc, mc = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=2) for x in (k, v, mask))
-        s = jnp.einsum("bqkge,bkse->bkgqs", qg, kc, precision=prec, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bqkge,bkse->bkgqs", *operands(q.dtype, qg, kc), precision=prec,
+                       preferred_element_type=jnp.float32) * scale
         s = jnp.where(mc[:, None, None, :, :], s, _MASKED)
         fresh = start + jnp.arange(chunk) >= c * chunk  # block 0 is all fresh, so m is finite after it
         s = jnp.where(fresh, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        o = jnp.einsum("bkgqs,bkse->bkgqe", p.astype(v.dtype), vc, precision=prec,
+        o = jnp.einsum("bkgqs,bkse->bkgqe", *operands(v.dtype, p, vc), precision=prec,
                        preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + o
 

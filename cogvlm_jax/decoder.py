@@ -1,16 +1,20 @@
 """The Llama decoder of CogVLM: every layer has a language expert and a vision expert.
 
 Token i uses the vision expert iff it and token i+1 are image tokens (see ``positions.py``); the expert
-choice covers the fused QKV projection, the attention output projection and the MLP. At prefill both
-experts run and a select picks per token; the one-token decode step runs the language expert only
-(generated tokens are text), so it never reads the vision-expert weights.
+choice covers the fused QKV projection, the attention output projection and the MLP. At prefill each
+expert runs on its own tokens only: every image row's vision tokens are one run of a size the config
+fixes, so the run is gathered to the end of the row (static shapes), the vision expert runs on it and
+the language expert on the rest, and the outputs are put back in place (``positions.ExpertRoute``). A
+batch mixing image and text-only rows takes the other branch of a ``cond``: both experts on every
+token and a select. The one-token decode step runs the language expert only (generated tokens are
+text), so it never reads the vision-expert weights.
 
 Axis legend: B batch, L length, T cache length, D model, H query heads, K kv heads, E head dim, F mlp.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -18,16 +22,33 @@ import jax.numpy as jnp
 from cogvlm_jax import attention, kv_cache
 from cogvlm_jax.config import TextConfig
 from cogvlm_jax.layers import Dense, RMSNorm, apply_rope, split_sizes
+from cogvlm_jax.positions import ExpertRoute
 
 Dtype = jnp.dtype
 
 
-def _route(vision_mask, vision_fn, language_fn, x):
-    """Per-token expert select; ``vision_mask is None`` means all tokens are text (decode)."""
-    lang = language_fn(x)
-    if vision_mask is None:
-        return lang
-    return jnp.where(vision_mask[..., None], vision_fn(x), lang)
+def _route(module: nn.Module, route: Optional[ExpertRoute], vision: Callable[[], nn.Module],
+           language: Callable[[], nn.Module], x):
+    """The routed projection of ``x`` [B, L, ...]; ``route is None``: all tokens are text (decode).
+
+    ``vision`` / ``language`` build the expert's module; each branch of the ``cond`` builds its own, under
+    the same names, so both use the same parameters.
+    """
+    if route is None:
+        return language()(x)
+
+    def both(mdl, x, route):
+        return jnp.where(route.mask[..., None], vision()(x), language()(x))
+
+    def split(mdl, x, route):
+        n = x.shape[1] - route.span
+        xs = jnp.take_along_axis(x, route.order[..., None], axis=1)
+        y = jnp.concatenate([language()(xs[:, :n]), vision()(xs[:, n:])], axis=1)
+        return jnp.take_along_axis(y, route.restore[..., None], axis=1)
+
+    if route.order is None:
+        return both(module, x, route)
+    return nn.cond(route.split, split, both, module, x, route)
 
 
 class MLP(nn.Module):
@@ -47,11 +68,9 @@ class VisionExpertMLP(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, vision_mask):
-        language = MLP(self.cfg, self.dtype, name="language_mlp")
-        if vision_mask is None:
-            return language(x)
-        return _route(vision_mask, MLP(self.cfg, self.dtype, name="vision_mlp"), language, x)
+    def __call__(self, x, route):
+        return _route(self, route, lambda: MLP(self.cfg, self.dtype, name="vision_mlp"),
+                      lambda: MLP(self.cfg, self.dtype, name="language_mlp"), x)
 
 
 class VisionExpertAttention(nn.Module):
@@ -59,8 +78,9 @@ class VisionExpertAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, vision_mask, positions, mask, kv=None, write_index=None, attend_cache=False):
-        """x [B, L, D]; positions [B, L]; mask [B, L, L] (prefill) or [B, 1, T] (decode).
+    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False):
+        """x [B, L, D]; route: the experts' tokens (None: all text); positions [B, L]; mask [B, L, L]
+        (prefill) or [B, 1, T] (decode).
 
         kv: this layer's (k, v) cache buffers or None; the new keys/values are written at
         ``write_index`` [B]. With ``attend_cache`` the queries read the cache (decode: only its filled
@@ -70,14 +90,11 @@ class VisionExpertAttention(nn.Module):
         c = self.cfg
         b, n, _ = x.shape
         h, kh, e = c.num_heads, c.num_kv_heads, c.head_dim
-        language_qkv = Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True,
-                             name="language_expert_query_key_value")
-        if vision_mask is None:
-            qkv = language_qkv(x)
-        else:
-            vision_qkv = Dense(c.qkv_size, ("embed", "qkv"), use_bias=c.vision_qkv_bias, dtype=self.dtype,
-                               out_in=True, name="vision_expert_query_key_value")
-            qkv = _route(vision_mask, vision_qkv, language_qkv, x)
+        qkv = _route(self, route,
+                     lambda: Dense(c.qkv_size, ("embed", "qkv"), use_bias=c.vision_qkv_bias, dtype=self.dtype,
+                                   out_in=True, name="vision_expert_query_key_value"),
+                     lambda: Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True,
+                                   name="language_expert_query_key_value"), x)
         q, k, v = split_sizes(qkv, (h * e, kh * e, kh * e))
         q = apply_rope(q.reshape(b, n, h, e), positions, c.rope_theta)
         k = apply_rope(k.reshape(b, n, kh, e), positions, c.rope_theta)
@@ -90,13 +107,11 @@ class VisionExpertAttention(nn.Module):
         else:
             o = attention.attend(q, k, v, mask)
         o = o.reshape(b, n, h * e)
-        language_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
-                               name="language_expert_dense")
-        if vision_mask is None:
-            return language_dense(o), kv
-        vision_dense = Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
-                             name="vision_expert_dense")
-        return _route(vision_mask, vision_dense, language_dense, o), kv
+        return _route(self, route,
+                      lambda: Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
+                                    name="vision_expert_dense"),
+                      lambda: Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
+                                    name="language_expert_dense"), o), kv
 
 
 class DecoderLayer(nn.Module):
@@ -106,11 +121,11 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, vision_mask, positions, mask, kv=None, write_index=None, attend_cache=False):
+    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False):
         eps = self.cfg.rms_norm_eps
         a, kv = VisionExpertAttention(self.cfg, self.dtype, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x), vision_mask, positions, mask, kv, write_index, attend_cache)
+            RMSNorm(eps, name="input_layernorm")(x), route, positions, mask, kv, write_index, attend_cache)
         x = x + a
         x = x + VisionExpertMLP(self.cfg, self.dtype, name="mlp")(
-            RMSNorm(eps, name="post_attention_layernorm")(x), vision_mask)
+            RMSNorm(eps, name="post_attention_layernorm")(x), route)
         return x, kv

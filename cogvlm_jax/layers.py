@@ -27,6 +27,24 @@ def precision_for(dtype: Dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+def widens_on_cpu(dtype) -> bool:
+    """Whether ``dtype`` is a 16-bit float that this backend (CPU) multiplies by widening to float32."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and jax.default_backend() == "cpu"
+
+
+def operands(dtype, *arrays):
+    """``arrays`` rounded to ``dtype``, as the operands of a product accumulated in float32.
+
+    XLA:CPU has no native bfloat16 / float16 dot (without AVX512-BF16 or AMX): it widens the operands to
+    float32 itself, but not for every shape (jax 0.10.2: the batched attention dot over a short bfloat16
+    KV cache at batch 8 fails at run time with "Unsupported element type for DotThunk::Execute: BF16 x
+    BF16 = F32"). On CPU we widen them here: the same numbers, operands rounded to ``dtype``, products
+    and sums in float32. Other backends multiply 16-bit operands natively and get them as they are.
+    """
+    out = [a.astype(dtype) for a in arrays]
+    return [a.astype(jnp.float32) for a in out] if widens_on_cpu(dtype) else out
+
+
 class Dense(nn.Module):
     """``x @ kernel (+ bias)`` with logical axes ``axes = (in_axis, out_axis)``.
 
@@ -36,7 +54,7 @@ class Dense(nn.Module):
     products; ``benchmarks/matvec.py`` ``dot_t``). The wide-output lm_head and the prefill-only
     ViT/adapter keep ``[in, out]``, which measured as fast or faster there (``benchmarks/prototypes.py``).
 
-    The operands are cast to ``dtype`` (the weights' dtype: bfloat16 runs multiply in bfloat16) and the
+    The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
     stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
     own bfloat16 error (measured in tests/test_model_parity.py).
@@ -57,7 +75,7 @@ class Dense(nn.Module):
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
             spec = "...d,df->...f"
-        y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype),
+        y = jnp.einsum(spec, *operands(self.dtype, x, kernel),
                        precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
@@ -152,7 +170,7 @@ class PatchConv(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(_init, (None, None) + tuple(self.axes)),
                             (p, p, c, self.features))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
-        x = x.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-        y = jnp.einsum("bhpwqc,pqco->bhwo", x, kernel.astype(self.dtype), precision=precision_for(self.dtype),
-                       preferred_element_type=jnp.float32)
+        x = x.reshape(b, h // p, p, w // p, p, c)
+        y = jnp.einsum("bhpwqc,pqco->bhwo", *operands(self.dtype, x, kernel),
+                       precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
         return y.astype(jnp.float32) + bias.astype(jnp.float32)

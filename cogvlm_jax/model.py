@@ -44,12 +44,18 @@ class CogVLM(nn.Module):
     def setup(self):
         t = self.config.text
         self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk, self.remat)
-        self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=jnp.float32,
+        # dtype None: look rows up in the table's own dtype, then widen only those rows (``embed``); a
+        # float32 Embed would widen the whole table first (once per decode loop call, on XLA:CPU).
+        self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=None,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = [layer(t, self.dtype) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
         self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype)
+
+    def embed(self, ids):
+        """[B, L] token ids -> [B, L, D] float32 embeddings."""
+        return self.embed_tokens(ids).astype(jnp.float32)
 
     def encode_images(self, pixel_values):
         """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi."""
@@ -63,18 +69,18 @@ class CogVLM(nn.Module):
         prompts end there). cache: the KV cache with the prompt written at slots [0, L), or None.
         hidden_states: tuple of the decoder input and every layer's output (last one normed), if asked.
         """
-        x = self.embed_tokens(input_ids)
-        vision_mask = None
+        x = self.embed(input_ids)
+        route = None
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
-            vision_mask = positions.vision_expert_mask(token_type_ids)
+            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1)
         pos = positions.position_ids(token_type_ids, attention_mask)
         mask = positions.causal_mask(attention_mask)
         hidden = [x]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, vision_mask, pos, mask, kv, None if cache is None else cache.index)
+            x, kv = layer(x, route, pos, mask, kv, None if cache is None else cache.index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -91,7 +97,7 @@ class CogVLM(nn.Module):
 
         Runs the language expert only: the vision-expert weights are never read.
         """
-        x = self.embed_tokens(tokens[:, None])
+        x = self.embed(tokens[:, None])
         new_valid = jnp.ones((tokens.shape[0], 1), bool)
         mask = kv_cache.read_mask(cache, new_valid)
         pos = token_positions[:, None]

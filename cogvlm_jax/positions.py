@@ -6,6 +6,10 @@ tokens, 0 on padding (left padding for batches; right padding is also handled).
 
 from __future__ import annotations
 
+from typing import Optional
+
+import flax.struct
+import jax
 import jax.numpy as jnp
 
 LANGUAGE, VISION = 0, 1
@@ -19,6 +23,42 @@ def vision_expert_mask(token_type_ids):
     tt = token_type_ids
     both = (tt[:, :-1] == VISION) & (tt[:, 1:] == VISION)
     return jnp.concatenate([both, jnp.zeros_like(tt[:, :1], dtype=bool)], axis=1)
+
+
+@flax.struct.dataclass
+class ExpertRoute:
+    """Which tokens the decoder's vision expert takes, and how to give each expert only its own tokens.
+
+    ``mask`` [B, L]: :func:`vision_expert_mask`. ``split`` (a traced bool): every row's vision tokens are
+    one run of exactly ``span`` tokens (boi + patches: ``num_image_tokens - 1``); then ``order`` [B, L]
+    lists each row's other tokens in order followed by its run, and ``restore`` [B, L] is its inverse, so
+    a routed projection can run the language expert on the first ``L - span`` tokens of the reordered
+    row, the vision expert on the last ``span``, and put the results back. Otherwise (a batch mixing image
+    and text-only rows) both experts run on every token and ``mask`` selects. ``order`` is None when the
+    prompt is not longer than ``span``.
+    """
+    mask: jax.Array
+    order: Optional[jax.Array]
+    restore: Optional[jax.Array]
+    split: jax.Array
+    span: int = flax.struct.field(pytree_node=False)
+
+
+def expert_route(token_type_ids, span: int) -> ExpertRoute:
+    """The :class:`ExpertRoute` of a batch whose image rows have ``span`` vision-expert tokens each."""
+    mask = vision_expert_mask(token_type_ids)
+    b, n = mask.shape
+    if not 0 < span < n:
+        return ExpertRoute(mask, None, None, jnp.zeros((), bool), span)
+    start = jnp.argmax(mask, axis=1).astype(jnp.int32)[:, None]  # each row's first vision token (0: none)
+    j = jnp.arange(n - span, dtype=jnp.int32)[None]
+    run = start + jnp.arange(span, dtype=jnp.int32)[None]
+    order = jnp.concatenate([j + span * (j >= start), run], axis=1)
+    i = jnp.arange(n, dtype=jnp.int32)[None]
+    restore = jnp.where(i < start, i, jnp.where(i < start + span, n - span + i - start, i - span))
+    whole_run = jnp.all(jnp.take_along_axis(mask, jnp.minimum(run, n - 1), axis=1), axis=1)
+    split = jnp.all(whole_run & (jnp.sum(mask, axis=1) == span) & (start[:, 0] + span <= n))
+    return ExpertRoute(mask, order, restore, split, span)
 
 
 def position_ids(token_type_ids, attention_mask):

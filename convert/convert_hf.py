@@ -1,11 +1,13 @@
 """Hugging Face safetensors checkpoints <-> our parameter tree and Orbax checkpoints.
 
 Reading checks every key and shape against the config before any data is read, so a wrong
-checkpoint fails fast with every problem named; then it reads one tensor at a time (the result, the
-whole model, is held in host memory: an import needs about the model's size in RAM). Writing fetches
-one shard's parameters at a time (from memory or, on export, from the Orbax checkpoint) and writes
-one tensor at a time into shards laid out byte for byte as the ``safetensors`` library lays them out
-(so a round trip reproduces the published files exactly); it is atomic (temp directory + rename).
+checkpoint fails fast with every problem named; then it reads one tensor at a time. A conversion
+to our format streams: each tensor is read just before Orbax writes it (``LazyArray`` leaves), so it
+holds about two tensors in memory whatever the checkpoint's size (``read_hf_checkpoint`` returns the
+whole model, in host memory). Writing HF fetches parameters in runs of at most ``FETCH_BYTES`` (from
+memory or, on export, from the Orbax checkpoint) and writes one tensor at a time into shards laid out
+byte for byte as the ``safetensors`` library lays them out (so a round trip reproduces the published
+files exactly). Both directions are atomic (temp directory + rename).
 
 The safetensors container is parsed here rather than through ``safe_open``: numpy cannot represent
 bfloat16 in older ``safetensors`` releases, and our own parser can say precisely which file is
@@ -16,6 +18,7 @@ then the tensor data, each tensor at ``data_offsets`` relative to the end of the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -29,8 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cogvlm_jax.checkpoint import (
-    CheckpointError, atomic_directory, check_destination, copy_files, flatten_tree, is_our_checkpoint,
-    params_metadata, read_meta, restore_params, save_params, unflatten_tree, write_json)
+    CheckpointError, LazyArray, atomic_directory, check_destination, copy_files, flatten_tree, is_our_checkpoint,
+    read_meta, save_params, subset_reader, trim_heap, unflatten_tree, write_json)
 from cogvlm_jax.config import CogVLMConfig, load_config
 from convert import mapping
 
@@ -42,6 +45,7 @@ __all__ = [
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+FETCH_BYTES = 128 * 2**20  # an export reads at most this much of an Orbax checkpoint at once (or one tensor)
 # Files carried through a conversion unchanged (either direction): tokenizer, generation settings and
 # the reference's remote code, which HF's ``trust_remote_code`` loading needs beside the weights.
 CARRIED_FILES = (
@@ -224,6 +228,11 @@ class _OutTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.code].itemsize
 
 
+def _write_order(tensors: list[_OutTensor]) -> list[_OutTensor]:
+    """The order the ``safetensors`` library stores tensors in: dtype rank descending, then name."""
+    return sorted(tensors, key=lambda t: (-_RANK[t.code], t.name))
+
+
 def write_safetensors(path: str, tensors: list[_OutTensor], produce: Callable[[_OutTensor], np.ndarray],
                       metadata: Mapping[str, str] | None = None,
                       progress: Callable[[int], Any] | None = None) -> None:
@@ -233,7 +242,7 @@ def write_safetensors(path: str, tensors: list[_OutTensor], produce: Callable[[_
     dtype rank descending, then name; compact JSON header, metadata first, padded with spaces to a
     multiple of 8 bytes.
     """
-    order = sorted(tensors, key=lambda t: (-_RANK[t.code], t.name))
+    order = _write_order(tensors)
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for t in order:
@@ -367,8 +376,14 @@ def _note_inv_freq(key: str, array: np.ndarray, config: CogVLMConfig, facts: dic
             facts["inv_freq"] = array.astype(np.float64).tolist()
 
 
-def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None):
-    """(config, params, facts about the source an export needs) of an HF checkpoint."""
+def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None, lazy: bool = False):
+    """(config, params, facts about the source an export needs) of an HF checkpoint.
+
+    ``lazy``: the params are :class:`LazyArray` leaves that read (and re-lay out, and cast) their
+    tensor when made, in file order, for :func:`save_params` to stream; only the rotary buffers are read
+    here. The progress bar then counts the tensors as they are made: close it (the 4th item returned)
+    once they are.
+    """
     if config is None:
         config = load_config(path if os.path.isdir(path) else (os.path.dirname(path) or "."))
     elif isinstance(config, str):
@@ -376,19 +391,34 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
     dtype = as_dtype(dtype)
     entries = _open_tensors(path)
     _check_keys(entries, config, path)
-    flat: dict[tuple, np.ndarray] = {}
+    flat: dict[tuple, Any] = {}
     facts: dict[str, Any] = {}
     # Read file by file in data order: sequential I/O on large shards.
     order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].start))
-    for key in tqdm(order, desc="reading", unit="tensor", disable=not progress):
-        st, _ = entries[key]
-        path_ours, array = mapping.to_ours(key, st.read(key))
+    bar = tqdm(total=len(order), desc="converting" if lazy else "reading", unit="tensor", disable=not progress)
+
+    def read(key: str) -> np.ndarray:
+        path_ours, array = mapping.to_ours(key, entries[key][0].read(key))
+        array = array if dtype is None else array.astype(dtype, copy=False)
+        bar.update(1)
+        return array
+
+    for key in order:
+        st, info = entries[key]
+        path_ours, transform = mapping.hf_to_ours_key(key)
         if path_ours is None:  # the rotary buffer: check it, remember how it was stored, do not keep it
-            _note_inv_freq(key, array, config, facts)
-            continue
-        if dtype is not None and array.dtype != dtype:
-            array = array.astype(dtype)
-        flat[path_ours] = array if place is None else place(path_ours, array)
+            _note_inv_freq(key, st.read(key), config, facts)
+            bar.update(1)
+        elif lazy:
+            flat[path_ours] = LazyArray(mapping.ours_shape(info.shape, transform),
+                                        dtype or _DTYPES[info.code], functools.partial(read, key),
+                                        (st.path, info.start))
+        else:
+            array = read(key)
+            flat[path_ours] = array if place is None else place(path_ours, array)
+    if lazy:
+        return config, unflatten_tree(flat), facts, bar
+    bar.close()
     return config, unflatten_tree(flat), facts
 
 
@@ -413,8 +443,8 @@ def _natural_key(name: str):
 
 
 # A parameter source: the (shape, dtype) of every leaf, and a function that materialises a list of leaves
-# as host arrays. The writer fetches one shard's leaves at a time, so exporting from an Orbax checkpoint
-# never holds more than one shard of the model.
+# as host arrays. The writer fetches runs of at most FETCH_BYTES (see _producer), so exporting from an
+# Orbax checkpoint never holds much more than that of the model.
 Specs = dict[tuple, tuple[tuple[int, ...], np.dtype]]
 Fetch = Callable[[list[tuple]], dict[tuple, Any]]
 
@@ -430,8 +460,9 @@ def _tree_source(params: Mapping) -> tuple[Specs, Fetch]:
 
 
 def _orbax_source(ckpt_dir: str) -> tuple[Specs, Fetch]:
-    specs = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten_tree(params_metadata(ckpt_dir)).items()}
-    return specs, lambda paths: flatten_tree(restore_params(ckpt_dir, subset=paths))
+    stored, read = subset_reader(ckpt_dir)
+    return ({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
+            lambda paths: flatten_tree(read(paths)))
 
 
 def _plan_outputs(specs: Specs, config: CogVLMConfig, dtype: np.dtype | None,
@@ -501,12 +532,43 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
                      inv_freq_values, overwrite, extra_files, progress)
 
 
-def _producer(leaves: dict[tuple, Any], inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray]:
-    """Make each tensor of a shard from its fetched leaf: device -> host, HF layout, dtype."""
+def _fetch_runs(specs: Specs, shard: list[_OutTensor]) -> list[list[tuple]]:
+    """The leaves of a shard in write order, cut into runs of at most ``FETCH_BYTES`` (or one tensor): the
+    fetches an export makes, in order (with several processes every process makes the same ones)."""
+    runs: list[list[tuple]] = [[]]
+    size = 0
+    for t in _write_order(shard):
+        if t.source is None:
+            continue
+        shape, dtype = specs[t.source]
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if runs[-1] and size + n > FETCH_BYTES:
+            runs.append([])
+            size = 0
+        runs[-1].append(t.source)
+        size += n
+    return [run for run in runs if run]
+
+
+def _producer(source: tuple[Specs, Fetch], shard: list[_OutTensor],
+              inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray]:
+    """Make each tensor of a shard, in write order, from its leaf: device -> host, HF layout, dtype.
+
+    Leaves are fetched in runs of consecutive tensors of at most ``FETCH_BYTES`` (or one tensor), so an
+    export from an Orbax checkpoint holds about that much of the model, whatever the shard size.
+    """
+    specs, fetch = source
+    runs = _fetch_runs(specs, shard)
+    run_of = {p: k for k, run in enumerate(runs) for p in run}
+    leaves: dict[tuple, Any] = {}
+
     def produce(t: _OutTensor) -> np.ndarray:
         if t.source is None:
             return inv_freq
-        # pop: the shard's reference to a leaf is dropped as soon as the leaf is written
+        if t.source not in leaves:
+            trim_heap()  # the previous run's memory, before the next run is read
+            leaves.update(fetch(runs[run_of[t.source]]))
+        # pop: the reference to a leaf is dropped as soon as the leaf is written
         array = mapping.to_hf(t.source, np.asarray(leaves.pop(t.source)))[1]
         return array.astype(_DTYPES[t.code], copy=False)
     return produce
@@ -531,13 +593,14 @@ def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, m
     names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     if not multihost.is_main_process():  # take part in the gathers; process 0 writes
         for shard in shards:
-            fetch([t.source for t in shard if t.source is not None])
+            for run in _fetch_runs(specs, shard):
+                fetch(run)
         multihost.sync(f"exported {out_dir}")
         return out_dir
     with atomic_directory(out_dir, overwrite) as tmp, \
             tqdm(total=len(outs), desc="writing", unit="tensor", disable=not progress) as bar:
         for name, shard in zip(names, shards):
-            produce = _producer(fetch([t.source for t in shard if t.source is not None]), inv_freq)
+            produce = _producer(source, shard, inv_freq)
             write_safetensors(os.path.join(tmp, name), shard, produce, {"format": "pt"}, bar.update)
         if n > 1:
             write_json(os.path.join(tmp, INDEX_FILE), {
@@ -577,8 +640,9 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
     """
     _check_not_same(src, dst)
     check_destination(dst, overwrite)  # fail before reading gigabytes
-    if mesh is None:
-        config, params, facts = _load_hf(src, None, dtype, progress)
+    bar = None
+    if mesh is None:  # streamed: each tensor is read when it is written
+        config, params, facts, bar = _load_hf(src, None, dtype, progress, lazy=True)
     else:
         from convert.hf_sharded import read_hf_sharded
 
@@ -589,7 +653,11 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
         params = read_hf_sharded(src, config, shardings, as_dtype(dtype), progress=progress, facts=facts)
     if dtype is not None:
         config = config.replace(torch_dtype=as_dtype(dtype).name)
-    save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
+    try:
+        save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
+    finally:
+        if bar is not None:
+            bar.close()
     return dst
 
 

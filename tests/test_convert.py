@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 
 import jax
 import ml_dtypes
@@ -13,8 +14,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from cogvlm_jax import checkpoint
 from cogvlm_jax.checkpoint import (
-    CheckpointError, is_our_checkpoint, params_metadata, read_meta, restore_params, save_params)
+    CheckpointError, LazyArray, is_our_checkpoint, params_metadata, read_meta, restore_params, save_params)
 from cogvlm_jax.config import load_config, preset
 from convert import convert_hf, mapping
 from convert.convert_hf import (
@@ -247,6 +249,89 @@ def test_sharding_and_dtype_on_export(tmp_path):
     back = flat(read_hf_checkpoint(out, progress=False))
     for k, v in flat(params).items():
         assert back[k].tobytes() == v.astype(ml_dtypes.bfloat16).tobytes()
+
+
+class LiveArrays:
+    """Bytes of the arrays made so far that are still alive (tracked by their memory's owner)."""
+
+    def __init__(self):
+        self.live, self.peak, self.made = {}, 0, []
+
+    def track(self, array: np.ndarray, name=None) -> np.ndarray:
+        owner = array if array.base is None else array.base
+        self.live[id(owner)] = owner.nbytes
+        weakref.finalize(owner, self.live.pop, id(owner), None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        self.made.append(name)
+        return array
+
+
+def test_lazy_leaves_are_written_in_order_a_group_at_a_time(tmp_path, monkeypatch):
+    """save_params makes LazyArray leaves in their order, holding at most two groups of STREAM_BYTES."""
+    monkeypatch.setattr(checkpoint, "STREAM_BYTES", 3 * 4096)
+    tracker, values = LiveArrays(), {}
+    rng = np.random.default_rng(0)
+    tree = {}
+    for i in range(24):  # 4 KiB leaves (one of 12 KiB) saved in the reverse of their sorted order
+        shape = (3072,) if i == 5 else (1024,)
+        values[i] = rng.standard_normal(shape).astype(np.float32)
+        make = lambda i=i: tracker.track(values[i].copy(), i)
+        tree[f"l{i:02d}"] = {"w": LazyArray(shape, np.dtype(np.float32), make, order=-i)}
+    tree["plain"] = np.arange(5, dtype=np.int32)  # ordinary leaves save beside lazy ones
+    save_params(str(tmp_path / "ck"), tree, load_config(hf_dir("cogvlm1")))
+    assert tracker.made == list(range(23, -1, -1))
+    # group k is written while group k+1 is made: two groups of 12 KiB (the 12 KiB leaf is a group alone)
+    assert tracker.peak <= 2 * 3 * 4096, tracker.peak
+    back = restore_params(str(tmp_path / "ck"))
+    assert set(back) == set(tree)
+    for i, v in values.items():
+        assert back[f"l{i:02d}"]["w"].tobytes() == v.tobytes()
+    assert back["plain"].tolist() == list(range(5))
+
+
+def test_conversions_stream_both_ways(tmp_path, monkeypatch):
+    """HF -> ours reads each tensor just before it is written; ours -> HF reads runs of FETCH_BYTES."""
+    cfg = load_config(hf_dir("cogvlm1"))  # float32, 65 tensors, 1.2 MB, the largest 150 kB
+    sizes = [int(np.prod(s)) * 4 for s in mapping.expected_hf_keys(cfg).values()]
+    chunk = 16 * 1024
+    monkeypatch.setattr(checkpoint, "STREAM_BYTES", chunk)
+    monkeypatch.setattr(convert_hf, "FETCH_BYTES", chunk)
+    tracker = LiveArrays()
+    real_read = SafetensorsFile.read
+    monkeypatch.setattr(SafetensorsFile, "read", lambda self, name: tracker.track(real_read(self, name), name))
+    ours = str(tmp_path / "ours")
+    convert_hf_to_ours(hf_dir("cogvlm1"), ours, progress=False)
+    assert len(tracker.made) == len(sizes)  # every tensor read once
+    # two groups at most: the one being written and the next (a group: <= chunk bytes, or one tensor)
+    assert tracker.peak <= 2 * max(chunk, max(sizes)) < sum(sizes) / 3, (tracker.peak, max(sizes), sum(sizes))
+    runs = []
+    real_reader = convert_hf.subset_reader
+
+    def reader(path):
+        specs, read = real_reader(path)
+        return specs, lambda paths: runs.append(sum(specs[p].size * specs[p].dtype.itemsize for p in paths)
+                                                if len(paths) > 1 else 0) or read(paths)
+    monkeypatch.setattr(convert_hf, "subset_reader", reader)
+    back = str(tmp_path / "back")
+    convert_ours_to_hf(ours, back, progress=False)
+    assert len(runs) > 10 and max(runs) <= chunk, runs  # runs of several tensors stay under FETCH_BYTES
+    monkeypatch.undo()
+    assert raw_tensors(back) == raw_tensors(hf_dir("cogvlm1"))
+
+
+def test_a_failed_read_while_streaming_leaves_nothing(tmp_path, monkeypatch):
+    real_read, calls = SafetensorsFile.read, []
+
+    def failing_read(self, name):
+        calls.append(name)
+        if len(calls) == 20:
+            raise CheckpointError(f"{self.path} went away")
+        return real_read(self, name)
+    monkeypatch.setattr(SafetensorsFile, "read", failing_read)
+    monkeypatch.setattr(checkpoint, "STREAM_BYTES", 16 * 1024)
+    with pytest.raises(CheckpointError, match="went away"):
+        convert_hf_to_ours(hf_dir("cogvlm1"), str(tmp_path / "ours"), progress=False)
+    assert leftovers(str(tmp_path), set()) == []
 
 
 def test_main_convert_directions(tmp_path, round_trips):

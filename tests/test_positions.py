@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cogvlm_jax.positions import causal_mask, position_ids, vision_expert_mask
+from cogvlm_jax.positions import causal_mask, expert_route, position_ids, vision_expert_mask
 
 
 def test_design_example_positions():
@@ -33,3 +33,31 @@ def test_expert_mask_boi_patches_vision_eoi_language():
 def test_causal_mask_hides_pads_and_future():
     m = np.asarray(causal_mask(np.array([[0, 1, 1]])))[0]
     np.testing.assert_array_equal(m, [[0, 0, 0], [0, 1, 0], [0, 1, 1]])
+
+
+def test_expert_route_puts_each_rows_vision_run_last_and_back():
+    # boi + 3 patches (span 4) then eoi; a left-padded row; a row whose run starts at 0
+    tt = np.array([[0, 1, 1, 1, 1, 1, 0, 0, 0],
+                   [0, 0, 0, 0, 1, 1, 1, 1, 1],
+                   [1, 1, 1, 1, 1, 0, 0, 0, 0]])
+    tt[1, -1] = 0
+    tt[1, 3] = 1
+    r = expert_route(tt, 4)
+    order, restore, mask = np.asarray(r.order), np.asarray(r.restore), np.asarray(r.mask)
+    assert bool(r.split)
+    x = np.arange(27).reshape(3, 9)
+    for b in range(3):
+        assert sorted(order[b]) == list(range(9)) and (order[b][restore[b]] == np.arange(9)).all()
+        assert mask[b][order[b][-4:]].all() and not mask[b][order[b][:-4]].any()  # the run last, the rest in order
+        assert (np.diff(order[b][:-4]) > 0).all() and (np.diff(order[b][-4:]) == 1).all()
+    np.testing.assert_array_equal(np.take_along_axis(np.take_along_axis(x, order, 1), restore, 1), x)
+
+
+def test_expert_route_splits_only_when_every_row_has_its_whole_run():
+    image = [0, 1, 1, 1, 1, 1, 0, 0]
+    assert bool(expert_route(np.array([image, image]), 4).split)
+    assert not bool(expert_route(np.array([image, [0] * 8]), 4).split)  # a text-only row
+    assert not bool(expert_route(np.array([image]), 5).split)  # a run shorter than the span
+    assert not bool(expert_route(np.array([[0, 1, 1, 0, 1, 1, 1, 0]]), 3).split)  # two runs, 3 vision tokens
+    short = expert_route(np.array([image]), 8)  # no room for a split: the select path only
+    assert short.order is None and not bool(short.split)
