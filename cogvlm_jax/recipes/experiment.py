@@ -19,6 +19,7 @@ ap.add_argument("--curr", default="")
 ap.add_argument("--vitlr", type=float, default=0)
 ap.add_argument("--save", default="")
 ap.add_argument("--kindw", default="")
+ap.add_argument("--first", default="")  # KIND,STEPS: only that kind for the first STEPS steps
 a = ap.parse_args()
 if a.vision: R.VISION.update(json.loads(a.vision))
 if a.text: R.TEXT.update(json.loads(a.text))
@@ -55,7 +56,9 @@ for s in range(1, a.steps + 1):
         c1, c2 = map(int, a.curr.split(","))
         if s <= c1: kk.update(kind="color", max_shapes=1)
         elif s <= c2: kk.update(max_shapes=1)
-    if a.kindw:
+    if a.first and s <= int(a.first.split(",")[1]):
+        items = [S.example(1, s * a.bs + i, kind=a.first.split(",")[0], **kk) for i in range(a.bs)]
+    elif a.kindw:
         w = np.array([float(x) for x in a.kindw.split(",")]); w = w / w.sum()
         items = [S.example(1, s * a.bs + i, turns=1 + i % a.turns, kind=S.QUESTION_KINDS[np.random.default_rng([1, s * a.bs + i, 7]).choice(4, p=w)], **kk) for i in range(a.bs)]
     else:
