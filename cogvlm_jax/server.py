@@ -248,14 +248,15 @@ def read_image_url(url: str, image_root: Optional[str], max_bytes: int) -> bytes
                        "messages", "invalid_image_url")
     if parts.netloc not in ("", "localhost"):
         raise APIError(400, f"file:// URL with host {parts.netloc!r} refused", "messages", "invalid_image_url")
+    asked = unquote(parts.path)
+    if "\0" in asked:  # the OS cannot take it (os.path raises ValueError): a bad URL, not a server error
+        raise APIError(400, f"image path {asked!r} contains a NUL byte", "messages", "invalid_image_url")
     root = os.path.realpath(image_root)
-    path = os.path.realpath(unquote(parts.path))
+    path = os.path.realpath(asked)
     if os.path.commonpath([root, path]) != root:
-        raise APIError(400, f"image path {unquote(parts.path)} is outside --image-root", "messages",
-                       "invalid_image_url")
+        raise APIError(400, f"image path {asked} is outside --image-root", "messages", "invalid_image_url")
     if not os.path.isfile(path):
-        raise APIError(400, f"image file {unquote(parts.path)} not found under --image-root", "messages",
-                       "invalid_image_url")
+        raise APIError(400, f"image file {asked} not found under --image-root", "messages", "invalid_image_url")
     size = os.path.getsize(path)
     if size > max_bytes:
         raise too_big(size)

@@ -373,7 +373,7 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
         inline = post(url2, with_image(data_url(IMG0)))[1]
         assert body["choices"][0]["message"] == inline["choices"][0]["message"]
         for escape in (f"file://{root}/../secret.png", f"file://{root}/link.png", "file:///etc/passwd",
-                       f"file://{root}/missing.png"):
+                       f"file://{root}/missing.png", f"file://{root}/img0.png%00.txt"):
             assert_error(post(url2, with_image(escape)), 400, "invalid_image_url")
     status, body = post(url, ok)
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
