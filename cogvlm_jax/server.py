@@ -274,6 +274,11 @@ def _usage(prompt, completion) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _not_json(name: str):
+    """Python's json reads NaN and Infinity, which JSON has not (a NaN temperature passed every range check)."""
+    raise APIError(400, f"request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -367,7 +372,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
                 raise APIError(413, f"request body exceeds {max_body} bytes", code="request_too_large")
             chunks.append(part)
         try:
-            return json.loads(b"".join(chunks))
+            return json.loads(b"".join(chunks), parse_constant=_not_json)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 

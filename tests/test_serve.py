@@ -338,6 +338,8 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     with_image = lambda u: {**ok, "messages": [{"role": "user", "content": [  # noqa: E731
         {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": u}}]}]}
     assert_error(post(url, b"{not json"), 400, "invalid_json")
+    nan = json.dumps(ok).replace('"temperature": 0', '"temperature": NaN').encode()  # Python's json, not JSON
+    assert_error(post(url, nan), 400, "invalid_json", match="NaN")
     assert_error(post(url, b"[1, 2]"), 400, match="JSON object")
     assert_error(post(url, {**ok, "n": 2}), 400, "unsupported_parameter", "n")
     assert_error(post(url, {**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400,
