@@ -203,6 +203,8 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "'stream_options' supports only include_usage", "stream_options")
+    if options and not stream:  # as OpenAI: usage would silently never come
+        raise APIError(400, "'stream_options' is allowed only with 'stream': true", "stream_options")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(31)

@@ -345,6 +345,8 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     assert_error(post(url, {**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400,
                  "unsupported_parameter", "tools")
     assert_error(post(url, {**ok, "logprobs": True}), 400, "unsupported_parameter", "logprobs")
+    assert_error(post(url, {**ok, "stream_options": {"include_usage": True}}), 400, param="stream_options",
+                 match="only with 'stream'")
     assert_error(post(url, {**ok, "temperature": "hot"}), 400, param="temperature")
     assert_error(post(url, {**ok, "max_tokens": 0}), 400, param="max_tokens")
     assert_error(post(url, {**ok, "model": "gpt-4o"}), 404, "model_not_found", "model")
