@@ -118,7 +118,9 @@ def _content(message: dict, index: int) -> tuple[str, Optional[str]]:
     texts, image = [], None
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}.content[{j}].text must be a string", "messages")
             texts.append(part["text"])
         elif kind == "image_url":
             url = part.get("image_url")

@@ -171,7 +171,8 @@ def test_messages_map_onto_the_template():
     for bad, match in (([], "non-empty"), ([{"role": "assistant", "content": "x"}], "must follow a user"),
                        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "last message"),
                        ([{"role": "tool", "content": "x"}], "unsupported role"),
-                       ([{"role": "user", "content": [{"type": "input_audio"}]}], "input_audio")):
+                       ([{"role": "user", "content": [{"type": "input_audio"}]}], "input_audio"),
+                       ([{"role": "user", "content": [{"type": "text", "text": 5}]}], r"content\[0\].text must be")):
         with pytest.raises(APIError, match=match):
             parse_messages(bad)
 
