@@ -269,9 +269,14 @@ def read_image_url(url: str, image_root: Optional[str], max_bytes: int) -> bytes
 
 
 # ------------------------------------------------------------------------------------- responses
-def _chunk(rid, created, model, delta, finish=None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+def _chunk(rid, created, model, delta, finish=None, include_usage=False, usage=None) -> dict:
+    """A ``chat.completion.chunk``: one choice with ``delta``, or (``usage`` given) none and the usage. With
+    ``include_usage`` every chunk has a ``usage`` field, null but in the last (OpenAI's stream shape)."""
+    choices = [] if usage is not None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if include_usage:
+        out["usage"] = usage
+    return out
 
 
 def _usage(prompt, completion) -> dict:
@@ -418,22 +423,23 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if req.stream:
+            def chunk(delta, finish=None, usage=None) -> str:
+                return _sse(_chunk(rid, created, config.model_name, delta, finish, req.include_usage, usage))
+
             async def sse():
                 try:
-                    yield _sse(_chunk(rid, created, config.model_name, {"role": "assistant", "content": ""}))
+                    yield chunk({"role": "assistant", "content": ""})
                     while True:
                         ev = await events.get()
                         if ev.error is not None:
                             yield _sse(APIError(500, ev.error, type="server_error").body())
                             break
                         if ev.text:
-                            yield _sse(_chunk(rid, created, config.model_name, {"content": ev.text}))
+                            yield chunk({"content": ev.text})
                         if ev.finish_reason is not None:
-                            yield _sse(_chunk(rid, created, config.model_name, {}, ev.finish_reason))
+                            yield chunk({}, ev.finish_reason)
                             if req.include_usage:
-                                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                            "model": config.model_name, "choices": [],
-                                            "usage": _usage(n, ev.completion_tokens)})
+                                yield chunk(None, usage=_usage(n, ev.completion_tokens))
                             break
                     yield "data: [DONE]\n\n"
                 finally:

@@ -281,6 +281,35 @@ def test_stop_strings_end_the_answer(model, server):
     assert (text, finish) == (full[:full.index(stop)], "stop")
 
 
+def test_sse_framing_and_the_usage_chunk(model, server):
+    """Raw SSE: one ``data:`` line per event, one id, ``[DONE]`` last; with include_usage every chunk but the
+    last carries ``"usage": null`` and the last has no choices and the usage (OpenAI's stream shape)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": NAME, "messages": messages("Tell me about a blue line."), "max_tokens": 3, "temperature": 0,
+         "stream": True, "stream_options": {"include_usage": True}}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+    raw = resp.read().decode()
+    conn.close()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]", raw[-200:]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1]), raw
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert {(c["id"], c["object"], c["created"], c["model"]) for c in chunks} == {
+        (chunks[0]["id"], "chat.completion.chunk", chunks[0]["created"], NAME)}
+    *answer, last = chunks
+    assert all("usage" in c and c["usage"] is None for c in answer), answer
+    assert answer[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert answer[-1]["choices"][0]["finish_reason"] in ("stop", "length") and answer[-1]["choices"][0]["delta"] == {}
+    want = model.chat(None, "Tell me about a blue line.", max_new_tokens=3)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in answer) == want
+    n = len(model.build_inputs("Tell me about a blue line.")["input_ids"])
+    assert last["choices"] == [] and last["usage"]["prompt_tokens"] == n
+    assert last["usage"]["total_tokens"] == n + last["usage"]["completion_tokens"] <= n + 3
+
+
 def test_32_concurrent_streams_on_4_slots_each_equal_to_its_solo_answer(model, engine, server):
     rng = __import__("random").Random(0)
     jobs = []
