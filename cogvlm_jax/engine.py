@@ -320,6 +320,7 @@ class Engine:
         with self._cv:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
+            self._drop_cancelled()
             free = sum(s is None for s in self._live)
             if len(self._waiting) >= free + self.max_queue:
                 raise QueueFullError(f"all {self.slots} slots are busy and {len(self._waiting)} requests are "
@@ -328,8 +329,14 @@ class Engine:
             self._cv.notify()
         return request
 
+    def _drop_cancelled(self) -> None:
+        """Forget waiting requests whose caller went away (call with ``self._cv`` held): they hold no place."""
+        if any(r.cancelled for r in self._waiting):
+            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+
     def stats(self) -> dict:
         with self._cv:
+            self._drop_cancelled()
             return {"slots": self.slots, "busy": sum(s is not None for s in self._live),
                     "waiting": len(self._waiting), "completed": self.completed, "cancelled": self.cancelled,
                     "max_length": self.max_length}
@@ -444,10 +451,9 @@ class Engine:
                 if self._stop:
                     break
                 admit = []
+                self._drop_cancelled()
                 for s in range(self.slots):
                     if self._live[s] is None:
-                        while self._waiting and self._waiting[0].cancelled:
-                            self._waiting.popleft()
                         if not self._waiting:
                             break
                         admit.append((s, self._waiting.popleft()))

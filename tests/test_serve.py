@@ -459,6 +459,33 @@ def test_full_queue_is_429_and_the_queue_drains(f32_models, engine1):
     assert [(s, b["choices"][0]["message"]["content"]) for s, b in answers] == [(200, want)] * room
 
 
+def test_cancelled_waiting_requests_leave_the_queue(f32_models, engine1):
+    """Requests cancelled while they wait (their clients went away) neither hold queue places nor count as waiting."""
+    import queue
+
+    model = f32_models["cogvlm1"]
+    release, blocked = threading.Event(), threading.Event()
+    first = engine1.submit(Request(model.build_inputs("hi"), 4, lambda ev: (blocked.set(), release.wait(60))))
+    try:
+        assert blocked.wait(120)
+        x = model.build_inputs("hello")
+        waiting = [engine1.submit(Request(x, 2, lambda ev: None)) for _ in range(engine1.slots - 1 + engine1.max_queue)]
+        with pytest.raises(QueueFullError):
+            engine1.submit(Request(x, 2, lambda ev: None))
+        for r in waiting:
+            r.cancel()
+        assert engine1.stats()["waiting"] == 0
+        events: queue.Queue = queue.Queue()
+        engine1.submit(Request(x, 2, events.put))
+    finally:
+        first.cancel()
+        release.set()
+    text = []
+    while not text or text[-1].finish_reason is None:
+        text.append(events.get(timeout=120))
+    assert "".join(e.text for e in text) == model.chat(None, "hello", max_new_tokens=2)
+
+
 # ----------------------------------------------------------------------------------------- a real process
 def _read_line(proc, deadline):
     import select
