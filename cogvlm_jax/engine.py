@@ -218,6 +218,9 @@ class _Programs:
                 s, out = carry
                 logits, cache = module.apply({"params": params}, s.token, s.position, s.cache,
                                              method=CogVLM.decode_step)
+                # An idle slot writes at slot 0 of its own row, again and again: decode attention reads every row
+                # up to the largest write index, which an idle slot advancing each step would push to the end.
+                cache = cache.replace(index=jnp.where(live, cache.index, 0))
                 sp = s.sampling.replace(temperature=jnp.where(live, s.sampling.temperature, 0.0))
                 tok = choose_rows(logits, sp, s.step)
                 s = s.replace(cache=cache, token=tok, position=s.position + 1, step=s.step + 1)

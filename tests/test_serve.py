@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 
 import jax
+import numpy as np
 import pytest
 
 from cogvlm_jax.api import bucket_length
@@ -242,6 +243,17 @@ def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine):
     other_seed = engine.complete(x, 8, temperature=0.9, top_p=0.9, seed=12)[0]
     assert alone == busy == want
     assert other_seed != want
+
+
+def test_idle_slots_do_not_grow_the_part_of_the_cache_decode_reads(model, engine):
+    """Decode attention reads every row up to the largest cache write index: an idle or finished slot must
+    not advance its index (it did by one per step, forever, until every step read the whole cache)."""
+    x = model.build_inputs("Tell me about a blue line.")
+    for n in (9, 6):  # the second request runs alone after the first left its slot
+        assert engine.complete(x, n, temperature=0)[1].completion_tokens <= n
+    index = np.asarray(engine._state.cache.index)
+    assert (index > 0).sum() == 1, index  # only the slot that served the last request
+    assert index.max() <= bucket_length(len(x["input_ids"])) + 6 + engine.chunk, index
 
 
 # ----------------------------------------------------------------------------------------- HTTP
