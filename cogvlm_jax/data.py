@@ -88,11 +88,15 @@ def read_jsonl(path: str, tokenizer, config, template: Optional[str] = None) -> 
         raise DataError(f"training data {path} not found")
     folder = os.path.dirname(os.path.abspath(path))
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that bad bytes are named by their line too
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8: {e}") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -37,9 +37,11 @@ def env(tmp_path_factory):
 
 
 def _write(path, lines):
-    with open(path, "w") as f:
+    """A JSONL file of ``lines``: objects (as JSON), strings, or bytes written as they are."""
+    with open(path, "wb") as f:
         for line in lines:
-            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+            line = line if isinstance(line, (str, bytes)) else json.dumps(line)
+            f.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
     return str(path)
 
 
@@ -66,6 +68,7 @@ BAD = [
     ({"query": "q", "answer": "a", "image": "imgs/missing.png"}, "not found"),
     ({"query": "q", "answer": "a", "image": "imgs/broken.png"}, "cannot read image"),
     ({"query": "q", "answer": "word " * 3000}, "exceed the context length 2048"),
+    (b'{"query": "caf\xe9", "answer": "a"}', "not valid UTF-8"),
 ]
 
 
