@@ -59,7 +59,8 @@ def _check_fields(obj, where: str) -> tuple[str, str, tuple, Optional[str]]:
             raise DataError(f"{where}: missing field {key!r}")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-    history = obj.get("history") or []
+    history = obj.get("history")
+    history = [] if history is None else history  # not `or []`: {}, "" or false are wrongly typed, not empty
     if not isinstance(history, list) or not all(
             isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in history):
         raise DataError(f"{where}: field 'history' must be a list of [question, answer] string pairs")

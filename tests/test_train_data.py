@@ -63,6 +63,7 @@ BAD = [
     ({"answer": "x"}, "missing field 'query'"),
     ({"query": "q", "answer": 3}, "field 'answer' must be a string"),
     ({"query": "q", "answer": "a", "history": [["only one"]]}, "field 'history' must be a list"),
+    ({"query": "q", "answer": "a", "history": {}}, "field 'history' must be a list"),
     ({"query": "q", "answer": "a", "picture": "x.png"}, "unknown field(s) picture"),
     ({"query": "q", "answer": "a", "image": 5}, "field 'image' must be a path"),
     ({"query": "q", "answer": "a", "image": "imgs/missing.png"}, "not found"),
