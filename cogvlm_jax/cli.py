@@ -151,7 +151,7 @@ def cmd_convert(args) -> int:
     from convert.convert_hf import main_convert
 
     mesh = _cpu_mesh(args.mesh) if args.mesh else None
-    return main_convert(args.src, args.dst, to=args.to, mesh=mesh) or 0
+    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh) or 0
 
 
 def cmd_plan(args) -> int:
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("ours", "hf"), default="ours")
+    cv.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
     cv.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                     help="store each tensor in chunks of its shard on this mesh (made of CPU devices), so that "
                          "loading on it, in one process or several, reads only each process's slices")

@@ -68,3 +68,19 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path):
         err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
         assert len(err_lines) == 1 and needle in err_lines[0], (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+
+
+def test_convert_refuses_a_full_destination_and_overwrite_replaces_it(tmp_path, capsys):
+    """The refusal names --overwrite, so the flag must exist and do what it says."""
+    from cogvlm_jax import cli
+    from cogvlm_jax.checkpoint import is_our_checkpoint
+
+    dst = tmp_path / "ours"
+    dst.mkdir()
+    (dst / "old.txt").write_text("x")
+    src = os.path.join(fixture_dir("cogvlm1"), "checkpoint")
+    assert cli.main(["convert", src, str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvlm-jax convert: error: ") and "--overwrite" in err
+    assert cli.main(["convert", src, str(dst), "--overwrite"]) == 0
+    assert is_our_checkpoint(str(dst)) and not (dst / "old.txt").exists()
