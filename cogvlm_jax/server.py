@@ -216,7 +216,7 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
         query=query, history=history, image_url=image, max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1, lo_open=True)),
-        top_k=int(_number(body, "top_k", 0, 0, None, integer=True)), seed=seed % 2**31,
+        top_k=int(_number(body, "top_k", 0, 0, None, integer=True)), seed=seed,
         stop=tuple(stop or ()), stream=stream, include_usage=bool(options.get("include_usage")))
 
 

@@ -229,7 +229,7 @@ def test_engine_compiles_once_per_prefill_shape_and_once_for_the_step(f32_models
         _COMPILES["on"] = False
 
 
-def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine):
+def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine, server):
     case = next(c for c in chat_cases("cogvlm2") if c["image"] is None)
     kw = dict(temperature=0.9, top_p=0.9, seed=11)
     want = model.chat(None, case["query"], max_new_tokens=8, **kw)
@@ -243,6 +243,12 @@ def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine):
     other_seed = engine.complete(x, 8, temperature=0.9, top_p=0.9, seed=12)[0]
     assert alone == busy == want
     assert other_seed != want
+    # Over HTTP any integer seed is model.chat's seed (2**31 + 11 is not 11; both sides take it mod 2**32).
+    big = 2**31 + 11
+    want_big = model.chat(None, case["query"], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=big)
+    r = client(server).chat.completions.create(model=NAME, messages=messages(case["query"]), max_tokens=8,
+                                               temperature=0.9, top_p=0.9, seed=big)
+    assert r.choices[0].message.content == want_big != want
 
 
 def test_idle_slots_do_not_grow_the_part_of_the_cache_decode_reads(model, engine):
