@@ -201,7 +201,7 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     tokenizer = _find_tokenizer(run.tokenizer or run.model)
     if tokenizer is None:
         raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; pass --tokenizer")
-    records = read_jsonl(run.data, tokenizer, config, run.template)
+    records = read_jsonl(run.data, tokenizer, config, run.template, progress=progress and multihost.is_main_process())
     batches = Batches(records, tokenizer, config, run.batch_size, run.seed, run.template)
     if epochs is not None:
         steps = max(1, math.ceil(epochs * batches.steps_per_epoch))

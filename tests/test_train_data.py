@@ -132,3 +132,13 @@ def test_image_unreadable_at_batch_time_names_the_line(env):
     img.write_bytes(b"gone bad")
     with pytest.raises(DataError, match=rf"late.jsonl:1: cannot read image"):
         batches.batch(0)
+
+
+def test_reading_shows_progress(env, capsys):
+    d, tok, cfg = env
+    path = _write(d / "progress.jsonl", GOOD)
+    assert len(read_jsonl(path, tok, cfg, progress=True)) == len(GOOD)
+    err = capsys.readouterr().err
+    assert "reading progress.jsonl" in err and "100%" in err, err
+    read_jsonl(path, tok, cfg)
+    assert capsys.readouterr().err == ""
