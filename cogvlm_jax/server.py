@@ -410,8 +410,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
         job = Request(inputs, max_tokens, on_event, temperature=req.temperature, top_p=req.top_p,
                       top_k=req.top_k, seed=req.seed, stop=req.stop)
         try:
-            engine.check(n, max_tokens)
-            engine.submit(job)
+            engine.submit(job)  # checks the lengths and the sampling settings first
         except ContextLengthError as e:
             raise APIError(400, str(e), "messages", "context_length_exceeded") from None
         except InputError as e:
