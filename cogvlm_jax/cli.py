@@ -114,7 +114,11 @@ def cmd_chat(args) -> int:
         if not query:
             return 0
         if query.startswith("/image "):
-            image, history = _image(query[7:].strip()), []
+            try:
+                image, history = _image(query[7:].strip()), []
+            except ValueError as e:  # a mistyped path: say so and go on (several processes: all raise ValueError)
+                if multihost.is_main_process():
+                    print(f"cogvlm-jax chat: {e}", file=sys.stderr)
             continue
         if query == "/clear":
             history = []
