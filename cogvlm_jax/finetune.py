@@ -97,8 +97,11 @@ def read_run(out: str) -> RunConfig:
     path = os.path.join(out, RUN_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{out} holds no training run ({RUN_FILE} missing); start one without --resume")
-    with open(path) as f:
-        return RunConfig.from_dict(json.load(f))
+    try:
+        with open(path) as f:
+            return RunConfig.from_dict(json.load(f))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, edited, or from another version
+        raise CheckpointError(f"{path} is not a valid run file: {type(e).__name__}: {e}") from None
 
 
 def differences(a: RunConfig, b: RunConfig) -> list[str]:
