@@ -447,21 +447,27 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+        async def gone():
+            """Wait for the client to hang up (the body is read: the next message is the disconnect), then wake the
+            loop below. Polling between events missed it while tokens kept coming, and the slot ran to the end."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            events.put_nowait(None)
+
+        watcher = asyncio.create_task(gone())
         parts = []
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
+                ev = await events.get()
+                if ev is None:
+                    return JSONResponse({}, status_code=499)
                 if ev.error is not None:
                     raise APIError(500, ev.error, type="server_error")
                 parts.append(ev.text)
                 if ev.finish_reason is not None:
                     break
         finally:
+            watcher.cancel()
             job.cancel()
         return {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},

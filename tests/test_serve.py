@@ -378,6 +378,18 @@ def test_client_that_disconnects_frees_its_slot(model, engine, server):
         time.sleep(0.05)
     assert engine.stats()["cancelled"] == before + 1
     assert engine.stats()["busy"] == 0
+    # A non-streaming client too, gone while its tokens keep coming (no pause in the events to notice it in).
+    body = json.dumps({"model": NAME, "messages": messages("Go on and on."), "max_tokens": 200,
+                       "temperature": 0}).encode()
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while engine.stats()["busy"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    while engine.stats()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["cancelled"] == before + 2, f"not cancelled; ran {time.monotonic() - t0:.2f} s"
 
 
 def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engine, server, tmp_path):
