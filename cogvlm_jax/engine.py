@@ -45,6 +45,7 @@ import numpy as np
 from cogvlm_jax import kv_cache, multihost, sampling
 from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
 from cogvlm_jax.model import CogVLM
+from cogvlm_jax.preprocess import pad_batch
 from cogvlm_jax.tokenizer import StreamDecoder
 
 DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
@@ -477,15 +478,10 @@ class Engine:
             multihost.broadcast_bytes(_encode("stop", ()))
 
     def _insert(self, slot: int, req: Request) -> None:
-        x = req.inputs
-        n = len(x["input_ids"])
-        pad = bucket_length(n) - n
-        pad_ids = np.pad(np.asarray(x["input_ids"], np.int32), (pad, 0), constant_values=self.config.pad_token_id)
-        tt = np.pad(np.asarray(x["token_type_ids"], np.int32), (pad, 0))
-        am = np.pad(np.asarray(x["attention_mask"], np.int32), (pad, 0))
-        pv = None if x.get("pixel_values") is None else np.asarray(x["pixel_values"], np.float32)[None]
-        self.prefill_shapes.add((n + pad, pv is not None))
-        first = self._device("insert", pad_ids[None], tt[None], am[None], pv, np.int32(slot),
+        x = pad_batch([req.inputs], self.config.pad_token_id, bucket_length(req.prompt_tokens))  # [1, L], left-padded
+        pv = x["pixel_values"]
+        self.prefill_shapes.add((x["input_ids"].shape[1], pv is not None))
+        first = self._device("insert", x["input_ids"], x["token_type_ids"], x["attention_mask"], pv, np.int32(slot),
                              np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
                              np.uint32(req.seed % 2**32))
         self._take(slot, [int(first)])
