@@ -183,9 +183,9 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
             continue
         what = "is not supported" if key in NEUTRAL else "is not a parameter this server knows"
         raise APIError(400, f"'{key}' {what} (got {json.dumps(value)[:80]})", key, "unsupported_parameter")
-    if body.get("n") not in (None, 1):
-        raise APIError(400, f"'n' > 1 is not supported (got {json.dumps(body['n'])}): ask once per answer",
-                       "n", "unsupported_parameter")
+    if _number(body, "n", 1, 1, None, integer=True) != 1:
+        raise APIError(400, f"'n' > 1 is not supported (got {body['n']}): ask once per answer", "n",
+                       "unsupported_parameter")
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model {json.dumps(model)} does not exist: this server serves "

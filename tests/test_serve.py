@@ -402,6 +402,7 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     assert_error(post(url, nan), 400, "invalid_json", match="NaN")
     assert_error(post(url, b"[1, 2]"), 400, match="JSON object")
     assert_error(post(url, {**ok, "n": 2}), 400, "unsupported_parameter", "n")
+    assert_error(post(url, {**ok, "n": 0}), 400, param="n", match="must be in [1, inf)")
     assert_error(post(url, {**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400,
                  "unsupported_parameter", "tools")
     assert_error(post(url, {**ok, "logprobs": True}), 400, "unsupported_parameter", "logprobs")
