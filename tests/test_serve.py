@@ -299,22 +299,29 @@ def test_stop_strings_end_the_answer(model, server):
     assert (text, finish) == (full[:full.index(stop)], "stop")
 
 
+def _sse_events(srv, body):
+    """(status, the data of each SSE event) of a raw streamed request; checks the framing on the way."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]), timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Type").startswith("text/event-stream")
+        raw = resp.read().decode()
+    finally:
+        conn.close()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and all(e.startswith("data: ") and "\n" not in e for e in events[:-1]), raw
+    return resp.status, [e[len("data: "):] for e in events[:-1]]
+
+
 def test_sse_framing_and_the_usage_chunk(model, server):
     """Raw SSE: one ``data:`` line per event, one id, ``[DONE]`` last; with include_usage every chunk but the
     last carries ``"usage": null`` and the last has no choices and the usage (OpenAI's stream shape)."""
-    port = int(server.url.rsplit(":", 1)[1])
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/v1/chat/completions", json.dumps(
-        {"model": NAME, "messages": messages("Tell me about a blue line."), "max_tokens": 3, "temperature": 0,
-         "stream": True, "stream_options": {"include_usage": True}}), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
-    raw = resp.read().decode()
-    conn.close()
-    events = raw.split("\n\n")
-    assert events[-1] == "" and events[-2] == "data: [DONE]", raw[-200:]
-    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1]), raw
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    status, events = _sse_events(server, {"model": NAME, "messages": messages("Tell me about a blue line."),
+                                          "max_tokens": 3, "temperature": 0, "stream": True,
+                                          "stream_options": {"include_usage": True}})
+    assert status == 200 and events[-1] == "[DONE]", events
+    chunks = [json.loads(e) for e in events[:-1]]
     assert {(c["id"], c["object"], c["created"], c["model"]) for c in chunks} == {
         (chunks[0]["id"], "chat.completion.chunk", chunks[0]["created"], NAME)}
     *answer, last = chunks
@@ -326,6 +333,28 @@ def test_sse_framing_and_the_usage_chunk(model, server):
     n = len(model.build_inputs("Tell me about a blue line.")["input_ids"])
     assert last["choices"] == [] and last["usage"]["prompt_tokens"] == n
     assert last["usage"]["total_tokens"] == n + last["usage"]["completion_tokens"] <= n + 3
+
+
+def test_a_device_failure_fails_what_runs_and_the_engine_serves_on(model, engine, server):
+    """The decode chunk raises once: the streamed request ends with an error object and [DONE], the next is served."""
+    programs, real = engine._programs, engine._programs.decode
+
+    def fail_once(*args):
+        programs.decode = real
+        raise RuntimeError("injected device failure")
+
+    programs.decode = fail_once
+    try:
+        status, events = _sse_events(server, {"model": NAME, "messages": messages("Go on and on."), "max_tokens": 50,
+                                              "temperature": 0, "stream": True})
+    finally:
+        programs.decode = real
+    assert status == 200 and events[-1] == "[DONE]", events
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "server_error" and "injected device failure" in err["message"], err
+    r = client(server).chat.completions.create(model=NAME, messages=messages("hi"), max_tokens=3, temperature=0)
+    assert r.choices[0].message.content == model.chat(None, "hi", max_new_tokens=3)
+    assert engine.stats()["busy"] == 0
 
 
 def test_32_concurrent_streams_on_4_slots_each_equal_to_its_solo_answer(model, engine, server):
