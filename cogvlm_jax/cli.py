@@ -102,6 +102,8 @@ def _query() -> bytes:
 
 
 def cmd_chat(args) -> int:
+    from cogvlm_jax.api import InputError
+
     mesh = multihost.init_from_args(args)
     out = _out()
     image = _image(args.image)
@@ -109,6 +111,12 @@ def cmd_chat(args) -> int:
     history: list[tuple[str, str]] = []
     out.write("cogvlm-jax chat: empty line or Ctrl-D to quit, '/image PATH' to change the picture, '/clear' to "
               "restart.\n")
+    def refused(e: Exception) -> None:
+        """A mistyped /image or a question too long: said, and the conversation goes on as it was (every
+        process raises the same error: several processes share process 0's input)."""
+        if multihost.is_main_process():
+            print(f"cogvlm-jax chat: {e}", file=sys.stderr)
+
     while True:
         query = multihost.from_main(_query).decode()
         if not query:
@@ -116,16 +124,21 @@ def cmd_chat(args) -> int:
         if query.startswith("/image "):
             try:
                 image, history = _image(query[7:].strip()), []
-            except ValueError as e:  # a mistyped path: say so and go on (several processes: all raise ValueError)
-                if multihost.is_main_process():
-                    print(f"cogvlm-jax chat: {e}", file=sys.stderr)
+            except ValueError as e:
+                refused(e)
             continue
         if query == "/clear":
             history = []
             continue
-        out.write("cogvlm> ")
-        answer = []
-        for piece in model.stream(image, query, tuple(history), template=args.template, **_sampling(args)):
+        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args))
+        try:
+            answer = [next(pieces, "")]  # the prompt is checked here, before anything is printed
+        except InputError as e:
+            refused(e)
+            continue
+        out.write("cogvlm> " + answer[0])
+        out.flush()
+        for piece in pieces:
             answer.append(piece)
             out.write(piece)
             out.flush()
