@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a chat page at /")
-    sv.add_argument("--model", help="checkpoint directory (default: the shipped default model)")
+    sv.add_argument("--model", required=True, help="checkpoint directory (HF safetensors or converted)")
     sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
     sv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name)")

@@ -559,9 +559,8 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=is_main_process())
-    model = cogvlm_jax.load(args.model, **kw) if args.model else cogvlm_jax.load(**kw)
-    name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
-                               (model.config.name or "cogvlm-jax"))
+    model = cogvlm_jax.load(args.model, **kw)
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
                     max_queue=args.max_queue)
     config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,
