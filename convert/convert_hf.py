@@ -31,9 +31,10 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from cogvlm_jax import checkpoint
 from cogvlm_jax.checkpoint import (
-    CheckpointError, LazyArray, atomic_directory, check_destination, copy_files, flatten_tree, is_our_checkpoint,
-    read_meta, save_params, subset_reader, trim_heap, unflatten_tree, write_json)
+    CheckpointError, LazyArray, atomic_directory, block_reader, blocks, check_destination, copy_files, flatten_tree,
+    is_our_checkpoint, read_meta, save_params, subset_reader, trim_heap, unflatten_tree, write_json)
 from cogvlm_jax.config import CogVLMConfig, load_config
 from convert import mapping
 
@@ -233,10 +234,12 @@ def _write_order(tensors: list[_OutTensor]) -> list[_OutTensor]:
     return sorted(tensors, key=lambda t: (-_RANK[t.code], t.name))
 
 
-def write_safetensors(path: str, tensors: list[_OutTensor], produce: Callable[[_OutTensor], np.ndarray],
+def write_safetensors(path: str, tensors: list[_OutTensor],
+                      produce: Callable[[_OutTensor], np.ndarray | Iterable[np.ndarray]],
                       metadata: Mapping[str, str] | None = None,
                       progress: Callable[[int], Any] | None = None) -> None:
-    """Write one .safetensors file; ``produce(t)`` makes each tensor's data just before it is written.
+    """Write one .safetensors file; ``produce(t)`` makes each tensor's data just before it is written: an
+    array, or an iterable of consecutive row blocks (slices along the first axis) written as they come.
 
     Layout as the ``safetensors`` library writes it (so files compare byte for byte): tensors sorted by
     dtype rank descending, then name; compact JSON header, metadata first, padded with spaces to a
@@ -254,11 +257,22 @@ def write_safetensors(path: str, tensors: list[_OutTensor], produce: Callable[[_
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in order:
-            arr = np.ascontiguousarray(produce(t))
-            if arr.shape != t.shape or _code(arr.dtype, t.name) != t.code:
-                raise CheckpointError(f"{t.name}: produced {arr.dtype}{arr.shape}, planned {t.code}{t.shape}")
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-            del arr
+            data = produce(t)
+            rows = 0
+            for arr in [data] if isinstance(data, np.ndarray) else data:
+                arr = np.ascontiguousarray(arr)
+                if t.shape:
+                    bad = arr.shape[1:] != t.shape[1:] or arr.ndim != len(t.shape) or rows + len(arr) > t.shape[0]
+                else:
+                    bad = arr.shape != ()
+                if bad or _code(arr.dtype, t.name) != t.code:
+                    raise CheckpointError(f"{t.name}: produced {arr.dtype}{arr.shape} at row {rows}, planned "
+                                          f"{t.code}{t.shape}")
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                rows += len(arr) if arr.ndim else 1
+                del arr
+            if rows != (t.shape[0] if t.shape else 1):
+                raise CheckpointError(f"{t.name}: produced {rows} rows, planned {t.code}{t.shape}")
             if progress:
                 progress(1)
 
@@ -403,6 +417,14 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
         bar.update(1)
         return array
 
+    def read_region(key: str, transform: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+        """A block of ``key`` in our layout (and dtype), reading only the HF bytes behind it."""
+        array = mapping.relayout(transform, entries[key][0].read_region(key, mapping.hf_region(transform, index)))
+        array = array if dtype is None else array.astype(dtype, copy=False)
+        if all(s.indices(n)[1] == n for s, n in zip(index, shape)):  # the last block: the tensor is done
+            bar.update(1)
+        return array
+
     for key in order:
         st, info = entries[key]
         path_ours, transform = mapping.hf_to_ours_key(key)
@@ -410,9 +432,10 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
             _note_inv_freq(key, st.read(key), config, facts)
             bar.update(1)
         elif lazy:
-            flat[path_ours] = LazyArray(mapping.ours_shape(info.shape, transform),
-                                        dtype or _DTYPES[info.code], functools.partial(read, key),
-                                        (st.path, info.start))
+            shape = mapping.ours_shape(info.shape, transform)
+            flat[path_ours] = LazyArray(shape, dtype or _DTYPES[info.code], functools.partial(read, key),
+                                        (st.path, info.start), functools.partial(read_region, key, transform, shape),
+                                        mapping.rows_axis(transform, len(shape)))
         else:
             array = read(key)
             flat[path_ours] = array if place is None else place(path_ours, array)
@@ -444,25 +467,52 @@ def _natural_key(name: str):
 
 # A parameter source: the (shape, dtype) of every leaf, and a function that materialises a list of leaves
 # as host arrays. The writer fetches runs of at most FETCH_BYTES (see _producer), so exporting from an
-# Orbax checkpoint never holds much more than that of the model.
+# Orbax checkpoint never holds much more than that of the model; a leaf larger than BLOCK_BYTES that the
+# source can read in blocks is read and written a row block at a time instead.
 Specs = dict[tuple, tuple[tuple[int, ...], np.dtype]]
 Fetch = Callable[[list[tuple]], dict[tuple, Any]]
 
 
-def _tree_source(params: Mapping) -> tuple[Specs, Fetch]:
+@dataclasses.dataclass
+class _Source:
+    specs: Specs
+    fetch: Fetch
+    # ``block_rows(leaf, axis)``: indices of ``axis`` per block the leaf can be read in, or None (read it whole)
+    block_rows: Callable[[tuple, int], int | None] | None = None
+    read_block: Callable[[tuple, tuple], np.ndarray] | None = None
+
+    def __post_init__(self):
+        self._plans: dict[tuple, tuple[int, int] | None] = {}
+
+    def blocked(self, leaf: tuple) -> tuple[int, int] | None:
+        """(our axis that is the HF rows, indices per block) if ``leaf`` is read in blocks, else None."""
+        if leaf not in self._plans:
+            shape, dtype = self.specs[leaf]
+            plan = None
+            if self.block_rows is not None and shape and np.prod(shape, dtype=np.int64) * dtype.itemsize > \
+                    checkpoint.BLOCK_BYTES:
+                axis = mapping.rows_axis(mapping.transform_of(leaf), len(shape))
+                rows = self.block_rows(leaf, axis)
+                plan = None if rows is None else (axis, rows)
+            self._plans[leaf] = plan
+        return self._plans[leaf]
+
+
+def _tree_source(params: Mapping) -> _Source:
     from cogvlm_jax.multihost import to_host
 
     flat = flatten_tree(params)
     # to_host: a parameter sharded over several processes' devices is gathered (all processes fetch the same
     # paths in the same order, see _write_hf)
-    return ({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
-            lambda paths: {p: to_host(flat[p]) for p in paths})
+    return _Source({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
+                   lambda paths: {p: to_host(flat[p]) for p in paths})
 
 
-def _orbax_source(ckpt_dir: str) -> tuple[Specs, Fetch]:
+def _orbax_source(ckpt_dir: str) -> _Source:
     stored, read = subset_reader(ckpt_dir)
-    return ({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
-            lambda paths: flatten_tree(read(paths)))
+    rows, read_block = block_reader(ckpt_dir)
+    return _Source({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
+                   lambda paths: flatten_tree(read(paths)), rows, read_block)
 
 
 def _plan_outputs(specs: Specs, config: CogVLMConfig, dtype: np.dtype | None,
@@ -532,15 +582,16 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
                      inv_freq_values, overwrite, extra_files, progress)
 
 
-def _fetch_runs(specs: Specs, shard: list[_OutTensor]) -> list[list[tuple]]:
+def _fetch_runs(source: _Source, shard: list[_OutTensor]) -> list[list[tuple]]:
     """The leaves of a shard in write order, cut into runs of at most ``FETCH_BYTES`` (or one tensor): the
-    fetches an export makes, in order (with several processes every process makes the same ones)."""
+    fetches an export makes, in order (with several processes every process makes the same ones). Leaves
+    read in blocks are not fetched."""
     runs: list[list[tuple]] = [[]]
     size = 0
     for t in _write_order(shard):
-        if t.source is None:
+        if t.source is None or source.blocked(t.source):
             continue
-        shape, dtype = specs[t.source]
+        shape, dtype = source.specs[t.source]
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if runs[-1] and size + n > FETCH_BYTES:
             runs.append([])
@@ -550,36 +601,43 @@ def _fetch_runs(specs: Specs, shard: list[_OutTensor]) -> list[list[tuple]]:
     return [run for run in runs if run]
 
 
-def _producer(source: tuple[Specs, Fetch], shard: list[_OutTensor],
-              inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray]:
+def _producer(source: _Source, shard: list[_OutTensor],
+              inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray | Iterable[np.ndarray]]:
     """Make each tensor of a shard, in write order, from its leaf: device -> host, HF layout, dtype.
 
     Leaves are fetched in runs of consecutive tensors of at most ``FETCH_BYTES`` (or one tensor), so an
-    export from an Orbax checkpoint holds about that much of the model, whatever the shard size.
+    export from an Orbax checkpoint holds about that much of the model, whatever the shard size; a leaf
+    the source reads in blocks comes as HF row blocks, each read, re-laid out and cast on its own.
     """
-    specs, fetch = source
-    runs = _fetch_runs(specs, shard)
+    runs = _fetch_runs(source, shard)
     run_of = {p: k for k, run in enumerate(runs) for p in run}
     leaves: dict[tuple, Any] = {}
 
-    def produce(t: _OutTensor) -> np.ndarray:
+    def row_blocks(t: _OutTensor, axis: int, rows: int) -> Iterable[np.ndarray]:
+        for index in blocks(source.specs[t.source][0], axis, rows):
+            trim_heap()
+            yield mapping.to_hf(t.source, source.read_block(t.source, index))[1].astype(_DTYPES[t.code], copy=False)
+
+    def produce(t: _OutTensor) -> np.ndarray | Iterable[np.ndarray]:
         if t.source is None:
             return inv_freq
+        plan = source.blocked(t.source)
+        if plan is not None:
+            return row_blocks(t, *plan)
         if t.source not in leaves:
             trim_heap()  # the previous run's memory, before the next run is read
-            leaves.update(fetch(runs[run_of[t.source]]))
+            leaves.update(source.fetch(runs[run_of[t.source]]))
         # pop: the reference to a leaf is dropped as soon as the leaf is written
         array = mapping.to_hf(t.source, np.asarray(leaves.pop(t.source)))[1]
         return array.astype(_DTYPES[t.code], copy=False)
     return produce
 
 
-def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
+def _write_hf(source: _Source, config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
               inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool) -> str:
     from cogvlm_jax import multihost
 
     multihost.from_main(lambda: check_destination(out_dir, overwrite) or b"")  # process 0's refusal, on all
-    specs, fetch = source
     dtype = as_dtype(dtype)
     if dtype is not None:
         config = config.replace(torch_dtype=dtype.name)
@@ -587,14 +645,14 @@ def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, m
     if inv_freq.shape != (config.text.head_dim // 2,):
         raise CheckpointError(f"inv_freq_values: expected shape {(config.text.head_dim // 2,)}, got {inv_freq.shape}")
     inv_freq = inv_freq.astype(as_dtype(inv_freq_dtype) or np.dtype(np.float32))
-    outs = _plan_outputs(specs, config, dtype, inv_freq)
+    outs = _plan_outputs(source.specs, config, dtype, inv_freq)
     shards = _shard(outs, max_shard_bytes)
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     if not multihost.is_main_process():  # take part in the gathers; process 0 writes
         for shard in shards:
-            for run in _fetch_runs(specs, shard):
-                fetch(run)
+            for run in _fetch_runs(source, shard):
+                source.fetch(run)
         multihost.sync(f"exported {out_dir}")
         return out_dir
     with atomic_directory(out_dir, overwrite) as tmp, \
