@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -132,10 +133,11 @@ class LazyArray:
     dtype: np.dtype
     make: Callable[[], np.ndarray]
     order: Any = 0  # sort key of the writes (e.g. file and offset, for sequential reads)
-    # ``region(index)`` makes ``make()[index]`` (one slice per axis, only ``block_axis`` partial) without the
-    # rest: a leaf larger than BLOCK_BYTES that has it is written in blocks along ``block_axis``
+    # ``region(index)`` makes ``make()[index]`` (one step-1 slice per axis) without the rest: a leaf that has
+    # it is stored in chunks of ``tile``, and made and written in runs of them if larger than BLOCK_BYTES
     region: Callable[[tuple[slice, ...]], np.ndarray] | None = None
-    block_axis: int = 0
+    block_axis: int = 0  # the axis a tile is cut along to stay within BLOCK_BYTES
+    chunks: tuple[int, ...] | None = None  # a chunk shape to store it in (e.g. its shard on a mesh)
 
     @property
     def size(self) -> int:
@@ -165,9 +167,23 @@ class LazyArray:
         return a
 
     @property
-    def blocked(self) -> bool:
-        """Whether :func:`save_params` writes this leaf in blocks (see :func:`block_rows`)."""
-        return self.region is not None and self.nbytes > BLOCK_BYTES and self.shape[self.block_axis] > 1
+    def pieces(self) -> bool:
+        """Whether :func:`save_params` makes and writes this leaf in pieces (runs of ``tile``): it is larger
+        than BLOCK_BYTES and can make a region of itself."""
+        return self.region is not None and self.nbytes > BLOCK_BYTES and self.tile != tuple(self.shape)
+
+    @functools.cached_property
+    def tile(self) -> tuple[int, ...]:
+        """The chunk shape it is stored in: ``chunks`` (or ``shape``) cut along ``block_axis`` to at most
+        BLOCK_BYTES where it can make regions of itself; cuts of ``chunks`` divide them (the stored chunks
+        tile the shards)."""
+        shape = tuple(self.chunks or self.shape)
+        if not shape or self.region is None:
+            return shape
+        rows = block_rows(shape, np.dtype(self.dtype).itemsize, self.block_axis)
+        if self.chunks is not None:
+            rows = max(d for d in range(1, rows + 1) if shape[self.block_axis] % d == 0)
+        return tuple(rows if d == self.block_axis else n for d, n in enumerate(shape))
 
 
 def save_params(out_dir: str, params: Mapping, config, overwrite: bool = False, *,
@@ -252,10 +268,10 @@ def block_rows(shape: tuple[int, ...], itemsize: int, axis: int) -> int:
     return max(1, min(shape[axis], BLOCK_BYTES // max(per_index, 1)))
 
 
-def blocks(shape: tuple[int, ...], axis: int, rows: int) -> Iterator[tuple[slice, ...]]:
-    """The indices of consecutive blocks of ``rows`` along ``axis`` (the last one may be shorter)."""
-    for a in range(0, shape[axis], rows):
-        yield tuple(slice(a, min(a + rows, n)) if d == axis else slice(0, n) for d, n in enumerate(shape))
+def tiles(shape: tuple[int, ...], tile: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+    """The indices of the tiles of ``tile`` shape that cover ``shape``, in C order (edge tiles may be smaller)."""
+    for corner in itertools.product(*[range(0, n, t) for n, t in zip(shape, tile)]):
+        yield tuple(slice(a, min(a + t, n)) for a, t, n in zip(corner, tile, shape))
 
 
 def _streaming_handler():
@@ -263,19 +279,19 @@ def _streaming_handler():
 
     Each group (consecutive leaves of at most ``STREAM_BYTES``, or one leaf) is made, then written as
     one batch while the next group is made, so at most two groups exist at once. Batches, not single
-    leaves: every write to an OCDBT checkpoint commits a new version of its index, and thousands of
-    small commits cost minutes and rewrite the growing index each time. On disk each leaf is exactly what
-    the numpy handler writes (same typestr, same tensorstore spec), so restoring needs nothing of ours.
+    leaves: every write to an OCDBT checkpoint commits a new version of its index (writes issued together
+    share one), and thousands of small commits cost minutes and rewrite the growing index each time. On
+    disk each leaf is what the numpy handler writes (same typestr, same tensorstore spec, built by Orbax),
+    except for the chunk shape, ``LazyArray.tile``; restoring needs nothing of ours.
 
-    A leaf larger than ``BLOCK_BYTES`` that can make a region of itself (``LazyArray.blocked``) is a
-    group alone, written block by block (the next block made while one is written) into a zarr array
-    chunked in exactly those blocks: each write fills whole chunks, so tensorstore never holds a partial
-    chunk (nor the tensor); only the chunk shape in its metadata differs from the numpy handler's.
+    A leaf larger than ``BLOCK_BYTES`` that can make a region of itself (``LazyArray.pieces``) is a group
+    alone, written in runs of tiles of at most ``STREAM_BYTES`` (the next run made while one is written):
+    each write fills whole chunks, so tensorstore never holds a partial chunk, nor the tensor.
     """
     import orbax.checkpoint as ocp
+    import tensorstore as ts
     from orbax.checkpoint import future
     from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
-    import tensorstore as ts
 
     def made(group):
         return [leaf.made() for leaf, _, _ in group]
@@ -287,7 +303,7 @@ def _streaming_handler():
             groups, size = [[]], 0
             for i in order:
                 n = values[i].nbytes
-                if groups[-1] and (size + n > STREAM_BYTES or values[i].blocked or groups[-1][-1][0].blocked):
+                if groups[-1] and (size + n > STREAM_BYTES or values[i].pieces or groups[-1][-1][0].pieces):
                     groups.append([])
                     size = 0
                 groups[-1].append((values[i], infos[i], args[i]))
@@ -295,8 +311,8 @@ def _streaming_handler():
             return [future.CommitFutureAwaitingContractedSignals(self._stream(groups), name="cogvlm_stream")]
 
         async def _stream(self, groups):
-            def start(k):  # make group k in a thread (a blocked leaf makes its blocks as it writes them)
-                if k >= len(groups) or groups[k][0][0].blocked:
+            def start(k):  # make group k in a thread (a leaf in pieces makes them as it writes them)
+                if k >= len(groups) or groups[k][0][0].pieces:
                     return None
                 return asyncio.create_task(asyncio.to_thread(made, groups[k]))
 
@@ -306,9 +322,11 @@ def _streaming_handler():
                 pending = start(k + 1)
                 try:
                     if arrays is None:
-                        await self._write_blocks(*group[0])
+                        await self._write_pieces(*group[0])
                     else:
-                        await self._background_serialize(arrays, [g[1] for g in group], [g[2] for g in group])
+                        stores = [await self._open(leaf, info, arg) for leaf, info, arg in group]
+                        await asyncio.gather(*[t.write(a, can_reference_source_data_indefinitely=True)
+                                               for t, a in zip(stores, arrays) if t is not None])
                 except BaseException:
                     if pending is not None:
                         pending.cancel()
@@ -316,7 +334,8 @@ def _streaming_handler():
                 del arrays
                 trim_heap()
 
-        async def _write_blocks(self, leaf: LazyArray, info, arg):
+        async def _open(self, leaf: LazyArray, info, arg):
+            """The leaf's zarr array, created with Orbax's spec chunked in ``leaf.tile`` (None off process 0)."""
             await info.await_path_creation()
             ocdbt = info.is_ocdbt_checkpoint
             spec = orbax_handlers.ts_utils.build_array_write_spec(
@@ -324,24 +343,34 @@ def _streaming_handler():
                 use_ocdbt=ocdbt, metadata_key=self._metadata_key,
                 process_index=orbax_handlers.ocdbt_utils.get_process_index_for_subdir(
                     use_ocdbt=ocdbt, override_ocdbt_process_id=self._override_ocdbt_process_id)).json
-            rows = block_rows(leaf.shape, np.dtype(leaf.dtype).itemsize, leaf.block_axis)
             array_spec = spec["base"] if spec.get("driver") == "cast" else spec
-            chunks = [rows if d == leaf.block_axis else n for d, n in enumerate(leaf.shape)]
-            if "chunks" not in array_spec.get("metadata", {}):  # not zarr v2 (Orbax's default): write it whole
-                return await self._background_serialize([leaf.made()], [info], [arg])
-            array_spec["metadata"]["chunks"] = chunks
+            if leaf.tile != tuple(leaf.shape):
+                if "chunks" not in array_spec.get("metadata", {}):
+                    raise CheckpointError(f"{info.name}: chunked writes need Orbax's zarr v2 arrays")
+                array_spec["metadata"]["chunks"] = list(leaf.tile)
             if orbax_handlers.multihost.process_index() != 0:  # as the numpy handler: process 0 writes
+                return None
+            return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+
+        async def _write_pieces(self, leaf: LazyArray, info, arg):
+            t = await self._open(leaf, info, arg)
+            if t is None:
                 return
-            t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-            indices = list(blocks(leaf.shape, leaf.block_axis, rows))
-            nxt = asyncio.create_task(asyncio.to_thread(leaf.made_region, indices[0]))
+            per_tile = int(np.prod(leaf.tile, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+            indices = list(tiles(leaf.shape, leaf.tile))
+            step = max(1, STREAM_BYTES // max(per_tile, 1))
+            runs = [indices[a:a + step] for a in range(0, len(indices), step)]
+
+            def make(run):
+                return [leaf.made_region(index) for index in run]
+            nxt = asyncio.create_task(asyncio.to_thread(make, runs[0]))
             try:
-                for k, index in enumerate(indices):
-                    block = await nxt
-                    nxt = (asyncio.create_task(asyncio.to_thread(leaf.made_region, indices[k + 1]))
-                           if k + 1 < len(indices) else None)
-                    await t[index].write(block)
-                    del block
+                for k, run in enumerate(runs):
+                    arrays = await nxt
+                    nxt = asyncio.create_task(asyncio.to_thread(make, runs[k + 1])) if k + 1 < len(runs) else None
+                    await asyncio.gather(*[t[index].write(a, can_reference_source_data_indefinitely=True)
+                                           for index, a in zip(run, arrays)])
+                    del arrays
                     trim_heap()
             except BaseException as e:
                 if nxt is not None:

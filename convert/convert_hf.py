@@ -3,11 +3,14 @@
 Reading checks every key and shape against the config before any data is read, so a wrong
 checkpoint fails fast with every problem named; then it reads one tensor at a time. A conversion
 to our format streams: each tensor is read just before Orbax writes it (``LazyArray`` leaves), so it
-holds about two tensors in memory whatever the checkpoint's size (``read_hf_checkpoint`` returns the
-whole model, in host memory). Writing HF fetches parameters in runs of at most ``FETCH_BYTES`` (from
-memory or, on export, from the Orbax checkpoint) and writes one tensor at a time into shards laid out
-byte for byte as the ``safetensors`` library lays them out (so a round trip reproduces the published
-files exactly). Both directions are atomic (temp directory + rename).
+holds about two groups of tensors in memory whatever the checkpoint's size (``read_hf_checkpoint``
+returns the whole model, in host memory); a tensor larger than ``checkpoint.BLOCK_BYTES`` is read and
+written a row block at a time. Writing HF fetches parameters in runs of at most ``FETCH_BYTES`` (from
+memory or, on export, from the Orbax checkpoint; a leaf stored in row blocks is read a block at a time)
+and writes one tensor (or row block) at a time into shards laid out byte for byte as the
+``safetensors`` library lays them out (so a round trip reproduces the published files exactly). Both
+directions are atomic (temp directory + rename). Peak memory is thus bounded by the budgets, not by the
+largest tensor (the real CogVLM2's embedding and lm_head are 1.05 GB each).
 
 The safetensors container is parsed here rather than through ``safe_open``: numpy cannot represent
 bfloat16 in older ``safetensors`` releases, and our own parser can say precisely which file is
@@ -33,8 +36,8 @@ from tqdm.auto import tqdm
 
 from cogvlm_jax import checkpoint
 from cogvlm_jax.checkpoint import (
-    CheckpointError, LazyArray, atomic_directory, block_reader, blocks, check_destination, copy_files, flatten_tree,
-    is_our_checkpoint, read_meta, save_params, subset_reader, trim_heap, unflatten_tree, write_json)
+    CheckpointError, LazyArray, atomic_directory, block_reader, check_destination, copy_files, flatten_tree,
+    is_our_checkpoint, read_meta, save_params, subset_reader, tiles, trim_heap, unflatten_tree, write_json)
 from cogvlm_jax.config import CogVLMConfig, load_config
 from convert import mapping
 
@@ -390,13 +393,16 @@ def _note_inv_freq(key: str, array: np.ndarray, config: CogVLMConfig, facts: dic
             facts["inv_freq"] = array.astype(np.float64).tolist()
 
 
-def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None, lazy: bool = False):
+def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None, lazy: bool = False,
+             chunks: Mapping[tuple, tuple[int, ...]] | None = None):
     """(config, params, facts about the source an export needs) of an HF checkpoint.
 
     ``lazy``: the params are :class:`LazyArray` leaves that read (and re-lay out, and cast) their
     tensor when made, in file order, for :func:`save_params` to stream; only the rotary buffers are read
-    here. The progress bar then counts the tensors as they are made: close it (the 4th item returned)
-    once they are.
+    here. They can also make any region of themselves, reading only the bytes behind it, so a tensor
+    larger than ``BLOCK_BYTES``, or one given ``chunks[our path]`` (a chunk shape), is made and written a
+    tile at a time. The progress bar then counts the tensors as they are made: close it (the 4th item
+    returned) once they are.
     """
     if config is None:
         config = load_config(path if os.path.isdir(path) else (os.path.dirname(path) or "."))
@@ -435,7 +441,7 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
             shape = mapping.ours_shape(info.shape, transform)
             flat[path_ours] = LazyArray(shape, dtype or _DTYPES[info.code], functools.partial(read, key),
                                         (st.path, info.start), functools.partial(read_region, key, transform, shape),
-                                        mapping.rows_axis(transform, len(shape)))
+                                        mapping.rows_axis(transform, len(shape)), (chunks or {}).get(path_ours))
         else:
             array = read(key)
             flat[path_ours] = array if place is None else place(path_ours, array)
@@ -614,7 +620,8 @@ def _producer(source: _Source, shard: list[_OutTensor],
     leaves: dict[tuple, Any] = {}
 
     def row_blocks(t: _OutTensor, axis: int, rows: int) -> Iterable[np.ndarray]:
-        for index in blocks(source.specs[t.source][0], axis, rows):
+        shape = source.specs[t.source][0]
+        for index in tiles(shape, tuple(rows if d == axis else n for d, n in enumerate(shape))):
             trim_heap()
             yield mapping.to_hf(t.source, source.read_block(t.source, index))[1].astype(_DTYPES[t.code], copy=False)
 
@@ -691,31 +698,30 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
                        mesh=None) -> str:
     """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.checkpoint).
 
-    ``mesh``: read each tensor onto this mesh's devices in its sharded layout and save it sharded: Orbax
-    then stores every tensor in chunks of one shard, so a later load on a mesh whose per-process slices
-    are unions of those shards (the same mesh, one process or several) reads only what each process
-    holds. Without a mesh each tensor is one chunk, which every loading process reads whole.
+    Streamed: each tensor is read just before it is written, a tensor larger than ``BLOCK_BYTES`` a row
+    block at a time (stored in chunks of those blocks). ``mesh``: store every tensor in chunks of its
+    shard on this mesh (cut further to at most ``BLOCK_BYTES``), each read and written on its own, so a
+    later load on a mesh whose per-process slices are unions of those shards (the same mesh, one process
+    or several) reads only what each process holds. Without a mesh a tensor of at most ``BLOCK_BYTES``
+    is one chunk, which every loading process reads whole. Only the mesh's shape matters here: nothing
+    is placed on its devices.
     """
     _check_not_same(src, dst)
     check_destination(dst, overwrite)  # fail before reading gigabytes
-    bar = None
-    if mesh is None:  # streamed: each tensor is read when it is written
-        config, params, facts, bar = _load_hf(src, None, dtype, progress, lazy=True)
-    else:
-        from convert.hf_sharded import read_hf_sharded
-
+    config, chunks = None, None
+    if mesh is not None:
         from cogvlm_jax.sharding import param_shardings
 
-        config, facts = load_config(src), {}
-        shardings = flatten_tree(param_shardings(config, mesh))
-        params = read_hf_sharded(src, config, shardings, as_dtype(dtype), progress=progress, facts=facts)
+        config = load_config(src)
+        shapes = mapping.expected_params_shapes(config)
+        chunks = {p: tuple(s.shard_shape(shapes[p])) for p, s in flatten_tree(param_shardings(config, mesh)).items()}
+    config, params, facts, bar = _load_hf(src, config, dtype, progress, lazy=True, chunks=chunks)
     if dtype is not None:
         config = config.replace(torch_dtype=as_dtype(dtype).name)
     try:
         save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return dst
 
 

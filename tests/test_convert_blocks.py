@@ -159,3 +159,44 @@ def test_a_bad_block_is_named_and_leaves_nothing(tmp_path, monkeypatch, blocked)
                                               r"2048, planned BF16\(128256, 64\)"):
         convert_ours_to_hf(blocked[0]["ours"], str(tmp_path / "back"), progress=False)
     assert leftovers(str(tmp_path), set()) == []
+
+
+def test_convert_with_a_mesh_streams_a_tile_at_a_time(tmp_path, monkeypatch):
+    """convert --mesh: every tensor stored in chunks that tile its shard, those larger than the budget read and
+    written a tile at a time; the values are those of the whole-tensor reader. On the CogVLM1 fixture (float32,
+    tensors up to 150 kB) with a 16 kB budget."""
+    import orbax.checkpoint as ocp
+
+    from cogvlm_jax.axes import make_mesh
+    from cogvlm_jax.checkpoint import flatten_tree
+    from cogvlm_jax.sharding import param_shardings
+
+    budget, src = 16 * 1024, hf_dir("cogvlm1")
+    monkeypatch.setattr(checkpoint, "BLOCK_BYTES", budget)
+    reads = Reads(monkeypatch)
+    mesh = make_mesh(1, 4, 2)
+    dst = convert_hf_to_ours(src, str(tmp_path / "ours"), progress=False, mesh=mesh)
+    whole, regions = list(reads.whole), list(reads.regions)
+    direct = flat(read_hf_checkpoint(src, progress=False))
+    stored = flat(restore_params(dst))
+    assert stored.keys() == direct.keys()
+    for k, v in stored.items():
+        assert v.dtype == direct[k].dtype and v.tobytes() == direct[k].tobytes(), k
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(dst, checkpoint.PARAMS_DIR))
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    shardings = flatten_tree(param_shardings(load_config(src), mesh))
+    sharded = 0
+    for key, m in flatten_tree(tree).items():
+        shard, chunk = shardings[key].shard_shape(tuple(m.shape)), tuple(m.storage.chunk_shape)
+        assert all(s % c == 0 for s, c in zip(shard, chunk)), (key, shard, chunk)
+        too_big = np.prod(shard) * np.dtype(m.dtype).itemsize > budget
+        assert (chunk != shard and np.prod(chunk) * np.dtype(m.dtype).itemsize <= budget) if too_big \
+            else chunk == shard, (key, shard, chunk)
+        sharded += shard != tuple(m.shape)
+    assert sharded > 20
+    # the embedding [600, 64] on (tensor, fsdp) = (2, 4): shards [300, 16] (19 kB), cut to [150, 16] for the budget
+    assert tuple(tree["embed_tokens"]["embedding"].storage.chunk_shape) == (150, 16)
+    # tensors larger than the budget were read in regions of at most the budget, never whole
+    big = {k for k, (_, shape, data) in raw_tensors(src).items() if len(data) > budget}
+    assert len(big) > 10 and not big & set(whole) and {k for k, _ in regions} == big
+    assert max(n for _, n in regions) <= budget
