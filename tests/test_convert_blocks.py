@@ -28,7 +28,7 @@ BIG = {"lm_head.weight": ("lm_head", "kernel"), "model.embed_tokens.weight": ("e
 def weight_files(path: str) -> dict[str, bytes]:
     out = {}
     for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors") or name.endswith(".index.json"):
+        if name.endswith((".safetensors", ".index.json")):
             with open(os.path.join(path, name), "rb") as f:
                 out[name] = f.read()
     return out
