@@ -18,6 +18,11 @@ loop), timed per step and reported as GB/s of the weights *as stored*. Variants:
 * ``mulsum_t``: the same with the weight stored ``[out, in]`` (the PyTorch layout), so each output is
   a contiguous row reduction.
 
+``run_rows`` (records ``matvec_rows_*``, ``batch`` = M): the same question for M = 1..16 rows, a batched
+decode step, on the mid config's lm_head and on its 8 decoder layers' language expert (40 products,
+361 MB), for each formulation in ``ROW_VARIANTS`` (a product plus the XLA:CPU options it is compiled
+with); ``vs_one_row`` is the time over the same variant's one-row time. Behind ``cogvlm_jax/rows.py``.
+
 Axis legend: D model width, F mlp width.
 """
 
@@ -87,7 +92,7 @@ def run(probe_gb_s: float, quick: bool = False) -> list[dict]:
             recs.append(record(f"matvec_{how}", nbytes / t / 1e9, "GB/s", config=f"{pairs}x2 1024x2816", dtype=dtype,
                                batch=1, fraction_of_limit=nbytes / t / 1e9 / probe_gb_s, ms_per_step=t * 1e3,
                                weight_mb=nbytes / 1e6))
-    return recs
+    return recs + run_rows(probe_gb_s, quick)
 
 
 # --------------------------------------------------------------------------- a few rows (batched decode)
@@ -101,6 +106,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 ROW_COUNTS = (1, 2, 4, 8, 16)
 COLSUM_CHUNK = 16  # XLA:CPU splits a reduction over more than 32 elements into a tree, unfused from its product
 COLSUM_MAX_ROWS = 4  # beyond this the column sums measured 5-40x slower than any dot: not worth the time
+# (and on the lm_head only: over the decoder layers' 40 products, hundreds of chunk fusions took minutes
+# to compile and ran 2-3x slower than any dot at 1-2 rows)
 
 
 def _ynn_out_in(x, w):  # as shipped for the decoder's linears: kernel [out, in]
@@ -177,7 +184,7 @@ def rows_times(shapes, rows=ROW_COUNTS, variants=tuple(ROW_VARIANTS), repeats: i
     times = {}
     for m in rows:
         x = jnp.asarray(rng.standard_normal((m, shapes[0][0]), np.float32))
-        names = [v for v in variants if not (v == "colsum_in_out" and m > COLSUM_MAX_ROWS)]
+        names = [v for v in variants if not (v == "colsum_in_out" and (m > COLSUM_MAX_ROWS or len(shapes) > 1))]
         fns = {}
         for v in names:
             product, out_in, options = ROW_VARIANTS[v]

@@ -3,6 +3,8 @@ decoder's ``[out, in]`` kernels as the left operand, and give the same numbers a
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 
 from cogvlm_jax import rows
 from cogvlm_jax.layers import Dense
-from conftest import cases, left_pad_batch
+from conftest import cases, fixture_dir, left_pad_batch
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the few-row compilation is CPU-only")
 
@@ -45,3 +47,22 @@ def test_batch_of_eight_generates_each_rows_reference_ids(f32_models):
     ids = model.generate(*batch, max_new_tokens=8)
     for i, r in enumerate(recs):
         np.testing.assert_array_equal(ids[i], r["arrays"]["generated_ids"][:8], err_msg=r["name"])
+
+
+def test_engine_of_eight_slots_gives_the_reference_answers(f32_models):
+    """The serving engine's decode over 8 slots (the few-row compilation), every chat case at once."""
+    from cogvlm_jax.engine import Engine
+
+    model = f32_models["cogvlm2"]
+    chats = [c for c in cases("cogvlm2") if c["template"] == "chat" and c["max_new_tokens"]]
+    assert chats
+    eng = Engine(model, slots=rows.MIN_ROWS, max_length=256, max_queue=16).start()
+    try:
+        for case in chats:
+            image = None if case["image"] is None else os.path.join(fixture_dir("cogvlm2"), "images", case["image"])
+            text, _ = eng.complete(model.build_inputs(case["query"], image=image), case["max_new_tokens"])
+            ids = [int(i) for i in case["arrays"]["generated_ids"]]
+            stop = [i for i, t in enumerate(ids) if t in model.config.eos_token_ids]
+            assert text == model.tokenizer.decode(ids[:stop[0]] if stop else ids), case["name"]
+    finally:
+        eng.shutdown()
