@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import kv_cache, multihost, sampling
+from cogvlm_jax import kv_cache, multihost, rows, sampling
 from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import pad_batch
@@ -211,7 +211,7 @@ class _Programs:
                           sampling=jax.tree_util.tree_map(put, state.sampling, sp))
             return state, first[0]
 
-        @functools.partial(jax.jit, donate_argnames=("state",), **out)
+        @functools.partial(rows.ByRows, rows=lambda params, state, live: slots, donate_argnames=("state",), **out)
         def decode(params, state: Slots, live):
             """``chunk`` steps of every slot -> (state, tokens [S, C]). ``live`` [S]: slots whose tokens are used
             (an idle slot never makes the chunk take the sampling branch)."""
