@@ -274,6 +274,25 @@ def tiles(shape: tuple[int, ...], tile: tuple[int, ...]) -> Iterator[tuple[slice
         yield tuple(slice(a, min(a + t, n)) for a, t, n in zip(corner, tile, shape))
 
 
+async def _made_ahead(items: list, make: Callable[[Any], Any], write: Callable[[Any, Any], Any]) -> None:
+    """``await write(item, make(item))`` for each item in order, making the next item (in a thread) while one
+    is written, so at most two made items exist at once; the heap is trimmed after each write."""
+    if not items:
+        return
+    pending = asyncio.create_task(asyncio.to_thread(make, items[0]))
+    try:
+        for k, item in enumerate(items):
+            value = await pending
+            pending = asyncio.create_task(asyncio.to_thread(make, items[k + 1])) if k + 1 < len(items) else None
+            await write(item, value)
+            del value
+            trim_heap()
+    except BaseException:
+        if pending is not None and not pending.done():
+            pending.cancel()
+        raise
+
+
 def _streaming_handler():
     """Orbax's numpy handler, writing :class:`LazyArray` leaves in their order, a group at a time.
 
@@ -311,28 +330,18 @@ def _streaming_handler():
             return [future.CommitFutureAwaitingContractedSignals(self._stream(groups), name="cogvlm_stream")]
 
         async def _stream(self, groups):
-            def start(k):  # make group k in a thread (a leaf in pieces makes them as it writes them)
-                if k >= len(groups) or groups[k][0][0].pieces:
-                    return None
-                return asyncio.create_task(asyncio.to_thread(made, groups[k]))
+            def make(group):  # a leaf in pieces makes them as it writes them
+                return None if group[0][0].pieces else made(group)
 
-            pending = start(0)
-            for k, group in enumerate(groups):
-                arrays = await pending if pending is not None else None
-                pending = start(k + 1)
-                try:
-                    if arrays is None:
-                        await self._write_pieces(*group[0])
-                    else:
-                        stores = [await self._open(leaf, info, arg) for leaf, info, arg in group]
-                        await asyncio.gather(*[t.write(a, can_reference_source_data_indefinitely=True)
-                                               for t, a in zip(stores, arrays) if t is not None])
-                except BaseException:
-                    if pending is not None:
-                        pending.cancel()
-                    raise
-                del arrays
-                trim_heap()
+            async def write(group, arrays):
+                if arrays is None:
+                    await self._write_pieces(*group[0])
+                else:
+                    stores = [await self._open(leaf, info, arg) for leaf, info, arg in group]
+                    await asyncio.gather(*[t.write(a, can_reference_source_data_indefinitely=True)
+                                           for t, a in zip(stores, arrays) if t is not None])
+
+            await _made_ahead(groups, make, write)
 
         async def _open(self, leaf: LazyArray, info, arg):
             """The leaf's zarr array, created with Orbax's spec chunked in ``leaf.tile`` (None off process 0)."""
@@ -361,23 +370,13 @@ def _streaming_handler():
             step = max(1, STREAM_BYTES // max(per_tile, 1))
             runs = [indices[a:a + step] for a in range(0, len(indices), step)]
 
-            def make(run):
-                return [leaf.made_region(index) for index in run]
-            nxt = asyncio.create_task(asyncio.to_thread(make, runs[0]))
+            async def write(run, arrays):
+                await asyncio.gather(*[t[index].write(a, can_reference_source_data_indefinitely=True)
+                                       for index, a in zip(run, arrays)])
             try:
-                for k, run in enumerate(runs):
-                    arrays = await nxt
-                    nxt = asyncio.create_task(asyncio.to_thread(make, runs[k + 1])) if k + 1 < len(runs) else None
-                    await asyncio.gather(*[t[index].write(a, can_reference_source_data_indefinitely=True)
-                                           for index, a in zip(run, arrays)])
-                    del arrays
-                    trim_heap()
-            except BaseException as e:
-                if nxt is not None:
-                    nxt.cancel()
-                if isinstance(e, CheckpointError):  # name the leaf
-                    raise CheckpointError(f"{info.name}: {e}") from None
-                raise
+                await _made_ahead(runs, lambda run: [leaf.made_region(index) for index in run], write)
+            except CheckpointError as e:  # name the leaf
+                raise CheckpointError(f"{info.name}: {e}") from None
 
     return StreamingHandler(deepcopy_host_arrays=False)
 
