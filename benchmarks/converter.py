@@ -33,11 +33,12 @@ MB = 1e6
 TARGET_RSS_BYTES = 1 << 30  # issue 6: the conversion's peak RSS must stay under 1 GB whatever the size
 
 
-def checkpoint_config(layers: int, hidden: int = 256, intermediate: int = 2048, vocab: int = 128256) -> dict:
+def checkpoint_config(layers: int, hidden: int = 256, intermediate: int = 2048, vocab: int = 128256,
+                      heads: int = 4) -> dict:
     """An HF config.json of a CogVLM2-shaped model: deep, narrow, with the published vocabulary."""
     return {
         "architectures": ["CogVLMForCausalLM"], "cogvlm_family": "cogvlm2",
-        "hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": 4,
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": heads,
         "num_multi_query_heads": 2, "num_hidden_layers": layers, "vocab_size": vocab,
         "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": [128001, 128009],
         "pad_token_id": 128002, "torch_dtype": "bfloat16",
@@ -169,22 +170,38 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def run(quick: bool = False, layers: int | None = None, workdir: str | None = None) -> list[dict]:
-    """Generate the checkpoint, convert it and export it back in children, report MB/s and peak RSS; delete
-    everything."""
-    layers = layers or (24 if quick else 280)
+# (name, layers, dimensions): the deep narrow model (parameters by the gigabyte in many small tensors), and
+# the published CogVLM2-19B's embedding and lm_head (128256 x 4096 bfloat16, 1.05 GB each: each larger than
+# the memory a conversion may hold, so they go through in row blocks) with two layers of it.
+CASES = (("deep", None, {}), ("cogvlm2_embed", 2, {"hidden": 4096, "intermediate": 64, "heads": 32}))
+
+
+def run(quick: bool = False, layers: int | None = None, workdir: str | None = None,
+        cases: tuple[str, ...] | None = None) -> list[dict]:
+    """Generate each case's checkpoint, convert it and export it back in children, report MB/s and peak RSS;
+    delete everything. ``cases``: names from ``CASES`` (default all)."""
+    recs = []
+    for name, case_layers, dims in CASES:
+        if cases is None or name in cases:
+            recs += _run_case(name, case_layers or layers or (24 if quick else 280), dims, workdir)
+    return recs
+
+
+def _run_case(name: str, layers: int, dims: dict, workdir: str | None) -> list[dict]:
     root = tempfile.mkdtemp(prefix="cogvlm-bench-convert-", dir=workdir or "/tmp")
     try:
         src, dst, log = os.path.join(root, "hf"), os.path.join(root, "ours"), os.path.join(root, "convert.log")
         t0 = time.perf_counter()
-        nbytes = make_hf_checkpoint(src, layers)
+        nbytes = make_hf_checkpoint(src, layers, **dims)
         gen_s = time.perf_counter() - t0
         n_shards = sum(f.endswith(".safetensors") for f in os.listdir(src))
         copy_s = copy_time(src, os.path.join(root, "copy"))
         # The same imports without the data: the floor of the child's RSS.
         imp_s, rc, imp_rss = run_child([sys.executable, "-c", "import cogvlm_jax.cli, convert.convert_hf, "
                                         "orbax.checkpoint, jax; jax.numpy.zeros(1).block_until_ready()"], log)
-        cfg = f"{layers}L-256w-v128256"
+        hf = checkpoint_config(layers, **dims)
+        cfg = f"{layers}L-{hf['hidden_size']}w-v{hf['vocab_size']}"
+        largest = max(int(np.prod(s)) * 2 for s in _shapes(hf).values())
         recs = []
         for step, argv in (("convert", [src, dst]), ("export", [dst, os.path.join(root, "back"), "--to", "hf"])):
             wall, rc, rss = run_child([sys.executable, "-m", "cogvlm_jax.cli", "convert", *argv], log)
@@ -192,15 +209,24 @@ def run(quick: bool = False, layers: int | None = None, workdir: str | None = No
                 with open(log, "rb") as f:
                     tail = f.read()[-2000:].decode(errors="replace")
                 raise RuntimeError(f"{step} failed (exit {rc}):\n{tail}")
-            common = dict(checkpoint_mb=nbytes / MB, shards=n_shards, layers=layers, output_mb=_dir_bytes(argv[1]) / MB,
+            common = dict(case=name, checkpoint_mb=nbytes / MB, shards=n_shards, layers=layers,
+                          largest_tensor_mb=largest / MB, output_mb=_dir_bytes(argv[1]) / MB,
                           wall_s=wall, import_s=imp_s, generate_s=gen_s)
+            prefix = step if name == "deep" else f"{step}_{name}"
             recs += [
-                record(f"{step}_throughput", nbytes / MB / wall, "MB/s", config=cfg, dtype="bfloat16",
+                record(f"{prefix}_throughput", nbytes / MB / wall, "MB/s", config=cfg, dtype="bfloat16",
                        fraction_of_limit=copy_s / wall, limit_mb_s=nbytes / MB / copy_s, **common),
-                record(f"{step}_peak_rss", rss / MB, "MB", config=cfg, dtype="bfloat16",
+                record(f"{prefix}_peak_rss", rss / MB, "MB", config=cfg, dtype="bfloat16",
                        fraction_of_limit=rss / TARGET_RSS_BYTES, limit_mb=TARGET_RSS_BYTES / MB,
                        import_rss_mb=imp_rss / MB, rss_over_checkpoint=rss / nbytes, **common),
             ]
         return recs
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    from cogvlm_jax.config import CogVLMConfig
+    from convert import mapping
+
+    return mapping.expected_hf_keys(CogVLMConfig.from_hf_dict(hf))

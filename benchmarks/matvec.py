@@ -18,16 +18,24 @@ loop), timed per step and reported as GB/s of the weights *as stored*. Variants:
 * ``mulsum_t``: the same with the weight stored ``[out, in]`` (the PyTorch layout), so each output is
   a contiguous row reduction.
 
+``run_rows`` (records ``matvec_rows_*``, ``batch`` = M): the same question for M = 1..16 rows, a batched
+decode step, on the mid config's lm_head and on its 8 decoder layers' language expert (40 products,
+361 MB), for each formulation in ``ROW_VARIANTS`` (a product plus the XLA:CPU options it is compiled
+with); ``vs_one_row`` is the time over the same variant's one-row time. Behind ``cogvlm_jax/rows.py``.
+
 Axis legend: D model width, F mlp width.
 """
 
 from __future__ import annotations
 
+import functools
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import best_time, record
+from benchmarks.common import best_time, load_bench_config, record
 from benchmarks.decode import DTYPES
 
 
@@ -84,4 +92,132 @@ def run(probe_gb_s: float, quick: bool = False) -> list[dict]:
             recs.append(record(f"matvec_{how}", nbytes / t / 1e9, "GB/s", config=f"{pairs}x2 1024x2816", dtype=dtype,
                                batch=1, fraction_of_limit=nbytes / t / 1e9 / probe_gb_s, ms_per_step=t * 1e3,
                                weight_mb=nbytes / 1e6))
+    return recs + run_rows(probe_gb_s, quick)
+
+
+# --------------------------------------------------------------------------- a few rows (batched decode)
+# Which product of M = 1..16 rows (a batched decode step: one row per slot) reaches the bandwidth? Each
+# variant is one formulation plus the XLA:CPU options it is compiled with. By default (jax 0.10.2) XLA:CPU
+# hands every float32 dot of two or more rows, and most reductions, to a YNNPACK fusion (``__ynn_fusion`` in
+# the optimised HLO); a one-row dot stays an XLA dot (the matrix-vector path). ``NO_YNN`` turns YNNPACK off
+# for one compilation, so the dots go to Eigen and reductions to XLA's own loop emitter.
+NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+HIGHEST = jax.lax.Precision.HIGHEST
+ROW_COUNTS = (1, 2, 4, 8, 16)
+COLSUM_CHUNK = 16  # XLA:CPU splits a reduction over more than 32 elements into a tree, unfused from its product
+COLSUM_MAX_ROWS = 4  # beyond this the column sums measured 5-40x slower than any dot: not worth the time
+# (and on the lm_head only: over the decoder layers' 40 products, hundreds of chunk fusions took minutes
+# to compile and ran 2-3x slower than any dot at 1-2 rows)
+
+
+def _ynn_out_in(x, w):  # as shipped for the decoder's linears: kernel [out, in]
+    return jnp.einsum("md,nd->mn", x, w, precision=HIGHEST)
+
+
+def _in_out(x, w):  # as shipped for the lm_head: kernel [in, out]
+    return jnp.einsum("md,dn->mn", x, w, precision=HIGHEST)
+
+
+def _out_in_lhs(x, w):
+    """``(W @ x.T).T`` with the [out, in] weight as the left operand; the barrier keeps XLA from folding the
+    transpose back into ``x @ W.T`` (which Eigen runs 15-40x slower: it is the right operand transposed)."""
+    return jax.lax.optimization_barrier(jnp.einsum("nd,md->nm", w, x, precision=HIGHEST)).T
+
+
+def _colsum_in_out(x, w):
+    """``x @ W`` ([in, out]) as column sums over chunks of ``COLSUM_CHUNK`` inputs: each chunk is one XLA
+    loop fusion (multiply fused into a reduction over a major axis, vectorised along the outputs), the
+    chunks' [M, out] partial sums are added at the end."""
+    k = w.shape[0]
+    parts = [jnp.sum(x.T[i:i + COLSUM_CHUNK, :, None] * w[i:i + COLSUM_CHUNK, None, :], axis=0)
+             for i in range(0, k, COLSUM_CHUNK)]
+    return functools.reduce(jnp.add, parts)
+
+
+# name: (product, kernel stored [out, in]?, compiler options)
+ROW_VARIANTS = {
+    "ynn_out_in": (_ynn_out_in, True, {}),
+    "ynn_in_out": (_in_out, False, {}),
+    "eigen_in_out": (_in_out, False, NO_YNN),
+    "eigen_out_in_lhs": (_out_in_lhs, True, NO_YNN),
+    "colsum_in_out": (_colsum_in_out, False, NO_YNN),
+}
+
+
+def row_workloads(config) -> dict[str, list[tuple[int, int]]]:
+    """(in, out) of the products of one decode step: the lm_head alone, and the decoder layers' language
+    expert (QKV, dense, gate, up, down per layer) in order."""
+    t = config.text
+    d, f = t.hidden_size, t.intermediate_size
+    layer = [(d, t.qkv_size), (t.num_heads * t.head_dim, d), (d, f), (d, f), (f, d)]
+    return {"lm_head": [(d, t.vocab_size)], "layers": layer * t.num_layers}
+
+
+def _chain(product, x, ws, q_width: int):
+    """Apply the workload's products in order, each fed by the last (a decoder layer's data flow: the
+    QKV's first ``q_width`` outputs (the query) into dense, x into gate and up, their gated product into
+    down, then a norm)."""
+    if len(ws) == 1:
+        return product(x, ws[0])
+    for i in range(0, len(ws), 5):
+        wqkv, wo, wg, wu, wd = ws[i:i + 5]
+        x = x + product(product(x, wqkv)[:, :q_width], wo)
+        x = x + product(jax.nn.silu(product(x, wg)) * product(x, wu), wd)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    return x
+
+
+def rows_times(shapes, rows=ROW_COUNTS, variants=tuple(ROW_VARIANTS), repeats: int = 9, seed: int = 0):
+    """{(variant, M): best seconds of one pass over the ``shapes`` products with M rows}, plus the bytes.
+
+    For each M every variant is compiled, checked against a float64 product chain (within float32
+    rounding) and then timed round-robin, best of ``repeats``: a load that comes and goes hits all alike.
+    """
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(1 << 22, np.float32) * np.float32(0.02)
+    kernels = {False: [], True: []}
+    for n_in, n_out in shapes:
+        w = np.resize(np.roll(pool, int(rng.integers(1 << 22))), (n_in, n_out))
+        kernels[False].append(jnp.asarray(w))
+        kernels[True].append(jnp.asarray(np.ascontiguousarray(w.T)))
+    nbytes = sum(n_in * n_out * 4 for n_in, n_out in shapes)
+    times = {}
+    for m in rows:
+        x = jnp.asarray(rng.standard_normal((m, shapes[0][0]), np.float32))
+        names = [v for v in variants if not (v == "colsum_in_out" and (m > COLSUM_MAX_ROWS or len(shapes) > 1))]
+        fns = {}
+        for v in names:
+            product, out_in, options = ROW_VARIANTS[v]
+            ws = kernels[out_in]
+            fn = functools.partial(_chain, product, q_width=shapes[1][0] if len(shapes) > 1 else 0)
+            fns[v] = jax.jit(fn).lower(x, ws).compile(compiler_options=options)
+        ref = np.asarray(fns[names[0]](x, kernels[ROW_VARIANTS[names[0]][1]]))
+        for v in names:
+            got = np.asarray(fns[v](x, kernels[ROW_VARIANTS[v][1]]))
+            if not np.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max())):
+                raise AssertionError(f"{v} at {m} rows differs from {names[0]}: {np.abs(got - ref).max():.3g}")
+        best = {v: float("inf") for v in names}
+        for _ in range(repeats):
+            for v in names:
+                ws = kernels[ROW_VARIANTS[v][1]]
+                t0 = time.perf_counter()
+                jax.block_until_ready(fns[v](x, ws))
+                best[v] = min(best[v], time.perf_counter() - t0)
+        times.update({(v, m): t for v, t in best.items()})
+    return times, nbytes
+
+
+def run_rows(probe_gb_s: float, quick: bool = False, config_name: str = "mid") -> list[dict]:
+    """One record per (workload, variant, M): GB/s of the weights read, and ms."""
+    recs = []
+    config = load_bench_config(config_name)
+    for workload, shapes in row_workloads(config).items():
+        if quick:
+            shapes = shapes[:5]
+        times, nbytes = rows_times(shapes, rows=(1, 2, 8) if quick else ROW_COUNTS, repeats=2 if quick else 9)
+        for (v, m), t in times.items():
+            recs.append(record(f"matvec_rows_{v}", nbytes / t / 1e9, "GB/s", config=f"{config_name} {workload}",
+                               dtype="float32", batch=m, fraction_of_limit=nbytes / t / 1e9 / probe_gb_s,
+                               ms_per_step=t * 1e3, weight_mb=nbytes / 1e6,
+                               vs_one_row=t / times[(v, 1)] if (v, 1) in times else None))
     return recs

@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -132,6 +133,11 @@ class LazyArray:
     dtype: np.dtype
     make: Callable[[], np.ndarray]
     order: Any = 0  # sort key of the writes (e.g. file and offset, for sequential reads)
+    # ``region(index)`` makes ``make()[index]`` (one step-1 slice per axis) without the rest: a leaf that has
+    # it is stored in chunks of ``tile``, and made and written in runs of them if larger than BLOCK_BYTES
+    region: Callable[[tuple[slice, ...]], np.ndarray] | None = None
+    block_axis: int = 0  # the axis a tile is cut along to stay within BLOCK_BYTES
+    chunks: tuple[int, ...] | None = None  # a chunk shape to store it in (e.g. its shard on a mesh)
 
     @property
     def size(self) -> int:
@@ -141,13 +147,43 @@ class LazyArray:
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
     def made(self) -> np.ndarray:
         """``make()``, checked against the declared shape and dtype."""
-        a = np.asarray(self.make())
-        if tuple(a.shape) != tuple(self.shape) or a.dtype != np.dtype(self.dtype):
+        return self._checked(self.make(), self.shape)
+
+    def made_region(self, index: tuple[slice, ...]) -> np.ndarray:
+        """``region(index)``, checked against the shape and dtype that slice of the leaf has."""
+        return self._checked(self.region(index), tuple(len(range(*s.indices(n))) for s, n in zip(index, self.shape)))
+
+    def _checked(self, a, shape: tuple[int, ...]) -> np.ndarray:
+        a = np.asarray(a)
+        if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(self.dtype):
             raise CheckpointError(f"a lazy leaf made {a.dtype}{tuple(a.shape)}, declared {np.dtype(self.dtype)}"
-                                  f"{tuple(self.shape)}")
+                                  f"{tuple(shape)}")
         return a
+
+    @property
+    def pieces(self) -> bool:
+        """Whether :func:`save_params` makes and writes this leaf in pieces (runs of ``tile``): it is larger
+        than BLOCK_BYTES and can make a region of itself."""
+        return self.region is not None and self.nbytes > BLOCK_BYTES and self.tile != tuple(self.shape)
+
+    @functools.cached_property
+    def tile(self) -> tuple[int, ...]:
+        """The chunk shape it is stored in: ``chunks`` (or ``shape``) cut along ``block_axis`` to at most
+        BLOCK_BYTES where it can make regions of itself; cuts of ``chunks`` divide them (the stored chunks
+        tile the shards)."""
+        shape = tuple(self.chunks or self.shape)
+        if not shape or self.region is None:
+            return shape
+        rows = block_rows(shape, np.dtype(self.dtype).itemsize, self.block_axis)
+        if self.chunks is not None:
+            rows = max(d for d in range(1, rows + 1) if shape[self.block_axis] % d == 0)
+        return tuple(rows if d == self.block_axis else n for d, n in enumerate(shape))
 
 
 def save_params(out_dir: str, params: Mapping, config, overwrite: bool = False, *,
@@ -221,6 +257,40 @@ def trim_heap() -> None:
 
 
 STREAM_BYTES = 64 * 2**20  # lazy leaves are made and written in groups of about this many bytes
+# A tensor larger than this is converted in blocks of at most this many bytes along one axis, both ways (the
+# real CogVLM2's embedding and lm_head are 1.05 GB each); on disk such a leaf is chunked in those blocks.
+BLOCK_BYTES = 64 * 2**20
+
+
+def block_rows(shape: tuple[int, ...], itemsize: int, axis: int) -> int:
+    """Indices of ``axis`` per block: as many as fit in BLOCK_BYTES (at least one)."""
+    per_index = itemsize * int(np.prod(shape, dtype=np.int64)) // max(shape[axis], 1)
+    return max(1, min(shape[axis], BLOCK_BYTES // max(per_index, 1)))
+
+
+def tiles(shape: tuple[int, ...], tile: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+    """The indices of the tiles of ``tile`` shape that cover ``shape``, in C order (edge tiles may be smaller)."""
+    for corner in itertools.product(*[range(0, n, t) for n, t in zip(shape, tile)]):
+        yield tuple(slice(a, min(a + t, n)) for a, t, n in zip(corner, tile, shape))
+
+
+async def _made_ahead(items: list, make: Callable[[Any], Any], write: Callable[[Any, Any], Any]) -> None:
+    """``await write(item, make(item))`` for each item in order, making the next item (in a thread) while one
+    is written, so at most two made items exist at once; the heap is trimmed after each write."""
+    if not items:
+        return
+    pending = asyncio.create_task(asyncio.to_thread(make, items[0]))
+    try:
+        for k, item in enumerate(items):
+            value = await pending
+            pending = asyncio.create_task(asyncio.to_thread(make, items[k + 1])) if k + 1 < len(items) else None
+            await write(item, value)
+            del value
+            trim_heap()
+    except BaseException:
+        if pending is not None and not pending.done():
+            pending.cancel()
+        raise
 
 
 def _streaming_handler():
@@ -228,12 +298,19 @@ def _streaming_handler():
 
     Each group (consecutive leaves of at most ``STREAM_BYTES``, or one leaf) is made, then written as
     one batch while the next group is made, so at most two groups exist at once. Batches, not single
-    leaves: every write to an OCDBT checkpoint commits a new version of its index, and thousands of
-    small commits cost minutes and rewrite the growing index each time. On disk each leaf is exactly what
-    the numpy handler writes (same typestr, same tensorstore spec), so restoring needs nothing of ours.
+    leaves: every write to an OCDBT checkpoint commits a new version of its index (writes issued together
+    share one), and thousands of small commits cost minutes and rewrite the growing index each time. On
+    disk each leaf is what the numpy handler writes (same typestr, same tensorstore spec, built by Orbax),
+    except for the chunk shape, ``LazyArray.tile``; restoring needs nothing of ours.
+
+    A leaf larger than ``BLOCK_BYTES`` that can make a region of itself (``LazyArray.pieces``) is a group
+    alone, written in runs of tiles of at most ``STREAM_BYTES`` (the next run made while one is written):
+    each write fills whole chunks, so tensorstore never holds a partial chunk, nor the tensor.
     """
     import orbax.checkpoint as ocp
+    import tensorstore as ts
     from orbax.checkpoint import future
+    from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
 
     def made(group):
         return [leaf.made() for leaf, _, _ in group]
@@ -244,8 +321,8 @@ def _streaming_handler():
             order = sorted(range(len(values)), key=lambda i: values[i].order)
             groups, size = [[]], 0
             for i in order:
-                n = values[i].size * np.dtype(values[i].dtype).itemsize
-                if groups[-1] and size + n > STREAM_BYTES:
+                n = values[i].nbytes
+                if groups[-1] and (size + n > STREAM_BYTES or values[i].pieces or groups[-1][-1][0].pieces):
                     groups.append([])
                     size = 0
                 groups[-1].append((values[i], infos[i], args[i]))
@@ -253,18 +330,53 @@ def _streaming_handler():
             return [future.CommitFutureAwaitingContractedSignals(self._stream(groups), name="cogvlm_stream")]
 
         async def _stream(self, groups):
-            pending = asyncio.create_task(asyncio.to_thread(made, groups[0]))
-            for k, group in enumerate(groups):
-                arrays = await pending
-                pending = asyncio.create_task(asyncio.to_thread(made, groups[k + 1])) if k + 1 < len(groups) else None
-                try:
-                    await self._background_serialize(arrays, [g[1] for g in group], [g[2] for g in group])
-                except BaseException:
-                    if pending is not None:
-                        pending.cancel()
-                    raise
-                del arrays
-                trim_heap()
+            def make(group):  # a leaf in pieces makes them as it writes them
+                return None if group[0][0].pieces else made(group)
+
+            async def write(group, arrays):
+                if arrays is None:
+                    await self._write_pieces(*group[0])
+                else:
+                    stores = [await self._open(leaf, info, arg) for leaf, info, arg in group]
+                    await asyncio.gather(*[t.write(a, can_reference_source_data_indefinitely=True)
+                                           for t, a in zip(stores, arrays) if t is not None])
+
+            await _made_ahead(groups, make, write)
+
+        async def _open(self, leaf: LazyArray, info, arg):
+            """The leaf's zarr array, created with Orbax's spec chunked in ``leaf.tile`` (None off process 0)."""
+            await info.await_path_creation()
+            ocdbt = info.is_ocdbt_checkpoint
+            spec = orbax_handlers.ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=leaf.shape, local_shape=leaf.shape, dtype=np.dtype(leaf.dtype),
+                use_ocdbt=ocdbt, metadata_key=self._metadata_key,
+                process_index=orbax_handlers.ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=ocdbt, override_ocdbt_process_id=self._override_ocdbt_process_id)).json
+            array_spec = spec["base"] if spec.get("driver") == "cast" else spec
+            if leaf.tile != tuple(leaf.shape):
+                if "chunks" not in array_spec.get("metadata", {}):
+                    raise CheckpointError(f"{info.name}: chunked writes need Orbax's zarr v2 arrays")
+                array_spec["metadata"]["chunks"] = list(leaf.tile)
+            if orbax_handlers.multihost.process_index() != 0:  # as the numpy handler: process 0 writes
+                return None
+            return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+
+        async def _write_pieces(self, leaf: LazyArray, info, arg):
+            t = await self._open(leaf, info, arg)
+            if t is None:
+                return
+            per_tile = int(np.prod(leaf.tile, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+            indices = list(tiles(leaf.shape, leaf.tile))
+            step = max(1, STREAM_BYTES // max(per_tile, 1))
+            runs = [indices[a:a + step] for a in range(0, len(indices), step)]
+
+            async def write(run, arrays):
+                await asyncio.gather(*[t[index].write(a, can_reference_source_data_indefinitely=True)
+                                       for index, a in zip(run, arrays)])
+            try:
+                await _made_ahead(runs, lambda run: [leaf.made_region(index) for index in run], write)
+            except CheckpointError as e:  # name the leaf
+                raise CheckpointError(f"{info.name}: {e}") from None
 
     return StreamingHandler(deepcopy_host_arrays=False)
 
@@ -347,6 +459,50 @@ def subset_reader(path: str) -> tuple[dict[tuple, Any], Callable[[Iterable[tuple
             pdir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
 
     return flat, read
+
+
+def block_reader(path: str) -> tuple[Callable[[tuple, int], int | None], Callable[[tuple, tuple], np.ndarray]]:
+    """(``rows(leaf, axis)``, ``read(leaf, index)``) for reading large leaves of one of our checkpoints in
+    blocks along one axis, straight from their tensorstore arrays (no data cache: only the block is held).
+
+    ``rows``: indices of ``axis`` per block such that a block is whole stored chunks and at most
+    ``BLOCK_BYTES`` (the converter chunks a large leaf in its row blocks); None when a chunk spans other
+    axes or is larger (e.g. a leaf saved whole from memory), where reading a block would decode whole
+    chunks: read such a leaf whole. ``read``: ``leaf[index]`` as a host numpy array in the stored dtype.
+    """
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
+
+    pdir = _params_dir(path)
+    with open(os.path.join(pdir, "_METADATA")) as f:
+        meta = json.load(f)
+    # Orbax's context: its OCDBT index-node cache; tensorstore's data cache pool is empty by default
+    context = orbax_handlers.ts_utils.get_ts_context(use_ocdbt=meta.get("use_ocdbt", True))
+    opened: dict[tuple, Any] = {}
+
+    def array(leaf: tuple):
+        if leaf not in opened:
+            opened.clear()  # one leaf at a time
+            spec = orbax_handlers.ts_utils.ArrayReadSpec(pdir, ".".join(map(str, leaf)), meta.get("use_zarr3", False),
+                                                         use_ocdbt=meta.get("use_ocdbt", True)).json
+            opened[leaf] = ts.open(ts.Spec(spec), open=True, context=context).result()
+        return opened[leaf]
+
+    def rows(leaf: tuple, axis: int) -> int | None:
+        t = array(leaf)
+        shape, chunks = tuple(t.shape), tuple(t.chunk_layout.read_chunk.shape)
+        if any(c < n for d, (c, n) in enumerate(zip(chunks, shape)) if d != axis):
+            return None
+        chunk_bytes = t.dtype.numpy_dtype.itemsize * int(np.prod([min(c, n) for c, n in zip(chunks, shape)],
+                                                                 dtype=np.int64))
+        if chunk_bytes > BLOCK_BYTES:
+            return None
+        return min(shape[axis], chunks[axis] * max(1, BLOCK_BYTES // max(chunk_bytes, 1)))
+
+    def read(leaf: tuple, index: tuple) -> np.ndarray:
+        return np.asarray(array(leaf)[index].read().result())
+
+    return rows, read
 
 
 def restore_params(path: str, target: Any = None, *, subset: Iterable[tuple] | None = None) -> dict:

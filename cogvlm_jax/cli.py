@@ -103,6 +103,8 @@ def _query() -> bytes:
 
 
 def cmd_chat(args) -> int:
+    from cogvlm_jax.api import InputError
+
     mesh = multihost.init_from_args(args)
     out = _out()
     image = _image(args.image)
@@ -110,19 +112,34 @@ def cmd_chat(args) -> int:
     history: list[tuple[str, str]] = []
     out.write("cogvlm-jax chat: empty line or Ctrl-D to quit, '/image PATH' to change the picture, '/clear' to "
               "restart.\n")
+    def refused(e: Exception) -> None:
+        """A mistyped /image or a question too long: said, and the conversation goes on as it was (every
+        process raises the same error: several processes share process 0's input)."""
+        if multihost.is_main_process():
+            print(f"cogvlm-jax chat: {e}", file=sys.stderr)
+
     while True:
         query = multihost.from_main(_query).decode()
         if not query:
             return 0
         if query.startswith("/image "):
-            image, history = _image(query[7:].strip()), []
+            try:
+                image, history = _image(query[7:].strip()), []
+            except ValueError as e:
+                refused(e)
             continue
         if query == "/clear":
             history = []
             continue
-        out.write("cogvlm> ")
-        answer = []
-        for piece in model.stream(image, query, tuple(history), template=args.template, **_sampling(args)):
+        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args))
+        try:
+            answer = [next(pieces, "")]  # the prompt is checked here, before anything is printed
+        except InputError as e:
+            refused(e)
+            continue
+        out.write("cogvlm> " + answer[0])
+        out.flush()
+        for piece in pieces:
             answer.append(piece)
             out.write(piece)
             out.flush()
@@ -152,7 +169,7 @@ def cmd_convert(args) -> int:
     from convert.convert_hf import main_convert
 
     mesh = _cpu_mesh(args.mesh) if args.mesh else None
-    return main_convert(args.src, args.dst, to=args.to, mesh=mesh) or 0
+    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh) or 0
 
 
 def cmd_plan(args) -> int:
@@ -281,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("ours", "hf"), default="ours")
+    cv.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
     cv.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                     help="store each tensor in chunks of its shard on this mesh (made of CPU devices), so that "
                          "loading on it, in one process or several, reads only each process's slices")
@@ -331,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a chat page at /")
-    sv.add_argument("--model", help="checkpoint directory (default: the shipped default model)")
+    sv.add_argument("--model", required=True, help="checkpoint directory (HF safetensors or converted)")
     sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
     sv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name)")

@@ -59,7 +59,8 @@ def _check_fields(obj, where: str) -> tuple[str, str, tuple, Optional[str]]:
             raise DataError(f"{where}: missing field {key!r}")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-    history = obj.get("history") or []
+    history = obj.get("history")
+    history = [] if history is None else history  # not `or []`: {}, "" or false are wrongly typed, not empty
     if not isinstance(history, list) or not all(
             isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in history):
         raise DataError(f"{where}: field 'history' must be a list of [question, answer] string pairs")
@@ -79,8 +80,11 @@ def _check_image(path: str, where: str) -> None:
         raise DataError(f"{where}: cannot read image {path}: {e}") from None
 
 
-def read_jsonl(path: str, tokenizer, config, template: Optional[str] = None) -> list[Record]:
-    """Every record of a JSONL file, checked and measured in tokens (see the module docstring)."""
+def read_jsonl(path: str, tokenizer, config, template: Optional[str] = None, progress: bool = False) -> list[Record]:
+    """Every record of a JSONL file, checked and measured in tokens (see the module docstring); ``progress``:
+    a bar over the file's bytes (every record is tokenized and its image checked: long for a large file)."""
+    from tqdm import tqdm
+
     template = config.template_version if template is None else template
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
@@ -88,11 +92,17 @@ def read_jsonl(path: str, tokenizer, config, template: Optional[str] = None) -> 
         raise DataError(f"training data {path} not found")
     folder = os.path.dirname(os.path.abspath(path))
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, disable=not progress,
+                                     desc=f"reading {os.path.basename(path)}") as bar:
+        for number, raw in enumerate(f, 1):  # decoded line by line, so that bad bytes are named by their line too
+            bar.update(len(raw))
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8: {e}") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

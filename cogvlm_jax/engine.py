@@ -42,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import kv_cache, multihost, sampling
+from cogvlm_jax import kv_cache, multihost, rows, sampling
 from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
 from cogvlm_jax.model import CogVLM
+from cogvlm_jax.preprocess import pad_batch
 from cogvlm_jax.tokenizer import StreamDecoder
 
 DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
@@ -210,7 +211,7 @@ class _Programs:
                           sampling=jax.tree_util.tree_map(put, state.sampling, sp))
             return state, first[0]
 
-        @functools.partial(jax.jit, donate_argnames=("state",), **out)
+        @functools.partial(rows.ByRows, rows=lambda params, state, live: slots, donate_argnames=("state",), **out)
         def decode(params, state: Slots, live):
             """``chunk`` steps of every slot -> (state, tokens [S, C]). ``live`` [S]: slots whose tokens are used
             (an idle slot never makes the chunk take the sampling branch)."""
@@ -218,6 +219,9 @@ class _Programs:
                 s, out = carry
                 logits, cache = module.apply({"params": params}, s.token, s.position, s.cache,
                                              method=CogVLM.decode_step)
+                # An idle slot writes at slot 0 of its own row, again and again: decode attention reads every row
+                # up to the largest write index, which an idle slot advancing each step would push to the end.
+                cache = cache.replace(index=jnp.where(live, cache.index, 0))
                 sp = s.sampling.replace(temperature=jnp.where(live, s.sampling.temperature, 0.0))
                 tok = choose_rows(logits, sp, s.step)
                 s = s.replace(cache=cache, token=tok, position=s.position + 1, step=s.step + 1)
@@ -320,6 +324,7 @@ class Engine:
         with self._cv:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
+            self._drop_cancelled()
             free = sum(s is None for s in self._live)
             if len(self._waiting) >= free + self.max_queue:
                 raise QueueFullError(f"all {self.slots} slots are busy and {len(self._waiting)} requests are "
@@ -328,8 +333,14 @@ class Engine:
             self._cv.notify()
         return request
 
+    def _drop_cancelled(self) -> None:
+        """Forget waiting requests whose caller went away (call with ``self._cv`` held): they hold no place."""
+        if any(r.cancelled for r in self._waiting):
+            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+
     def stats(self) -> dict:
         with self._cv:
+            self._drop_cancelled()
             return {"slots": self.slots, "busy": sum(s is not None for s in self._live),
                     "waiting": len(self._waiting), "completed": self.completed, "cancelled": self.cancelled,
                     "max_length": self.max_length}
@@ -444,10 +455,9 @@ class Engine:
                 if self._stop:
                     break
                 admit = []
+                self._drop_cancelled()
                 for s in range(self.slots):
                     if self._live[s] is None:
-                        while self._waiting and self._waiting[0].cancelled:
-                            self._waiting.popleft()
                         if not self._waiting:
                             break
                         admit.append((s, self._waiting.popleft()))
@@ -468,15 +478,10 @@ class Engine:
             multihost.broadcast_bytes(_encode("stop", ()))
 
     def _insert(self, slot: int, req: Request) -> None:
-        x = req.inputs
-        n = len(x["input_ids"])
-        pad = bucket_length(n) - n
-        pad_ids = np.pad(np.asarray(x["input_ids"], np.int32), (pad, 0), constant_values=self.config.pad_token_id)
-        tt = np.pad(np.asarray(x["token_type_ids"], np.int32), (pad, 0))
-        am = np.pad(np.asarray(x["attention_mask"], np.int32), (pad, 0))
-        pv = None if x.get("pixel_values") is None else np.asarray(x["pixel_values"], np.float32)[None]
-        self.prefill_shapes.add((n + pad, pv is not None))
-        first = self._device("insert", pad_ids[None], tt[None], am[None], pv, np.int32(slot),
+        x = pad_batch([req.inputs], self.config.pad_token_id, bucket_length(req.prompt_tokens))  # [1, L], left-padded
+        pv = x["pixel_values"]
+        self.prefill_shapes.add((x["input_ids"].shape[1], pv is not None))
+        first = self._device("insert", x["input_ids"], x["token_type_ids"], x["attention_mask"], pv, np.int32(slot),
                              np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
                              np.uint32(req.seed % 2**32))
         self._take(slot, [int(first)])

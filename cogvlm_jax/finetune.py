@@ -97,8 +97,11 @@ def read_run(out: str) -> RunConfig:
     path = os.path.join(out, RUN_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{out} holds no training run ({RUN_FILE} missing); start one without --resume")
-    with open(path) as f:
-        return RunConfig.from_dict(json.load(f))
+    try:
+        with open(path) as f:
+            return RunConfig.from_dict(json.load(f))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, edited, or from another version
+        raise CheckpointError(f"{path} is not a valid run file: {type(e).__name__}: {e}") from None
 
 
 def differences(a: RunConfig, b: RunConfig) -> list[str]:
@@ -201,7 +204,7 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     tokenizer = _find_tokenizer(run.tokenizer or run.model)
     if tokenizer is None:
         raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; pass --tokenizer")
-    records = read_jsonl(run.data, tokenizer, config, run.template)
+    records = read_jsonl(run.data, tokenizer, config, run.template, progress=progress and multihost.is_main_process())
     batches = Batches(records, tokenizer, config, run.batch_size, run.seed, run.template)
     if epochs is not None:
         steps = max(1, math.ceil(epochs * batches.steps_per_epoch))

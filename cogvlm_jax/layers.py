@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cogvlm_jax import rows
+
 Dtype = Any
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -53,6 +55,8 @@ class Dense(nn.Module):
     weights as one contiguous row: the decoder's linears use it (batch-1 decode is a chain of such
     products; ``benchmarks/matvec.py`` ``dot_t``). The wide-output lm_head and the prefill-only
     ViT/adapter keep ``[in, out]``, which measured as fast or faster there (``benchmarks/prototypes.py``).
+    In a few-row decode step compiled for Eigen (``rows.ByRows``) the product is ``(kernel @ x.T).T``:
+    Eigen is fast with an ``[out, in]`` weight only as the left operand.
 
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
@@ -75,8 +79,13 @@ class Dense(nn.Module):
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
             spec = "...d,df->...f"
-        y = jnp.einsum(spec, *operands(self.dtype, x, kernel),
-                       precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
+        xs, ks = operands(self.dtype, x, kernel)
+        if self.out_in and rows.weight_lhs_active():  # a few-row step compiled for Eigen: see rows.py
+            y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
+                           preferred_element_type=jnp.float32)
+            y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
+        else:
+            y = jnp.einsum(spec, xs, ks, precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,))

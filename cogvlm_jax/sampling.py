@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import kv_cache, positions
+from cogvlm_jax import kv_cache, positions, rows
 from cogvlm_jax.model import CogVLM
 
 
@@ -177,9 +177,10 @@ class Generator:
                                               pixel_values, cache)
             return start_state(logits, next_pos, cache, sampling, max_new_tokens, self.pad_id, collect_logits)
 
-        @functools.partial(jax.jit, static_argnames=("do_sample",), donate_argnames=("state",))
         def _decode(params, state, stop_at, *, do_sample):
             return decode_loop(model, params, state, stop_at, self.eos_ids, self.pad_id, do_sample)
 
         self.start = _start
-        self.decode = _decode
+        # a batch of rows.MIN_ROWS or more compiles its own way on CPU (few-row products, see rows.py)
+        self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0],
+                                  static_argnames=("do_sample",), donate_argnames=("state",))

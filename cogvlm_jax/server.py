@@ -118,7 +118,9 @@ def _content(message: dict, index: int) -> tuple[str, Optional[str]]:
     texts, image = [], None
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}.content[{j}].text must be a string", "messages")
             texts.append(part["text"])
         elif kind == "image_url":
             url = part.get("image_url")
@@ -181,9 +183,9 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
             continue
         what = "is not supported" if key in NEUTRAL else "is not a parameter this server knows"
         raise APIError(400, f"'{key}' {what} (got {json.dumps(value)[:80]})", key, "unsupported_parameter")
-    if body.get("n") not in (None, 1):
-        raise APIError(400, f"'n' > 1 is not supported (got {json.dumps(body['n'])}): ask once per answer",
-                       "n", "unsupported_parameter")
+    if _number(body, "n", 1, 1, None, integer=True) != 1:
+        raise APIError(400, f"'n' > 1 is not supported (got {body['n']}): ask once per answer", "n",
+                       "unsupported_parameter")
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model {json.dumps(model)} does not exist: this server serves "
@@ -203,6 +205,8 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "'stream_options' supports only include_usage", "stream_options")
+    if options and not stream:  # as OpenAI: usage would silently never come
+        raise APIError(400, "'stream_options' is allowed only with 'stream': true", "stream_options")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(31)
@@ -212,7 +216,7 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
         query=query, history=history, image_url=image, max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1, lo_open=True)),
-        top_k=int(_number(body, "top_k", 0, 0, None, integer=True)), seed=seed % 2**31,
+        top_k=int(_number(body, "top_k", 0, 0, None, integer=True)), seed=seed,
         stop=tuple(stop or ()), stream=stream, include_usage=bool(options.get("include_usage")))
 
 
@@ -248,14 +252,15 @@ def read_image_url(url: str, image_root: Optional[str], max_bytes: int) -> bytes
                        "messages", "invalid_image_url")
     if parts.netloc not in ("", "localhost"):
         raise APIError(400, f"file:// URL with host {parts.netloc!r} refused", "messages", "invalid_image_url")
+    asked = unquote(parts.path)
+    if "\0" in asked:  # the OS cannot take it (os.path raises ValueError): a bad URL, not a server error
+        raise APIError(400, f"image path {asked!r} contains a NUL byte", "messages", "invalid_image_url")
     root = os.path.realpath(image_root)
-    path = os.path.realpath(unquote(parts.path))
+    path = os.path.realpath(asked)
     if os.path.commonpath([root, path]) != root:
-        raise APIError(400, f"image path {unquote(parts.path)} is outside --image-root", "messages",
-                       "invalid_image_url")
+        raise APIError(400, f"image path {asked} is outside --image-root", "messages", "invalid_image_url")
     if not os.path.isfile(path):
-        raise APIError(400, f"image file {unquote(parts.path)} not found under --image-root", "messages",
-                       "invalid_image_url")
+        raise APIError(400, f"image file {asked} not found under --image-root", "messages", "invalid_image_url")
     size = os.path.getsize(path)
     if size > max_bytes:
         raise too_big(size)
@@ -264,13 +269,23 @@ def read_image_url(url: str, image_root: Optional[str], max_bytes: int) -> bytes
 
 
 # ------------------------------------------------------------------------------------- responses
-def _chunk(rid, created, model, delta, finish=None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+def _chunk(rid, created, model, delta, finish=None, include_usage=False, usage=None) -> dict:
+    """A ``chat.completion.chunk``: one choice with ``delta``, or (``usage`` given) none and the usage. With
+    ``include_usage`` every chunk has a ``usage`` field, null but in the last (OpenAI's stream shape)."""
+    choices = [] if usage is not None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if include_usage:
+        out["usage"] = usage
+    return out
 
 
 def _usage(prompt, completion) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _not_json(name: str):
+    """Python's json reads NaN and Infinity, which JSON has not (a NaN temperature passed every range check)."""
+    raise APIError(400, f"request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
 
 
 def _sse(obj) -> str:
@@ -366,7 +381,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
                 raise APIError(413, f"request body exceeds {max_body} bytes", code="request_too_large")
             chunks.append(part)
         try:
-            return json.loads(b"".join(chunks))
+            return json.loads(b"".join(chunks), parse_constant=_not_json)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 
@@ -395,8 +410,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
         job = Request(inputs, max_tokens, on_event, temperature=req.temperature, top_p=req.top_p,
                       top_k=req.top_k, seed=req.seed, stop=req.stop)
         try:
-            engine.check(n, max_tokens)
-            engine.submit(job)
+            engine.submit(job)  # checks the lengths and the sampling settings first
         except ContextLengthError as e:
             raise APIError(400, str(e), "messages", "context_length_exceeded") from None
         except InputError as e:
@@ -408,22 +422,23 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if req.stream:
+            def chunk(delta, finish=None, usage=None) -> str:
+                return _sse(_chunk(rid, created, config.model_name, delta, finish, req.include_usage, usage))
+
             async def sse():
                 try:
-                    yield _sse(_chunk(rid, created, config.model_name, {"role": "assistant", "content": ""}))
+                    yield chunk({"role": "assistant", "content": ""})
                     while True:
                         ev = await events.get()
                         if ev.error is not None:
                             yield _sse(APIError(500, ev.error, type="server_error").body())
                             break
                         if ev.text:
-                            yield _sse(_chunk(rid, created, config.model_name, {"content": ev.text}))
+                            yield chunk({"content": ev.text})
                         if ev.finish_reason is not None:
-                            yield _sse(_chunk(rid, created, config.model_name, {}, ev.finish_reason))
+                            yield chunk({}, ev.finish_reason)
                             if req.include_usage:
-                                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                            "model": config.model_name, "choices": [],
-                                            "usage": _usage(n, ev.completion_tokens)})
+                                yield chunk(None, usage=_usage(n, ev.completion_tokens))
                             break
                     yield "data: [DONE]\n\n"
                 finally:
@@ -432,21 +447,27 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+        async def gone():
+            """Wait for the client to hang up (the body is read: the next message is the disconnect), then wake the
+            loop below. Polling between events missed it while tokens kept coming, and the slot ran to the end."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            events.put_nowait(None)
+
+        watcher = asyncio.create_task(gone())
         parts = []
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
+                ev = await events.get()
+                if ev is None:
+                    return JSONResponse({}, status_code=499)
                 if ev.error is not None:
                     raise APIError(500, ev.error, type="server_error")
                 parts.append(ev.text)
                 if ev.finish_reason is not None:
                     break
         finally:
+            watcher.cancel()
             job.cancel()
         return {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
@@ -538,9 +559,8 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=is_main_process())
-    model = cogvlm_jax.load(args.model, **kw) if args.model else cogvlm_jax.load(**kw)
-    name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
-                               (model.config.name or "cogvlm-jax"))
+    model = cogvlm_jax.load(args.model, **kw)
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
                     max_queue=args.max_queue)
     config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,

@@ -109,6 +109,12 @@ class TrainConfig:
         if self.learning_rate <= 0 or not 0 <= self.end_lr_ratio <= 1:
             raise ValueError(f"need learning_rate > 0 and 0 <= end_lr_ratio <= 1, got {self.learning_rate}, "
                              f"{self.end_lr_ratio}")
+        checks = {"weight_decay": self.weight_decay >= 0, "max_grad_norm": self.max_grad_norm >= 0,  # 0: no clip
+                  "eps": self.eps > 0, "b1": 0 <= self.b1 < 1, "b2": 0 <= self.b2 < 1, "lora_rank": self.lora_rank >= 1}
+        bad = [f"{name} {getattr(self, name)}" for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"bad optimizer settings: {', '.join(bad)} (need weight_decay >= 0, max_grad_norm >= 0 "
+                             "(0: no clipping), eps > 0, 0 <= b1, b2 < 1, lora_rank >= 1)")
 
     @property
     def lora_scale(self) -> float:

@@ -3,11 +3,14 @@
 Reading checks every key and shape against the config before any data is read, so a wrong
 checkpoint fails fast with every problem named; then it reads one tensor at a time. A conversion
 to our format streams: each tensor is read just before Orbax writes it (``LazyArray`` leaves), so it
-holds about two tensors in memory whatever the checkpoint's size (``read_hf_checkpoint`` returns the
-whole model, in host memory). Writing HF fetches parameters in runs of at most ``FETCH_BYTES`` (from
-memory or, on export, from the Orbax checkpoint) and writes one tensor at a time into shards laid out
-byte for byte as the ``safetensors`` library lays them out (so a round trip reproduces the published
-files exactly). Both directions are atomic (temp directory + rename).
+holds about two groups of tensors in memory whatever the checkpoint's size (``read_hf_checkpoint``
+returns the whole model, in host memory); a tensor larger than ``checkpoint.BLOCK_BYTES`` is read and
+written a row block at a time. Writing HF fetches parameters in runs of at most ``FETCH_BYTES`` (from
+memory or, on export, from the Orbax checkpoint; a leaf stored in row blocks is read a block at a time)
+and writes one tensor (or row block) at a time into shards laid out byte for byte as the
+``safetensors`` library lays them out (so a round trip reproduces the published files exactly). Both
+directions are atomic (temp directory + rename). Peak memory is thus bounded by the budgets, not by the
+largest tensor (the real CogVLM2's embedding and lm_head are 1.05 GB each).
 
 The safetensors container is parsed here rather than through ``safe_open``: numpy cannot represent
 bfloat16 in older ``safetensors`` releases, and our own parser can say precisely which file is
@@ -31,9 +34,10 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from cogvlm_jax import checkpoint
 from cogvlm_jax.checkpoint import (
-    CheckpointError, LazyArray, atomic_directory, check_destination, copy_files, flatten_tree, is_our_checkpoint,
-    read_meta, save_params, subset_reader, trim_heap, unflatten_tree, write_json)
+    CheckpointError, LazyArray, atomic_directory, block_reader, check_destination, copy_files, flatten_tree,
+    is_our_checkpoint, read_meta, save_params, subset_reader, tiles, trim_heap, unflatten_tree, write_json)
 from cogvlm_jax.config import CogVLMConfig, load_config
 from convert import mapping
 
@@ -233,10 +237,12 @@ def _write_order(tensors: list[_OutTensor]) -> list[_OutTensor]:
     return sorted(tensors, key=lambda t: (-_RANK[t.code], t.name))
 
 
-def write_safetensors(path: str, tensors: list[_OutTensor], produce: Callable[[_OutTensor], np.ndarray],
+def write_safetensors(path: str, tensors: list[_OutTensor],
+                      produce: Callable[[_OutTensor], np.ndarray | Iterable[np.ndarray]],
                       metadata: Mapping[str, str] | None = None,
                       progress: Callable[[int], Any] | None = None) -> None:
-    """Write one .safetensors file; ``produce(t)`` makes each tensor's data just before it is written.
+    """Write one .safetensors file; ``produce(t)`` makes each tensor's data just before it is written: an
+    array, or an iterable of consecutive row blocks (slices along the first axis) written as they come.
 
     Layout as the ``safetensors`` library writes it (so files compare byte for byte): tensors sorted by
     dtype rank descending, then name; compact JSON header, metadata first, padded with spaces to a
@@ -254,11 +260,22 @@ def write_safetensors(path: str, tensors: list[_OutTensor], produce: Callable[[_
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in order:
-            arr = np.ascontiguousarray(produce(t))
-            if arr.shape != t.shape or _code(arr.dtype, t.name) != t.code:
-                raise CheckpointError(f"{t.name}: produced {arr.dtype}{arr.shape}, planned {t.code}{t.shape}")
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-            del arr
+            data = produce(t)
+            rows = 0
+            for arr in [data] if isinstance(data, np.ndarray) else data:
+                arr = np.ascontiguousarray(arr)
+                if t.shape:
+                    bad = arr.shape[1:] != t.shape[1:] or arr.ndim != len(t.shape) or rows + len(arr) > t.shape[0]
+                else:
+                    bad = arr.shape != ()
+                if bad or _code(arr.dtype, t.name) != t.code:
+                    raise CheckpointError(f"{t.name}: produced {arr.dtype}{arr.shape} at row {rows}, planned "
+                                          f"{t.code}{t.shape}")
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                rows += len(arr) if arr.ndim else 1
+                del arr
+            if rows != (t.shape[0] if t.shape else 1):
+                raise CheckpointError(f"{t.name}: produced {rows} rows, planned {t.code}{t.shape}")
             if progress:
                 progress(1)
 
@@ -376,13 +393,16 @@ def _note_inv_freq(key: str, array: np.ndarray, config: CogVLMConfig, facts: dic
             facts["inv_freq"] = array.astype(np.float64).tolist()
 
 
-def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None, lazy: bool = False):
+def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None, lazy: bool = False,
+             chunks: Mapping[tuple, tuple[int, ...]] | None = None):
     """(config, params, facts about the source an export needs) of an HF checkpoint.
 
     ``lazy``: the params are :class:`LazyArray` leaves that read (and re-lay out, and cast) their
     tensor when made, in file order, for :func:`save_params` to stream; only the rotary buffers are read
-    here. The progress bar then counts the tensors as they are made: close it (the 4th item returned)
-    once they are.
+    here. They can also make any region of themselves, reading only the bytes behind it, so a tensor
+    larger than ``BLOCK_BYTES``, or one given ``chunks[our path]`` (a chunk shape), is made and written a
+    tile at a time. The progress bar then counts the tensors as they are made: close it (the 4th item
+    returned) once they are.
     """
     if config is None:
         config = load_config(path if os.path.isdir(path) else (os.path.dirname(path) or "."))
@@ -403,6 +423,14 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
         bar.update(1)
         return array
 
+    def read_region(key: str, transform: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+        """A block of ``key`` in our layout (and dtype), reading only the HF bytes behind it."""
+        array = mapping.relayout(transform, entries[key][0].read_region(key, mapping.hf_region(transform, index)))
+        array = array if dtype is None else array.astype(dtype, copy=False)
+        if all(s.indices(n)[1] == n for s, n in zip(index, shape)):  # the last block: the tensor is done
+            bar.update(1)
+        return array
+
     for key in order:
         st, info = entries[key]
         path_ours, transform = mapping.hf_to_ours_key(key)
@@ -410,9 +438,10 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
             _note_inv_freq(key, st.read(key), config, facts)
             bar.update(1)
         elif lazy:
-            flat[path_ours] = LazyArray(mapping.ours_shape(info.shape, transform),
-                                        dtype or _DTYPES[info.code], functools.partial(read, key),
-                                        (st.path, info.start))
+            shape = mapping.ours_shape(info.shape, transform)
+            flat[path_ours] = LazyArray(shape, dtype or _DTYPES[info.code], functools.partial(read, key),
+                                        (st.path, info.start), functools.partial(read_region, key, transform, shape),
+                                        mapping.rows_axis(transform, len(shape)), (chunks or {}).get(path_ours))
         else:
             array = read(key)
             flat[path_ours] = array if place is None else place(path_ours, array)
@@ -444,25 +473,52 @@ def _natural_key(name: str):
 
 # A parameter source: the (shape, dtype) of every leaf, and a function that materialises a list of leaves
 # as host arrays. The writer fetches runs of at most FETCH_BYTES (see _producer), so exporting from an
-# Orbax checkpoint never holds much more than that of the model.
+# Orbax checkpoint never holds much more than that of the model; a leaf larger than BLOCK_BYTES that the
+# source can read in blocks is read and written a row block at a time instead.
 Specs = dict[tuple, tuple[tuple[int, ...], np.dtype]]
 Fetch = Callable[[list[tuple]], dict[tuple, Any]]
 
 
-def _tree_source(params: Mapping) -> tuple[Specs, Fetch]:
+@dataclasses.dataclass
+class _Source:
+    specs: Specs
+    fetch: Fetch
+    # ``block_rows(leaf, axis)``: indices of ``axis`` per block the leaf can be read in, or None (read it whole)
+    block_rows: Callable[[tuple, int], int | None] | None = None
+    read_block: Callable[[tuple, tuple], np.ndarray] | None = None
+
+    def __post_init__(self):
+        self._plans: dict[tuple, tuple[int, int] | None] = {}
+
+    def blocked(self, leaf: tuple) -> tuple[int, int] | None:
+        """(our axis that is the HF rows, indices per block) if ``leaf`` is read in blocks, else None."""
+        if leaf not in self._plans:
+            shape, dtype = self.specs[leaf]
+            plan = None
+            if self.block_rows is not None and shape and np.prod(shape, dtype=np.int64) * dtype.itemsize > \
+                    checkpoint.BLOCK_BYTES:
+                axis = mapping.rows_axis(mapping.transform_of(leaf), len(shape))
+                rows = self.block_rows(leaf, axis)
+                plan = None if rows is None else (axis, rows)
+            self._plans[leaf] = plan
+        return self._plans[leaf]
+
+
+def _tree_source(params: Mapping) -> _Source:
     from cogvlm_jax.multihost import to_host
 
     flat = flatten_tree(params)
     # to_host: a parameter sharded over several processes' devices is gathered (all processes fetch the same
     # paths in the same order, see _write_hf)
-    return ({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
-            lambda paths: {p: to_host(flat[p]) for p in paths})
+    return _Source({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
+                   lambda paths: {p: to_host(flat[p]) for p in paths})
 
 
-def _orbax_source(ckpt_dir: str) -> tuple[Specs, Fetch]:
+def _orbax_source(ckpt_dir: str) -> _Source:
     stored, read = subset_reader(ckpt_dir)
-    return ({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
-            lambda paths: flatten_tree(read(paths)))
+    rows, read_block = block_reader(ckpt_dir)
+    return _Source({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
+                   lambda paths: flatten_tree(read(paths)), rows, read_block)
 
 
 def _plan_outputs(specs: Specs, config: CogVLMConfig, dtype: np.dtype | None,
@@ -532,15 +588,16 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
                      inv_freq_values, overwrite, extra_files, progress)
 
 
-def _fetch_runs(specs: Specs, shard: list[_OutTensor]) -> list[list[tuple]]:
+def _fetch_runs(source: _Source, shard: list[_OutTensor]) -> list[list[tuple]]:
     """The leaves of a shard in write order, cut into runs of at most ``FETCH_BYTES`` (or one tensor): the
-    fetches an export makes, in order (with several processes every process makes the same ones)."""
+    fetches an export makes, in order (with several processes every process makes the same ones). Leaves
+    read in blocks are not fetched."""
     runs: list[list[tuple]] = [[]]
     size = 0
     for t in _write_order(shard):
-        if t.source is None:
+        if t.source is None or source.blocked(t.source):
             continue
-        shape, dtype = specs[t.source]
+        shape, dtype = source.specs[t.source]
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if runs[-1] and size + n > FETCH_BYTES:
             runs.append([])
@@ -550,36 +607,44 @@ def _fetch_runs(specs: Specs, shard: list[_OutTensor]) -> list[list[tuple]]:
     return [run for run in runs if run]
 
 
-def _producer(source: tuple[Specs, Fetch], shard: list[_OutTensor],
-              inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray]:
+def _producer(source: _Source, shard: list[_OutTensor],
+              inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray | Iterable[np.ndarray]]:
     """Make each tensor of a shard, in write order, from its leaf: device -> host, HF layout, dtype.
 
     Leaves are fetched in runs of consecutive tensors of at most ``FETCH_BYTES`` (or one tensor), so an
-    export from an Orbax checkpoint holds about that much of the model, whatever the shard size.
+    export from an Orbax checkpoint holds about that much of the model, whatever the shard size; a leaf
+    the source reads in blocks comes as HF row blocks, each read, re-laid out and cast on its own.
     """
-    specs, fetch = source
-    runs = _fetch_runs(specs, shard)
+    runs = _fetch_runs(source, shard)
     run_of = {p: k for k, run in enumerate(runs) for p in run}
     leaves: dict[tuple, Any] = {}
 
-    def produce(t: _OutTensor) -> np.ndarray:
+    def row_blocks(t: _OutTensor, axis: int, rows: int) -> Iterable[np.ndarray]:
+        shape = source.specs[t.source][0]
+        for index in tiles(shape, tuple(rows if d == axis else n for d, n in enumerate(shape))):
+            trim_heap()
+            yield mapping.to_hf(t.source, source.read_block(t.source, index))[1].astype(_DTYPES[t.code], copy=False)
+
+    def produce(t: _OutTensor) -> np.ndarray | Iterable[np.ndarray]:
         if t.source is None:
             return inv_freq
+        plan = source.blocked(t.source)
+        if plan is not None:
+            return row_blocks(t, *plan)
         if t.source not in leaves:
             trim_heap()  # the previous run's memory, before the next run is read
-            leaves.update(fetch(runs[run_of[t.source]]))
+            leaves.update(source.fetch(runs[run_of[t.source]]))
         # pop: the reference to a leaf is dropped as soon as the leaf is written
         array = mapping.to_hf(t.source, np.asarray(leaves.pop(t.source)))[1]
         return array.astype(_DTYPES[t.code], copy=False)
     return produce
 
 
-def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
+def _write_hf(source: _Source, config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
               inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool) -> str:
     from cogvlm_jax import multihost
 
     multihost.from_main(lambda: check_destination(out_dir, overwrite) or b"")  # process 0's refusal, on all
-    specs, fetch = source
     dtype = as_dtype(dtype)
     if dtype is not None:
         config = config.replace(torch_dtype=dtype.name)
@@ -587,14 +652,14 @@ def _write_hf(source: tuple[Specs, Fetch], config: CogVLMConfig, out_dir: str, m
     if inv_freq.shape != (config.text.head_dim // 2,):
         raise CheckpointError(f"inv_freq_values: expected shape {(config.text.head_dim // 2,)}, got {inv_freq.shape}")
     inv_freq = inv_freq.astype(as_dtype(inv_freq_dtype) or np.dtype(np.float32))
-    outs = _plan_outputs(specs, config, dtype, inv_freq)
+    outs = _plan_outputs(source.specs, config, dtype, inv_freq)
     shards = _shard(outs, max_shard_bytes)
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     if not multihost.is_main_process():  # take part in the gathers; process 0 writes
         for shard in shards:
-            for run in _fetch_runs(specs, shard):
-                fetch(run)
+            for run in _fetch_runs(source, shard):
+                source.fetch(run)
         multihost.sync(f"exported {out_dir}")
         return out_dir
     with atomic_directory(out_dir, overwrite) as tmp, \
@@ -633,31 +698,30 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
                        mesh=None) -> str:
     """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.checkpoint).
 
-    ``mesh``: read each tensor onto this mesh's devices in its sharded layout and save it sharded: Orbax
-    then stores every tensor in chunks of one shard, so a later load on a mesh whose per-process slices
-    are unions of those shards (the same mesh, one process or several) reads only what each process
-    holds. Without a mesh each tensor is one chunk, which every loading process reads whole.
+    Streamed: each tensor is read just before it is written, a tensor larger than ``BLOCK_BYTES`` a row
+    block at a time (stored in chunks of those blocks). ``mesh``: store every tensor in chunks of its
+    shard on this mesh (cut further to at most ``BLOCK_BYTES``), each read and written on its own, so a
+    later load on a mesh whose per-process slices are unions of those shards (the same mesh, one process
+    or several) reads only what each process holds. Without a mesh a tensor of at most ``BLOCK_BYTES``
+    is one chunk, which every loading process reads whole. Only the mesh's shape matters here: nothing
+    is placed on its devices.
     """
     _check_not_same(src, dst)
     check_destination(dst, overwrite)  # fail before reading gigabytes
-    bar = None
-    if mesh is None:  # streamed: each tensor is read when it is written
-        config, params, facts, bar = _load_hf(src, None, dtype, progress, lazy=True)
-    else:
-        from convert.hf_sharded import read_hf_sharded
-
+    config, chunks = None, None
+    if mesh is not None:
         from cogvlm_jax.sharding import param_shardings
 
-        config, facts = load_config(src), {}
-        shardings = flatten_tree(param_shardings(config, mesh))
-        params = read_hf_sharded(src, config, shardings, as_dtype(dtype), progress=progress, facts=facts)
+        config = load_config(src)
+        shapes = mapping.expected_params_shapes(config)
+        chunks = {p: tuple(s.shard_shape(shapes[p])) for p, s in flatten_tree(param_shardings(config, mesh)).items()}
+    config, params, facts, bar = _load_hf(src, config, dtype, progress, lazy=True, chunks=chunks)
     if dtype is not None:
         config = config.replace(torch_dtype=as_dtype(dtype).name)
     try:
         save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return dst
 
 

@@ -247,6 +247,16 @@ def layout_axes(transform: str, ndim: int) -> tuple[int, ...]:
     return _AXES.get(transform, tuple(range(ndim)))
 
 
+def rows_axis(transform: str, ndim: int) -> int:
+    """Our axis that holds the HF tensor's first axis: a block along it is a contiguous run of the HF file."""
+    return layout_axes(transform, ndim).index(0) if ndim else 0
+
+
+def transform_of(path) -> str:
+    """The transform between our parameter ``path`` and its HF tensor."""
+    return _match_hf(ours_to_hf_key(path))[0].transform
+
+
 def relayout(transform: str, array: np.ndarray) -> np.ndarray:
     """An HF-layout array (or a region of one) in our layout, C-contiguous."""
     if transform == TRANSPOSE:
@@ -278,7 +288,7 @@ def to_ours(hf_key: str, array: np.ndarray) -> tuple[Path | None, np.ndarray]:
 def to_hf(path, array: np.ndarray) -> tuple[str, np.ndarray]:
     """Map one of our parameters to (HF key, array in the PyTorch layout)."""
     key = ours_to_hf_key(path)
-    transform = _match_hf(key)[0].transform
+    transform = transform_of(path)
     if transform == TRANSPOSE:
         array = transpose2d(array)
     elif transform == CONV:

@@ -39,9 +39,12 @@ def test_generate_streams_the_greedy_answer(f32_models):
 def test_chat_repl_keeps_history(f32_models):
     family = "cogvlm2"
     image = os.path.join(fixture_dir(family), "images", "img1.png")
+    # A mistyped /image and a question too long for the context are reported; the chat goes on as it was.
     r = _run("chat", *_model_args(family), "--image", image, "--max-new-tokens", "3",
-             stdin="Describe the picture.\nHow many squares are there?\n")
+             stdin="Describe the picture.\n/image no-such.png\n" + "word " * 8200 + "\nHow many squares are there?\n")
     assert r.returncode == 0, r.stderr
+    assert "no-such.png not found" in r.stderr and "exceeds max_length" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     assert r.stdout.count("cogvlm> ") == 2
     # The second turn is the model's answer with the first turn as history.
     model = f32_models[family]
@@ -68,3 +71,19 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path):
         err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
         assert len(err_lines) == 1 and needle in err_lines[0], (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+
+
+def test_convert_refuses_a_full_destination_and_overwrite_replaces_it(tmp_path, capsys):
+    """The refusal names --overwrite, so the flag must exist and do what it says."""
+    from cogvlm_jax import cli
+    from cogvlm_jax.checkpoint import is_our_checkpoint
+
+    dst = tmp_path / "ours"
+    dst.mkdir()
+    (dst / "old.txt").write_text("x")
+    src = os.path.join(fixture_dir("cogvlm1"), "checkpoint")
+    assert cli.main(["convert", src, str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvlm-jax convert: error: ") and "--overwrite" in err
+    assert cli.main(["convert", src, str(dst), "--overwrite"]) == 0
+    assert is_our_checkpoint(str(dst)) and not (dst / "old.txt").exists()

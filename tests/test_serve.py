@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 
 import jax
+import numpy as np
 import pytest
 
 from cogvlm_jax.api import bucket_length
@@ -171,7 +172,8 @@ def test_messages_map_onto_the_template():
     for bad, match in (([], "non-empty"), ([{"role": "assistant", "content": "x"}], "must follow a user"),
                        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "last message"),
                        ([{"role": "tool", "content": "x"}], "unsupported role"),
-                       ([{"role": "user", "content": [{"type": "input_audio"}]}], "input_audio")):
+                       ([{"role": "user", "content": [{"type": "input_audio"}]}], "input_audio"),
+                       ([{"role": "user", "content": [{"type": "text", "text": 5}]}], r"content\[0\].text must be")):
         with pytest.raises(APIError, match=match):
             parse_messages(bad)
 
@@ -227,7 +229,7 @@ def test_engine_compiles_once_per_prefill_shape_and_once_for_the_step(f32_models
         _COMPILES["on"] = False
 
 
-def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine):
+def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine, server):
     case = next(c for c in chat_cases("cogvlm2") if c["image"] is None)
     kw = dict(temperature=0.9, top_p=0.9, seed=11)
     want = model.chat(None, case["query"], max_new_tokens=8, **kw)
@@ -241,6 +243,23 @@ def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine):
     other_seed = engine.complete(x, 8, temperature=0.9, top_p=0.9, seed=12)[0]
     assert alone == busy == want
     assert other_seed != want
+    # Over HTTP any integer seed is model.chat's seed (2**31 + 11 is not 11; both sides take it mod 2**32).
+    big = 2**31 + 11
+    want_big = model.chat(None, case["query"], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=big)
+    r = client(server).chat.completions.create(model=NAME, messages=messages(case["query"]), max_tokens=8,
+                                               temperature=0.9, top_p=0.9, seed=big)
+    assert r.choices[0].message.content == want_big != want
+
+
+def test_idle_slots_do_not_grow_the_part_of_the_cache_decode_reads(model, engine):
+    """Decode attention reads every row up to the largest cache write index: an idle or finished slot must
+    not advance its index (it did by one per step, forever, until every step read the whole cache)."""
+    x = model.build_inputs("Tell me about a blue line.")
+    for n in (9, 6):  # the second request runs alone after the first left its slot
+        assert engine.complete(x, n, temperature=0)[1].completion_tokens <= n
+    index = np.asarray(engine._state.cache.index)
+    assert (index > 0).sum() == 1, index  # only the slot that served the last request
+    assert index.max() <= bucket_length(len(x["input_ids"])) + 6 + engine.chunk, index
 
 
 # ----------------------------------------------------------------------------------------- HTTP
@@ -278,6 +297,65 @@ def test_stop_strings_end_the_answer(model, server):
     text, finish, _ = stream_text(cl, messages=messages("Tell me about a blue line."), max_tokens=8, temperature=0,
                                   stop=stop)
     assert (text, finish) == (full[:full.index(stop)], "stop")
+
+
+def _sse_events(srv, body):
+    """(status, the data of each SSE event) of a raw streamed request; checks the framing on the way."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]), timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Type").startswith("text/event-stream")
+        raw = resp.read().decode()
+    finally:
+        conn.close()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and all(e.startswith("data: ") and "\n" not in e for e in events[:-1]), raw
+    return resp.status, [e[len("data: "):] for e in events[:-1]]
+
+
+def test_sse_framing_and_the_usage_chunk(model, server):
+    """Raw SSE: one ``data:`` line per event, one id, ``[DONE]`` last; with include_usage every chunk but the
+    last carries ``"usage": null`` and the last has no choices and the usage (OpenAI's stream shape)."""
+    status, events = _sse_events(server, {"model": NAME, "messages": messages("Tell me about a blue line."),
+                                          "max_tokens": 8, "temperature": 0, "stream": True,
+                                          "stream_options": {"include_usage": True}})
+    assert status == 200 and events[-1] == "[DONE]", events
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {(c["id"], c["object"], c["created"], c["model"]) for c in chunks} == {
+        (chunks[0]["id"], "chat.completion.chunk", chunks[0]["created"], NAME)}
+    *answer, last = chunks
+    assert all("usage" in c and c["usage"] is None for c in answer), answer
+    assert answer[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert answer[-1]["choices"][0]["finish_reason"] in ("stop", "length") and answer[-1]["choices"][0]["delta"] == {}
+    want = model.chat(None, "Tell me about a blue line.", max_new_tokens=8)  # compiled by the tests above
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in answer) == want
+    n = len(model.build_inputs("Tell me about a blue line.")["input_ids"])
+    assert last["choices"] == [] and last["usage"]["prompt_tokens"] == n
+    assert last["usage"]["total_tokens"] == n + last["usage"]["completion_tokens"] <= n + 8
+
+
+def test_a_device_failure_fails_what_runs_and_the_engine_serves_on(model, engine, server):
+    """The decode chunk raises once: the streamed request ends with an error object and [DONE], the next is served."""
+    programs, real = engine._programs, engine._programs.decode
+
+    def fail_once(*args):
+        programs.decode = real
+        raise RuntimeError("injected device failure")
+
+    programs.decode = fail_once
+    try:
+        status, events = _sse_events(server, {"model": NAME, "messages": messages("Go on and on."), "max_tokens": 50,
+                                              "temperature": 0, "stream": True})
+    finally:
+        programs.decode = real
+    assert status == 200 and events[-1] == "[DONE]", events
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "server_error" and "injected device failure" in err["message"], err
+    q = "Tell me about a blue line."  # model.chat of 8 tokens compiled by the tests above
+    r = client(server).chat.completions.create(model=NAME, messages=messages(q), max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == model.chat(None, q, max_new_tokens=8)
+    assert engine.stats()["busy"] == 0
 
 
 def test_32_concurrent_streams_on_4_slots_each_equal_to_its_solo_answer(model, engine, server):
@@ -330,6 +408,18 @@ def test_client_that_disconnects_frees_its_slot(model, engine, server):
         time.sleep(0.05)
     assert engine.stats()["cancelled"] == before + 1
     assert engine.stats()["busy"] == 0
+    # A non-streaming client too, gone while its tokens keep coming (no pause in the events to notice it in).
+    body = json.dumps({"model": NAME, "messages": messages("Go on and on."), "max_tokens": 200,
+                       "temperature": 0}).encode()
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while engine.stats()["busy"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    while engine.stats()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["cancelled"] == before + 2, f"not cancelled; ran {time.monotonic() - t0:.2f} s"
 
 
 def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engine, server, tmp_path):
@@ -338,11 +428,16 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     with_image = lambda u: {**ok, "messages": [{"role": "user", "content": [  # noqa: E731
         {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": u}}]}]}
     assert_error(post(url, b"{not json"), 400, "invalid_json")
+    nan = json.dumps(ok).replace('"temperature": 0', '"temperature": NaN').encode()  # Python's json, not JSON
+    assert_error(post(url, nan), 400, "invalid_json", match="NaN")
     assert_error(post(url, b"[1, 2]"), 400, match="JSON object")
     assert_error(post(url, {**ok, "n": 2}), 400, "unsupported_parameter", "n")
+    assert_error(post(url, {**ok, "n": 0}), 400, param="n", match="must be in [1, inf)")
     assert_error(post(url, {**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400,
                  "unsupported_parameter", "tools")
     assert_error(post(url, {**ok, "logprobs": True}), 400, "unsupported_parameter", "logprobs")
+    assert_error(post(url, {**ok, "stream_options": {"include_usage": True}}), 400, param="stream_options",
+                 match="only with 'stream'")
     assert_error(post(url, {**ok, "temperature": "hot"}), 400, param="temperature")
     assert_error(post(url, {**ok, "max_tokens": 0}), 400, param="max_tokens")
     assert_error(post(url, {**ok, "model": "gpt-4o"}), 404, "model_not_found", "model")
@@ -373,7 +468,7 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
         inline = post(url2, with_image(data_url(IMG0)))[1]
         assert body["choices"][0]["message"] == inline["choices"][0]["message"]
         for escape in (f"file://{root}/../secret.png", f"file://{root}/link.png", "file:///etc/passwd",
-                       f"file://{root}/missing.png"):
+                       f"file://{root}/missing.png", f"file://{root}/img0.png%00.txt"):
             assert_error(post(url2, with_image(escape)), 400, "invalid_image_url")
     status, body = post(url, ok)
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
@@ -423,6 +518,33 @@ def test_full_queue_is_429_and_the_queue_drains(f32_models, engine1):
             answers = [f.result(timeout=120) for f in queued]
     want = model.chat(None, "hello", max_new_tokens=8)
     assert [(s, b["choices"][0]["message"]["content"]) for s, b in answers] == [(200, want)] * room
+
+
+def test_cancelled_waiting_requests_leave_the_queue(f32_models, engine1):
+    """Requests cancelled while they wait (their clients went away) neither hold queue places nor count as waiting."""
+    import queue
+
+    model = f32_models["cogvlm1"]
+    release, blocked = threading.Event(), threading.Event()
+    first = engine1.submit(Request(model.build_inputs("hi"), 4, lambda ev: (blocked.set(), release.wait(60))))
+    try:
+        assert blocked.wait(120)
+        x = model.build_inputs("hello")
+        waiting = [engine1.submit(Request(x, 8, lambda ev: None)) for _ in range(engine1.slots - 1 + engine1.max_queue)]
+        with pytest.raises(QueueFullError):
+            engine1.submit(Request(x, 8, lambda ev: None))
+        for r in waiting:
+            r.cancel()
+        assert engine1.stats()["waiting"] == 0
+        events: queue.Queue = queue.Queue()
+        engine1.submit(Request(x, 8, events.put))
+    finally:
+        first.cancel()
+        release.set()
+    text = []
+    while not text or text[-1].finish_reason is None:
+        text.append(events.get(timeout=120))
+    assert "".join(e.text for e in text) == model.chat(None, "hello", max_new_tokens=8)  # as in the 429 test
 
 
 # ----------------------------------------------------------------------------------------- a real process

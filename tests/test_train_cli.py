@@ -118,3 +118,9 @@ def test_cli_errors_are_one_line(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cogvlm-jax train: error: ") and f"{bad}:2: missing field 'answer'" in err
     assert not os.path.exists(tmp_path / "out")  # nothing written for a run that never started
+    for broken in ("{not json", '{"data": "d.jsonl"}', "[]"):  # cut short, a key missing, not an object
+        (tmp_path / "cut").mkdir(exist_ok=True)
+        (tmp_path / "cut" / "run.json").write_text(broken)
+        assert cli.main(["train", "--out", str(tmp_path / "cut"), "--resume", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cogvlm-jax train: error: ") and f"{tmp_path / 'cut' / 'run.json'}" in err, err

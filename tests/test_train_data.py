@@ -37,9 +37,11 @@ def env(tmp_path_factory):
 
 
 def _write(path, lines):
-    with open(path, "w") as f:
+    """A JSONL file of ``lines``: objects (as JSON), strings, or bytes written as they are."""
+    with open(path, "wb") as f:
         for line in lines:
-            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+            line = line if isinstance(line, (str, bytes)) else json.dumps(line)
+            f.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
     return str(path)
 
 
@@ -61,11 +63,13 @@ BAD = [
     ({"answer": "x"}, "missing field 'query'"),
     ({"query": "q", "answer": 3}, "field 'answer' must be a string"),
     ({"query": "q", "answer": "a", "history": [["only one"]]}, "field 'history' must be a list"),
+    ({"query": "q", "answer": "a", "history": {}}, "field 'history' must be a list"),
     ({"query": "q", "answer": "a", "picture": "x.png"}, "unknown field(s) picture"),
     ({"query": "q", "answer": "a", "image": 5}, "field 'image' must be a path"),
     ({"query": "q", "answer": "a", "image": "imgs/missing.png"}, "not found"),
     ({"query": "q", "answer": "a", "image": "imgs/broken.png"}, "cannot read image"),
     ({"query": "q", "answer": "word " * 3000}, "exceed the context length 2048"),
+    (b'{"query": "caf\xe9", "answer": "a"}', "not valid UTF-8"),
 ]
 
 
@@ -128,3 +132,13 @@ def test_image_unreadable_at_batch_time_names_the_line(env):
     img.write_bytes(b"gone bad")
     with pytest.raises(DataError, match=rf"late.jsonl:1: cannot read image"):
         batches.batch(0)
+
+
+def test_reading_shows_progress(env, capsys):
+    d, tok, cfg = env
+    path = _write(d / "progress.jsonl", GOOD)
+    assert len(read_jsonl(path, tok, cfg, progress=True)) == len(GOOD)
+    err = capsys.readouterr().err
+    assert "reading progress.jsonl" in err and "100%" in err, err
+    read_jsonl(path, tok, cfg)
+    assert capsys.readouterr().err == ""

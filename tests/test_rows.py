@@ -1,0 +1,68 @@
+"""Few-row decode (rows.py): batches of rows.MIN_ROWS or more compile without YNNPACK on CPU, with the
+decoder's ``[out, in]`` kernels as the left operand, and give the same numbers and greedy ids."""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cogvlm_jax import rows
+from cogvlm_jax.layers import Dense
+from conftest import cases, fixture_dir, left_pad_batch
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the few-row compilation is CPU-only")
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 16])
+def test_dense_few_row_product_is_a_float32_dot(n):
+    dense = Dense(48, ("embed", "mlp"), out_in=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, 1, 32), jnp.float32)
+    params = nn.unbox(dense.init(jax.random.PRNGKey(1), x))
+    fn = rows.ByRows(dense.apply, lambda p, x: x.shape[0])
+    got = np.asarray(fn(params, x))
+    kernel = np.asarray(params["params"]["kernel"], np.float64)
+    want = np.asarray(x, np.float64) @ kernel.T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    hlo = fn.lower(params, x).compile().as_text()
+    few = n >= rows.MIN_ROWS
+    assert rows.few_rows(n) == few
+    assert ("__ynn_fusion" in hlo) == (not few and n > 1)  # a one-row dot is never YNNPACK's
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert len(dots) == 1
+    # few rows: f32[48, n] = the [out, in] kernel times x.T; else f32[n, 1, 48] as written
+    assert (f"f32[48,{n}]" in dots[0]) == few, dots[0]
+
+
+def test_batch_of_eight_generates_each_rows_reference_ids(f32_models):
+    model = f32_models["cogvlm2"]
+    recs = [c for c in cases("cogvlm2") if c["max_new_tokens"] > 0]
+    recs = (recs * rows.MIN_ROWS)[:rows.MIN_ROWS]
+    batch = left_pad_batch(recs, model.config.pad_token_id)
+    assert rows.few_rows(len(recs))
+    ids = model.generate(*batch, max_new_tokens=8)
+    for i, r in enumerate(recs):
+        np.testing.assert_array_equal(ids[i], r["arrays"]["generated_ids"][:8], err_msg=r["name"])
+
+
+def test_engine_of_eight_slots_gives_the_reference_answers(f32_models):
+    """The serving engine's decode over 8 slots (the few-row compilation), every chat case at once."""
+    from cogvlm_jax.engine import Engine
+
+    model = f32_models["cogvlm2"]
+    chats = [c for c in cases("cogvlm2") if c["template"] == "chat" and c["max_new_tokens"]]
+    assert chats
+    eng = Engine(model, slots=rows.MIN_ROWS, max_length=256, max_queue=16).start()
+    try:
+        for case in chats:
+            image = None if case["image"] is None else os.path.join(fixture_dir("cogvlm2"), "images", case["image"])
+            text, _ = eng.complete(model.build_inputs(case["query"], image=image), case["max_new_tokens"])
+            ids = [int(i) for i in case["arrays"]["generated_ids"]]
+            stop = [i for i, t in enumerate(ids) if t in model.config.eos_token_ids]
+            assert text == model.tokenizer.decode(ids[:stop[0]] if stop else ids), case["name"]
+    finally:
+        eng.shutdown()
