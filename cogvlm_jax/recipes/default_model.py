@@ -56,7 +56,12 @@ TOKENIZER_VOCAB = 512  # an upper bound: the task's words all become single toke
 EVAL_SEED_OFFSET = 1_000_003  # questions scored during training come from seed + this, never trained on
 
 MAX_SHAPES = 1  # objects per picture the shipped model is trained and scored on (the generator draws up to 3)
-KIND_WEIGHTS = {"color": 0.15, "shape": 0.4, "count": 0.2, "where": 0.25}  # in synthetic.QUESTION_KINDS order
+# The curriculum: (steps, question-kind weights) stages, then ``KIND_WEIGHTS`` for the remaining steps.
+# Shape first (alone it is learned in 300 steps, mixed with the others it stalls), then all kinds (colour
+# and count follow in 300 steps), then a where-heavy stage ("where" sits at its "center" prior
+# otherwise), then all kinds again.
+KIND_WEIGHTS = {"color": 0.3, "shape": 0.2, "count": 0.1, "where": 0.4}
+STAGES = ((300, {"shape": 1.0}), (300, KIND_WEIGHTS), (200, {"color": 0.1, "shape": 0.1, "count": 0.1, "where": 0.7}))
 
 # Sizes (see the README's "Default model" section for why these). 84 / 7 = 12 x 12 patches, 6 x 6 image
 # tokens after the 2x2 conv. Patches of 14 (3 x 3 tokens) were 4x cheaper but learned shapes far slower
@@ -149,20 +154,21 @@ def sequence_length(tokenizer, config, turns: int) -> int:
     return -(-n // 8) * 8
 
 
-def question_kind(seed: int, index: int) -> str:
-    """The question kind of training example ``index``, drawn with ``KIND_WEIGHTS`` (reproducibly).
-
-    Shape questions get the most weight: colour is learned from a handful of steps, shape needs the
-    ViT to learn edges and corners (measured at 300 steps, one object, uniform kinds: colour 100%,
-    shape 31%; shape questions only: 96%)."""
+def question_kind(seed: int, index: int, weights: dict) -> str:
+    """The question kind of training example ``index``, drawn with ``weights`` (reproducibly)."""
     rng = np.random.default_rng([seed, index, 7])
-    return synthetic.QUESTION_KINDS[int(rng.choice(len(KIND_WEIGHTS), p=list(KIND_WEIGHTS.values())))]
+    p = np.array([weights.get(k, 0.0) for k in synthetic.QUESTION_KINDS])
+    return synthetic.QUESTION_KINDS[int(rng.choice(len(p), p=p / p.sum()))]
 
 
-def stage_at(step: int, steps: int) -> dict:
-    """The curriculum, as ``synthetic.example`` arguments for training step ``step`` (1-based): one
-    object per picture for the first third of the steps, then up to ``MAX_SHAPES``."""
-    return {"max_shapes": 1 if step <= steps / 3 else MAX_SHAPES}
+def stage_at(step: int) -> dict:
+    """The question-kind weights of training step ``step`` (1-based): ``STAGES``, then ``KIND_WEIGHTS``."""
+    end = 0
+    for n, weights in STAGES:
+        end += n
+        if step <= end:
+            return weights
+    return KIND_WEIGHTS
 
 
 def batches(tokenizer, config, seed: int, batch_size: int, length: int, steps: int, turns: int):
@@ -171,8 +177,9 @@ def batches(tokenizer, config, seed: int, batch_size: int, length: int, steps: i
 
     def make(step):
         first = step * batch_size  # example i asks 1 + i % turns questions about its picture
-        items = [synthetic.example(seed, i, kind=question_kind(seed, i), turns=1 + i % turns,
-                                   **stage_at(step + 1, steps)) for i in range(first, first + batch_size)]
+        weights = stage_at(step + 1)
+        items = [synthetic.example(seed, i, kind=question_kind(seed, i, weights), turns=1 + i % turns,
+                                   max_shapes=MAX_SHAPES) for i in range(first, first + batch_size)]
         return pad_batch([encode(tokenizer, config, e) for e in items], config.pad_token_id, length)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -195,6 +202,7 @@ def scaled_init(params, key, num_layers: int):
     words were drowned after the first layer and the model sat at the answer prior (29.5% exact match
     after 1000 steps)."""
     import jax
+    import jax.numpy as jnp
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(key, len(leaves))
@@ -209,10 +217,31 @@ def scaled_init(params, key, num_layers: int):
                 leaf = leaf / np.sqrt(2 * num_layers)
         elif names[-1] in ("embedding", "boi", "eoi"):
             leaf = jax.random.normal(k, leaf.shape, leaf.dtype)
-        elif names[-1] == "position_embedding":  # as strong as the patch signal, so "where" is learnable
-            leaf = jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(leaf.shape[-1]) * 4
+        elif names[-1] == "position_embedding":
+            if POSITION_INIT == "sincos":
+                leaf = jnp.asarray(sincos_2d(leaf.shape[0] - 1, leaf.shape[-1]) * POSITION_SCALE, leaf.dtype)
+            else:  # as strong as the patch signal, so "where" is learnable
+                leaf = jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(leaf.shape[-1]) * 4
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+POSITION_INIT = "sincos"
+POSITION_SCALE = 1.0
+
+
+def sincos_2d(num_patches: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """``[1 + num_patches, width]`` 2-D sine-cosine position table (row 0, the CLS slot, is zero): a quarter
+    of the channels each for sin(x), cos(x), sin(y), cos(y) at geometric frequencies, so a patch's row and
+    column are linear features from the first step."""
+    side = int(round(num_patches ** 0.5))
+    if side * side != num_patches or width % 4:
+        raise ValueError(f"sincos_2d needs a square grid and a width divisible by 4, got {num_patches}, {width}")
+    y, x = np.mgrid[:side, :side]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4))
+    xs, ys = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+    table = np.concatenate([np.sin(xs), np.cos(xs), np.sin(ys), np.cos(ys)], axis=1)
+    return np.concatenate([np.zeros((1, width)), table]).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -237,6 +266,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, eval_ever
         init_key, kernel_key = jax.random.split(jax.random.PRNGKey(seed))
         params = scaled_init(init_params(config, init_key), kernel_key, config.text.num_layers)
         n_params = sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+        if steps <= sum(n for n, _ in STAGES):
+            raise ValueError(f"--steps {steps} leaves no mixed stage after the curriculum {STAGES}")
         log(f"config: vocab {config.text.vocab_size}, {n_params:,} parameters, {config.num_image_tokens} image "
             f"slots, sequence length {length}, batch {batch_size}, {steps} steps, lr {lr}")
 
@@ -250,10 +281,15 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, eval_ever
 
         def evaluate(step):
             evaluator.params = trainer.params(state, frozen)
-            acc, _ = synthetic.score(evaluator, held_out, batch_size=50)
-            history.append({"step": step, "accuracy": acc, "seconds": round(time.time() - started, 1)})
+            acc, preds = synthetic.score(evaluator, held_out, batch_size=50)
+            right: dict[str, list[bool]] = {}
+            for e, pred in zip(held_out, preds):
+                right.setdefault(synthetic.kind_of(e.query), []).append(synthetic.exact_match(pred, e.answer))
+            kinds = {k: round(float(np.mean(v)), 3) for k, v in sorted(right.items())}
+            history.append({"step": step, "accuracy": acc, "by_kind": kinds,
+                            "seconds": round(time.time() - started, 1)})
             log(f"step {step}: exact match {acc:.3f} on {len(held_out)} held-out questions "
-                f"({time.time() - started:.0f} s)")
+                f"({time.time() - started:.0f} s) " + " ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
             return acc
 
         losses = []
@@ -274,7 +310,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, eval_ever
             "seed": seed, "steps": steps, "batch_size": batch_size, "peak_lr": lr, "warmup": warmup, "turns": turns,
             "examples_seen": steps * batch_size, "parameters": n_params,
             "wall_seconds": round(train_seconds, 1), "final_loss": round(float(np.mean(losses[-25:])), 5),
-            "eval_seed": seed + EVAL_SEED_OFFSET, "max_shapes": MAX_SHAPES, "kind_weights": KIND_WEIGHTS, "eval_questions": eval_size, "exact_match": acc,
+            "eval_seed": seed + EVAL_SEED_OFFSET, "max_shapes": MAX_SHAPES, "stages": [list(st) for st in STAGES], "kind_weights": KIND_WEIGHTS,
+            "position_init": POSITION_INIT, "eval_questions": eval_size, "exact_match": acc,
             "curve": history, "machine": f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.default_backend()})",
         }
         with open(os.path.join(work, "generation_config.json"), "w") as f:

@@ -19,8 +19,10 @@ ap.add_argument("--curr", default="")
 ap.add_argument("--vitlr", type=float, default=0)
 ap.add_argument("--save", default="")
 ap.add_argument("--kindw", default="")
+ap.add_argument("--posinit", default="sincos"); ap.add_argument("--posscale", type=float, default=1.0)
 ap.add_argument("--first", default="")  # KIND,STEPS: only that kind for the first STEPS steps
 a = ap.parse_args()
+R.POSITION_INIT = a.posinit; R.POSITION_SCALE = a.posscale
 if a.vision: R.VISION.update(json.loads(a.vision))
 if a.text: R.TEXT.update(json.loads(a.text))
 if not os.path.exists("/tmp/dm2/tok/tokenizer.json"): R.train_tokenizer("/tmp/dm2/tok")
@@ -56,8 +58,12 @@ for s in range(1, a.steps + 1):
         c1, c2 = map(int, a.curr.split(","))
         if s <= c1: kk.update(kind="color", max_shapes=1)
         elif s <= c2: kk.update(max_shapes=1)
-    if a.first and s <= int(a.first.split(",")[1]):
-        items = [S.example(1, s * a.bs + i, kind=a.first.split(",")[0], **kk) for i in range(a.bs)]
+    stage_kind, end = None, 0
+    for st_ in filter(None, a.first.split(";")):
+        kname, n_ = st_.split(","); end += int(n_)
+        if s <= end: stage_kind = kname; break
+    if stage_kind:
+        items = [S.example(1, s * a.bs + i, kind=stage_kind, **kk) for i in range(a.bs)]
     elif a.kindw:
         w = np.array([float(x) for x in a.kindw.split(",")]); w = w / w.sum()
         items = [S.example(1, s * a.bs + i, turns=1 + i % a.turns, kind=S.QUESTION_KINDS[np.random.default_rng([1, s * a.bs + i, 7]).choice(4, p=w)], **kk) for i in range(a.bs)]
