@@ -1,7 +1,7 @@
 """Continuous batching: many requests share one jitted decode over a fixed number of slots.
 
-prefill -> insert -> generate. A new request is prefilled on its own (its prompt left-padded to the
-bucket ``Model.chat`` uses), and its one-row KV cache is inserted into a free slot of the shared
+prefill -> insert -> generate. A new request is prefilled on its own (its prompt left-padded to a
+bucket, as ``Model.chat`` does), and its one-row KV cache is inserted into a free slot of the shared
 ``[S, ...]`` cache between two decode chunks. Each chunk runs ``chunk`` decode steps of all S slots on
 device, then the host reads the new tokens once (no host round trip per token). A slot is freed the
 moment its request stops: eos, ``max_tokens``, a stop string, or ``cancel()`` (the client went away).
@@ -305,15 +305,19 @@ class Engine:
         if prompt_tokens + max_tokens > ctx:
             raise ContextLengthError(f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the "
                                      f"model's context length {ctx}")
-        padded = bucket_length(prompt_tokens)
-        if padded + max_tokens > self.max_length:
+        if prompt_tokens + max_tokens > self.max_length:
             raise ContextLengthError(
-                f"prompt of {prompt_tokens} tokens (padded to {padded}) plus max_tokens {max_tokens} exceeds this "
-                f"server's cache of {self.max_length} tokens per request (--max-length)")
+                f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds this server's cache of "
+                f"{self.max_length} tokens per request (--max-length)")
+
+    def bucket(self, prompt_tokens: int, max_tokens: int) -> int:
+        """The length the prompt is padded to: ``bucket_length``, less where its padding would not leave
+        ``max_tokens`` room in the cache."""
+        return bucket_length(prompt_tokens, self.max_length - max_tokens)
 
     def room(self, prompt_tokens: int) -> int:
         """The largest ``max_tokens`` a prompt of this length can have."""
-        return min(self.config.context_length - prompt_tokens, self.max_length - bucket_length(prompt_tokens))
+        return min(self.config.context_length, self.max_length) - prompt_tokens
 
     def submit(self, request: Request) -> Request:
         """Queue a request (checked first); its events arrive through ``request.on_event``."""
@@ -478,7 +482,7 @@ class Engine:
             multihost.broadcast_bytes(_encode("stop", ()))
 
     def _insert(self, slot: int, req: Request) -> None:
-        x = pad_batch([req.inputs], self.config.pad_token_id, bucket_length(req.prompt_tokens))  # [1, L], left-padded
+        x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens, req.max_tokens))  # [1, L]
         pv = x["pixel_values"]
         self.prefill_shapes.add((x["input_ids"].shape[1], pv is not None))
         first = self._device("insert", x["input_ids"], x["token_type_ids"], x["attention_mask"], pv, np.int32(slot),

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from cogvlm_jax.api import bucket_length
-from cogvlm_jax.engine import Engine, Event, QueueFullError, Request, TextOutput
+from cogvlm_jax.engine import ContextLengthError, Engine, Event, QueueFullError, Request, TextOutput
 from cogvlm_jax.server import APIError, BackgroundServer, ServerConfig, parse_messages
 from conftest import cases, fixture_dir
 
@@ -260,6 +260,26 @@ def test_idle_slots_do_not_grow_the_part_of_the_cache_decode_reads(model, engine
     index = np.asarray(engine._state.cache.index)
     assert (index > 0).sum() == 1, index  # only the slot that served the last request
     assert index.max() <= bucket_length(len(x["input_ids"])) + 6 + engine.chunk, index
+
+
+def test_a_prompt_that_fits_unpadded_is_served_up_to_the_last_cache_slot(model, engine):
+    """A prompt just past a power of two (its bucket, 256, is the whole cache) with max_tokens filling
+    the cache to the last slot: offered by room() (the server's default max_tokens), served (padded less), equal
+    to chat's answer."""
+    query = "Tell me"
+    while len(model.build_inputs(query)["input_ids"]) <= 128:
+        query += " more"
+    x = model.build_inputs(query)
+    n = len(x["input_ids"])
+    assert 128 < n < 136 and bucket_length(n) == engine.max_length
+    room = engine.max_length - n
+    assert engine.room(n) == room
+    engine.check(n, room)
+    with pytest.raises(ContextLengthError, match="--max-length"):  # one token more does not fit
+        engine.check(n, room + 1)
+    text, last = engine.complete(x, room, temperature=0)
+    assert last.finish_reason in ("stop", "length") and last.completion_tokens <= room
+    assert text == model.chat(None, query, max_new_tokens=room)
 
 
 # ----------------------------------------------------------------------------------------- HTTP
