@@ -16,6 +16,7 @@ from cogvlm_jax import sampling
 from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.multihost import to_global, to_host
+from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MIN_BUCKET = 16
@@ -222,12 +223,17 @@ class Model:
                              "cogvlm_jax.load(path, tokenizer=PATH) with a tokenizer.model or tokenizer.json")
         return self.tokenizer
 
-    def build_inputs(self, query, history=(), image=None, template=None):
-        """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None)."""
+    def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS):
+        """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None).
+
+        ``max_image_pixels``: an image file declaring more pixels is refused before it is decoded
+        (``preprocess.ImageTooLargeError``); None: no limit but PIL's own.
+        """
         from cogvlm_jax.preprocess import build_inputs
 
         tok = self._need_tokenizer("build_inputs")
-        return build_inputs(tok, self.config, query, history=history, image=image, template=template)
+        return build_inputs(tok, self.config, query, history=history, image=image, template=template,
+                            max_image_pixels=max_image_pixels)
 
     def _text_stop(self, ids: Sequence[int]) -> list[int]:
         out = []

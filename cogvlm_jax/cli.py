@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and /")
     sv.add_argument("--image-root", help="directory file:// image URLs may read from (default: none allowed)")
     sv.add_argument("--max-image-bytes", type=int, default=20 << 20)
+    sv.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                    help="width x height an image may declare, checked before it is decoded (default 40 MP)")
     sv.add_argument("--drain-seconds", type=float, default=30.0,
                     help="on SIGTERM, time running requests get to finish")
     sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_jax.api import InputError
 from cogvlm_jax.engine import ContextLengthError, Engine, EngineStoppedError, QueueFullError, Request
-from cogvlm_jax.preprocess import ImageError
+from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 MiB = 1 << 20
@@ -51,6 +51,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     image_root: Optional[str] = None  # file:// image URLs are read only under this directory
     max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height an image may declare (checked before decoding)
     default_max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
     drain_seconds: float = 30.0
 
@@ -390,7 +391,9 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
         if req.image_url is not None:
             image = read_image_url(req.image_url, config.image_root, config.max_image_bytes)
         try:
-            return model.build_inputs(req.query, req.history, image)
+            return model.build_inputs(req.query, req.history, image, max_image_pixels=config.max_image_pixels)
+        except ImageTooLargeError as e:
+            raise APIError(400, f"{e} (--max-image-pixels)", "messages", "image_too_large") from None
         except ImageError as e:
             raise APIError(400, f"the image cannot be decoded: {e}", "messages", "invalid_image") from None
 
@@ -556,6 +559,8 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
     import cogvlm_jax
     from cogvlm_jax.multihost import is_main_process
 
+    if args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=is_main_process())
@@ -564,7 +569,8 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
                     max_queue=args.max_queue)
     config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,
-                          max_image_bytes=args.max_image_bytes, default_max_tokens=args.default_max_tokens,
+                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                          default_max_tokens=args.default_max_tokens,
                           drain_seconds=args.drain_seconds)
     return engine, config
 

@@ -29,7 +29,7 @@ import pytest
 from cogvlm_jax.api import bucket_length
 from cogvlm_jax.engine import ContextLengthError, Engine, Event, QueueFullError, Request, TextOutput
 from cogvlm_jax.server import APIError, BackgroundServer, ServerConfig, parse_messages
-from conftest import cases, fixture_dir
+from conftest import cases, fixture_dir, huge_png
 
 openai = pytest.importorskip("openai")
 
@@ -465,6 +465,9 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     assert_error(post(url, {**ok, "max_tokens": 250}), 400, "context_length_exceeded", match="--max-length")
     assert_error(post(url, with_image("data:image/png;base64,aGVsbG8gd29ybGQ=")), 400, "invalid_image")
     assert_error(post(url, with_image("data:image/png;base64,***")), 400, "invalid_image")
+    huge = huge_png(7000, 6000)  # 40 kB declaring 42 MP: refused from its header (--max-image-pixels)
+    assert_error(post(url, with_image("data:image/png;base64," + base64.b64encode(huge).decode())), 400,
+                 "image_too_large", match="7000x6000 = 42.0 megapixels, over the limit of 40 megapixels")
     assert_error(post(url, with_image("https://example.com/cat.png")), 400, "invalid_image_url", match="https://")
     assert_error(post(url, with_image("file:///etc/passwd")), 400, "invalid_image_url", match="--image-root")
     assert_error(post(url, {**ok, "messages": [{"role": "assistant", "content": "x"}]}), 400, param="messages")
