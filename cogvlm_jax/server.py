@@ -24,6 +24,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -257,16 +258,34 @@ def read_image_url(url: str, image_root: Optional[str], max_bytes: int) -> bytes
     if "\0" in asked:  # the OS cannot take it (os.path raises ValueError): a bad URL, not a server error
         raise APIError(400, f"image path {asked!r} contains a NUL byte", "messages", "invalid_image_url")
     root = os.path.realpath(image_root)
+    outside = APIError(400, f"image path {asked} is outside --image-root", "messages", "invalid_image_url")
+    missing = APIError(400, f"image file {asked} not found under --image-root", "messages", "invalid_image_url")
     path = os.path.realpath(asked)
     if os.path.commonpath([root, path]) != root:
-        raise APIError(400, f"image path {asked} is outside --image-root", "messages", "invalid_image_url")
-    if not os.path.isfile(path):
-        raise APIError(400, f"image file {asked} not found under --image-root", "messages", "invalid_image_url")
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise too_big(size)
-    with open(path, "rb") as f:
-        return f.read()
+        raise outside
+    try:  # O_NONBLOCK: a FIFO swapped in does not hang the thread in open (fstat refuses it below)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise missing from None
+    with os.fdopen(fd, "rb") as f:
+        # Between the check and the open a link may have been swapped in (anywhere on the path) and followed.
+        # What counts is the file opened: it must be the one that now sits at the checked path, under the root.
+        opened = os.fstat(f.fileno())
+        if not stat.S_ISREG(opened.st_mode):
+            raise missing
+        try:
+            there = os.path.realpath(path)
+            inside = os.path.commonpath([root, there]) == root and os.path.samestat(opened, os.stat(there))
+        except OSError:
+            inside = False
+        if not inside:
+            raise outside
+        if opened.st_size > max_bytes:
+            raise too_big(opened.st_size)
+        raw = f.read(max_bytes + 1)  # the file may have grown since
+        if len(raw) > max_bytes:
+            raise too_big(len(raw))
+        return raw
 
 
 # ------------------------------------------------------------------------------------- responses

@@ -28,7 +28,7 @@ import pytest
 
 from cogvlm_jax.api import bucket_length
 from cogvlm_jax.engine import ContextLengthError, Engine, Event, QueueFullError, Request, TextOutput
-from cogvlm_jax.server import APIError, BackgroundServer, ServerConfig, parse_messages
+from cogvlm_jax.server import APIError, BackgroundServer, ServerConfig, parse_messages, read_image_url
 from conftest import cases, fixture_dir, huge_png
 
 openai = pytest.importorskip("openai")
@@ -496,6 +496,33 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     status, body = post(url, ok)
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
     assert engine.stats()["busy"] == 0
+
+
+def test_a_link_swapped_in_between_the_check_and_the_open_is_refused(tmp_path, monkeypatch):
+    """The file:// path is checked (resolved under --image-root), then opened. A symlink to a file outside put in
+    its place right after the check must not be read: the opened file itself is checked."""
+    base = os.path.realpath(tmp_path)
+    root, target, secret = os.path.join(base, "root"), os.path.join(base, "root", "img.png"), os.path.join(base, "s")
+    os.mkdir(root)
+    with open(secret, "wb") as f:
+        f.write(b"outside")
+    with open(target, "wb") as f:
+        f.write(b"inside")
+    assert read_image_url(f"file://{target}", root, 1 << 20) == b"inside"
+    resolve, swapped = os.path.realpath, []
+
+    def resolve_then_swap(p, *args, **kw):
+        out = resolve(p, *args, **kw)
+        if out == target and not swapped:  # the check has just seen the file under the root: swap it now
+            os.remove(target)
+            os.symlink(secret, target)
+            swapped.append(p)
+        return out
+
+    monkeypatch.setattr(os.path, "realpath", resolve_then_swap)
+    with pytest.raises(APIError) as e:
+        read_image_url(f"file://{target}", root, 1 << 20)
+    assert swapped and e.value.code == "invalid_image_url" and "outside --image-root" in e.value.message
 
 
 def test_api_key_guards_every_endpoint_but_health(engine):
