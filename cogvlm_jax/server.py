@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP server over the continuous-batching ``engine.Engine`` (FastAPI + uvicorn).
 
 Routes: ``POST /v1/chat/completions`` (OpenAI's request and response shapes, SSE streaming),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` and the chat page at ``/``.
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` and the chat page at ``/``. If the engine's
+thread dies (a device failure it cannot recover from), every request, running or new, and ``/health`` get a
+503 ``engine_failed`` error: the process must be restarted.
 
 A conversation maps onto the model's template: earlier user/assistant turns become the history, the
 last user message the query, the latest image in any user message the image (none is fine). System
@@ -39,7 +41,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_jax.api import InputError
-from cogvlm_jax.engine import ContextLengthError, Engine, EngineStoppedError, QueueFullError, Request
+from cogvlm_jax.engine import (ContextLengthError, Engine, EngineFailedError, EngineStoppedError, QueueFullError,
+                               Request)
 from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
@@ -347,6 +350,13 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
     def error(e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
+    def engine_failed(message: str) -> APIError:
+        return APIError(503, message, code="engine_failed", type="server_error")
+
+    def failed_request(message: str) -> APIError:
+        """A request the engine ended with an error: 503 when the engine died of it, else 500 (it serves on)."""
+        return engine_failed(message) if engine.failure is not None else APIError(500, message, type="server_error")
+
     @app.exception_handler(APIError)
     async def _api_error(_request, e: APIError):
         return error(e)
@@ -374,7 +384,11 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_name, **engine.stats()}
+        stats = {"model": config.model_name, **engine.stats()}
+        if engine.failure is not None:
+            body = {**engine_failed(engine.failure_message()).body(), "status": "failed", **stats}
+            return JSONResponse(body, status_code=503)
+        return {"status": "ok", **stats}
 
     def model_card():
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "cogvlm-jax",
@@ -439,6 +453,8 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
             raise APIError(400, str(e)) from None
         except QueueFullError as e:
             raise APIError(429, f"server busy: {e}; retry later", code="queue_full", type="rate_limit_error") from None
+        except EngineFailedError as e:
+            raise engine_failed(str(e)) from None
         except EngineStoppedError as e:
             raise APIError(503, str(e), code="shutting_down", type="server_error") from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -453,7 +469,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
                     while True:
                         ev = await events.get()
                         if ev.error is not None:
-                            yield _sse(APIError(500, ev.error, type="server_error").body())
+                            yield _sse(failed_request(ev.error).body())
                             break
                         if ev.text:
                             yield chunk({"content": ev.text})
@@ -484,7 +500,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
                 if ev is None:
                     return JSONResponse({}, status_code=499)
                 if ev.error is not None:
-                    raise APIError(500, ev.error, type="server_error")
+                    raise failed_request(ev.error)
                 parts.append(ev.text)
                 if ev.finish_reason is not None:
                     break

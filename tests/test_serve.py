@@ -378,6 +378,50 @@ def test_a_device_failure_fails_what_runs_and_the_engine_serves_on(model, engine
     assert engine.stats()["busy"] == 0
 
 
+def test_an_engine_whose_thread_dies_answers_every_request_with_503(model):
+    """The device fails, then so does rebuilding the slots: the engine thread cannot go on. The running request,
+    one waiting (streamed), every later one and /health get a 503 ``engine_failed`` error, in bounded time.
+    Fake device programs (nothing compiles): the first insert fails, and every empty() after the warm-up's."""
+    eng = Engine(model, slots=2, max_length=64, max_queue=4)
+    programs, make_empty = eng._programs, eng._programs.empty
+    inserting, release, empties = threading.Event(), threading.Event(), []
+
+    def insert(*args):
+        inserting.set()
+        release.wait(60)  # until the second request waits in the queue
+        raise RuntimeError("injected device failure")
+
+    def empty():
+        empties.append(1)
+        if len(empties) > 1:
+            raise RuntimeError("injected: the device is gone")
+        return make_empty()
+
+    programs.insert, programs.empty = insert, empty
+    programs.decode = lambda params, state, live: (state, np.zeros((eng.slots, eng.chunk), np.int32))
+    body = {"model": NAME, "messages": messages("hi"), "max_tokens": 3, "temperature": 0}
+    with BackgroundServer(eng, ServerConfig(NAME)) as srv, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        url = srv.url + "/v1/chat/completions"
+        running = pool.submit(post, url, body)
+        assert inserting.wait(60)
+        waiting = pool.submit(_sse_events, srv, {**body, "stream": True})
+        deadline = time.monotonic() + 60
+        while eng.stats()["waiting"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        assert_error(running.result(timeout=30), 503, "engine_failed", match="injected device failure; then "
+                     "rebuilding the slots failed: RuntimeError: injected: the device is gone")
+        status, events = waiting.result(timeout=30)
+        assert status == 200 and events[-1] == "[DONE]", events
+        err = json.loads(events[-2])["error"]
+        assert err["code"] == "engine_failed" and "the engine failed" in err["message"], err
+        assert_error(post(url, body), 503, "engine_failed", match="restart the server")
+        status, health = post(srv.url + "/health", None, method="GET")
+        assert status == 503 and health["status"] == "failed" and health["error"]["code"] == "engine_failed"
+        assert health["busy"] == health["waiting"] == 0, health
+    assert len(empties) == 2
+
+
 def test_32_concurrent_streams_on_4_slots_each_equal_to_its_solo_answer(model, engine, server):
     rng = __import__("random").Random(0)
     jobs = []
