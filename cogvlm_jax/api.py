@@ -16,6 +16,7 @@ from cogvlm_jax import sampling
 from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.multihost import to_global, to_host
+from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The small model shipped in the package (``recipes/default_model.py`` made it): ``load()`` with no path.
@@ -28,12 +29,28 @@ class InputError(ValueError):
     """Model inputs that would give a wrong answer; the message says what is wrong."""
 
 
-def bucket_length(n: int) -> int:
-    """Prompt lengths are left-padded to the next power of two (at least 16): one compile per bucket."""
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def bucket_length(n: int, limit: Optional[int] = None) -> int:
+    """The length a prompt of ``n`` tokens is left-padded to: one compile per bucket.
+
+    The next power of two (at least 16). ``limit``: the most slots the prompt may take (the cache or the
+    context less the answer's room). Where the power of two passes it, the prompt is padded less, to the
+    first of: a multiple of an eighth of that power of two, a multiple of 16, ``n`` itself, that fits.
+    So a prompt that fits unpadded is never refused for its padding, and near the limit the buckets stay
+    few (eight per octave, a finer step only within 16 tokens of it). Past ``limit``: ``n``.
+    """
     b = MIN_BUCKET
     while b < n:
         b *= 2
-    return b
+    if limit is None or b <= limit:
+        return b
+    for step in (max(MIN_BUCKET, b // 8), MIN_BUCKET):
+        if _round_up(n, step) <= limit:
+            return _round_up(n, step)
+    return n
 
 
 def compute_dtype(dtype):
@@ -63,10 +80,6 @@ def weights_for_compute(params, dtype):
         return params
     rounded = jax.jit(lambda a: a.astype(dtype).astype(jnp.float32))
     return jax.tree_util.tree_map(rounded, params)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 class Model:
@@ -163,7 +176,7 @@ class Model:
         if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
             raise InputError(f"bad sampling settings: temperature {temperature}, top_k {top_k}, top_p {top_p}")
         b, n = ids.shape
-        length = bucket_length(n)
+        length = bucket_length(n, self.config.context_length - max_new_tokens)
         pad = length - n
         pad2 = ((0, 0), (pad, 0))
         ids = np.pad(ids, pad2, constant_values=self.config.pad_token_id)
@@ -212,12 +225,17 @@ class Model:
                              "cogvlm_jax.load(path, tokenizer=PATH) with a tokenizer.model or tokenizer.json")
         return self.tokenizer
 
-    def build_inputs(self, query, history=(), image=None, template=None):
-        """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None)."""
+    def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS):
+        """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None).
+
+        ``max_image_pixels``: an image file declaring more pixels is refused before it is decoded
+        (``preprocess.ImageTooLargeError``); None: no limit but PIL's own.
+        """
         from cogvlm_jax.preprocess import build_inputs
 
         tok = self._need_tokenizer("build_inputs")
-        return build_inputs(tok, self.config, query, history=history, image=image, template=template)
+        return build_inputs(tok, self.config, query, history=history, image=image, template=template,
+                            max_image_pixels=max_image_pixels)
 
     def _text_stop(self, ids: Sequence[int]) -> list[int]:
         out = []

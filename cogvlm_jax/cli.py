@@ -356,14 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
     sv.add_argument("--slots", type=int, default=8, help="requests decoded together")
-    sv.add_argument("--max-length", type=int, help="KV cache tokens per slot: prompt bucket + max_tokens "
-                                                   "(default: the model's context length)")
+    sv.add_argument("--max-length", type=int, help="KV cache tokens per slot: prompt + max_tokens, the prompt "
+                                                   "padded to its bucket where that fits (default: the model's "
+                                                   "context length)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     sv.add_argument("--decode-chunk", type=int, default=4, help="decode steps per device call")
     sv.add_argument("--default-max-tokens", type=int, default=256, help="when a request sets no max_tokens")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and /")
     sv.add_argument("--image-root", help="directory file:// image URLs may read from (default: none allowed)")
     sv.add_argument("--max-image-bytes", type=int, default=20 << 20)
+    sv.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                    help="width x height an image may declare, checked before it is decoded (default 40 MP)")
     sv.add_argument("--drain-seconds", type=float, default=30.0,
                     help="on SIGTERM, time running requests get to finish")
     sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))

@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from cogvlm_jax.api import bucket_length
-from cogvlm_jax.preprocess import IGNORE_INDEX, TEMPLATES, ImageError, build_inputs, pad_batch
+from cogvlm_jax.preprocess import (IGNORE_INDEX, TEMPLATES, ImageError, ImageTooLargeError, build_inputs,
+                                   check_image_pixels, pad_batch)
 
 FIELDS = ("image", "query", "answer", "history")
 
@@ -75,7 +76,10 @@ def _check_image(path: str, where: str) -> None:
         raise DataError(f"{where}: image {path} not found")
     try:
         with Image.open(path) as img:
+            check_image_pixels(img, path)  # from the header: a small file may declare a huge picture
             img.verify()  # reads the whole file (chunk checksums) without decoding the pixels
+    except ImageTooLargeError as e:
+        raise DataError(f"{where}: {e}") from None
     except Exception as e:  # PIL raises many types for a bad file
         raise DataError(f"{where}: cannot read image {path}: {e}") from None
 

@@ -1,7 +1,7 @@
 """Continuous batching: many requests share one jitted decode over a fixed number of slots.
 
-prefill -> insert -> generate. A new request is prefilled on its own (its prompt left-padded to the
-bucket ``Model.chat`` uses), and its one-row KV cache is inserted into a free slot of the shared
+prefill -> insert -> generate. A new request is prefilled on its own (its prompt left-padded to a
+bucket, as ``Model.chat`` does), and its one-row KV cache is inserted into a free slot of the shared
 ``[S, ...]`` cache between two decode chunks. Each chunk runs ``chunk`` decode steps of all S slots on
 device, then the host reads the new tokens once (no host round trip per token). A slot is freed the
 moment its request stops: eos, ``max_tokens``, a stop string, or ``cancel()`` (the client went away).
@@ -62,6 +62,10 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down and takes no new requests."""
+
+
+class EngineFailedError(EngineStoppedError):
+    """The engine's thread died (a device failure it could not recover from): it serves nothing more."""
 
 
 # --------------------------------------------------------------------------------------- requests
@@ -292,6 +296,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._accepting = False
         self._stop = False
+        self.failure: Optional[str] = None  # why the serving thread died; then every request is refused
         self.completed = 0  # requests that left their slot (any reason), for /health and tests
         self.cancelled = 0  # of which cancelled (the client went away)
         self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled so far: one compile each
@@ -305,15 +310,19 @@ class Engine:
         if prompt_tokens + max_tokens > ctx:
             raise ContextLengthError(f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the "
                                      f"model's context length {ctx}")
-        padded = bucket_length(prompt_tokens)
-        if padded + max_tokens > self.max_length:
+        if prompt_tokens + max_tokens > self.max_length:
             raise ContextLengthError(
-                f"prompt of {prompt_tokens} tokens (padded to {padded}) plus max_tokens {max_tokens} exceeds this "
-                f"server's cache of {self.max_length} tokens per request (--max-length)")
+                f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds this server's cache of "
+                f"{self.max_length} tokens per request (--max-length)")
+
+    def bucket(self, prompt_tokens: int, max_tokens: int) -> int:
+        """The length the prompt is padded to: ``bucket_length``, less where its padding would not leave
+        ``max_tokens`` room in the cache."""
+        return bucket_length(prompt_tokens, self.max_length - max_tokens)
 
     def room(self, prompt_tokens: int) -> int:
         """The largest ``max_tokens`` a prompt of this length can have."""
-        return min(self.config.context_length - prompt_tokens, self.max_length - bucket_length(prompt_tokens))
+        return min(self.config.context_length, self.max_length) - prompt_tokens
 
     def submit(self, request: Request) -> Request:
         """Queue a request (checked first); its events arrive through ``request.on_event``."""
@@ -322,6 +331,8 @@ class Engine:
             raise InputError(f"bad sampling settings: temperature {request.temperature}, top_p {request.top_p}, "
                              f"top_k {request.top_k}")
         with self._cv:
+            if self.failure is not None:
+                raise EngineFailedError(self.failure_message())
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
             self._drop_cancelled()
@@ -343,7 +354,10 @@ class Engine:
             self._drop_cancelled()
             return {"slots": self.slots, "busy": sum(s is not None for s in self._live),
                     "waiting": len(self._waiting), "completed": self.completed, "cancelled": self.cancelled,
-                    "max_length": self.max_length}
+                    "max_length": self.max_length, "failure": self.failure}
+
+    def failure_message(self) -> str:
+        return f"the engine failed and serves no more requests (restart the server): {self.failure}"
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -445,6 +459,24 @@ class Engine:
 
     # ------------------------------------------------------------------ the serving thread
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # the thread cannot go on: say so to every caller, now and later
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _die(self, message: str) -> None:
+        with self._cv:
+            self.failure = message
+            self._accepting = False
+        print(f"cogvlm-jax engine: {self.failure_message()}", file=sys.stderr, flush=True)
+        self._fail_all(self.failure_message())
+        if self._leader:  # best effort: let the other processes leave follow()
+            try:
+                multihost.broadcast_bytes(_encode("stop", ()))
+            except Exception:
+                pass
+
+    def _serve(self) -> None:
         while True:
             idle = False
             with self._cv:
@@ -471,14 +503,20 @@ class Engine:
                 self._free_cancelled()
                 if any(x is not None for x in self._live):
                     self._decode()
-            except Exception as e:  # a device failure: fail what is running, start again from empty slots
-                self._fail_all(f"{type(e).__name__}: {e}")
+            except Exception as e:  # a device failure: start again from empty slots, fail what was running
+                message = f"{type(e).__name__}: {e}"
+                try:
+                    self._device("empty")
+                except Exception as again:  # no slots to serve from: the thread dies (_die)
+                    raise RuntimeError(f"{message}; then rebuilding the slots failed: "
+                                       f"{type(again).__name__}: {again}") from again
+                self._fail_all(message)
         self._fail_all("the server shut down before this request finished")
         if self._leader:
             multihost.broadcast_bytes(_encode("stop", ()))
 
     def _insert(self, slot: int, req: Request) -> None:
-        x = pad_batch([req.inputs], self.config.pad_token_id, bucket_length(req.prompt_tokens))  # [1, L], left-padded
+        x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens, req.max_tokens))  # [1, L]
         pv = x["pixel_values"]
         self.prefill_shapes.add((x["input_ids"].shape[1], pv is not None))
         first = self._device("insert", x["input_ids"], x["token_type_ids"], x["attention_mask"], pv, np.int32(slot),
@@ -531,12 +569,15 @@ class Engine:
                 self._free(s, cancelled=True)
 
     def _fail_all(self, message: str) -> None:
+        """End every running and waiting request with an error event."""
         with self._cv:
             pending = [x.request for x in self._live if x is not None] + list(self._waiting)
             self._live = [None] * self.slots
             self._waiting.clear()
         for req in pending:
             if not req.cancelled:
-                req.on_event(Event("", "error", 0, message))
-        if not self._stop:
-            self._device("empty")
+                try:
+                    req.on_event(Event("", "error", 0, message))
+                except Exception as e:  # one caller's callback must not keep the others from hearing
+                    print(f"cogvlm-jax engine: a request's on_event failed: {type(e).__name__}: {e}",
+                          file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 
 The run directory holds::
 
-    run.json                  the settings (data, model, batch size, TrainConfig, seed, dtype, mesh)
+    run.json                  the settings (data, model, batch size, TrainConfig, seed, dtype, mesh), and the
+                              data file's size and sha256 (``data_fingerprint``)
     log.jsonl                 one line per step: step, epoch, loss, tokens, lr, grad_norm, seconds
     checkpoints/step_NNNNNNNN/ train.json + state/ (Orbax: trainable parameters or LoRA factors, optimizer
                               state, step, RNG), each written atomically; the newest ``keep`` are kept
@@ -12,7 +13,8 @@ The run directory holds::
 
 Resuming (``resume=True``) reads ``run.json``, restores the newest checkpoint and continues: the batch of
 step k is a function of (seed, k) (``data.Batches``), so a resumed run computes exactly what an
-uninterrupted one does, bit for bit (tested). Log lines after the restored step are dropped.
+uninterrupted one does, bit for bit (tested), provided the data is the same: a data file whose size or
+sha256 differs from the one recorded at the start is refused. Log lines after the restored step are dropped.
 
 Across several processes (``multihost.initialize`` first; the mesh spans every process's devices, e.g.
 fsdp over the processes) every process calls :func:`fit` with the same arguments: every one reads the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -44,6 +47,7 @@ RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPORT = "model"
+FINGERPRINT = "data_fingerprint"  # run.json's record of the data file, beside the settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,15 +97,51 @@ def checkpoint_dir(out: str, step: int) -> str:
     return os.path.join(out, CHECKPOINTS, f"step_{step:08d}")
 
 
-def read_run(out: str) -> RunConfig:
+def _read_run_file(out: str) -> tuple[RunConfig, Optional[dict]]:
+    """(the settings, the data fingerprint or None for a run from before it was recorded) of ``out``'s run."""
     path = os.path.join(out, RUN_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{out} holds no training run ({RUN_FILE} missing); start one without --resume")
     try:
         with open(path) as f:
-            return RunConfig.from_dict(json.load(f))
+            d = json.load(f)
+        fingerprint = d.pop(FINGERPRINT, None)
+        if fingerprint is not None and (not isinstance(fingerprint, dict) or set(fingerprint) != {"bytes", "sha256"}):
+            raise ValueError(f"{FINGERPRINT} must be an object of bytes and sha256, got {fingerprint!r}")
+        return RunConfig.from_dict(d), fingerprint
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, edited, or from another version
         raise CheckpointError(f"{path} is not a valid run file: {type(e).__name__}: {e}") from None
+
+
+def read_run(out: str) -> RunConfig:
+    return _read_run_file(out)[0]
+
+
+def data_fingerprint(path: str) -> dict:
+    """{"bytes", "sha256"} of the data file (streamed; the file is read in full for training anyway)."""
+    from cogvlm_jax.data import DataError
+
+    if not os.path.isfile(path):
+        raise DataError(f"training data {path} not found")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _check_same_data(out: str, path: str, saved: Optional[dict]) -> None:
+    """Refuse to resume on a data file other than the one the run started with (other records: other batches)."""
+    from cogvlm_jax.data import DataError
+
+    if saved is None:  # a run started before fingerprints were recorded: nothing to compare with
+        return
+    now = data_fingerprint(path)
+    if now != saved:
+        raise DataError(f"the training data {path} is not the file the run in {out} started with "
+                        f"({saved['bytes']} bytes, sha256 {str(saved['sha256'])[:16]}...; now {now['bytes']} "
+                        f"bytes, sha256 {now['sha256'][:16]}...): resuming on other data would not continue the run. "
+                        "Put the original file back, or start a new run in another --out")
 
 
 def differences(a: RunConfig, b: RunConfig) -> list[str]:
@@ -182,11 +222,12 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
 
     out = os.path.abspath(out)
     if resume:
-        saved = read_run(out)
+        saved, fingerprint = _read_run_file(out)
         if run is not None and run != saved:
             raise ValueError(f"a resumed run keeps the settings in {out}/{RUN_FILE}; these differ: "
                              + ", ".join(differences(saved, run)))
         run = saved
+        _check_same_data(out, run.data, fingerprint)
     elif run is None:
         raise ValueError("fit needs a RunConfig for a new run")
     else:
@@ -200,6 +241,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
 
     # The data is read and checked before the (possibly large) model is loaded.
+    if not resume:
+        fingerprint = data_fingerprint(run.data)
     config = load_config(run.model)
     tokenizer = _find_tokenizer(run.tokenizer or run.model)
     if tokenizer is None:
@@ -216,7 +259,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     progress = progress and main
     if not resume and main:
         os.makedirs(out, exist_ok=True)
-        _write_atomic(os.path.join(out, RUN_FILE), json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
+        _write_atomic(os.path.join(out, RUN_FILE),
+                      json.dumps({**run.to_dict(), FINGERPRINT: fingerprint}, indent=2, sort_keys=True) + "\n")
 
     mesh = _mesh(run.mesh)
     params = cogvlm_jax.load(run.model, dtype="float32", mesh=mesh, progress=progress).params

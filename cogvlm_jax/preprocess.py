@@ -27,6 +27,11 @@ TEMPLATES = ("base", *ANSWER_PROMPTS)
 
 IGNORE_INDEX = -100  # label of positions the loss skips (the prompt)
 
+# The most pixels an image file may declare (width x height, read from its header before decoding). Far
+# above what the models look at (224, 490 or 1344 px a side), far below PIL's decompression-bomb error
+# (about 179 MP): a small, well-compressed file can declare hundreds of MB of pixels.
+MAX_IMAGE_PIXELS = 40_000_000
+
 ImageLike = Union[str, os.PathLike, bytes, bytearray, Image.Image]
 
 
@@ -34,9 +39,25 @@ class ImageError(ValueError):
     """An image we cannot read; the message names the file."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image declaring more pixels than allowed; refused before its pixels are decoded."""
+
+
+def check_image_pixels(img: Image.Image, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+    """Refuse an opened (not yet decoded) image of more than ``max_pixels`` pixels (None: no limit of ours)."""
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(f"image {name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                                 f"{max_pixels / 1e6:g} megapixels ({max_pixels} pixels)")
+
+
 # ---------------------------------------------------------------------------------------- images
-def load_image(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, the bytes of an image file, or a PIL image of any mode."""
+def load_image(image: ImageLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB PIL image from a path, the bytes of an image file, or a PIL image of any mode.
+
+    A file (path or bytes) declaring more than ``max_pixels`` pixels is refused before it is decoded
+    (``ImageTooLargeError``); None lifts the limit (PIL's own decompression-bomb check stays).
+    """
     if isinstance(image, Image.Image):
         return _to_rgb(image)
     if isinstance(image, (bytes, bytearray)):
@@ -49,10 +70,13 @@ def load_image(image: ImageLike) -> Image.Image:
     else:
         raise TypeError(f"expected an image path, bytes or a PIL image, got {type(image).__name__}")
     try:
-        with Image.open(source) as img:
+        with Image.open(source) as img:  # reads the header only
+            check_image_pixels(img, name, max_pixels)
             img.load()  # decode now: Image.open is lazy and a truncated file fails only here
             rgb = _to_rgb(img)
             return rgb.copy() if rgb is img else rgb  # a copy that outlives the closed file
+    except ImageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {name}: {e}") from None
 
@@ -73,9 +97,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_to_pixels(image: ImageLike, image_size: int) -> np.ndarray:
-    """``[3, S, S]`` float32 pixels: bicubic resize to S x S, /255, CLIP normalisation."""
-    img = load_image(image).resize((image_size, image_size), Image.BICUBIC)
+def image_to_pixels(image: ImageLike, image_size: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """``[3, S, S]`` float32 pixels: bicubic resize to S x S, /255, CLIP normalisation (``max_pixels``: see
+    :func:`load_image`)."""
+    img = load_image(image, max_pixels).resize((image_size, image_size), Image.BICUBIC)
     x = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # [S, S, 3]
     x = (x - CLIP_MEAN) / CLIP_STD
     return np.ascontiguousarray(x.transpose(2, 0, 1))
@@ -100,13 +125,14 @@ def build_prompt(query: str, history: Sequence[Sequence[str]] = (), template: st
 
 def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]] = (),
                  image: ImageLike | None = None, template: str | None = None,
-                 answer: str | None = None) -> dict:
+                 answer: str | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
     """One unbatched prompt as numpy arrays.
 
     Returns ``input_ids``, ``token_type_ids``, ``attention_mask`` ([L] int32) and ``pixel_values``
     ([3, S, S] float32, or None without an image). With ``answer`` (training), the answer and eos are
     appended and ``labels`` ([L] int32, -100 on the prompt) is added. ``template`` defaults to the
-    config's ``template_version``.
+    config's ``template_version``. ``max_image_pixels``: the most pixels the image file may declare (see
+    :func:`load_image`).
     """
     prompt = build_prompt(query, history, config.template_version if template is None else template)
     n_image = config.num_image_tokens if image is not None else 0
@@ -123,7 +149,8 @@ def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]]
     out["input_ids"] = np.array(ids, np.int32)
     out["token_type_ids"] = np.array(types, np.int32)
     out["attention_mask"] = np.ones(len(ids), np.int32)
-    out["pixel_values"] = image_to_pixels(image, config.vision.image_size) if image is not None else None
+    out["pixel_values"] = (None if image is None
+                           else image_to_pixels(image, config.vision.image_size, max_image_pixels))
     return out
 
 

@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP server over the continuous-batching ``engine.Engine`` (FastAPI + uvicorn).
 
 Routes: ``POST /v1/chat/completions`` (OpenAI's request and response shapes, SSE streaming),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` and the chat page at ``/``.
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` and the chat page at ``/``. If the engine's
+thread dies (a device failure it cannot recover from), every request, running or new, and ``/health`` get a
+503 ``engine_failed`` error: the process must be restarted.
 
 A conversation maps onto the model's template: earlier user/assistant turns become the history, the
 last user message the query, the latest image in any user message the image (none is fine). System
@@ -24,6 +26,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -38,8 +41,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_jax.api import InputError
-from cogvlm_jax.engine import ContextLengthError, Engine, EngineStoppedError, QueueFullError, Request
-from cogvlm_jax.preprocess import ImageError
+from cogvlm_jax.engine import (ContextLengthError, Engine, EngineFailedError, EngineStoppedError, QueueFullError,
+                               Request)
+from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 MiB = 1 << 20
@@ -51,6 +55,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     image_root: Optional[str] = None  # file:// image URLs are read only under this directory
     max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height an image may declare (checked before decoding)
     default_max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
     drain_seconds: float = 30.0
 
@@ -256,16 +261,34 @@ def read_image_url(url: str, image_root: Optional[str], max_bytes: int) -> bytes
     if "\0" in asked:  # the OS cannot take it (os.path raises ValueError): a bad URL, not a server error
         raise APIError(400, f"image path {asked!r} contains a NUL byte", "messages", "invalid_image_url")
     root = os.path.realpath(image_root)
+    outside = APIError(400, f"image path {asked} is outside --image-root", "messages", "invalid_image_url")
+    missing = APIError(400, f"image file {asked} not found under --image-root", "messages", "invalid_image_url")
     path = os.path.realpath(asked)
     if os.path.commonpath([root, path]) != root:
-        raise APIError(400, f"image path {asked} is outside --image-root", "messages", "invalid_image_url")
-    if not os.path.isfile(path):
-        raise APIError(400, f"image file {asked} not found under --image-root", "messages", "invalid_image_url")
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise too_big(size)
-    with open(path, "rb") as f:
-        return f.read()
+        raise outside
+    try:  # O_NONBLOCK: a FIFO swapped in does not hang the thread in open (fstat refuses it below)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise missing from None
+    with os.fdopen(fd, "rb") as f:
+        # Between the check and the open a link may have been swapped in (anywhere on the path) and followed.
+        # What counts is the file opened: it must be the one that now sits at the checked path, under the root.
+        opened = os.fstat(f.fileno())
+        if not stat.S_ISREG(opened.st_mode):
+            raise missing
+        try:
+            there = os.path.realpath(path)
+            inside = os.path.commonpath([root, there]) == root and os.path.samestat(opened, os.stat(there))
+        except OSError:
+            inside = False
+        if not inside:
+            raise outside
+        if opened.st_size > max_bytes:
+            raise too_big(opened.st_size)
+        raw = f.read(max_bytes + 1)  # the file may have grown since
+        if len(raw) > max_bytes:
+            raise too_big(len(raw))
+        return raw
 
 
 # ------------------------------------------------------------------------------------- responses
@@ -327,6 +350,13 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
     def error(e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
+    def engine_failed(message: str) -> APIError:
+        return APIError(503, message, code="engine_failed", type="server_error")
+
+    def failed_request(message: str) -> APIError:
+        """A request the engine ended with an error: 503 when the engine died of it, else 500 (it serves on)."""
+        return engine_failed(message) if engine.failure is not None else APIError(500, message, type="server_error")
+
     @app.exception_handler(APIError)
     async def _api_error(_request, e: APIError):
         return error(e)
@@ -354,7 +384,11 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_name, **engine.stats()}
+        stats = {"model": config.model_name, **engine.stats()}
+        if engine.failure is not None:
+            body = {**engine_failed(engine.failure_message()).body(), "status": "failed", **stats}
+            return JSONResponse(body, status_code=503)
+        return {"status": "ok", **stats}
 
     def model_card():
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "cogvlm-jax",
@@ -390,7 +424,9 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
         if req.image_url is not None:
             image = read_image_url(req.image_url, config.image_root, config.max_image_bytes)
         try:
-            return model.build_inputs(req.query, req.history, image)
+            return model.build_inputs(req.query, req.history, image, max_image_pixels=config.max_image_pixels)
+        except ImageTooLargeError as e:
+            raise APIError(400, f"{e} (--max-image-pixels)", "messages", "image_too_large") from None
         except ImageError as e:
             raise APIError(400, f"the image cannot be decoded: {e}", "messages", "invalid_image") from None
 
@@ -417,6 +453,8 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
             raise APIError(400, str(e)) from None
         except QueueFullError as e:
             raise APIError(429, f"server busy: {e}; retry later", code="queue_full", type="rate_limit_error") from None
+        except EngineFailedError as e:
+            raise engine_failed(str(e)) from None
         except EngineStoppedError as e:
             raise APIError(503, str(e), code="shutting_down", type="server_error") from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -431,7 +469,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
                     while True:
                         ev = await events.get()
                         if ev.error is not None:
-                            yield _sse(APIError(500, ev.error, type="server_error").body())
+                            yield _sse(failed_request(ev.error).body())
                             break
                         if ev.text:
                             yield chunk({"content": ev.text})
@@ -462,7 +500,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
                 if ev is None:
                     return JSONResponse({}, status_code=499)
                 if ev.error is not None:
-                    raise APIError(500, ev.error, type="server_error")
+                    raise failed_request(ev.error)
                 parts.append(ev.text)
                 if ev.finish_reason is not None:
                     break
@@ -556,6 +594,8 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
     import cogvlm_jax
     from cogvlm_jax.multihost import is_main_process
 
+    if args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=is_main_process())
@@ -564,7 +604,8 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
                     max_queue=args.max_queue)
     config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,
-                          max_image_bytes=args.max_image_bytes, default_max_tokens=args.default_max_tokens,
+                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                          default_max_tokens=args.default_max_tokens,
                           drain_seconds=args.drain_seconds)
     return engine, config
 

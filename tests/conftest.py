@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import struct
+import zlib
 
 # Eight fake CPU devices for the mesh tests; must be set before jax is first imported.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -77,6 +80,20 @@ def write_train_data(directory) -> str:
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in TRAIN_RECORDS)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def huge_png(width: int, height: int) -> bytes:
+    """A valid black greyscale PNG of ``width`` x ``height`` that compresses to a few bytes per row: a small
+    file that decodes to ``width * height`` bytes (three times that as RGB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(6)
+    rows = bytes(width + 1) * min(height, 64)  # each row: filter byte 0, then its pixels
+    idat = b"".join(z.compress(rows[:(width + 1) * min(64, height - k)]) for k in range(0, height, 64)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="session")

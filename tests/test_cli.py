@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from conftest import cases, fixture_dir
+from conftest import cases, fixture_dir, huge_png
 
 
 def _run(*args, stdin=None, timeout=300):
@@ -71,6 +71,17 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path):
         err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
         assert len(err_lines) == 1 and needle in err_lines[0], (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+
+
+def test_an_image_of_too_many_pixels_is_refused_before_the_model_loads(tmp_path, capsys):
+    from cogvlm_jax import cli
+
+    big = tmp_path / "big.png"
+    big.write_bytes(huge_png(7000, 6000))
+    assert cli.main(["generate", "--model", str(tmp_path / "no-model"), "--image", str(big), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cogvlm-jax generate: error: ") and "\n" not in err, err
+    assert f"image {big} is 7000x6000 = 42.0 megapixels, over the limit of 40 megapixels" in err
 
 
 def test_convert_refuses_a_full_destination_and_overwrite_replaces_it(tmp_path, capsys):

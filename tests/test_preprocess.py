@@ -3,14 +3,16 @@
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cogvlm_jax.config import load_config
-from cogvlm_jax.preprocess import (IGNORE_INDEX, ImageError, build_inputs, build_prompt, image_to_pixels,
-                                   load_image, pad_batch)
+from conftest import huge_png
+from cogvlm_jax.preprocess import (IGNORE_INDEX, MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError, build_inputs,
+                                   build_prompt, image_to_pixels, load_image, pad_batch)
 from cogvlm_jax.tokenizer import load_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -159,6 +161,26 @@ def test_load_image_errors_name_the_file(tmp_path):
         load_image(b"garbage data")
     with pytest.raises(ImageError, match=str(tmp_path)):
         load_image(tmp_path)  # a directory
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    data = huge_png(7000, 6000)  # 42 MP (126 MB as RGB) in a file of about 40 kB
+    assert len(data) < 100_000 and 7000 * 6000 > MAX_IMAGE_PIXELS
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
+    for source, name in ((data, f"<{len(data)} bytes>"), (str(path), str(path))):
+        with pytest.raises(ImageTooLargeError, match=rf"image {re.escape(name)} is 7000x6000 = 42.0 megapixels, "
+                                                     rf"over the limit of 40 megapixels \(40000000 pixels\)"):
+            image_to_pixels(source, 28)
+    assert decoded == []  # refused from the header: nothing was decoded
+    monkeypatch.undo()
+    small = _png_bytes(Image.new("RGB", (100, 50), (1, 2, 3)))
+    assert load_image(small, max_pixels=5000).size == (100, 50)  # the limit itself is allowed
+    with pytest.raises(ImageTooLargeError, match="100x50"):
+        load_image(small, max_pixels=4999)
+    assert isinstance(ImageTooLargeError("x"), ImageError)  # callers that catch ImageError still do
 
 
 # ------------------------------------------------------------------------------------- batching

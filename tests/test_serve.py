@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from cogvlm_jax.api import bucket_length
-from cogvlm_jax.engine import Engine, Event, QueueFullError, Request, TextOutput
-from cogvlm_jax.server import APIError, BackgroundServer, ServerConfig, parse_messages
-from conftest import cases, fixture_dir
+from cogvlm_jax.engine import ContextLengthError, Engine, Event, QueueFullError, Request, TextOutput
+from cogvlm_jax.server import APIError, BackgroundServer, ServerConfig, parse_messages, read_image_url
+from conftest import cases, fixture_dir, huge_png
 
 openai = pytest.importorskip("openai")
 
@@ -262,6 +262,26 @@ def test_idle_slots_do_not_grow_the_part_of_the_cache_decode_reads(model, engine
     assert index.max() <= bucket_length(len(x["input_ids"])) + 6 + engine.chunk, index
 
 
+def test_a_prompt_that_fits_unpadded_is_served_up_to_the_last_cache_slot(model, engine):
+    """A prompt just past a power of two (its bucket, 256, is the whole cache) with max_tokens filling
+    the cache to the last slot: offered by room() (the server's default max_tokens), served (padded less), equal
+    to chat's answer."""
+    query = "Tell me"
+    while len(model.build_inputs(query)["input_ids"]) <= 128:
+        query += " more"
+    x = model.build_inputs(query)
+    n = len(x["input_ids"])
+    assert 128 < n < 136 and bucket_length(n) == engine.max_length
+    room = engine.max_length - n
+    assert engine.room(n) == room
+    engine.check(n, room)
+    with pytest.raises(ContextLengthError, match="--max-length"):  # one token more does not fit
+        engine.check(n, room + 1)
+    text, last = engine.complete(x, room, temperature=0)
+    assert last.finish_reason in ("stop", "length") and last.completion_tokens <= room
+    assert text == model.chat(None, query, max_new_tokens=room)
+
+
 # ----------------------------------------------------------------------------------------- HTTP
 def test_openai_client_answers_equal_chat(model, server):
     cl = client(server)
@@ -358,6 +378,50 @@ def test_a_device_failure_fails_what_runs_and_the_engine_serves_on(model, engine
     assert engine.stats()["busy"] == 0
 
 
+def test_an_engine_whose_thread_dies_answers_every_request_with_503(model):
+    """The device fails, then so does rebuilding the slots: the engine thread cannot go on. The running request,
+    one waiting (streamed), every later one and /health get a 503 ``engine_failed`` error, in bounded time.
+    Fake device programs (nothing compiles): the first insert fails, and every empty() after the warm-up's."""
+    eng = Engine(model, slots=2, max_length=64, max_queue=4)
+    programs, make_empty = eng._programs, eng._programs.empty
+    inserting, release, empties = threading.Event(), threading.Event(), []
+
+    def insert(*args):
+        inserting.set()
+        release.wait(60)  # until the second request waits in the queue
+        raise RuntimeError("injected device failure")
+
+    def empty():
+        empties.append(1)
+        if len(empties) > 1:
+            raise RuntimeError("injected: the device is gone")
+        return make_empty()
+
+    programs.insert, programs.empty = insert, empty
+    programs.decode = lambda params, state, live: (state, np.zeros((eng.slots, eng.chunk), np.int32))
+    body = {"model": NAME, "messages": messages("hi"), "max_tokens": 3, "temperature": 0}
+    with BackgroundServer(eng, ServerConfig(NAME)) as srv, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        url = srv.url + "/v1/chat/completions"
+        running = pool.submit(post, url, body)
+        assert inserting.wait(60)
+        waiting = pool.submit(_sse_events, srv, {**body, "stream": True})
+        deadline = time.monotonic() + 60
+        while eng.stats()["waiting"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        assert_error(running.result(timeout=30), 503, "engine_failed", match="injected device failure; then "
+                     "rebuilding the slots failed: RuntimeError: injected: the device is gone")
+        status, events = waiting.result(timeout=30)
+        assert status == 200 and events[-1] == "[DONE]", events
+        err = json.loads(events[-2])["error"]
+        assert err["code"] == "engine_failed" and "the engine failed" in err["message"], err
+        assert_error(post(url, body), 503, "engine_failed", match="restart the server")
+        status, health = post(srv.url + "/health", None, method="GET")
+        assert status == 503 and health["status"] == "failed" and health["error"]["code"] == "engine_failed"
+        assert health["busy"] == health["waiting"] == 0, health
+    assert len(empties) == 2
+
+
 def test_32_concurrent_streams_on_4_slots_each_equal_to_its_solo_answer(model, engine, server):
     rng = __import__("random").Random(0)
     jobs = []
@@ -445,6 +509,9 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     assert_error(post(url, {**ok, "max_tokens": 250}), 400, "context_length_exceeded", match="--max-length")
     assert_error(post(url, with_image("data:image/png;base64,aGVsbG8gd29ybGQ=")), 400, "invalid_image")
     assert_error(post(url, with_image("data:image/png;base64,***")), 400, "invalid_image")
+    huge = huge_png(7000, 6000)  # 40 kB declaring 42 MP: refused from its header (--max-image-pixels)
+    assert_error(post(url, with_image("data:image/png;base64," + base64.b64encode(huge).decode())), 400,
+                 "image_too_large", match="7000x6000 = 42.0 megapixels, over the limit of 40 megapixels")
     assert_error(post(url, with_image("https://example.com/cat.png")), 400, "invalid_image_url", match="https://")
     assert_error(post(url, with_image("file:///etc/passwd")), 400, "invalid_image_url", match="--image-root")
     assert_error(post(url, {**ok, "messages": [{"role": "assistant", "content": "x"}]}), 400, param="messages")
@@ -473,6 +540,33 @@ def test_every_error_is_an_openai_error_and_the_server_keeps_serving(model, engi
     status, body = post(url, ok)
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
     assert engine.stats()["busy"] == 0
+
+
+def test_a_link_swapped_in_between_the_check_and_the_open_is_refused(tmp_path, monkeypatch):
+    """The file:// path is checked (resolved under --image-root), then opened. A symlink to a file outside put in
+    its place right after the check must not be read: the opened file itself is checked."""
+    base = os.path.realpath(tmp_path)
+    root, target, secret = os.path.join(base, "root"), os.path.join(base, "root", "img.png"), os.path.join(base, "s")
+    os.mkdir(root)
+    with open(secret, "wb") as f:
+        f.write(b"outside")
+    with open(target, "wb") as f:
+        f.write(b"inside")
+    assert read_image_url(f"file://{target}", root, 1 << 20) == b"inside"
+    resolve, swapped = os.path.realpath, []
+
+    def resolve_then_swap(p, *args, **kw):
+        out = resolve(p, *args, **kw)
+        if out == target and not swapped:  # the check has just seen the file under the root: swap it now
+            os.remove(target)
+            os.symlink(secret, target)
+            swapped.append(p)
+        return out
+
+    monkeypatch.setattr(os.path, "realpath", resolve_then_swap)
+    with pytest.raises(APIError) as e:
+        read_image_url(f"file://{target}", root, 1 << 20)
+    assert swapped and e.value.code == "invalid_image_url" and "outside --image-root" in e.value.message
 
 
 def test_api_key_guards_every_endpoint_but_health(engine):

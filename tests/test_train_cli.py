@@ -6,6 +6,7 @@ tiny random CogVLM1 fixture on it must drive the loss down and make the exported
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -112,13 +113,27 @@ def test_cli_errors_are_one_line(run, tmp_path, capsys):
     assert "already holds a training run; pass --resume" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(root / "b"), "--resume", "--lr", "0.5", "--quiet"]) == 2
     assert "train.learning_rate: 0.005 -> 0.5" in capsys.readouterr().err
+    # The run recorded its data file; resuming on a changed one is refused (before anything is loaded).
+    saved = json.loads((root / "b" / "run.json").read_text())
+    assert saved["data"] == str(data) and saved["data_fingerprint"] == {
+        "bytes": os.path.getsize(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    changed = tmp_path / "changed.jsonl"
+    changed.write_bytes(data.read_bytes().replace(b'"answer": "red"', b'"answer": "rot"'))  # same size
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "run.json").write_text(json.dumps({**saved, "data": str(changed)}))
+    assert cli.main(["train", "--out", str(tmp_path / "c"), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvlm-jax train: error: ") and err.count("\n") == 1, err
+    assert f"the training data {changed} is not the file the run in {tmp_path / 'c'} started with" in err, err
+    assert not os.path.exists(tmp_path / "c" / "log.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(TEXT_ONLY) + "\n" + '{"query": "no answer"}\n')
     assert cli.main(_train_args(bad, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert err.startswith("cogvlm-jax train: error: ") and f"{bad}:2: missing field 'answer'" in err
     assert not os.path.exists(tmp_path / "out")  # nothing written for a run that never started
-    for broken in ("{not json", '{"data": "d.jsonl"}', "[]"):  # cut short, a key missing, not an object
+    # cut short, a key missing, not an object, a fingerprint that is not one
+    for broken in ("{not json", '{"data": "d.jsonl"}', "[]", json.dumps({**saved, "data_fingerprint": "abc"})):
         (tmp_path / "cut").mkdir(exist_ok=True)
         (tmp_path / "cut" / "run.json").write_text(broken)
         assert cli.main(["train", "--out", str(tmp_path / "cut"), "--resume", "--quiet"]) == 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fixture_dir
+from conftest import fixture_dir, huge_png
 from cogvlm_jax.config import load_config
 from cogvlm_jax.data import Batches, DataError, read_jsonl
 from cogvlm_jax.preprocess import IGNORE_INDEX, build_inputs, pad_batch
@@ -31,6 +31,7 @@ def env(tmp_path_factory):
     Image.new("RGB", (40, 30), (255, 0, 0)).save(d / "imgs" / "red.png")
     Image.new("RGB", (30, 40), (0, 0, 255)).save(d / "imgs" / "blue.png")
     (d / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (d / "imgs" / "huge.png").write_bytes(huge_png(7000, 6000))
     tok = load_tokenizer(os.path.join(fixture_dir("cogvlm1"), "tokenizer"))
     cfg = load_config(os.path.join(fixture_dir("cogvlm1"), "checkpoint"))
     return d, tok, cfg
@@ -68,6 +69,7 @@ BAD = [
     ({"query": "q", "answer": "a", "image": 5}, "field 'image' must be a path"),
     ({"query": "q", "answer": "a", "image": "imgs/missing.png"}, "not found"),
     ({"query": "q", "answer": "a", "image": "imgs/broken.png"}, "cannot read image"),
+    ({"query": "q", "answer": "a", "image": "imgs/huge.png"}, "is 7000x6000 = 42.0 megapixels, over the limit"),
     ({"query": "q", "answer": "word " * 3000}, "exceed the context length 2048"),
     (b'{"query": "caf\xe9", "answer": "a"}', "not valid UTF-8"),
 ]
