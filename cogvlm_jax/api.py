@@ -21,6 +21,7 @@ from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The small model shipped in the package (``recipes/default_model.py`` made it): ``load()`` with no path.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
 MIN_BUCKET = 16
 STREAM_CHUNK = 4  # tokens generated on device between two stream yields
 

@@ -104,7 +104,7 @@ def test_answers_pictures_drawn_differently(model):
     items = _other_drawings()
     preds = []
     for k in range(0, len(items), 20):
-        preds += synthetic.answer_batch(model, items[k:k + 20])
+        preds += synthetic.answer_batch(model, [(img, q) for img, q, _ in items[k:k + 20]])
     wrong = [(q, a, p) for (_, q, a), p in zip(items, preds) if not synthetic.exact_match(p, a)]
     acc = 1 - len(wrong) / len(items)
     print(f"\ndefault model: exact match {acc:.2f} on {len(items)} pictures drawn differently; wrong: {wrong}")
@@ -207,3 +207,39 @@ def test_config_carries_its_own_ids():
     assert cfg.vision.downsample and cfg.num_image_tokens == cfg.vision.num_output_tokens + 2
     gen = json.load(open(os.path.join(DEFAULT_MODEL, "generation_config.json")))
     assert cfg.eos_token_ids == tuple(gen["eos_token_id"]) == (2,)
+
+
+def test_serve_without_model_serves_the_shipped_model(model):
+    from cogvlm_jax.api import DEFAULT_MODEL_NAME
+    from cogvlm_jax.cli import build_parser
+    from cogvlm_jax.server import load_engine_and_config
+
+    args = build_parser().parse_args(["serve", "--slots", "1"])
+    assert args.model is None
+    engine, config = load_engine_and_config(args)
+    assert config.model_name == DEFAULT_MODEL_NAME
+    assert engine.model.config == model.config
+    assert np.array_equal(engine.model.params["lm_head"]["kernel"], model.params["lm_head"]["kernel"])
+
+
+def test_curriculum_and_position_table():
+    from cogvlm_jax.recipes import default_model as R
+
+    # stages in order, then the mixed weights; kinds drawn from the step's weights only
+    assert R.stage_at(1) == R.STAGES[0][1] and R.stage_at(R.STAGES[0][0]) == R.STAGES[0][1]
+    assert R.stage_at(R.STAGES[0][0] + 1) == R.STAGES[1][1]
+    assert R.stage_at(sum(n for n, _ in R.STAGES) + 1) == R.KIND_WEIGHTS
+    assert {R.question_kind(0, i, {"shape": 1.0}) for i in range(50)} == {"shape"}
+    drawn = [R.question_kind(0, i, R.KIND_WEIGHTS) for i in range(2000)]
+    for kind, w in R.KIND_WEIGHTS.items():
+        assert abs(drawn.count(kind) / len(drawn) - w) < 0.04, kind
+    # the 2-D table: cls row zero, one distinct row per patch, column and row recoverable linearly
+    t = R.sincos_2d(144, 96)
+    assert t.shape == (145, 96) and not t[0].any()
+    assert len({row.tobytes() for row in t[1:]}) == 144
+    grid = np.stack(np.divmod(np.arange(144), 12), 1).astype(np.float64)  # (row, column) of each patch
+    x = np.concatenate([t[1:], np.ones((144, 1))], 1)
+    fit = np.linalg.lstsq(x, grid, rcond=None)[0]
+    assert np.abs(x @ fit - grid).max() < 0.5  # rounds to the right row and column
+    with pytest.raises(ValueError, match="square"):
+        R.sincos_2d(140, 96)
