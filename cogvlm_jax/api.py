@@ -19,6 +19,9 @@ from cogvlm_jax.multihost import to_global, to_host
 from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The small model shipped in the package (``recipes/default_model.py`` made it): ``load()`` with no path.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
 MIN_BUCKET = 16
 STREAM_CHUNK = 4  # tokens generated on device between two stream yields
 
@@ -290,6 +293,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
          progress: bool = True) -> Model:
     """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
 
+    Without ``path``: the small default model shipped in the package (trained from scratch on the
+    coloured-shapes task of ``cogvlm_jax.synthetic``; see the README), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
     rounded to it and kept in float32, see :func:`weights_for_compute`).
     ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
@@ -304,7 +309,10 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(_DTYPES)}")
     if path is None:
-        raise ValueError("cogvlm_jax.load() needs a checkpoint path")
+        path = DEFAULT_MODEL
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"the default model is missing from this installation ({path}); make it with "
+                                    f"`python -m cogvlm_jax.recipes.default_model --out {path}` or pass a path")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)

@@ -13,16 +13,20 @@ import os
 import sys
 
 from cogvlm_jax import multihost
+from cogvlm_jax.api import DEFAULT_MODEL_NAME
 
 TEMPLATES = ("chat", "vqa", "base")
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (HF safetensors or converted)")
+    p.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
+                   "model shipped in the package (coloured shapes only, see the README)")
     p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: beside the model)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS}, or half the model's context if that is shorter")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -30,8 +34,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     multihost.add_cli_args(p)
 
 
-def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+def _sampling(args, model) -> dict:
+    n = args.max_new_tokens
+    if n is None:  # the shipped default model has a 256-token context: 256 new tokens would never fit
+        n = min(DEFAULT_MAX_NEW_TOKENS, model.config.context_length // 2)
+    return dict(max_new_tokens=n, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed)
 
 
@@ -86,7 +93,7 @@ def cmd_generate(args) -> int:
     out = _out()
     image = _image(args.image)  # fail on a bad image before loading the model
     model = _load(args, mesh)
-    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
+    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args, model)):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -130,7 +137,7 @@ def cmd_chat(args) -> int:
         if query == "/clear":
             history = []
             continue
-        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args))
+        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args, model))
         try:
             answer = [next(pieces, "")]  # the prompt is checked here, before anything is printed
         except InputError as e:
@@ -348,10 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a chat page at /")
-    sv.add_argument("--model", required=True, help="checkpoint directory (HF safetensors or converted)")
+    sv.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
+                    "model shipped in the package (coloured shapes only, see the README)")
     sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
     sv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name)")
+    sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name, "
+                    f"or {DEFAULT_MODEL_NAME!r} for the shipped model)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
     sv.add_argument("--slots", type=int, default=8, help="requests decoded together")

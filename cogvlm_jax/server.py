@@ -40,7 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cogvlm_jax.api import InputError
+from cogvlm_jax.api import DEFAULT_MODEL_NAME, InputError
 from cogvlm_jax.engine import (ContextLengthError, Engine, EngineFailedError, EngineStoppedError, QueueFullError,
                                Request)
 from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
@@ -600,7 +600,7 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=is_main_process())
     model = cogvlm_jax.load(args.model, **kw)
-    name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
                     max_queue=args.max_queue)
     config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,

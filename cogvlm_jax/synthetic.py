@@ -237,6 +237,20 @@ def all_questions() -> list[str]:
     return [ask(kind, slot, t) for kind, fills in slots.items() for t in range(len(_TEMPLATES[kind])) for slot in fills]
 
 
+def kind_of(query: str) -> str:
+    """The question kind (one of ``QUESTION_KINDS``) of a query the generator asks."""
+    if not _KIND_OF:
+        slots = {"color": SHAPES, "shape": tuple(COLORS), "count": SHAPES, "where": SHAPES}
+        _KIND_OF.update({ask(k, slot, t): k for k, fills in slots.items() for t in range(len(_TEMPLATES[k]))
+                         for slot in fills})
+    if query not in _KIND_OF:
+        raise ValueError(f"{query!r} is not a question the generator asks")
+    return _KIND_OF[query]
+
+
+_KIND_OF: dict[str, str] = {}
+
+
 def all_answers() -> list[str]:
     """Every answer the generator can give."""
     regions = sorted({region(x, y) for x in (0.1, 0.5, 0.9) for y in (0.1, 0.5, 0.9)})

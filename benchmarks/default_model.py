@@ -1,0 +1,46 @@
+"""Accuracy of a coloured-shapes model (default: the shipped one) on fresh generated questions, by kind.
+
+    python -m benchmarks.default_model [--model DIR] [--n 600] [--seed 424242]
+
+One JSON line per kind and one overall (exact match, as ``synthetic.score`` counts it), then the most
+common mistakes. The README's default-model scores come from this with its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+from benchmarks.common import emit, record
+
+
+def main(argv=None) -> int:
+    import cogvlm_jax
+    from cogvlm_jax import synthetic
+    from cogvlm_jax.recipes.default_model import MAX_SHAPES
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.default_model", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="checkpoint directory (default: the shipped default model)")
+    p.add_argument("--n", type=int, default=600, help="questions")
+    p.add_argument("--seed", type=int, default=424242, help="the data set the questions come from")
+    args = p.parse_args(argv)
+    model = cogvlm_jax.load(args.model, progress=False)
+    items = synthetic.examples(args.seed, args.n, max_shapes=MAX_SHAPES)
+    acc, preds = synthetic.score(model, items, batch_size=100)
+    right, mistakes = collections.defaultdict(list), collections.Counter()
+    for e, pred in zip(items, preds):
+        kind, ok = synthetic.kind_of(e.query), synthetic.exact_match(pred, e.answer)
+        right[kind].append(ok)
+        if not ok:
+            mistakes[(kind, e.answer, pred)] += 1
+    name = args.model or "default_model"
+    for kind, oks in sorted(right.items()):
+        emit(record(f"default_model_{kind}", sum(oks) / len(oks), "exact match", config=name, questions=len(oks)))
+    emit(record("default_model", acc, "exact match", config=name, questions=len(items), seed=args.seed))
+    for (kind, answer, pred), n in mistakes.most_common(8):
+        print(f"{n:4d} x {kind}: {answer!r} answered {pred!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
