@@ -116,10 +116,13 @@ def build_prompt(query: str, history: Sequence[Sequence[str]] = (), template: st
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    pairs = None if isinstance(history, str) else tuple(history)
+    if pairs is None or any(isinstance(t, str) or len(t) != 2 for t in pairs):
+        raise ValueError(f"history must be a sequence of (question, answer) pairs, got {history!r}")
     if template == "base":
         return query
     ask = ANSWER_PROMPTS[template]
-    turns = "".join(f"Question: {q} {ask} {a}\n" for q, a in history)
+    turns = "".join(f"Question: {q} {ask} {a}\n" for q, a in pairs)
     return f"{turns}Question: {query} {ask}"
 
 

@@ -219,3 +219,10 @@ def test_pad_batch_without_images_or_labels():
         pad_batch(rows, pad_id=0, length=2)
     with pytest.raises(ValueError, match="labels"):
         pad_batch([rows[0], {**rows[1], "labels": np.array([-100, 7], np.int32)}], pad_id=0)
+
+
+def test_history_that_is_not_pairs_is_named():
+    assert build_prompt("Q?", iter([("a?", "b")])) == "Question: a? Answer: b\nQuestion: Q? Answer:"
+    for bad in ("red", ["red"], [("q", "a", "extra")], [["q"]]):
+        with pytest.raises(ValueError, match="history must be a sequence of \\(question, answer\\) pairs"):
+            build_prompt("Q?", bad)
