@@ -27,14 +27,10 @@ def main(argv=None) -> int:
     model = cogvlm_jax.load(args.model, progress=False)
     items = synthetic.examples(args.seed, args.n, max_shapes=MAX_SHAPES)
     acc, preds = synthetic.score(model, items, batch_size=100)
-    right, mistakes = collections.defaultdict(list), collections.Counter()
-    for e, pred in zip(items, preds):
-        kind, ok = synthetic.kind_of(e.query), synthetic.exact_match(pred, e.answer)
-        right[kind].append(ok)
-        if not ok:
-            mistakes[(kind, e.answer, pred)] += 1
+    mistakes = collections.Counter((synthetic.kind_of(e.query), e.answer, pred) for e, pred in zip(items, preds)
+                                   if not synthetic.exact_match(pred, e.answer))
     name = args.model or "default_model"
-    for kind, oks in sorted(right.items()):
+    for kind, oks in synthetic.right_by_kind(items, preds).items():
         emit(record(f"default_model_{kind}", sum(oks) / len(oks), "exact match", config=name, questions=len(oks)))
     emit(record("default_model", acc, "exact match", config=name, questions=len(items), seed=args.seed))
     for (kind, answer, pred), n in mistakes.most_common(8):

@@ -309,6 +309,14 @@ def score(model, items: Sequence[Example], batch_size: int = 25, max_new_tokens:
     return right / max(len(items), 1), preds
 
 
+def right_by_kind(items: Sequence[Example], preds: Sequence[str]) -> dict[str, list[bool]]:
+    """Whether each prediction is right, grouped by its question's kind (``kind_of``), kinds sorted."""
+    right: dict[str, list[bool]] = {}
+    for e, pred in zip(items, preds):
+        right.setdefault(kind_of(e.query), []).append(exact_match(pred, e.answer))
+    return dict(sorted(right.items()))
+
+
 # ------------------------------------------------------------------------------------------ JSONL
 def write_jsonl(out_dir: str, n: int, seed: int, history_prob: float = 0.0, progress: bool = True) -> str:
     """Write ``n`` examples as ``out_dir/images/NNNNNN.png`` and ``out_dir/data.jsonl`` (atomically).

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cogvlm_jax import synthetic
@@ -38,6 +39,15 @@ def test_generator_is_deterministic_and_answers_are_right():
     assert synthetic.region(0.1, 0.1) == "top left" and synthetic.region(0.5, 0.9) == "bottom"
     assert synthetic.region(0.5, 0.5) == "center" and synthetic.region(0.9, 0.5) == "right"
     assert synthetic.exact_match(" Red.", "red") and not synthetic.exact_match("top", "top left")
+    # kind_of names the kind of every wording the generator asks, and refuses anything else
+    assert {synthetic.kind_of(q) for q in synthetic.all_questions()} == set(synthetic.QUESTION_KINDS)
+    assert [synthetic.kind_of(e.query) for e in synthetic.examples(11, 40, kind="where")] == ["where"] * 40
+    with pytest.raises(ValueError, match="not a question the generator asks"):
+        synthetic.kind_of("What is the meaning of life?")
+    items = synthetic.examples(12, 8)
+    by_kind = synthetic.right_by_kind(items, [e.answer if i % 2 else "nonsense" for i, e in enumerate(items)])
+    assert sum(len(v) for v in by_kind.values()) == 8 and sum(sum(v) for v in by_kind.values()) == 4
+    assert list(by_kind) == sorted(by_kind)
 
 
 def test_write_jsonl_records(tmp_path):

@@ -282,10 +282,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, eval_ever
         def evaluate(step):
             evaluator.params = trainer.params(state, frozen)
             acc, preds = synthetic.score(evaluator, held_out, batch_size=50)
-            right: dict[str, list[bool]] = {}
-            for e, pred in zip(held_out, preds):
-                right.setdefault(synthetic.kind_of(e.query), []).append(synthetic.exact_match(pred, e.answer))
-            kinds = {k: round(float(np.mean(v)), 3) for k, v in sorted(right.items())}
+            kinds = {k: round(float(np.mean(v)), 3) for k, v in synthetic.right_by_kind(held_out, preds).items()}
             history.append({"step": step, "accuracy": acc, "by_kind": kinds,
                             "seconds": round(time.time() - started, 1)})
             log(f"step {step}: exact match {acc:.3f} on {len(held_out)} held-out questions "
