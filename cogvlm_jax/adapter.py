@@ -28,7 +28,8 @@ class GLU(nn.Module):
         x = gelu(LayerNorm(1e-5, "embed", name="norm1")(x))
         gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj")(x)
         up = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="dense_h_to_4h")(x)
-        return Dense(d, ("mlp", "embed"), dtype=self.dtype, name="dense_4h_to_h")(nn.silu(gate) * up)
+        return Dense(d, ("proj_in", "proj_out"), dtype=self.dtype, gather=True, name="dense_4h_to_h")(
+            nn.silu(gate) * up)
 
 
 class VisionModel(nn.Module):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import sampling
+from cogvlm_jax import program, sampling
 from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.multihost import to_global, to_host
@@ -104,7 +104,8 @@ class Model:
             params = jax.device_put(params, param_shardings(config, mesh))
         self.params = weights_for_compute(params, _DTYPES[dtype])
         self.module = CogVLM(config, compute_dtype(_DTYPES[dtype]), vit_query_chunk)
-        self._forward = jax.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0])
+        self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
+                                    mesh)
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
 
     def _place(self, *arrays):

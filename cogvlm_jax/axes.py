@@ -3,6 +3,16 @@
 Every parameter declares logical names where it is created (``layers.py``, ``vision.py`` ...); the KV
 cache and the inputs use the names below too. Changing the parallelism is editing ``RULES``.
 
+No product splits its contraction across devices: the inputs of every ``layers.Dense`` are constrained to
+whole feature rows on each device (``whole_rows``), and the projections back to the model width (attention
+output, MLP down, their ViT and adapter twins: ``proj_in`` -> ``proj_out``) are split over ``tensor`` by
+their *outputs*, whose pieces are then gathered, instead of by their inputs, whose partial sums would be
+added across devices in another order than one device adds them. A tensor-parallel layer thus moves an
+all-gather of its input and one of its output where Megatron's layout moves one all-reduce (the same bytes
+for attention; for the MLP the gathered input is the mlp width), and fsdp-sharded weights are gathered
+before use. The numbers are then those of one device, up to how XLA's dot kernels block a narrower output
+(``tests/test_sharding.py``).
+
 Fallback rule (stated, never an XLA error): a dimension is sharded over its mesh axes only if its size
 is divisible by the product of their sizes; otherwise that dimension is replicated. A mesh axis is used
 at most once per array (the first dimension that claims it wins).
@@ -11,6 +21,8 @@ at most once per array (the first dimension that claims it wins).
 from __future__ import annotations
 
 import collections
+import contextlib
+import threading
 from typing import Optional, Sequence
 
 import jax
@@ -29,14 +41,18 @@ RULES: dict[str, tuple[str, ...]] = {
     # decoder weights: fsdp shards the model width, tensor the heads / mlp / vocab
     "embed": ("fsdp",),
     "qkv": ("tensor",),
-    "heads": ("tensor",),
     "mlp": ("tensor",),
+    "proj_in": ("fsdp",),  # the input features of a projection back to the model width (heads or mlp)
+    "proj_out": ("tensor",),  # its outputs (the model width)
     "vocab": ("tensor",),
+    # the embedding table: split by rows (a lookup adds one device's row to the others' zeros: exact)
+    "vocab_table": ("tensor", "fsdp"),
     # ViT weights
     "vit_embed": ("fsdp",),
     "vit_qkv": ("tensor",),
-    "vit_heads": ("tensor",),
     "vit_mlp": ("tensor",),
+    "vit_proj_in": ("fsdp",),
+    "vit_proj_out": ("tensor",),
     "vit_channels": (),
 }
 
@@ -94,3 +110,27 @@ def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
 
 def named_sharding(logical, shape, mesh: Mesh, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, spec_for(logical, shape, mesh, rules))
+
+
+_active = threading.local()
+
+
+@contextlib.contextmanager
+def activations_on(mesh: Optional[Mesh]):
+    """While a program is traced: the mesh ``whole_rows`` constrains activations to (None: no constraint)."""
+    saved = getattr(_active, "mesh", None)
+    _active.mesh = mesh
+    try:
+        yield
+    finally:
+        _active.mesh = saved
+
+
+def whole_rows(x):
+    """``x`` [batch, ...] with its batch split as the rules say and everything else whole on every device.
+
+    A no-op unless a program is being traced on a mesh (``activations_on``, set by ``program.jit``)."""
+    mesh = getattr(_active, "mesh", None)
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh))

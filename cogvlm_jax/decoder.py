@@ -60,7 +60,8 @@ class MLP(nn.Module):
         f, d = self.cfg.intermediate_size, self.cfg.hidden_size
         gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="gate_proj")(x)
         up = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="up_proj")(x)
-        return Dense(d, ("mlp", "embed"), dtype=self.dtype, out_in=True, name="down_proj")(nn.silu(gate) * up)
+        return Dense(d, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True, gather=True,
+                     name="down_proj")(nn.silu(gate) * up)
 
 
 class VisionExpertMLP(nn.Module):
@@ -108,10 +109,10 @@ class VisionExpertAttention(nn.Module):
             o = attention.attend(q, k, v, mask)
         o = o.reshape(b, n, h * e)
         return _route(self, route,
-                      lambda: Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
-                                    name="vision_expert_dense"),
-                      lambda: Dense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, out_in=True,
-                                    name="language_expert_dense"), o), kv
+                      lambda: Dense(c.hidden_size, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True,
+                                    gather=True, name="vision_expert_dense"),
+                      lambda: Dense(c.hidden_size, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True,
+                                    gather=True, name="language_expert_dense"), o), kv
 
 
 class DecoderLayer(nn.Module):

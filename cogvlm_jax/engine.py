@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import kv_cache, multihost, rows, sampling
+from cogvlm_jax import kv_cache, multihost, program, rows, sampling
 from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import pad_batch
@@ -199,7 +199,7 @@ class _Programs:
             return jax.tree_util.tree_map(lambda x, sh: multihost.to_global(np.zeros(x.shape, x.dtype), sh),
                                           shapes, state_shardings)
 
-        @functools.partial(jax.jit, donate_argnames=("state",), **out)
+        @functools.partial(program.jit, mesh=mesh, donate_argnames=("state",), **out)
         def insert(params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``."""
@@ -215,7 +215,8 @@ class _Programs:
                           sampling=jax.tree_util.tree_map(put, state.sampling, sp))
             return state, first[0]
 
-        @functools.partial(rows.ByRows, rows=lambda params, state, live: slots, donate_argnames=("state",), **out)
+        @functools.partial(rows.ByRows, rows=lambda params, state, live: slots, mesh=mesh, donate_argnames=("state",),
+                           **out)
         def decode(params, state: Slots, live):
             """``chunk`` steps of every slot -> (state, tokens [S, C]). ``live`` [S]: slots whose tokens are used
             (an idle slot never makes the chunk take the sampling branch)."""

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import rows
+from cogvlm_jax import axes, rows
 
 Dtype = Any
 
@@ -50,6 +50,10 @@ def operands(dtype, *arrays):
 class Dense(nn.Module):
     """``x @ kernel (+ bias)`` with logical axes ``axes = (in_axis, out_axis)``.
 
+    On a mesh the input arrives whole on every device (``axes.whole_rows``: no device sums a part of the
+    contraction); ``gather``: so does the output (a projection back to the model width, split over
+    ``tensor`` by its outputs, see ``axes.py``).
+
     ``out_in``: the kernel is stored ``[out, in]`` (PyTorch's layout; its logical axes reversed to
     match) and the product is ``x @ kernel.T``. On XLA:CPU a one-row product then reads each output's
     weights as one contiguous row: the decoder's linears use it (batch-1 decode is a chain of such
@@ -69,9 +73,11 @@ class Dense(nn.Module):
     use_bias: bool = False
     dtype: Dtype = jnp.float32
     out_in: bool = False
+    gather: bool = False
 
     @nn.compact
     def __call__(self, x):
+        x = axes.whole_rows(x)
         d = x.shape[-1]
         if self.out_in:
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes[::-1]), (self.features, d))
@@ -90,7 +96,7 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,))
             y = y + bias.astype(y.dtype)
-        return y
+        return axes.whole_rows(y) if self.gather else y
 
 
 class RMSNorm(nn.Module):

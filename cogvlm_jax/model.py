@@ -47,7 +47,7 @@ class CogVLM(nn.Module):
         # dtype None: look rows up in the table's own dtype, then widen only those rows (``embed``); a
         # float32 Embed would widen the whole table first (once per decode loop call, on XLA:CPU).
         self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=None,
-                                     embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
+                                     embedding_init=nn.with_logical_partitioning(_init, ("vocab_table", None)))
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = [layer(t, self.dtype) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)

@@ -22,6 +22,8 @@ from typing import Callable
 
 import jax
 
+from cogvlm_jax import program
+
 MIN_ROWS = 8  # row counts from here on take the few-row compilation (on CPU)
 NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}  # XLA:CPU: no YNNPACK fusions (dots go to Eigen)
 
@@ -49,11 +51,12 @@ def _weight_lhs(on: bool):
 
 
 class ByRows:
-    """``jax.jit(fn, **jit_kwargs)`` in two compilations, picked per call by ``few_rows(rows(*args, **kwargs))``.
+    """``program.jit(fn, mesh, **jit_kwargs)`` in two compilations, picked per call by
+    ``few_rows(rows(*args, **kwargs))``.
 
     ``rows`` must read only static facts (shapes) of the arguments. ``lower`` picks the same way."""
 
-    def __init__(self, fn: Callable, rows: Callable[..., int], **jit_kwargs):
+    def __init__(self, fn: Callable, rows: Callable[..., int], mesh=None, **jit_kwargs):
         self._rows = rows
 
         def traced(few: bool):
@@ -63,8 +66,8 @@ class ByRows:
                     return fn(*args, **kwargs)
             return f
 
-        self._jits = {False: jax.jit(traced(False), **jit_kwargs),
-                      True: jax.jit(traced(True), compiler_options=NO_YNN, **jit_kwargs)}
+        self._jits = {False: program.jit(traced(False), mesh, **jit_kwargs),
+                      True: program.jit(traced(True), mesh, options=NO_YNN, **jit_kwargs)}
 
     def pick(self, *args, **kwargs):
         return self._jits[few_rows(self._rows(*args, **kwargs))]

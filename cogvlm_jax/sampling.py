@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import kv_cache, positions, rows
+from cogvlm_jax import kv_cache, positions, program, rows
 from cogvlm_jax.model import CogVLM
 
 
@@ -163,7 +163,8 @@ class Generator:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
 
-        @functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
+        @functools.partial(program.jit, mesh=mesh,
+                           static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
         def _start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
                    max_new_tokens, cache_length, collect_logits):
             t = model.config.text
@@ -182,5 +183,5 @@ class Generator:
 
         self.start = _start
         # a batch of rows.MIN_ROWS or more compiles its own way on CPU (few-row products, see rows.py)
-        self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0],
+        self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh,
                                   static_argnames=("do_sample",), donate_argnames=("state",))

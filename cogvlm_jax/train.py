@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cogvlm_jax import lora as lora_lib
+from cogvlm_jax import lora as lora_lib, program
 from cogvlm_jax.checkpoint import flatten_tree, unflatten_tree
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
@@ -388,7 +388,7 @@ class Trainer:
                 out = None if self.mesh is None else (self.state_shardings(state), replicated(self.mesh))
                 if len(_STEPS) >= 8:
                     _STEPS.pop(next(iter(_STEPS)))
-                _STEPS[self._key] = jax.jit(self._step_fn, donate_argnums=0, out_shardings=out)
+                _STEPS[self._key] = program.jit(self._step_fn, self.mesh, donate_argnums=0, out_shardings=out)
             self._step = _STEPS[self._key]
         return self._step(state, frozen, batch)
 

@@ -49,7 +49,8 @@ class ViTAttention(nn.Module):
         qkv = Dense(3 * w, ("vit_embed", "vit_qkv"), use_bias=True, dtype=self.dtype, name="query_key_value")(x)
         qkv = qkv.reshape(b, n, 3, h, w // h)
         o = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, query_chunk=self.query_chunk)
-        return Dense(w, ("vit_heads", "vit_embed"), use_bias=True, dtype=self.dtype, name="dense")(o.reshape(b, n, w))
+        return Dense(w, ("vit_proj_in", "vit_proj_out"), use_bias=True, dtype=self.dtype, gather=True,
+                     name="dense")(o.reshape(b, n, w))
 
 
 class ViTMLP(nn.Module):
@@ -59,8 +60,8 @@ class ViTMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = Dense(self.cfg.intermediate_size, ("vit_embed", "vit_mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
-        return Dense(self.cfg.hidden_size, ("vit_mlp", "vit_embed"), use_bias=True, dtype=self.dtype,
-                     name="fc2")(gelu(x))
+        return Dense(self.cfg.hidden_size, ("vit_proj_in", "vit_proj_out"), use_bias=True, dtype=self.dtype,
+                     gather=True, name="fc2")(gelu(x))
 
 
 class ViTBlock(nn.Module):

@@ -194,8 +194,9 @@ def test_convert_with_a_mesh_streams_a_tile_at_a_time(tmp_path, monkeypatch):
             else chunk == shard, (key, shard, chunk)
         sharded += shard != tuple(m.shape)
     assert sharded > 20
-    # the embedding [600, 64] on (tensor, fsdp) = (2, 4): shards [300, 16] (19 kB), cut to [150, 16] for the budget
-    assert tuple(tree["embed_tokens"]["embedding"].storage.chunk_shape) == (150, 16)
+    # the embedding [600, 64], split by rows over (tensor, fsdp) = (2, 4): shards [75, 64] (19 kB), cut to [25, 64]
+    # for the budget
+    assert tuple(tree["embed_tokens"]["embedding"].storage.chunk_shape) == (25, 64)
     # tensors larger than the budget were read in regions of at most the budget, never whole
     big = {k for k, (_, shape, data) in raw_tensors(src).items() if len(data) > budget}
     assert len(big) > 10 and not big & set(whole) and {k for k, _ in regions} == big
