@@ -36,6 +36,12 @@ def _csv(kind, choices=None):
     return parse
 
 
+def serving_workloads() -> tuple[str, ...]:
+    from benchmarks.serving import WORKLOADS
+
+    return WORKLOADS
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(DEFAULT),
@@ -48,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="decode steps timed per repetition (default: by size)")
     p.add_argument("--streams", type=_csv(int), default=[1, 4, 16],
                    help="serving: concurrent streams (the server gets as many slots as the most)")
+    p.add_argument("--workloads", type=_csv(str, serving_workloads()), default=list(serving_workloads()),
+                   help="serving: request mixes (image: an image per request; text: text-only, decode-bound)")
     p.add_argument("--probe-gb", type=float, help="bandwidth probe array size (default 1 GB, 0.25 with --quick)")
     p.add_argument("--no-table", action="store_true", help="JSON lines only")
     return p
@@ -77,7 +85,7 @@ def _notes(r: dict) -> str:
     if r["name"] in ("convert_peak_rss", "export_peak_rss"):
         return f"limit {e['limit_mb']:.0f} MB; imports alone {e['import_rss_mb']:.0f} MB"
     if r["name"] == "serving":
-        return (f"{e['slots']} slots, {e['requests']} requests of {e['prompt_tokens']} prompt + {e['max_tokens']} "
+        return (f"{e['workload']}: {e['slots']} slots, {e['requests']} requests of <= {e['prompt_tokens']} prompt + {e['max_tokens']} "
                 f"new tokens; TTFT p50 {e['ttft_p50_ms']:.0f} ms, p95 {e['ttft_p95_ms']:.0f} ms; "
                 f"{e['speedup_vs_one_stream']:.2f}x one stream")
     if r["name"].startswith("bandwidth"):
@@ -145,7 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from benchmarks import serving
 
         serve_config = "mid" if "mid" in configs else configs[0]
-        out(serving.run(args.quick, config_name=serve_config, dtype=args.dtypes[0], streams=args.streams))
+        out(serving.run(args.quick, config_name=serve_config, dtype=args.dtypes[0], streams=args.streams,
+                        workloads=args.workloads))
     if not args.no_table:
         info["loadavg_1m_end"] = machine().get("loadavg_1m")
         print()

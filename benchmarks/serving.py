@@ -1,8 +1,16 @@
 """Serving throughput and time to first token through the whole stack: HTTP, engine, model.
 
 A ``cogvlm-jax serve`` server (in this process, on 127.0.0.1) holds the model with random weights; C
-client threads each stream ``per_stream`` chat completions back to back (a closed loop), every one with
-an image and ``max_tokens`` new tokens, greedy. Measured per C: aggregate completion tokens per second
+client threads each stream ``per_stream`` chat completions back to back (a closed loop), each of
+``max_tokens`` new tokens, greedy. Two workloads (``WORKLOADS``):
+
+* ``image``: every request an image and a question. Each prefill runs the ViT and the image tokens alone
+  (compute-bound, about as long as 16 one-row decode steps on the mid config), so at 64 new tokens the
+  prefills are a large share of the work and batching the decode cannot make them cheaper.
+* ``text``: text-only conversations of different lengths: short prefills, the run is decode-bound, which is
+  what continuous batching speeds up (issue 9's "decode is bandwidth-bound, so batching is nearly free").
+
+Measured per C: aggregate completion tokens per second
 (the sum of every request's ``usage.completion_tokens`` over the wall time of the whole run) and the
 p50/p95 time from sending a request to its first streamed text (TTFT; it includes the wait for a slot
 and for the prefills of the requests admitted before it).
@@ -111,9 +119,46 @@ def _server(model, slots: int, max_length: int):
     return BackgroundServer(engine, ServerConfig("bench")).start()
 
 
+WORKLOADS = ("image", "text")
+TOPICS = ("the sea", "a mountain village", "an old clock", "a red bicycle", "the night sky", "a busy market",
+          "a quiet library", "winter rain")
+
+
+def make_bodies(workload: str, n: int, image_size: int, max_tokens: int) -> list[dict]:
+    """``n`` streamed greedy chat requests of ``workload``; text prompts grow with k (different lengths)."""
+    bodies = []
+    for k in range(n):
+        if workload == "image":
+            content = [{"type": "image_url", "image_url": {"url": _image_data_url(image_size, k)}},
+                       {"type": "text", "text": f"Describe picture {k} in detail, please."}]
+        elif workload == "text":
+            topic = TOPICS[k % len(TOPICS)]
+            content = f"Story {k}: tell me about {topic}" + ", and then some more" * (k % 5) + "."
+        else:
+            raise ValueError(f"unknown serving workload {workload!r}; expected one of {WORKLOADS}")
+        bodies.append({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+    return bodies
+
+
+def _prompt_tokens(model, body: dict, image_size: int) -> int:
+    from PIL import Image
+
+    content = body["messages"][0]["content"]
+    if isinstance(content, str):
+        return len(model.build_inputs(content)["input_ids"])
+    return len(model.build_inputs(content[1]["text"], image=Image.new("RGB", (image_size,) * 2))["input_ids"])
+
+
 def run(quick: bool = False, config_name: str = "mid", dtype: str = "float32", streams=(1, 4, 16),
-        max_tokens: Optional[int] = None, per_stream: Optional[int] = None) -> list[dict]:
-    """One record per concurrency (on a server of max(streams) slots) plus the 1-slot one-stream baseline."""
+        max_tokens: Optional[int] = None, per_stream: Optional[int] = None, workloads=WORKLOADS) -> list[dict]:
+    """Per workload: one record per concurrency (on a server of max(streams) slots) plus the 1-slot
+    one-stream baseline."""
+    return [r for w in workloads for r in _run_workload(w, quick, config_name, dtype, streams, max_tokens, per_stream)]
+
+
+def _run_workload(workload: str, quick: bool, config_name: str, dtype: str, streams, max_tokens: Optional[int],
+                  per_stream: Optional[int]) -> list[dict]:
     from cogvlm_jax.api import Model, bucket_length
     from cogvlm_jax.tokenizer import load_tokenizer
 
@@ -123,17 +168,10 @@ def run(quick: bool = False, config_name: str = "mid", dtype: str = "float32", s
     tokenizer = load_tokenizer(f"{FIXTURES}/{TOKENIZERS[config_name]}/tokenizer")
     model = Model(config, make_params(config, dtype), tokenizer, dtype)
     slots = max(streams)
-    n_bodies = max(streams) * per_stream
-    bodies = [{"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _image_data_url(config.vision.image_size, k)}},
-        {"type": "text", "text": f"Describe picture {k} in detail, please."}]}],
-        "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-        for k in range(n_bodies)]
-    from PIL import Image
-
-    blank = Image.new("RGB", (config.vision.image_size,) * 2)
-    prompt_tokens = max(len(model.build_inputs(b["messages"][0]["content"][1]["text"], image=blank)["input_ids"])
-                        for b in bodies)
+    size = config.vision.image_size
+    bodies = make_bodies(workload, max(streams) * per_stream, size, max_tokens)
+    lengths = [_prompt_tokens(model, b, size) for b in bodies]
+    prompt_tokens = max(lengths)
     max_length = bucket_length(prompt_tokens) + max_tokens
 
     recs = []
@@ -143,7 +181,8 @@ def run(quick: bool = False, config_name: str = "mid", dtype: str = "float32", s
         srv = _server(model, n_slots, max_length)
         port = int(srv.url.rsplit(":", 1)[1])
         try:
-            stream_once(port, bodies[0])  # compile this prompt shape's prefill (the decode step compiled at start)
+            for k in sorted({bucket_length(n): i for i, n in enumerate(lengths)}.values()):
+                stream_once(port, bodies[k])  # compile each prompt bucket's prefill (the decode step compiled at start)
             for c in concurrencies:
                 wall, results = closed_loop(port, c, per_stream, bodies)
                 tokens = sum(r.completion_tokens for r in results)
@@ -154,7 +193,8 @@ def run(quick: bool = False, config_name: str = "mid", dtype: str = "float32", s
                 ttft = np.array([r.ttft_s for r in results]) * 1e3
                 recs.append(record(
                     "serving", tok_s, "tok/s", config=config_name, dtype=dtype, batch=c, slots=n_slots,
-                    requests=len(results), max_tokens=max_tokens, prompt_tokens=prompt_tokens,
+                    workload=workload, requests=len(results), max_tokens=max_tokens, prompt_tokens=prompt_tokens,
+                    mean_prompt_tokens=float(np.mean(lengths)),
                     ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p95_ms=float(np.percentile(ttft, 95)),
                     wall_s=wall, speedup_vs_one_stream=tok_s / baseline))
         finally:

@@ -35,7 +35,8 @@ def test_quick_decode_on_a_tiny_config(capsys):
 
 
 def test_quick_serving_on_a_tiny_config():
-    """The serving benchmark through a real HTTP server: the 1-slot one-stream baseline, then 2 streams on 2 slots.
+    """The serving benchmark through a real HTTP server, both workloads: the 1-slot one-stream baseline, then 2
+    streams on 2 slots.
 
     Run in its own process, as users run it: the server's threads and logging then cannot outlive
     pytest's output capture (in-process, a later test crashed writing to a closed stderr)."""
@@ -48,9 +49,13 @@ def test_quick_serving_on_a_tiny_config():
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert [(r["name"], r["batch"], r["extra"]["slots"]) for r in recs] == [("serving", 1, 1), ("serving", 2, 2)]
-    base = recs[0]["value"]
+    assert [(r["name"], r["extra"]["workload"], r["batch"], r["extra"]["slots"]) for r in recs] == [
+        ("serving", w, c, s) for w in ("image", "text") for c, s in ((1, 1), (2, 2))]
+    image, text = recs[:2], recs[2:]
+    # the text-only prompts have different lengths (the image ones, one image and one question each, do not)
+    assert text[1]["extra"]["mean_prompt_tokens"] < text[1]["extra"]["prompt_tokens"]
     for r in recs:
+        base = (image if r in image else text)[0]["value"]
         assert all(k in r for k in REQUIRED) and r["unit"] == "tok/s" and r["value"] > 0, r
         e = r["extra"]
         assert e["requests"] == r["batch"] and e["max_tokens"] == 16  # quick: one request of 16 tokens per stream
