@@ -33,6 +33,7 @@ from benchmarks.common import best_time, last_level_cache_bytes, load_bench_conf
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NEVER_EOS = -1  # no token id is negative: the loop always runs its N steps
+PAIRED_PASSES = 3  # probe passes before each timed repetition (a single pass can land in a dip)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -174,7 +175,9 @@ class DecodeBench:
         out = self.gen.decode(self.params, state, jnp.int32(case.steps), do_sample=case.do_sample)
         return jax.block_until_ready(out)
 
-    def measure(self, case: DecodeCase) -> dict[str, Any]:
+    def measure(self, case: DecodeCase, paired=None) -> dict[str, Any]:
+        """Best of ``case.repeats`` timed loops; ``paired`` (a ``bandwidth.PairedProbe``): ``PAIRED_PASSES``
+        probe passes before each repetition (untimed), so the probe's best comes from the same minutes."""
         from cogvlm_jax.api import bucket_length
 
         length = bucket_length(case.prompt_length)
@@ -184,7 +187,12 @@ class DecodeBench:
         if steps_done != case.steps:
             raise RuntimeError(f"decode ran {steps_done} steps, expected {case.steps}")
         del out
-        t = best_time(lambda s: self.run_loop(case, s), case.repeats, setup=lambda: self.fresh_state(case, inputs))
+        def setup():
+            for _ in range(PAIRED_PASSES if paired is not None else 0):
+                paired.once()
+            return self.fresh_state(case, inputs)
+
+        t = best_time(lambda s: self.run_loop(case, s), case.repeats, setup=setup)
         step_s = t / case.steps
         cache_len = self.cache_length(case)
         slots = kv_slots_read(cache_len, length, case.steps)
@@ -249,7 +257,7 @@ def decode_flops(config, batch: int, cache_slots: float) -> float:
 
 def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", "tiny-cogvlm2"),
         dtypes=("float32", "bfloat16"), batches=(1, 8), sample: bool = True,
-        steps: Optional[int] = None, peak_flops: Optional[dict] = None) -> list[dict]:
+        steps: Optional[int] = None, peak_flops: Optional[dict] = None, paired=None) -> list[dict]:
     """One measurement per (config, dtype, batch); on the mid config (full runs) also a sampled
     (temperature, top-k, top-p) case and a long-cache case (``LONG_CACHE`` slots) at the first batch size.
 
@@ -257,6 +265,9 @@ def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", 
     of bytes / ``probe_gb_s`` and FLOPs / ``peak_flops[dtype]`` (the measured matmul peak, when given),
     over the time it took. At batch 1 the bytes decide (it is the bandwidth fraction); at batch 8 on a
     small CPU the FLOPs can. ``bandwidth_fraction`` in the extras is always achieved GB/s / probe.
+
+    ``paired`` (a ``bandwidth.PairedProbe``): each case's probe is the best of the probe passes run between
+    its own repetitions (``probe_gb_s`` then only names the run's first probe, in ``start_probe_gb_s``).
     """
     recs = []
     llc = last_level_cache_bytes() if jax.default_backend() == "cpu" else None
@@ -271,22 +282,26 @@ def run(probe_gb_s: float, quick: bool = False, configs=("mid", "tiny-cogvlm1", 
                 cases.append(DecodeCase(name, dtype, batches[0], n, prompt, 5, do_sample=True))
                 cases.append(DecodeCase(name, dtype, batches[0], n, prompt, 3, cache_length=LONG_CACHE))
             for case in cases:
-                m = bench.measure(case)
+                if paired is not None:
+                    paired.reset()
+                m = bench.measure(case, paired)
+                limit_gb_s = paired.best_gb_s if paired is not None else probe_gb_s
                 label = "decode_sample" if case.do_sample else "decode_long" if case.cache_length else "decode"
                 flops = decode_flops(bench.config, case.batch, m["cache_slots"])
-                memory_s = m["bytes"]["total"] / (probe_gb_s * 1e9)
+                memory_s = m["bytes"]["total"] / (limit_gb_s * 1e9)
                 peak = (peak_flops or {}).get(dtype)
                 compute_s = flops / peak if peak else 0.0
                 recs.append(record(
                     label, m["tok_s"], "tok/s", config=name, dtype=dtype,
                     batch=case.batch, fraction_of_limit=max(memory_s, compute_s) / m["step_s"],
-                    bound="compute" if compute_s > memory_s else "memory", bandwidth_fraction=m["gb_s"] / probe_gb_s,
+                    bound="compute" if compute_s > memory_s else "memory", bandwidth_fraction=m["gb_s"] / limit_gb_s,
                     gflop_per_step=flops / 1e9, limit_gflop_s=None if peak is None else peak / 1e9,
                     ms_per_step=m["step_s"] * 1e3, bytes_per_step=m["bytes"]["total"],
                     weight_bytes=m["bytes"]["layer_weights"] + m["bytes"]["head"], read_dtype=bench.compute_dtype,
                     kv_bytes=m["bytes"]["kv_cache"], embed_bytes=m["bytes"]["embed_rows"], cache_length=m["cache_length"],
                     cache_slots_read=m["cache_slots"], steps=case.steps,
-                    achieved_gb_s=m["gb_s"], limit_gb_s=probe_gb_s,
+                    achieved_gb_s=m["gb_s"], limit_gb_s=limit_gb_s, start_probe_gb_s=probe_gb_s,
+                    probe="paired" if paired is not None else "start",
                     limit_tok_s=case.batch / max(memory_s, compute_s),
                     cache_resident=bool(llc and m["bytes"]["total"] <= 1.5 * llc)))
             del bench

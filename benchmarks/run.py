@@ -125,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bw = bandwidth.run(args.quick, size_gb=args.probe_gb)
         out(bw)
         probe = bw[-1]["value"]
+        probe_spec = (bw[-1]["extra"]["array_gb"], bw[-1]["extra"]["kernel"])
     if "matvec" in only:
         from benchmarks import matvec
 
@@ -138,8 +139,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         # The compute side of the decode roofline (matters at batch 8 on a small CPU).
         peaks = {dt: prefill.matmul_peak(dt, n=1024 if args.quick else 2048, repeats=3) for dt in args.dtypes}
+        # decode fractions against the probe's best kernel timed between each case's own repetitions
+        paired = bandwidth.PairedProbe(*probe_spec)
         out(decode.run(probe, args.quick, configs=configs, dtypes=args.dtypes, batches=args.batches,
-                       steps=args.steps, peak_flops=peaks))
+                       steps=args.steps, peak_flops=peaks, paired=paired))
+        del paired
     if "prefill" in only:
         from benchmarks import prefill
 

@@ -29,6 +29,10 @@ def test_quick_decode_on_a_tiny_config(capsys):
         assert e["ms_per_step"] > 0 and e["cache_length"] >= e["steps"] == 4
         assert e["bytes_per_step"] == e["weight_bytes"] + e["kv_bytes"] + e["embed_bytes"]
         assert abs(r["value"] - r["batch"] * 1e3 / e["ms_per_step"]) < 1e-3 * r["value"] + 1e-3
+        # the fraction is taken against the probe passes run between this case's own repetitions
+        assert e["probe"] == "paired" and e["limit_gb_s"] > 0
+        assert e["start_probe_gb_s"] == next(b["value"] for b in recs if b["name"] == "bandwidth")
+        assert abs(e["bandwidth_fraction"] - e["achieved_gb_s"] / e["limit_gb_s"]) < 1e-3
     # A bigger batch reads a bigger KV cache but the same weights.
     assert decode[1]["extra"]["kv_bytes"] == 2 * decode[0]["extra"]["kv_bytes"]
     assert decode[1]["extra"]["weight_bytes"] == decode[0]["extra"]["weight_bytes"]
