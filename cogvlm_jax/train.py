@@ -401,6 +401,12 @@ class Trainer:
 
 # =========================================================================== checkpoints of the state
 STATE_DIR = "state"
+META_FILE = "train.json"
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """True for a directory :func:`save_state` wrote (``train.json`` and an Orbax ``state/``)."""
+    return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isdir(os.path.join(path, STATE_DIR))
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -408,6 +414,37 @@ def _state_tree(state: TrainState) -> dict:
     leaves = jax.tree.leaves(state.opt_state)
     return {"step": state.step, "rng": state.rng, "trainable": state.trainable,
             "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}}
+
+
+def _in_row_blocks(params: Mapping) -> dict:
+    """``params`` with each array larger than ``checkpoint.BLOCK_BYTES`` as a :class:`LazyArray` that copies
+    itself to the host a region at a time: stored in chunks of its shard on the mesh, cut along the axis
+    that holds the HF tensor's rows (``convert.mapping.rows_axis``) so that a band of them across the whole
+    leaf fits BLOCK_BYTES, so exporting the checkpoint reads it in row blocks (``checkpoint.block_reader``). Smaller arrays, and a whole array
+    where the host has not every shard (several processes), are left as they are (one chunk per shard)."""
+    from cogvlm_jax import checkpoint
+    from cogvlm_jax.checkpoint import CheckpointError, LazyArray
+    from convert import mapping
+
+    def leaf(path, a):
+        a = jnp.asarray(a)
+        if a.ndim == 0 or a.nbytes <= checkpoint.BLOCK_BYTES or not a.is_fully_addressable:
+            return a
+        try:
+            axis = mapping.rows_axis(mapping.transform_of(path), a.ndim)
+        except CheckpointError:  # not a model parameter (LoRA factors): its first axis
+            axis = 0
+        chunks = list(a.sharding.shard_shape(a.shape))
+        if chunks == list(a.shape):
+            chunks = None  # LazyArray cuts it in row blocks
+        else:  # whole-width bands of chunks that tile the shards and fit BLOCK_BYTES
+            rows = checkpoint.block_rows(tuple(a.shape), a.dtype.itemsize, axis)
+            chunks[axis] = max(d for d in range(1, min(rows, chunks[axis]) + 1) if chunks[axis] % d == 0)
+        return LazyArray(tuple(a.shape), np.dtype(a.dtype), lambda: np.asarray(a),
+                         region=lambda index: np.asarray(a[index]), block_axis=axis,
+                         chunks=None if chunks is None else tuple(chunks))
+
+    return unflatten_tree({p: leaf(p, a) for p, a in flatten_tree(params).items()})
 
 
 def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, overwrite: bool = False) -> str:
@@ -423,11 +460,20 @@ def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, ove
     from cogvlm_jax.multihost import atomic_directory, is_main_process
 
     with atomic_directory(path, overwrite) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, STATE_DIR), _state_tree(state))
-            ckptr.wait_until_finished()
+        tree = _state_tree(state)
+        if jax.process_count() == 1:
+            # large parameters stored in row blocks, so an export reads them a block at a time
+            from cogvlm_jax.checkpoint import saver
+
+            tree["trainable"] = _in_row_blocks(tree["trainable"])
+            with saver() as save:
+                save(os.path.join(tmp, STATE_DIR), tree)
+        else:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(os.path.join(tmp, STATE_DIR), tree)
+                ckptr.wait_until_finished()
         if is_main_process():
-            write_json(os.path.join(tmp, "train.json"), dict(meta or {}, step=int(state.step)))
+            write_json(os.path.join(tmp, META_FILE), dict(meta or {}, step=int(state.step)))
     return path
 
 
