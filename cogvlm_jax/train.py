@@ -14,7 +14,9 @@ What is trained (``TrainConfig.trainable``):
 
 Parameters are split into ``trainable`` (float32 master copies, in the optimizer) and ``frozen`` (in the
 compute dtype, never updated, no optimizer state): a frozen parameter is the same array after any
-number of steps.
+number of steps. On CPU a bfloat16 / float16 run keeps its frozen kernels rounded to that dtype but stored
+in float32, widened once at init rather than in every step (XLA:CPU has no 16-bit matmul; the same
+numbers, as ``api.weights_for_compute`` does for inference).
 
 One step (:meth:`Trainer.step`, jitted, the state donated) takes a batch laid out as ``[accum, micro, ...]``
 and scans over the ``accum`` micro-batches, summing each one's cross-entropy *sum* divided by the whole
@@ -25,6 +27,7 @@ tensor, as inference), and each micro-batch is split over the batch axes (``data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,6 +41,7 @@ import optax
 
 from cogvlm_jax import lora as lora_lib
 from cogvlm_jax.checkpoint import flatten_tree, unflatten_tree
+from cogvlm_jax.layers import widened_weights, widens_on_cpu
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
 
@@ -229,6 +233,9 @@ class Trainer:
         self.mesh = mesh
         self._key = (config, train_config, self.dtype.name, mesh, vit_query_chunk)
         self.module = CogVLM(config, self.dtype, vit_query_chunk, remat=train_config.remat)
+        # XLA:CPU multiplies 16-bit weights by widening them to float32: frozen kernels are widened once, at
+        # init, not in every step (``layers.widened_weights``); same numbers, twice their memory
+        self.widen_frozen = widens_on_cpu(self.dtype)
         self.optimizer = make_optimizer(train_config)
         self.schedule = lr_schedule(train_config)
         self._step = None
@@ -238,12 +245,22 @@ class Trainer:
         """(summed cross-entropy, labelled tokens) of one micro-batch."""
         rngs = {"dropout": rng}
         args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch.get("pixel_values"))
-        if self.tc.trainable == "lora":
-            with lora_lib.applied(self.tc.lora_scale):
-                logits = self.module.apply({"params": frozen, lora_lib.COLLECTION: trainable}, *args, rngs=rngs)[0]
-        else:
-            logits = self.module.apply({"params": combine(trainable, frozen)}, *args, rngs=rngs)[0]
+        with widened_weights() if self.widen_frozen else contextlib.nullcontext():
+            if self.tc.trainable == "lora":
+                with lora_lib.applied(self.tc.lora_scale):
+                    logits = self.module.apply({"params": frozen, lora_lib.COLLECTION: trainable}, *args,
+                                               rngs=rngs)[0]
+            else:
+                # float32 kernels count as widened in that context: the trained ones enter rounded to the dtype
+                # (the same converts as the module's own rounding, so the same values and gradients)
+                params = combine(self._kernels_as(trainable, self.dtype) if self.widen_frozen else trainable, frozen)
+                logits = self.module.apply({"params": params}, *args, rngs=rngs)[0]
         return next_token_nll(logits, batch["labels"])
+
+    @staticmethod
+    def _kernels_as(tree, dtype):
+        """``tree`` with its ``kernel`` leaves (the weights of ``Dense`` / ``PatchConv``) cast to ``dtype``."""
+        return unflatten_tree({p: a.astype(dtype) if p[-1] == "kernel" else a for p, a in flatten_tree(tree).items()})
 
     def loss_and_grads(self, trainable, frozen, batch, rng=None):
         """Loss and gradient (w.r.t. ``trainable``) of a whole ``[accum, micro, ...]`` batch: the micro-batches'
@@ -285,6 +302,8 @@ class Trainer:
         # trainable arrays are copied (may_alias=False): the step donates them, and they must not be the caller's.
         trainable = jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32), trainable)
         frozen = jax.tree.map(lambda a: jnp.asarray(a).astype(self.dtype), frozen)
+        if self.widen_frozen:
+            frozen = self._kernels_as(frozen, jnp.float32)
         self._set_shardings(trainable)
         if self.mesh is None:
             # committed to the device, like a restored state: the step then compiles once for both
@@ -393,7 +412,10 @@ class Trainer:
         return self._step(state, frozen, batch)
 
     def params(self, state: TrainState, frozen) -> dict:
-        """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels)."""
+        """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels), frozen
+        ones in the compute dtype."""
+        if self.widen_frozen:
+            frozen = self._kernels_as(frozen, self.dtype)
         if self.tc.trainable == "lora":
             return lora_lib.merge(frozen, state.trainable, self.tc.lora_scale)
         return combine(state.trainable, frozen)
