@@ -201,13 +201,13 @@ def save_params(out_dir: str, params: Mapping, config, overwrite: bool = False, 
         write_json(os.path.join(tmp, FORMAT_FILE),
                    {"format": FORMAT_NAME, "version": FORMAT_VERSION, **dict(meta or {})})
         copy_files(extra_files, tmp)
-        with _saver(compress) as save:
+        with saver(compress) as save:
             save(os.path.join(tmp, PARAMS_DIR), _plain_dict(params))
     return out_dir
 
 
 @contextlib.contextmanager
-def _saver(compress: bool):
+def saver(compress: bool = False):
     """A synchronous Orbax PyTree checkpointer that writes host arrays without copying them first, and
     :class:`LazyArray` leaves one at a time; yields ``save(directory, tree)``.
 
@@ -466,9 +466,9 @@ def block_reader(path: str) -> tuple[Callable[[tuple, int], int | None], Callabl
     blocks along one axis, straight from their tensorstore arrays (no data cache: only the block is held).
 
     ``rows``: indices of ``axis`` per block such that a block is whole stored chunks and at most
-    ``BLOCK_BYTES`` (the converter chunks a large leaf in its row blocks); None when a chunk spans other
-    axes or is larger (e.g. a leaf saved whole from memory), where reading a block would decode whole
-    chunks: read such a leaf whole. ``read``: ``leaf[index]`` as a host numpy array in the stored dtype.
+    ``BLOCK_BYTES`` (the converter and the training saver chunk a large leaf in its row blocks, cut further
+    where it is sharded); None when the chunks along ``axis`` span more than that (e.g. a leaf saved whole
+    from memory), where reading a block would decode whole chunks: read such a leaf whole. ``read``: ``leaf[index]`` as a host numpy array in the stored dtype.
     """
     import tensorstore as ts
     from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
@@ -491,13 +491,12 @@ def block_reader(path: str) -> tuple[Callable[[tuple, int], int | None], Callabl
     def rows(leaf: tuple, axis: int) -> int | None:
         t = array(leaf)
         shape, chunks = tuple(t.shape), tuple(t.chunk_layout.read_chunk.shape)
-        if any(c < n for d, (c, n) in enumerate(zip(chunks, shape)) if d != axis):
+        # a band: one chunk's extent along ``axis``, all of the others (whole chunks, however they cut them)
+        band = t.dtype.numpy_dtype.itemsize * min(chunks[axis], shape[axis]) * int(
+            np.prod([n for d, n in enumerate(shape) if d != axis], dtype=np.int64))
+        if band > BLOCK_BYTES:
             return None
-        chunk_bytes = t.dtype.numpy_dtype.itemsize * int(np.prod([min(c, n) for c, n in zip(chunks, shape)],
-                                                                 dtype=np.int64))
-        if chunk_bytes > BLOCK_BYTES:
-            return None
-        return min(shape[axis], chunks[axis] * max(1, BLOCK_BYTES // max(chunk_bytes, 1)))
+        return min(shape[axis], chunks[axis] * max(1, BLOCK_BYTES // max(band, 1)))
 
     def read(leaf: tuple, index: tuple) -> np.ndarray:
         return np.asarray(array(leaf)[index].read().result())

@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="HF safetensors -> our Orbax format, or back with --to hf")
     cv.add_argument("src")
     cv.add_argument("dst")
-    cv.add_argument("--to", choices=("ours", "hf"), default="ours")
+    cv.add_argument("--to", choices=("ours", "hf"), default="ours",
+                    help="hf: export ours, or a training checkpoint OUT/checkpoints/step_N (full or vision-expert)")
     cv.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
     cv.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                     help="store each tensor in chunks of its shard on this mesh (made of CPU devices), so that "

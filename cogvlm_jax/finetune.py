@@ -88,7 +88,7 @@ def checkpoint_steps(out: str) -> list[int]:
         return []
     steps = []
     for name in os.listdir(root):
-        if name.startswith("step_") and os.path.isfile(os.path.join(root, name, "train.json")):
+        if name.startswith("step_") and os.path.isfile(os.path.join(root, name, train.META_FILE)):
             steps.append(int(name[len("step_"):]))
     return sorted(steps)
 
@@ -191,7 +191,7 @@ def _mesh(shape):
     return make_mesh(*shape, devices=jax.devices()[:n])
 
 
-def _tokenizer_files(run: RunConfig) -> list[str]:
+def tokenizer_files(run: RunConfig) -> list[str]:
     """Tokenizer and generation files to ship with the export (from --tokenizer first, then the model)."""
     from convert.convert_hf import carried_files
 
@@ -303,7 +303,7 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     if not export:
         return out
     return export_model(trainer, state, frozen, config, os.path.join(out, EXPORT), run.dtype,
-                        _tokenizer_files(run), progress)
+                        tokenizer_files(run), progress)
 
 
 def export_model(trainer: train.Trainer, state: train.TrainState, frozen: Any, config, out_dir: str,

@@ -11,7 +11,9 @@ Axis legend: B batch, L length, D model width, F mlp width.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,6 +47,29 @@ def operands(dtype, *arrays):
     """
     out = [a.astype(dtype) for a in arrays]
     return [a.astype(jnp.float32) for a in out] if widens_on_cpu(dtype) else out
+
+
+_WIDENED = contextvars.ContextVar("cogvlm_widened_weights", default=False)
+
+
+@contextlib.contextmanager
+def widened_weights() -> Iterator[None]:
+    """Inside this context (while tracing), a float32 ``kernel`` of a 16-bit ``Dense`` / ``PatchConv`` that
+    widens on CPU is taken as already rounded to the module's dtype and widened (``Trainer`` widens its frozen
+    kernels once, outside the step) and multiplied as it is; a 16-bit kernel is widened as always."""
+    token = _WIDENED.set(True)
+    try:
+        yield
+    finally:
+        _WIDENED.reset(token)
+
+
+def weight_operands(dtype, x, kernel):
+    """``operands(dtype, x, kernel)``, except that a kernel widened once already (:func:`widened_weights`) is
+    used as it is: no convert of the whole weight in every call."""
+    if _WIDENED.get() and kernel.dtype == jnp.float32 and widens_on_cpu(dtype):
+        return operands(dtype, x)[0], kernel
+    return operands(dtype, x, kernel)
 
 
 class Dense(nn.Module):
@@ -85,7 +110,7 @@ class Dense(nn.Module):
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
             spec = "...d,df->...f"
-        xs, ks = operands(self.dtype, x, kernel)
+        xs, ks = weight_operands(self.dtype, x, kernel)
         if self.out_in and rows.weight_lhs_active():  # a few-row step compiled for Eigen: see rows.py
             y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
                            preferred_element_type=jnp.float32)
@@ -186,6 +211,6 @@ class PatchConv(nn.Module):
                             (p, p, c, self.features))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
         x = x.reshape(b, h // p, p, w // p, p, c)
-        y = jnp.einsum("bhpwqc,pqco->bhwo", *operands(self.dtype, x, kernel),
+        y = jnp.einsum("bhpwqc,pqco->bhwo", *weight_operands(self.dtype, x, kernel),
                        precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
         return y.astype(jnp.float32) + bias.astype(jnp.float32)

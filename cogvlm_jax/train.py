@@ -14,7 +14,9 @@ What is trained (``TrainConfig.trainable``):
 
 Parameters are split into ``trainable`` (float32 master copies, in the optimizer) and ``frozen`` (in the
 compute dtype, never updated, no optimizer state): a frozen parameter is the same array after any
-number of steps.
+number of steps. On CPU a bfloat16 / float16 run keeps its frozen kernels rounded to that dtype but stored
+in float32, widened once at init rather than in every step (XLA:CPU has no 16-bit matmul; the same
+numbers, as ``api.weights_for_compute`` does for inference).
 
 One step (:meth:`Trainer.step`, jitted, the state donated) takes a batch laid out as ``[accum, micro, ...]``
 and scans over the ``accum`` micro-batches, summing each one's cross-entropy *sum* divided by the whole
@@ -25,6 +27,7 @@ tensor, as inference), and each micro-batch is split over the batch axes (``data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,6 +41,7 @@ import optax
 
 from cogvlm_jax import lora as lora_lib, program
 from cogvlm_jax.checkpoint import flatten_tree, unflatten_tree
+from cogvlm_jax.layers import widened_weights, widens_on_cpu
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
 
@@ -229,6 +233,9 @@ class Trainer:
         self.mesh = mesh
         self._key = (config, train_config, self.dtype.name, mesh, vit_query_chunk)
         self.module = CogVLM(config, self.dtype, vit_query_chunk, remat=train_config.remat)
+        # XLA:CPU multiplies 16-bit weights by widening them to float32: frozen kernels are widened once, at
+        # init, not in every step (``layers.widened_weights``); same numbers, twice their memory
+        self.widen_frozen = widens_on_cpu(self.dtype)
         self.optimizer = make_optimizer(train_config)
         self.schedule = lr_schedule(train_config)
         self._step = None
@@ -238,12 +245,22 @@ class Trainer:
         """(summed cross-entropy, labelled tokens) of one micro-batch."""
         rngs = {"dropout": rng}
         args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch.get("pixel_values"))
-        if self.tc.trainable == "lora":
-            with lora_lib.applied(self.tc.lora_scale):
-                logits = self.module.apply({"params": frozen, lora_lib.COLLECTION: trainable}, *args, rngs=rngs)[0]
-        else:
-            logits = self.module.apply({"params": combine(trainable, frozen)}, *args, rngs=rngs)[0]
+        with widened_weights() if self.widen_frozen else contextlib.nullcontext():
+            if self.tc.trainable == "lora":
+                with lora_lib.applied(self.tc.lora_scale):
+                    logits = self.module.apply({"params": frozen, lora_lib.COLLECTION: trainable}, *args,
+                                               rngs=rngs)[0]
+            else:
+                # float32 kernels count as widened in that context: the trained ones enter rounded to the dtype
+                # (the same converts as the module's own rounding, so the same values and gradients)
+                params = combine(self._kernels_as(trainable, self.dtype) if self.widen_frozen else trainable, frozen)
+                logits = self.module.apply({"params": params}, *args, rngs=rngs)[0]
         return next_token_nll(logits, batch["labels"])
+
+    @staticmethod
+    def _kernels_as(tree, dtype):
+        """``tree`` with its ``kernel`` leaves (the weights of ``Dense`` / ``PatchConv``) cast to ``dtype``."""
+        return unflatten_tree({p: a.astype(dtype) if p[-1] == "kernel" else a for p, a in flatten_tree(tree).items()})
 
     def loss_and_grads(self, trainable, frozen, batch, rng=None):
         """Loss and gradient (w.r.t. ``trainable``) of a whole ``[accum, micro, ...]`` batch: the micro-batches'
@@ -285,6 +302,8 @@ class Trainer:
         # trainable arrays are copied (may_alias=False): the step donates them, and they must not be the caller's.
         trainable = jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32), trainable)
         frozen = jax.tree.map(lambda a: jnp.asarray(a).astype(self.dtype), frozen)
+        if self.widen_frozen:
+            frozen = self._kernels_as(frozen, jnp.float32)
         self._set_shardings(trainable)
         if self.mesh is None:
             # committed to the device, like a restored state: the step then compiles once for both
@@ -393,7 +412,10 @@ class Trainer:
         return self._step(state, frozen, batch)
 
     def params(self, state: TrainState, frozen) -> dict:
-        """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels)."""
+        """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels), frozen
+        ones in the compute dtype."""
+        if self.widen_frozen:
+            frozen = self._kernels_as(frozen, self.dtype)
         if self.tc.trainable == "lora":
             return lora_lib.merge(frozen, state.trainable, self.tc.lora_scale)
         return combine(state.trainable, frozen)
@@ -401,6 +423,12 @@ class Trainer:
 
 # =========================================================================== checkpoints of the state
 STATE_DIR = "state"
+META_FILE = "train.json"
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """True for a directory :func:`save_state` wrote (``train.json`` and an Orbax ``state/``)."""
+    return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isdir(os.path.join(path, STATE_DIR))
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -408,6 +436,37 @@ def _state_tree(state: TrainState) -> dict:
     leaves = jax.tree.leaves(state.opt_state)
     return {"step": state.step, "rng": state.rng, "trainable": state.trainable,
             "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}}
+
+
+def _in_row_blocks(params: Mapping) -> dict:
+    """``params`` with each array larger than ``checkpoint.BLOCK_BYTES`` as a :class:`LazyArray` that copies
+    itself to the host a region at a time: stored in chunks of its shard on the mesh, cut along the axis
+    that holds the HF tensor's rows (``convert.mapping.rows_axis``) so that a band of them across the whole
+    leaf fits BLOCK_BYTES, so exporting the checkpoint reads it in row blocks (``checkpoint.block_reader``). Smaller arrays, and a whole array
+    where the host has not every shard (several processes), are left as they are (one chunk per shard)."""
+    from cogvlm_jax import checkpoint
+    from cogvlm_jax.checkpoint import CheckpointError, LazyArray
+    from convert import mapping
+
+    def leaf(path, a):
+        a = jnp.asarray(a)
+        if a.ndim == 0 or a.nbytes <= checkpoint.BLOCK_BYTES or not a.is_fully_addressable:
+            return a
+        try:
+            axis = mapping.rows_axis(mapping.transform_of(path), a.ndim)
+        except CheckpointError:  # not a model parameter (LoRA factors): its first axis
+            axis = 0
+        chunks = list(a.sharding.shard_shape(a.shape))
+        if chunks == list(a.shape):
+            chunks = None  # LazyArray cuts it in row blocks
+        else:  # whole-width bands of chunks that tile the shards and fit BLOCK_BYTES
+            rows = checkpoint.block_rows(tuple(a.shape), a.dtype.itemsize, axis)
+            chunks[axis] = max(d for d in range(1, min(rows, chunks[axis]) + 1) if chunks[axis] % d == 0)
+        return LazyArray(tuple(a.shape), np.dtype(a.dtype), lambda: np.asarray(a),
+                         region=lambda index: np.asarray(a[index]), block_axis=axis,
+                         chunks=None if chunks is None else tuple(chunks))
+
+    return unflatten_tree({p: leaf(p, a) for p, a in flatten_tree(params).items()})
 
 
 def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, overwrite: bool = False) -> str:
@@ -423,11 +482,20 @@ def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, ove
     from cogvlm_jax.multihost import atomic_directory, is_main_process
 
     with atomic_directory(path, overwrite) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, STATE_DIR), _state_tree(state))
-            ckptr.wait_until_finished()
+        tree = _state_tree(state)
+        if jax.process_count() == 1:
+            # large parameters stored in row blocks, so an export reads them a block at a time
+            from cogvlm_jax.checkpoint import saver
+
+            tree["trainable"] = _in_row_blocks(tree["trainable"])
+            with saver() as save:
+                save(os.path.join(tmp, STATE_DIR), tree)
+        else:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(os.path.join(tmp, STATE_DIR), tree)
+                ckptr.wait_until_finished()
         if is_main_process():
-            write_json(os.path.join(tmp, "train.json"), dict(meta or {}, step=int(state.step)))
+            write_json(os.path.join(tmp, META_FILE), dict(meta or {}, step=int(state.step)))
     return path
 
 

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from cogvlm_jax import checkpoint
 from cogvlm_jax.checkpoint import (
     CheckpointError, LazyArray, atomic_directory, block_reader, check_destination, copy_files, flatten_tree,
-    is_our_checkpoint, read_meta, save_params, subset_reader, tiles, trim_heap, unflatten_tree, write_json)
+    block_rows, is_our_checkpoint, read_meta, save_params, subset_reader, tiles, trim_heap, unflatten_tree,
+    write_json)
 from cogvlm_jax.config import CogVLMConfig, load_config
 from convert import mapping
 
@@ -521,6 +522,75 @@ def _orbax_source(ckpt_dir: str) -> _Source:
                    lambda paths: flatten_tree(read(paths)), rows, read_block)
 
 
+def _lazy_source(params: Mapping) -> _Source:
+    """A source over a tree of :class:`LazyArray` leaves (an HF checkpoint read lazily): each made when
+    fetched, one that can make regions of itself read in blocks along its ``block_axis``."""
+    flat = flatten_tree(params)
+
+    def rows(leaf: tuple, axis: int) -> int | None:
+        a = flat[leaf]
+        return block_rows(a.shape, np.dtype(a.dtype).itemsize, axis) if a.region is not None and \
+            axis == a.block_axis else None
+    return _Source({p: (tuple(a.shape), np.dtype(a.dtype)) for p, a in flat.items()},
+                   lambda paths: {p: flat[p].made() for p in paths}, rows,
+                   lambda leaf, index: flat[leaf].made_region(index))
+
+
+def _union_source(parts: list[tuple[_Source, Mapping[tuple, tuple]]]) -> _Source:
+    """One source over the leaves of several: each part is a source and {our path: its path there}."""
+    where = {p: (src, q) for src, names in parts for p, q in names.items()}
+    if len(where) != sum(len(names) for _, names in parts):
+        raise CheckpointError("a parameter comes from two sources")
+
+    def fetch(paths: list[tuple]) -> dict[tuple, Any]:
+        out = {}
+        for src, _ in parts:
+            mine = [p for p in paths if where[p][0] is src]
+            if mine:
+                got = src.fetch([where[p][1] for p in mine])
+                out.update({p: got[where[p][1]] for p in mine})
+        return out
+
+    def rows(leaf: tuple, axis: int) -> int | None:
+        src, q = where[leaf]
+        return None if src.block_rows is None else src.block_rows(q, axis)
+    return _Source({p: src.specs[q] for p, (src, q) in where.items()}, fetch, rows,
+                   lambda leaf, index: where[leaf][0].read_block(where[leaf][1], index))
+
+
+def _training_source(ckpt_dir: str):
+    """(source, config, the run's dtype, files to carry) of a checkpoint ``cogvlm-jax train`` saved
+    (``OUT/checkpoints/step_N``): the trained parameters from its state, the frozen ones (vision-expert
+    training) from the run's starting model, as the run's own export would write them."""
+    from cogvlm_jax import finetune, train
+
+    with open(os.path.join(ckpt_dir, train.META_FILE)) as f:
+        meta = json.load(f)
+    if "run" not in meta:
+        raise CheckpointError(f"{ckpt_dir}/{train.META_FILE} records no run settings; only checkpoints "
+                              "`cogvlm-jax train` saved can be exported")
+    run = finetune.RunConfig.from_dict(meta["run"])
+    if run.train.trainable == "lora":
+        raise CheckpointError(f"{ckpt_dir} holds LoRA factors; export them merged with "
+                              f"`cogvlm-jax train --out RUN --resume` (it writes RUN/{finetune.EXPORT})")
+    state = os.path.join(ckpt_dir, train.STATE_DIR)
+    stored, read = subset_reader(state)
+    rows, read_block = block_reader(state)
+    trained = _Source({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
+                      lambda paths: flatten_tree(read(paths)), rows, read_block)
+    parts = [(trained, {p[1:]: p for p in stored if p[0] == "trainable"})]
+    config = load_config(run.model)
+    if run.train.trainable != "full":
+        if is_our_checkpoint(run.model):
+            base = _orbax_source(run.model)
+        else:
+            _, params, _, bar = _load_hf(run.model, config, None, False, lazy=True)
+            bar.close()
+            base = _lazy_source(params)
+        parts.append((base, {p: p for p in base.specs if p not in parts[0][1]}))
+    return _union_source(parts), config, run.dtype, finetune.tokenizer_files(run)
+
+
 def _plan_outputs(specs: Specs, config: CogVLMConfig, dtype: np.dtype | None,
                   inv_freq: np.ndarray) -> list[_OutTensor]:
     """Check our leaves against the config and list every HF tensor to write, buffers included."""
@@ -727,9 +797,19 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
 
 def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None, *,
                        overwrite: bool = False, progress: bool = True) -> str:
-    """Our checkpoint ``src`` -> HF safetensors checkpoint at ``dst`` (published names and layout)."""
+    """Our checkpoint ``src`` -> HF safetensors checkpoint at ``dst`` (published names and layout).
+
+    ``src`` may also be a checkpoint ``cogvlm-jax train`` saved (``OUT/checkpoints/step_N``, full or
+    vision-expert training): its parameters are written as the run's own export writes them, by default in
+    the run's dtype; large ones are read in row blocks as from a converted checkpoint."""
     _check_not_same(src, dst)
     check_destination(dst, overwrite)
+    from cogvlm_jax.train import is_training_checkpoint
+
+    if is_training_checkpoint(src):
+        source, config, run_dtype, extra = _training_source(src)
+        return _write_hf(source, config, dst, max_shard_bytes, run_dtype if dtype is None else dtype, None, None,
+                         overwrite, extra, progress)
     if not is_our_checkpoint(src):
         raise CheckpointError(f"{src} is not a cogvlm-jax checkpoint (needs config.json and params/)")
     facts = read_meta(src).get("hf", {})
@@ -742,7 +822,9 @@ def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
                  progress: bool = True, mesh=None) -> int:
     """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError."""
     if to == "ours":
-        if is_our_checkpoint(src):
+        from cogvlm_jax.train import is_training_checkpoint
+
+        if is_our_checkpoint(src) or is_training_checkpoint(src):
             raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")
         convert_hf_to_ours(src, dst, dtype, overwrite=overwrite, progress=progress, mesh=mesh)
     elif to == "hf":
