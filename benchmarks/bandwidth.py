@@ -41,13 +41,18 @@ def _kernels():
     return {"sum": sum_all, "row_sums": row_sums, "matvec": matvec}
 
 
-def probe(size_gb: float = 1.0, repeats: int = 10) -> dict[str, float]:
-    """GB/s of each kernel over a ``size_gb`` float32 array (best of ``repeats``); key ``"probe"``: the max."""
+def _array(size_gb: float):
+    """A materialised float32 device buffer of about ``size_gb`` that every kernel can reshape (passed as an
+    argument: a constant would be folded away by XLA)."""
     n = int(size_gb * GB) // 4
     n -= n % (ROWS * MATVEC_WIDTH)
-    # A materialised device buffer passed as an argument: a constant would be folded away by XLA.
-    x = jax.block_until_ready(jnp.ones((n,), jnp.float32))
-    nbytes = n * 4
+    return jax.block_until_ready(jnp.ones((n,), jnp.float32))
+
+
+def probe(size_gb: float = 1.0, repeats: int = 10) -> dict[str, float]:
+    """GB/s of each kernel over a ``size_gb`` float32 array (best of ``repeats``); key ``"probe"``: the max."""
+    x = _array(size_gb)
+    nbytes = x.size * 4
     out = {}
     for name, fn in _kernels().items():
         f = jax.jit(fn)
@@ -68,10 +73,8 @@ class PairedProbe:
     """
 
     def __init__(self, size_gb: float, kernel: str):
-        n = int(size_gb * GB) // 4
-        n -= n % (ROWS * MATVEC_WIDTH)
-        self.bytes = n * 4
-        self._x = jax.block_until_ready(jnp.ones((n,), jnp.float32))
+        self._x = _array(size_gb)
+        self.bytes = self._x.size * 4
         self._fn = jax.jit(_kernels()[kernel])
         jax.block_until_ready(self._fn(self._x))
         self.best_gb_s = 0.0

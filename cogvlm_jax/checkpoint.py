@@ -468,7 +468,8 @@ def block_reader(path: str) -> tuple[Callable[[tuple, int], int | None], Callabl
     ``rows``: indices of ``axis`` per block such that a block is whole stored chunks and at most
     ``BLOCK_BYTES`` (the converter and the training saver chunk a large leaf in its row blocks, cut further
     where it is sharded); None when the chunks along ``axis`` span more than that (e.g. a leaf saved whole
-    from memory), where reading a block would decode whole chunks: read such a leaf whole. ``read``: ``leaf[index]`` as a host numpy array in the stored dtype.
+    from memory), where reading a block would decode whole chunks: read such a leaf whole. ``read``:
+    ``leaf[index]`` as a host numpy array in the stored dtype.
     """
     import tensorstore as ts
     from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers

@@ -442,8 +442,9 @@ def _in_row_blocks(params: Mapping) -> dict:
     """``params`` with each array larger than ``checkpoint.BLOCK_BYTES`` as a :class:`LazyArray` that copies
     itself to the host a region at a time: stored in chunks of its shard on the mesh, cut along the axis
     that holds the HF tensor's rows (``convert.mapping.rows_axis``) so that a band of them across the whole
-    leaf fits BLOCK_BYTES, so exporting the checkpoint reads it in row blocks (``checkpoint.block_reader``). Smaller arrays, and a whole array
-    where the host has not every shard (several processes), are left as they are (one chunk per shard)."""
+    leaf fits BLOCK_BYTES, so exporting the checkpoint reads it in row blocks (``checkpoint.block_reader``).
+    Smaller arrays, and a whole array where the host has not every shard (several processes), are left as
+    they are (one chunk per shard)."""
     from cogvlm_jax import checkpoint
     from cogvlm_jax.checkpoint import CheckpointError, LazyArray
     from convert import mapping

@@ -573,12 +573,8 @@ def _training_source(ckpt_dir: str):
     if run.train.trainable == "lora":
         raise CheckpointError(f"{ckpt_dir} holds LoRA factors; export them merged with "
                               f"`cogvlm-jax train --out RUN --resume` (it writes RUN/{finetune.EXPORT})")
-    state = os.path.join(ckpt_dir, train.STATE_DIR)
-    stored, read = subset_reader(state)
-    rows, read_block = block_reader(state)
-    trained = _Source({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
-                      lambda paths: flatten_tree(read(paths)), rows, read_block)
-    parts = [(trained, {p[1:]: p for p in stored if p[0] == "trainable"})]
+    trained = _orbax_source(os.path.join(ckpt_dir, train.STATE_DIR))
+    parts = [(trained, {p[1:]: p for p in trained.specs if p[0] == "trainable"})]
     config = load_config(run.model)
     if run.train.trainable != "full":
         if is_our_checkpoint(run.model):
