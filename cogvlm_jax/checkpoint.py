@@ -3,7 +3,7 @@
 A checkpoint is a directory::
 
     config.json        the HF-style config (``CogVLMConfig.to_hf_dict``), so the HF tools read it too
-    checkpoint.json    {"format": "cogvlm-jax", "version": 1, "hf": {...}}: facts an HF export needs
+    checkpoint.json    {"format": "cogvlm-jax", "version": 2, "hf": {...}}: facts an HF export needs
                        that are not parameters (the dtype the source stored ``inv_freq`` in)
     params/            an Orbax PyTree checkpoint of the parameter tree (layers unrolled, see
                        ``convert/mapping.py``), dtypes kept bit for bit (bfloat16 included)
@@ -37,7 +37,7 @@ import numpy as np
 FORMAT_FILE = "checkpoint.json"
 PARAMS_DIR = "params"
 FORMAT_NAME = "cogvlm-jax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the lm_head kernel is [vocab, hidden] (HF's layout); version 1 stored it transposed
 
 
 class CheckpointError(ValueError):
@@ -414,6 +414,12 @@ def _plain_dict(tree: Mapping) -> dict:
 
 def _params_dir(path: str) -> str:
     """The Orbax directory of a checkpoint: ``path/params``, or ``path`` itself if it is one."""
+    version = read_meta(path).get("version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is a cogvlm-jax checkpoint of format version {version}; this cogvlm-jax reads version "
+            f"{FORMAT_VERSION} (since version 2 the lm_head kernel is stored [vocab, hidden], as in Hugging Face). "
+            "Convert the Hugging Face checkpoint again with `cogvlm-jax convert SRC DST`")
     for p in (os.path.join(path, PARAMS_DIR), path):
         if os.path.isdir(p) and os.path.exists(os.path.join(p, "_METADATA")):
             return os.path.abspath(p)

@@ -81,11 +81,11 @@ class Dense(nn.Module):
 
     ``out_in``: the kernel is stored ``[out, in]`` (PyTorch's layout; its logical axes reversed to
     match) and the product is ``x @ kernel.T``. On XLA:CPU a one-row product then reads each output's
-    weights as one contiguous row: the decoder's linears use it (batch-1 decode is a chain of such
-    products; ``benchmarks/matvec.py`` ``dot_t``). The wide-output lm_head and the prefill-only
-    ViT/adapter keep ``[in, out]``, which measured as fast or faster there (``benchmarks/prototypes.py``).
-    In a few-row decode step compiled for Eigen (``rows.ByRows``) the product is ``(kernel @ x.T).T``:
-    Eigen is fast with an ``[out, in]`` weight only as the left operand.
+    weights as one contiguous row: the decoder's linears and the lm_head use it (batch-1 decode is a chain
+    of such products; ``benchmarks/matvec.py`` ``dot_t``). The prefill-only ViT/adapter keep ``[in, out]``,
+    which measured as fast or faster there (``benchmarks/prototypes.py``). In a few-row decode step
+    (``rows.ByRows``) the product is ``(kernel @ x.T).T``: with the weight as the left operand XLA:CPU
+    does not re-pack it on every call.
 
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
@@ -111,7 +111,7 @@ class Dense(nn.Module):
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
             spec = "...d,df->...f"
         xs, ks = weight_operands(self.dtype, x, kernel)
-        if self.out_in and rows.weight_lhs_active():  # a few-row step compiled for Eigen: see rows.py
+        if self.out_in and rows.weight_lhs_active():  # a few-row decode step: see rows.py
             y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
                            preferred_element_type=jnp.float32)
             y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left

@@ -35,10 +35,10 @@ DEFAULT_TARGETS = ("layers_*/self_attn/*_expert_query_key_value", "layers_*/self
 
 
 def _out_in(path) -> bool:
-    """Whether the kernel at module ``path`` is stored ``[out, in]``: the decoder layers' linears are
-    (``decoder.py`` builds them with ``Dense(out_in=True)``); the ViT, adapter and lm_head are ``[in, out]``.
+    """Whether the kernel at module ``path`` is stored ``[out, in]``: the decoder layers' linears and the
+    lm_head are (``Dense(out_in=True)``); the ViT and adapter are ``[in, out]``.
     The interceptor checks this against each module it touches."""
-    return str(path[0]).startswith("layers_")
+    return str(path[0]).startswith("layers_") or str(path[0]) == "lm_head"
 
 
 def target_paths(params: Mapping, patterns: Sequence[str]) -> list[tuple]:

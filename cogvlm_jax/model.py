@@ -51,7 +51,7 @@ class CogVLM(nn.Module):
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = [layer(t, self.dtype) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
-        self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype)
+        self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_in=True)  # HF's [V, D]
 
     def embed(self, ids):
         """[B, L] token ids -> [B, L, D] float32 embeddings."""

@@ -1,16 +1,17 @@
-"""Products of a few rows (batched decode: one row per sequence) on XLA:CPU, compiled the faster way.
+"""Products of a few rows (batched decode: one row per sequence) on XLA:CPU, the weight as the left operand.
 
-By default (jax 0.10.2) XLA:CPU gives every float32 dot of two or more rows to a YNNPACK fusion, which
-re-packs the whole weight on every call: on the mid config a step of 8 or 16 rows costs 3-5x a one-row step
-(a one-row dot takes XLA's matrix-vector path, near the memory bandwidth). With YNNPACK turned off for the
-compilation, dots go to Eigen, which runs a weight stored ``[in, out]`` (the lm_head) about 1.5x faster at
-8-16 rows, and a weight stored ``[out, in]`` (the decoder's) fast only as the *left* operand, ``W @ x.T``:
-as the right one (``x @ W.T``) Eigen is 15-40x slower. Below 8 rows YNNPACK is as fast or faster, so
-those steps keep the default. Measured in ``benchmarks/matvec.py`` (``run_rows``).
+XLA:CPU (jax 0.10.2) gives every float32 dot of two or more rows to YNNPACK, which packs its right operand
+before multiplying. Written ``x @ W.T`` (the decoder's ``[out, in]`` kernels on the right) that packs the
+whole weight on every call: on the mid config a step's 40 layer products cost 29 ms at 2 rows and 41 ms
+at 16 against 12 ms at one row. Written ``(W @ x.T).T`` the weight is the left operand and is read as it
+is, only the few rows are packed: 18 ms at 2 rows and 23 ms at 16 (125 GFLOP/s of the machine's ~158),
+and the ``[32000, 1024]`` lm_head takes 11 ms at 16 rows against 21 (``[in, out]``, right operand) or 12
+(Eigen, YNNPACK off, the former choice here). From about 64 rows on the packing pays for itself and the
+usual order is as fast or faster (prefill). Measured in ``benchmarks/matvec.py`` (``run_rows``).
 
 ``ByRows`` jits a function twice and picks per call, by a static row count, the default compilation or
-the few-row one (YNNPACK off, and ``layers.Dense(out_in=True)`` multiplying ``W @ x.T`` while it is
-traced: ``weight_lhs_active``). Only CPU has the few-row compilation; elsewhere it is the default.
+the few-row one (``layers.Dense(out_in=True)`` multiplying ``W @ x.T`` while it is traced:
+``weight_lhs_active``). Only CPU has the few-row compilation; elsewhere it is the default.
 """
 
 from __future__ import annotations
@@ -24,15 +25,14 @@ import jax
 
 from cogvlm_jax import program
 
-MIN_ROWS = 8  # row counts from here on take the few-row compilation (on CPU)
-NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}  # XLA:CPU: no YNNPACK fusions (dots go to Eigen)
+MIN_ROWS, MAX_ROWS = 2, 64  # row counts in this range take the few-row compilation (on CPU)
 
 _tracing = threading.local()
 
 
 def few_rows(rows: int) -> bool:
     """Whether a program whose products have ``rows`` rows takes the few-row compilation."""
-    return jax.default_backend() == "cpu" and rows >= MIN_ROWS
+    return jax.default_backend() == "cpu" and MIN_ROWS <= rows <= MAX_ROWS
 
 
 def weight_lhs_active() -> bool:
@@ -67,7 +67,7 @@ class ByRows:
             return f
 
         self._jits = {False: program.jit(traced(False), mesh, **jit_kwargs),
-                      True: program.jit(traced(True), mesh, options=NO_YNN, **jit_kwargs)}
+                      True: program.jit(traced(True), mesh, **jit_kwargs)}
 
     def pick(self, *args, **kwargs):
         return self._jits[few_rows(self._rows(*args, **kwargs))]

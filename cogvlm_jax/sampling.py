@@ -182,6 +182,6 @@ class Generator:
             return decode_loop(model, params, state, stop_at, self.eos_ids, self.pad_id, do_sample)
 
         self.start = _start
-        # a batch of rows.MIN_ROWS or more compiles its own way on CPU (few-row products, see rows.py)
+        # a batch of rows.MIN_ROWS to rows.MAX_ROWS compiles its own way on CPU (few-row products, see rows.py)
         self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh,
                                   static_argnames=("do_sample",), donate_argnames=("state",))

@@ -2,11 +2,11 @@
 
 Each rule reads as a rename plus a layout change:
 
-* ``"transpose"``: a PyTorch linear weight ``[out, in]`` becomes our ``kernel [in, out]`` (the ViT,
-  the adapter and the lm_head);
+* ``"transpose"``: a PyTorch linear weight ``[out, in]`` becomes our ``kernel [in, out]`` (the ViT and
+  the adapter);
 * ``"conv"``: a PyTorch conv weight ``[out, in, kh, kw]`` becomes our ``kernel [kh, kw, in, out]``;
-* ``"none"``: same layout: the decoder layers' linears (stored ``[out, in]`` as in PyTorch, see
-  ``layers.Dense(out_in=True)``), norm weights, biases, embeddings, boi/eoi, cls/position embeddings;
+* ``"none"``: same layout: the decoder layers' linears and the lm_head (stored ``[out, in]`` as in
+  PyTorch, see ``layers.Dense(out_in=True)``), norm weights, biases, embeddings, boi/eoi, cls/position embeddings;
 * ``"buffer"``: ``rotary_emb.inv_freq``, a buffer the reference saves with the weights. It is not a
   parameter here: it is checked on import and recomputed on export (:func:`rotary_inv_freq`).
 
@@ -116,7 +116,7 @@ RULES: tuple[Rule, ...] = (
     *_expert_mlps(),
     _text_layer("self_attn.rotary_emb.inv_freq", None, BUFFER, ("E/2",), optional=True),
     Rule("model.norm.weight", "norm/scale", NONE, ("D",)),
-    Rule("lm_head.weight", "lm_head/kernel", TRANSPOSE, ("V", "D"), when="untied"),
+    Rule("lm_head.weight", "lm_head/kernel", NONE, ("V", "D"), when="untied"),
 )
 
 _CONDITIONS = {

@@ -155,8 +155,10 @@ def test_read_layouts_and_dtypes(family):
     tensors = raw_tensors(hf_dir(family))
     code, shape, data = tensors["model.layers.1.self_attn.vision_expert_query_key_value.weight"]
     hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
-    # Decoder linears keep PyTorch's [out, in] (layers.Dense(out_in=True)); the ViT/adapter/lm_head transpose.
+    # Decoder linears and the lm_head keep PyTorch's [out, in] (layers.Dense(out_in=True)); the ViT/adapter transpose.
     assert np.array_equal(leaves["layers_1/self_attn/vision_expert_query_key_value/kernel"], hf)
+    code, shape, data = tensors["lm_head.weight"]
+    assert np.array_equal(leaves["lm_head/kernel"], np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape))
     code, shape, data = tensors["model.vision.linear_proj.gate_proj.weight"]
     hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
     assert np.array_equal(leaves["vision/linear_proj/gate_proj/kernel"], hf.T)
@@ -229,6 +231,20 @@ def test_restore_host_and_sharded(family, round_trips):
     bad["norm"]["scale"] = jax.ShapeDtypeStruct((3,), np.float32)
     with pytest.raises(CheckpointError, match=r"norm/scale: expected shape \(3,\), got \(64,\)"):
         restore_params(ours, bad)
+
+
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path, round_trips):
+    """Version 1 stored the lm_head [hidden, vocab]: reading it as today's layout would be wrong."""
+    ours = str(tmp_path / "old")
+    shutil.copytree(round_trips["cogvlm2"][0], ours)
+    meta = read_meta(ours)
+    assert meta["version"] == checkpoint.FORMAT_VERSION == 2
+    with open(os.path.join(ours, checkpoint.FORMAT_FILE), "w") as f:
+        json.dump({**meta, "version": 1}, f)
+    for read in (restore_params, params_metadata, lambda p: convert_ours_to_hf(p, str(tmp_path / "hf"), progress=False)):
+        with pytest.raises(CheckpointError, match=r"format version 1; this cogvlm-jax reads version 2 .*lm_head"):
+            read(ours)
+    assert not os.path.exists(tmp_path / "hf")
 
 
 def test_sharding_and_dtype_on_export(tmp_path):

@@ -96,11 +96,11 @@ def test_hf_to_ours_reads_big_tensors_in_row_blocks(blocked, dtype):
     assert stored.keys() == direct.keys()
     for k, v in stored.items():
         assert v.dtype == direct[k].dtype and v.tobytes() == direct[k].tobytes(), k
-    # stored in chunks of those blocks along the axis that holds the HF rows (our lm_head is transposed)
+    # stored in chunks of those blocks along the axis that holds the HF rows (axis 0: both keep HF's layout)
     rows, _ = block_reader(paths["ours"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint, "BLOCK_BYTES", BUDGET)
-        assert rows(("lm_head", "kernel"), 1) == BUDGET // (64 * 2) and rows(("lm_head", "kernel"), 0) is None
+        assert rows(("lm_head", "kernel"), 0) == BUDGET // (64 * 2) and rows(("lm_head", "kernel"), 1) is None
         assert rows(("embed_tokens", "embedding"), 0) == BUDGET // (64 * 2)
 
 
@@ -138,8 +138,8 @@ def test_a_bad_block_is_named_and_leaves_nothing(tmp_path, monkeypatch, blocked)
         calls.append(name)
         return a[:-1] if name == "lm_head.weight" and calls.count(name) == 3 else a
     monkeypatch.setattr(SafetensorsFile, "read_region", short_region)
-    with pytest.raises(CheckpointError, match=r"lm_head\.kernel: a lazy leaf made bfloat16\(64, 2047\), declared "
-                                              r"bfloat16\(64, 2048\)"):
+    with pytest.raises(CheckpointError, match=r"lm_head\.kernel: a lazy leaf made bfloat16\(2047, 64\), declared "
+                                              r"bfloat16\(2048, 64\)"):
         convert_hf_to_ours(SRC, str(tmp_path / "ours"), progress=False)
     assert leftovers(str(tmp_path), set()) == []
 

@@ -1,5 +1,5 @@
-"""Few-row decode (rows.py): batches of rows.MIN_ROWS or more compile without YNNPACK on CPU, with the
-decoder's ``[out, in]`` kernels as the left operand, and give the same numbers and greedy ids."""
+"""Few-row decode (rows.py): batches of rows.MIN_ROWS to rows.MAX_ROWS rows compile on CPU with the
+``[out, in]`` kernels (decoder, lm_head) as the left operand, and give the same numbers and greedy ids."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from conftest import cases, fixture_dir, left_pad_batch
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the few-row compilation is CPU-only")
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 16])
-def test_dense_few_row_product_is_a_float32_dot(n):
+@pytest.mark.parametrize("n", [1, 2, 16, 65])
+def test_dense_few_row_product_has_the_weight_on_the_left(n):
     dense = Dense(48, ("embed", "mlp"), out_in=True)
     x = jax.random.normal(jax.random.PRNGKey(0), (n, 1, 32), jnp.float32)
     params = nn.unbox(dense.init(jax.random.PRNGKey(1), x))
@@ -29,19 +29,21 @@ def test_dense_few_row_product_is_a_float32_dot(n):
     want = np.asarray(x, np.float64) @ kernel.T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     hlo = fn.lower(params, x).compile().as_text()
-    few = n >= rows.MIN_ROWS
+    few = rows.MIN_ROWS <= n <= rows.MAX_ROWS
     assert rows.few_rows(n) == few
-    assert ("__ynn_fusion" in hlo) == (not few and n > 1)  # a one-row dot is never YNNPACK's
-    dots = [line for line in hlo.splitlines() if " dot(" in line]
-    assert len(dots) == 1
-    # few rows: f32[48, n] = the [out, in] kernel times x.T; else f32[n, 1, 48] as written
-    assert (f"f32[48,{n}]" in dots[0]) == few, dots[0]
+    # the product's output: f32[48, n] = the [out, in] kernel (first operand) times x.T in the few-row
+    # compilation; else f32[n, 48] as written (x first: YNNPACK packs the weight, or one row's matvec)
+    products = [line for line in hlo.splitlines() if "ynn_fusion = " in line or (" dot(" in line and "ROOT" not in line)]
+    assert len(products) == 1, products
+    shape = f"f32[48,{n}]" if few else f"f32[{n},48]" if n > 1 else "f32[1,48]"
+    assert f"= {shape}" in products[0], products[0]
+    assert ("fusion(%variables__params____kernel__" in products[0]) == few, products[0]
 
 
 def test_batch_of_eight_generates_each_rows_reference_ids(f32_models):
     model = f32_models["cogvlm2"]
     recs = [c for c in cases("cogvlm2") if c["max_new_tokens"] > 0]
-    recs = (recs * rows.MIN_ROWS)[:rows.MIN_ROWS]
+    recs = (recs * 8)[:8]
     batch = left_pad_batch(recs, model.config.pad_token_id)
     assert rows.few_rows(len(recs))
     ids = model.generate(*batch, max_new_tokens=8)
@@ -56,7 +58,8 @@ def test_engine_of_eight_slots_gives_the_reference_answers(f32_models):
     model = f32_models["cogvlm2"]
     chats = [c for c in cases("cogvlm2") if c["template"] == "chat" and c["max_new_tokens"]]
     assert chats
-    eng = Engine(model, slots=rows.MIN_ROWS, max_length=256, max_queue=16).start()
+    assert rows.few_rows(8)
+    eng = Engine(model, slots=8, max_length=256, max_queue=16).start()
     try:
         for case in chats:
             image = None if case["image"] is None else os.path.join(fixture_dir("cogvlm2"), "images", case["image"])

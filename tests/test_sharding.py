@@ -61,7 +61,7 @@ def test_rules_table_for_published_cogvlm2():
     layer = sh["layers_0"]
     expected = {
         ("embed_tokens", "embedding"): P(("tensor", "fsdp"), None),  # split by rows: lookups are exact
-        ("lm_head", "kernel"): P("fsdp", "tensor"),
+        ("lm_head", "kernel"): P("tensor", "fsdp"),  # [V, D], like the decoder linears
         ("norm", "scale"): P("fsdp"),
     }
     for path, spec in expected.items():
