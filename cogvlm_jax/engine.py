@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import kv_cache, multihost, program, rows, sampling
+from cogvlm_jax import kv_cache, multihost, rows, sampling
 from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import pad_batch
@@ -199,7 +199,9 @@ class _Programs:
             return jax.tree_util.tree_map(lambda x, sh: multihost.to_global(np.zeros(x.shape, x.dtype), sh),
                                           shapes, state_shardings)
 
-        @functools.partial(program.jit, mesh=mesh, donate_argnames=("state",), **out)
+        # a prompt of rows.MIN_ROWS to rows.MAX_ROWS tokens prefills as a few-row program (see rows.py)
+        @functools.partial(rows.ByRows, rows=lambda params, state, input_ids, *a: input_ids.size, mesh=mesh,
+                           donate_argnames=("state",), **out)
         def insert(params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``."""

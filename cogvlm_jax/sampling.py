@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import kv_cache, positions, program, rows
+from cogvlm_jax import kv_cache, positions, rows
 from cogvlm_jax.model import CogVLM
 
 
@@ -163,7 +163,9 @@ class Generator:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
 
-        @functools.partial(program.jit, mesh=mesh,
+        # rows.MIN_ROWS to rows.MAX_ROWS rows (batch x prompt bucket, or batch in decode) compile their own way
+        # on CPU (few-row products, see rows.py)
+        @functools.partial(rows.ByRows, rows=lambda params, input_ids, *a, **k: input_ids.size, mesh=mesh,
                            static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
         def _start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
                    max_new_tokens, cache_length, collect_logits):
@@ -182,6 +184,5 @@ class Generator:
             return decode_loop(model, params, state, stop_at, self.eos_ids, self.pad_id, do_sample)
 
         self.start = _start
-        # a batch of rows.MIN_ROWS to rows.MAX_ROWS compiles its own way on CPU (few-row products, see rows.py)
         self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh,
                                   static_argnames=("do_sample",), donate_argnames=("state",))
