@@ -110,17 +110,18 @@ COLSUM_MAX_ROWS = 4  # beyond this the column sums measured 5-40x slower than an
 # to compile and ran 2-3x slower than any dot at 1-2 rows)
 
 
-def _ynn_out_in(x, w):  # as shipped for the decoder's linears: kernel [out, in]
+def _ynn_out_in(x, w):  # as shipped for one row and past 64 rows: kernel [out, in] (decoder, lm_head)
     return jnp.einsum("md,nd->mn", x, w, precision=HIGHEST)
 
 
-def _in_out(x, w):  # as shipped for the lm_head: kernel [in, out]
+def _in_out(x, w):  # kernel [in, out] (the ViT / adapter layout; the lm_head's before session 7)
     return jnp.einsum("md,dn->mn", x, w, precision=HIGHEST)
 
 
 def _out_in_lhs(x, w):
-    """``(W @ x.T).T`` with the [out, in] weight as the left operand; the barrier keeps XLA from folding the
-    transpose back into ``x @ W.T`` (which Eigen runs 15-40x slower: it is the right operand transposed)."""
+    """``(W @ x.T).T`` with the [out, in] weight as the left operand (as shipped for 2-64 rows, with
+    YNNPACK: it packs only the rows); the barrier keeps XLA from folding the transpose back into
+    ``x @ W.T`` (which packs the whole weight, or in Eigen runs 15-40x slower)."""
     return jax.lax.optimization_barrier(jnp.einsum("nd,md->nm", w, x, precision=HIGHEST)).T
 
 
@@ -140,6 +141,7 @@ ROW_VARIANTS = {
     "ynn_in_out": (_in_out, False, {}),
     "eigen_in_out": (_in_out, False, NO_YNN),
     "eigen_out_in_lhs": (_out_in_lhs, True, NO_YNN),
+    "ynn_out_in_lhs": (_out_in_lhs, True, {}),
     "colsum_in_out": (_colsum_in_out, False, NO_YNN),
 }
 

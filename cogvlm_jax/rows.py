@@ -1,4 +1,4 @@
-"""Products of a few rows (batched decode: one row per sequence) on XLA:CPU, the weight as the left operand.
+"""Products of a few rows (batched decode, short prefills) on XLA:CPU: the weight as the left operand.
 
 XLA:CPU (jax 0.10.2) gives every float32 dot of two or more rows to YNNPACK, which packs its right operand
 before multiplying. Written ``x @ W.T`` (the decoder's ``[out, in]`` kernels on the right) that packs the
