@@ -23,7 +23,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
 MIN_BUCKET = 16
-PROMPT_BUCKETS_PER_OCTAVE = 8  # prompt lengths padded to (see bucket_length)
 STREAM_CHUNK = 4  # tokens generated on device between two stream yields
 
 
@@ -35,24 +34,22 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def bucket_length(n: int, limit: Optional[int] = None, per_octave: int = PROMPT_BUCKETS_PER_OCTAVE) -> int:
+def bucket_length(n: int, limit: Optional[int] = None) -> int:
     """The length a prompt of ``n`` tokens is left-padded to: one compile per bucket.
 
-    ``per_octave`` buckets between two powers of two: ``n`` rounded up to a multiple of
-    ``max(16, p / per_octave)``, p the power of two at or above it (at least 16). With the default 8 a
-    prompt is padded by at most 15 tokens up to 128 and by less than a quarter of it beyond (power-of-two
-    buckets padded a 65-token prompt to 128); ``per_octave=1`` gives the powers of two (training's length
-    buckets, where a compile costs more). ``limit``: the most slots the prompt may take (the cache or the context less the
-    answer's room). Where the bucket passes it, the prompt is padded less, to the first of: a multiple
-    of an eighth of that power of two, a multiple of 16, ``n`` itself, that fits. So a prompt that fits
-    unpadded is never refused for its padding, and near the limit the buckets stay few (a finer step
-    only within 16 tokens of it). Past ``limit``: ``n``.
+    The next power of two (at least 16). ``limit``: the most slots the prompt may take (the cache or the
+    context less the answer's room). Where the power of two passes it, the prompt is padded less, to the
+    first of: a multiple of an eighth of that power of two, a multiple of 16, ``n`` itself, that fits.
+    So a prompt that fits unpadded is never refused for its padding, and near the limit the buckets stay
+    few (eight per octave, a finer step only within 16 tokens of it). Past ``limit``: ``n``.
     """
     b = MIN_BUCKET
     while b < n:
         b *= 2
-    for step in (max(MIN_BUCKET, b // per_octave), max(MIN_BUCKET, b // 8), MIN_BUCKET):
-        if limit is None or _round_up(n, step) <= limit:
+    if limit is None or b <= limit:
+        return b
+    for step in (max(MIN_BUCKET, b // 8), MIN_BUCKET):
+        if _round_up(n, step) <= limit:
             return _round_up(n, step)
     return n
 

@@ -142,7 +142,7 @@ class Batches:
         self.seed = seed
         self.template = template
         self.with_images = any(r.image is not None for r in self.records)
-        self.bucket_of = [min(bucket_length(r.length, per_octave=1), config.context_length) for r in self.records]
+        self.bucket_of = [min(bucket_length(r.length), config.context_length) for r in self.records]
         counts: dict[int, int] = {}
         for b in self.bucket_of:
             counts[b] = counts.get(b, 0) + 1

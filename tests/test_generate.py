@@ -178,24 +178,19 @@ def test_one_compile_per_bucket(f32_models):
     assert len(compiles) == 4, compiles
 
 
-def test_bucket_length_pads_less_only_where_the_bucket_does_not_fit():
+def test_bucket_length_pads_less_only_where_the_power_of_two_does_not_fit():
     from cogvlm_jax.api import bucket_length
 
-    # eight buckets per octave: padded by at most 15 tokens up to 128, by less than a quarter beyond
-    assert [bucket_length(n) for n in (1, 16, 17, 33, 65, 129, 1025)] == [16, 16, 32, 48, 80, 160, 1280]
-    assert all(0 <= bucket_length(n) - n < max(16, n / 4) for n in range(1, 5000))
-    # training's buckets: the powers of two
-    assert [bucket_length(n, per_octave=1) for n in (1, 16, 17, 129, 1025)] == [16, 16, 32, 256, 2048]
-    assert bucket_length(129, 256, 1) == 256 and bucket_length(1025, 4096, 1) == 2048  # fits: unchanged
-    assert bucket_length(129, 255, 1) == 160  # a multiple of 256 / 8
-    assert bucket_length(129, 150, 1) == bucket_length(129, 150) == 144  # a multiple of 16
+    assert [bucket_length(n) for n in (1, 16, 17, 129, 1025)] == [16, 16, 32, 256, 2048]
+    assert bucket_length(129, 256) == 256 and bucket_length(1025, 4096) == 2048  # fits: unchanged
+    assert bucket_length(129, 255) == 160  # a multiple of 256 / 8
+    assert bucket_length(129, 150) == 144  # a multiple of 16
     assert bucket_length(129, 140) == 129 and bucket_length(129, 129) == 129  # the prompt as it is
     assert bucket_length(129, 100) == 129  # does not fit at all: the caller's length check refuses it
-    for per_octave in (1, 8):
-        for limit in range(17, 300):
-            got = {bucket_length(n, limit, per_octave) for n in range(1, limit + 1)}
-            assert all(n <= bucket_length(n, limit, per_octave) <= limit for n in range(1, limit + 1)), limit
-            assert len(got) <= 8 * limit.bit_length() + 16, (limit, sorted(got))  # few shapes, whatever the limit
+    for limit in range(17, 300):
+        got = {bucket_length(n, limit) for n in range(1, limit + 1)}
+        assert all(n <= bucket_length(n, limit) <= limit for n in range(1, limit + 1)), limit
+        assert len(got) <= 2 * limit.bit_length() + 8 + 16, (limit, sorted(got))  # few shapes, whatever the limit
 
 
 def test_generate_input_errors(f32_models):
