@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "context length)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     sv.add_argument("--decode-chunk", type=int, default=4, help="decode steps per device call")
+    sv.add_argument("--prefill-chunk", type=int, default=0,
+                    help="chunked prefill: the most text-prompt tokens prefilled inside each decode step (no "
+                         "compile per prompt length); 0 (default): each prompt prefilled alone")
     sv.add_argument("--default-max-tokens", type=int, default=256, help="when a request sets no max_tokens")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and /")
     sv.add_argument("--image-root", help="directory file:// image URLs may read from (default: none allowed)")

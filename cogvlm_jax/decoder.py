@@ -51,6 +51,16 @@ def _route(module: nn.Module, route: Optional[ExpertRoute], vision: Callable[[],
     return nn.cond(route.split, split, both, module, x, route)
 
 
+def _write_and_attend(q, k, v, mask, kv, write_index, attend_cache: bool):
+    """Write the new keys/values into the cache (if any), then attend: -> (o [B, L, H, E], kv)."""
+    if kv is not None:
+        kv = (kv_cache.write(kv[0], k, write_index), kv_cache.write(kv[1], v, write_index))
+    if attend_cache:  # the queries read the filled part of the (heads-major) cache
+        return attention.attend_cache(q, kv[0], kv[1], mask, jnp.max(write_index) + q.shape[1],
+                                      chunk=attention.CACHE_CHUNK), kv
+    return attention.attend(q, k, v, mask), kv
+
+
 class MLP(nn.Module):
     cfg: TextConfig
     dtype: Dtype = jnp.float32
@@ -79,14 +89,16 @@ class VisionExpertAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False):
+    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None):
         """x [B, L, D]; route: the experts' tokens (None: all text); positions [B, L]; mask [B, L, L]
         (prefill) or [B, 1, T] (decode).
 
         kv: this layer's (k, v) cache buffers or None; the new keys/values are written at
         ``write_index`` [B]. With ``attend_cache`` the queries read the cache (decode: only its filled
         part, up to the largest write index, see ``attention.attend_cache``), else only the fresh keys
-        (prefill). Returns (output [B, L, D], updated (k, v) or None).
+        (prefill). ``core``: instead of that, ``core(q, k, v, kv) -> (o, kv)`` writes and attends (the
+        chunked-prefill step, whose rows belong to different caches: ``chunked_prefill.py``).
+        Returns (output [B, L, D], updated (k, v) or None).
         """
         c = self.cfg
         b, n, _ = x.shape
@@ -100,13 +112,10 @@ class VisionExpertAttention(nn.Module):
         q = apply_rope(q.reshape(b, n, h, e), positions, c.rope_theta)
         k = apply_rope(k.reshape(b, n, kh, e), positions, c.rope_theta)
         v = v.reshape(b, n, kh, e)
-        if kv is not None:
-            kv = (kv_cache.write(kv[0], k, write_index), kv_cache.write(kv[1], v, write_index))
-        if attend_cache:  # the queries read the filled part of the (heads-major) cache
-            o = attention.attend_cache(q, kv[0], kv[1], mask, jnp.max(write_index) + n,
-                                       chunk=attention.CACHE_CHUNK)
+        if core is None:
+            o, kv = _write_and_attend(q, k, v, mask, kv, write_index, attend_cache)
         else:
-            o = attention.attend(q, k, v, mask)
+            o, kv = core(q, k, v, kv)
         o = o.reshape(b, n, h * e)
         return _route(self, route,
                       lambda: Dense(c.hidden_size, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True,
@@ -122,10 +131,10 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False):
+    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None):
         eps = self.cfg.rms_norm_eps
         a, kv = VisionExpertAttention(self.cfg, self.dtype, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x), route, positions, mask, kv, write_index, attend_cache)
+            RMSNorm(eps, name="input_layernorm")(x), route, positions, mask, kv, write_index, attend_cache, core)
         x = x + a
         x = x + VisionExpertMLP(self.cfg, self.dtype, name="mlp")(
             RMSNorm(eps, name="post_attention_layernorm")(x), route)

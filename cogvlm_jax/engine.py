@@ -1,14 +1,26 @@
 """Continuous batching: many requests share one jitted decode over a fixed number of slots.
 
-prefill -> insert -> generate. A new request is prefilled on its own (its prompt left-padded to a
-bucket, as ``Model.chat`` does), and its one-row KV cache is inserted into a free slot of the shared
-``[S, ...]`` cache between two decode chunks. Each chunk runs ``chunk`` decode steps of all S slots on
-device, then the host reads the new tokens once (no host round trip per token). A slot is freed the
-moment its request stops: eos, ``max_tokens``, a stop string, or ``cancel()`` (the client went away).
-Idle slots keep computing (static shapes); their tokens are dropped.
+prefill -> insert -> generate. A request takes a free slot of the shared ``[S, ...]`` KV cache, and
+its prompt is prefilled in one of two ways:
 
-Compiles: one per prefill shape (prompt bucket, with or without an image) and one for the decode
-chunk, whatever the traffic: sampling settings, seeds, slot numbers and limits are traced values.
+* on its own (the default, and every prompt with an image): left-padded to a bucket, as ``Model.chat``
+  does, through the ViT and the model, and its one-row KV cache inserted into the slot (``insert``);
+* with ``prefill_chunk=P``, a text prompt P tokens at a time inside the decode step (chunked prefill,
+  ``chunked_prefill.py``): each ``mix`` call decodes every slot once and writes the prompt's next chunk
+  into its slot, the products of both in one block, so the weights are read once for both and the other
+  requests keep decoding while a long prompt is read. The prompt is not padded beyond its last chunk
+  (``prefill_sizes``), and no prompt length compiles anything new. After its last chunk the request
+  decodes with the others. On the 2-core CPU this was measured on it does not pay: a 16-slot decode step
+  is already compute-bound, so the prompt's rows cost what they cost alone (README, Serving).
+
+Without a prompt to prefill, a ``decode`` call runs ``chunk`` decode steps of all S slots on device; the
+host reads the new tokens once per call (no host round trip per token). A slot is freed the moment its
+request stops: eos, ``max_tokens``, a stop string, or ``cancel()`` (the client went away). Idle slots
+keep computing (static shapes); their tokens are dropped.
+
+Compiles: one for the decode chunk, one per prefill shape (prompt bucket, with or without an image),
+and with chunked prefill one per chunk length in ``prefill_sizes`` (text prompts then add none),
+whatever the traffic: sampling settings, seeds, slot numbers and limits are traced values.
 
 Sampling: token i of a request is chosen with ``sampling.choose`` and the key
 ``fold_in(fold_in(PRNGKey(seed), 0), i)``, the key ``Model.chat(seed=seed)`` uses for the same token,
@@ -23,7 +35,7 @@ chunk) it sends that program's host inputs to the others (``multihost.broadcast_
 same program in :meth:`Engine.follow` until it stops. While idle it sends a no-op every
 ``HEARTBEAT_S`` seconds, so that no process waits in a collective for longer than that.
 
-Axis legend: S slots, L prompt bucket, T cache length, V vocab, C decode chunk.
+Axis legend: S slots, L prompt bucket, T cache length, V vocab, C decode chunk, P prefill chunk.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import kv_cache, multihost, rows, sampling
+from cogvlm_jax import chunked_prefill, kv_cache, multihost, rows, sampling
 from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
 from cogvlm_jax.model import CogVLM
 from cogvlm_jax.preprocess import pad_batch
@@ -50,6 +62,29 @@ from cogvlm_jax.tokenizer import StreamDecoder
 
 DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
 HEARTBEAT_S = 60.0  # several processes: an idle process 0 tells the others it is alive this often
+
+
+def decode_sizes(slots: int) -> tuple[int, ...]:
+    """The row counts the decode chunk is compiled for: 1, 2, 4, ... below ``slots``, and ``slots``. A
+    chunk decodes the first rows up to the last busy slot, rounded up to one of these (requests take the
+    lowest free slot), so one stream on a server of 16 slots costs one row, not 16."""
+    sizes, n = [], 1
+    while n < slots:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (slots,)
+
+
+def prefill_sizes(prefill_chunk: int) -> tuple[int, ...]:
+    """The chunk lengths the chunked-prefill step is compiled for: 16, 32, 64, ... below ``prefill_chunk``,
+    and ``prefill_chunk``. A prompt is prefilled in chunks of ``prefill_chunk`` and its rest in the
+    shortest that holds it, so it is padded by less than half its last chunk (and less than 16)."""
+    sizes, n = [], 16
+    while n < prefill_chunk:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + ((prefill_chunk,) if prefill_chunk else ())
+
 
 
 class ContextLengthError(InputError):
@@ -217,11 +252,8 @@ class _Programs:
                           sampling=jax.tree_util.tree_map(put, state.sampling, sp))
             return state, first[0]
 
-        @functools.partial(rows.ByRows, rows=lambda params, state, live: slots, mesh=mesh, donate_argnames=("state",),
-                           **out)
-        def decode(params, state: Slots, live):
-            """``chunk`` steps of every slot -> (state, tokens [S, C]). ``live`` [S]: slots whose tokens are used
-            (an idle slot never makes the chunk take the sampling branch)."""
+        def steps(params, state: Slots, live, n: int):
+            """``chunk`` decode steps of all ``n`` rows of ``state`` -> (state, tokens [n, C])."""
             def body(i, carry):
                 s, out = carry
                 logits, cache = module.apply({"params": params}, s.token, s.position, s.cache,
@@ -234,9 +266,48 @@ class _Programs:
                 s = s.replace(cache=cache, token=tok, position=s.position + 1, step=s.step + 1)
                 return s, jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
 
-            return jax.lax.fori_loop(0, chunk, body, (state, jnp.zeros((slots, chunk), jnp.int32)))
+            return jax.lax.fori_loop(0, chunk, body, (state, jnp.zeros((n, chunk), jnp.int32)))
 
-        self.empty, self.insert, self.decode = empty, insert, decode
+        @functools.partial(rows.ByRows, rows=lambda params, state, live, active: active, mesh=mesh,
+                           donate_argnames=("state",), static_argnames=("active",), **out)
+        def decode(params, state: Slots, live, active: int):
+            """``chunk`` steps of the first ``active`` slots (static; the others are left as they are)
+            -> (state, tokens [active, C]). ``live`` [S]: slots whose tokens are used (an idle slot never makes
+            the chunk take the sampling branch)."""
+            if active < slots:  # a copy of those rows is decoded and written back: a cheap part of the chunk
+                part, out = steps(params, jax.tree_util.tree_map(lambda x: x[:active], state), live[:active], active)
+                state = jax.tree_util.tree_map(lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, 0, axis=0),
+                                               state, part)
+                # the rows past ``active`` are idle: their write index goes to 0, as an idle decoded row's does
+                index = jnp.where(jnp.arange(slots) < active, state.cache.index, 0)
+                return state.replace(cache=state.cache.replace(index=index)), out
+            return steps(params, state, live, slots)
+
+        @functools.partial(rows.ByRows, rows=lambda params, state, live, chunk_ids, *a: slots + chunk_ids.shape[0],
+                           mesh=mesh, donate_argnames=("state",), **out)
+        def mix(params, state: Slots, live, chunk_ids, chunk_positions, chunk_len, slot, start, last, temperature,
+                top_k, top_p, seed):
+            """One decode step of every slot plus the next chunk [P] of ``slot``'s text prompt
+            -> (state, (tokens [S], the prompt's first token)). ``last``: the chunk ends the prompt, so
+            ``slot`` starts decoding from its first token (chosen as ``insert`` does)."""
+            logits, chunk_logits, cache = module.apply(
+                {"params": params}, state.token, state.position, state.cache, chunk_ids, chunk_positions, chunk_len,
+                slot, start, method=chunked_prefill.mixed_step)
+            # idle slots write at 0 (see decode); the prompt's slot keeps the index its next chunk starts at
+            cache = cache.replace(index=jnp.where(live | (jnp.arange(slots) == slot), cache.index, 0))
+            sp = state.sampling.replace(temperature=jnp.where(live, state.sampling.temperature, 0.0))
+            tok = choose_rows(logits, sp, state.step)
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+            first_sp = sampling.SamplingParams(temperature[None], top_k[None], top_p[None], key[None])
+            first = choose_rows(chunk_logits[None], first_sp, jnp.zeros((1,), jnp.int32))
+            begin = lambda full, row: jnp.where(last, _put_row(full, row, slot), full)  # noqa: E731
+            next_pos = jax.lax.dynamic_index_in_dim(chunk_positions, jnp.maximum(chunk_len - 1, 0)) + 1
+            state = Slots(cache=cache, token=begin(tok, first), position=begin(state.position + 1, next_pos),
+                          step=begin(state.step + 1, jnp.ones((1,), jnp.int32)),
+                          sampling=jax.tree_util.tree_map(begin, state.sampling, first_sp))
+            return state, (tok, first[0])
+
+        self.empty, self.insert, self.decode, self.mix = empty, insert, decode, mix
 
 
 def _encode(op: str, args: tuple) -> bytes:
@@ -258,6 +329,13 @@ class _Live:
     request: Request
     text: TextOutput
     generated: int = 0
+    prompt: Optional[np.ndarray] = None  # a text prompt's ids while it is prefilled in chunks
+    prefilled: int = 0  # of which written to the cache so far
+    order: int = 0  # admission order: chunked prompts are prefilled first come, first served
+
+    @property
+    def decoding(self) -> bool:
+        return self.prompt is None
 
 
 class Engine:
@@ -266,22 +344,28 @@ class Engine:
     With several processes (``model`` loaded on a mesh over all of them) every process makes the engine;
     process 0 calls :meth:`start` and takes the requests, the others call :meth:`follow`.
 
-    ``slots``: requests decoded together. ``max_length``: KV cache slots per request, prompt bucket
-    plus ``max_tokens`` (default: the model's context length). ``max_queue``: requests that may wait
-    for a slot beyond the free ones; ``submit`` raises ``QueueFullError`` past that.
+    ``slots``: requests decoded together. ``max_length``: KV cache slots per request, prompt (an image
+    prompt: its bucket) plus ``max_tokens`` (default: the model's context length). ``max_queue``:
+    requests that may wait for a slot beyond the free ones; ``submit`` raises ``QueueFullError`` past
+    that. ``prefill_chunk``: the most text-prompt tokens prefilled per decode step (chunked prefill,
+    ``chunked_prefill.py``); 0, the default: every prompt is prefilled on its own.
     """
 
     def __init__(self, model, slots: int = 8, max_length: Optional[int] = None, chunk: int = DEFAULT_CHUNK,
-                 max_queue: int = 64):
+                 max_queue: int = 64, prefill_chunk: int = 0):
         if model.tokenizer is None:
             raise InputError("serving needs a tokenizer: load the model with tokenizer=PATH")
-        if slots < 1 or chunk < 1 or max_queue < 0:
-            raise ValueError(f"need slots >= 1, chunk >= 1, max_queue >= 0; got {slots}, {chunk}, {max_queue}")
+        if slots < 1 or chunk < 1 or max_queue < 0 or prefill_chunk < 0:
+            raise ValueError(f"need slots >= 1, chunk >= 1, max_queue >= 0, prefill_chunk >= 0; got {slots}, {chunk}, "
+                             f"{max_queue}, {prefill_chunk}")
         self.model = model
         self.config = model.config
         self.slots = slots
         self.chunk = chunk
         self.max_queue = max_queue
+        self.prefill_chunk = int(prefill_chunk)
+        self.prefill_sizes = prefill_sizes(prefill_chunk)
+        self.decode_sizes = decode_sizes(slots)
         self.max_length = int(max_length or self.config.context_length)
         if self.max_length <= MIN_BUCKET:
             raise ValueError(f"max_length {self.max_length} leaves no room: prompts take at least {MIN_BUCKET} slots")
@@ -302,7 +386,8 @@ class Engine:
         self.failure: Optional[str] = None  # why the serving thread died; then every request is refused
         self.completed = 0  # requests that left their slot (any reason), for /health and tests
         self.cancelled = 0  # of which cancelled (the client went away)
-        self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled so far: one compile each
+        self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled alone: one compile each
+        self._admitted = 0  # requests given a slot so far
 
     # ------------------------------------------------------------------ admission
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -434,12 +519,19 @@ class Engine:
 
     # ------------------------------------------------------------------ device programs
     def _warm_up(self) -> None:
-        """Empty slots, and the decode chunk compiled (every process does this at start, unannounced)."""
+        """Empty slots, the decode chunk (each of ``decode_sizes``) and the chunked-prefill step compiled
+        (every process does this at start, unannounced). The step's empty chunk writes nothing valid; the
+        slots are emptied again."""
         self._apply("empty", ())
-        self._apply("decode", (np.zeros(self.slots, bool),))
+        for rows_ in self.decode_sizes:
+            self._apply("decode", (np.zeros(self.slots, bool), np.int32(rows_)))
+        for size in self.prefill_sizes:
+            self._apply("mix", self._mix_args(0, np.zeros(size, np.int32), 0, None))
+        if self.prefill_sizes:
+            self._apply("empty", ())
 
     def _device(self, op: str, *args):
-        """Run device program ``op`` (``empty``, ``insert``, ``decode``, or ``noop``) with host inputs ``args``;
+        """Run device program ``op`` (``empty``, ``insert``, ``decode``, ``mix`` or ``noop``) with host inputs ``args``;
         process 0 of several first sends it to the others."""
         if self._leader:
             multihost.broadcast_bytes(_encode(op, args))
@@ -452,12 +544,15 @@ class Engine:
         if op == "empty":
             self._state = p.empty()
             return None
+        static = {}
+        if op == "decode":  # the row count is a compile-time constant
+            args, static = args[:1], {"active": int(args[1])}
         if self.mesh is not None:  # every process supplies the same host inputs, replicated
             from cogvlm_jax.sharding import replicated
 
             args = tuple(None if a is None else multihost.to_global(np.asarray(a), replicated(self.mesh))
                          for a in args)
-        self._state, out = (p.insert if op == "insert" else p.decode)(self.model.params, self._state, *args)
+        self._state, out = getattr(p, op)(self.model.params, self._state, *args, **static)
         return out
 
     # ------------------------------------------------------------------ the serving thread
@@ -495,16 +590,23 @@ class Engine:
                     if self._live[s] is None:
                         if not self._waiting:
                             break
-                        admit.append((s, self._waiting.popleft()))
-                        self._live[s] = _Live(admit[-1][1], TextOutput(self.model.tokenizer, admit[-1][1].stop))
+                        req = self._waiting.popleft()
+                        admit.append((s, req))
+                        self._admitted += 1
+                        self._live[s] = _Live(req, TextOutput(self.model.tokenizer, req.stop),
+                                              prompt=self._chunked_prompt(req), order=self._admitted)
             if idle:
                 self._device("noop")
                 continue
             try:
                 for s, req in admit:
-                    self._insert(s, req)
+                    if self._live[s].prompt is None:
+                        self._insert(s, req)
                 self._free_cancelled()
-                if any(x is not None for x in self._live):
+                prefilling = [s for s, x in enumerate(self._live) if x is not None and not x.decoding]
+                if prefilling:  # first come, first served: a prompt started is finished first
+                    self._mix(min(prefilling, key=lambda s: self._live[s].order))
+                elif any(x is not None for x in self._live):
                     self._decode()
             except Exception as e:  # a device failure: start again from empty slots, fail what was running
                 message = f"{type(e).__name__}: {e}"
@@ -527,9 +629,51 @@ class Engine:
                              np.uint32(req.seed % 2**32))
         self._take(slot, [int(first)])
 
+    def _chunked_prompt(self, req: Request) -> Optional[np.ndarray]:
+        """A text prompt's ids if it is to be prefilled in chunks, else None (prefilled alone: ``insert``)."""
+        x = req.inputs
+        if not self.prefill_chunk or x.get("pixel_values") is not None or np.any(np.asarray(x["token_type_ids"])):
+            return None
+        return np.asarray(x["input_ids"], np.int32)
+
+    def _mix_args(self, slot: int, prompt: np.ndarray, start: int, req: Optional[Request]) -> tuple:
+        """The ``mix`` program's host inputs for the chunk of ``prompt`` from ``start`` (``req``: its
+        sampling settings; None: greedy)."""
+        rest = len(prompt) - start
+        p = min((size for size in self.prefill_sizes if size >= rest), default=self.prefill_chunk)
+        n = min(p, rest)
+        ids = np.full(p, self.config.pad_token_id, np.int32)
+        ids[:n] = prompt[start:start + n]
+        pos = np.zeros(p, np.int32)
+        pos[:n] = np.arange(start, start + n)  # a text prompt's positions (``positions.position_ids``)
+        req = req or Request({}, 1, lambda ev: None)
+        return (self._decoding_mask(), ids, pos, np.int32(n), np.int32(slot), np.int32(start),
+                np.bool_(start + n == len(prompt)), np.float32(req.temperature), np.int32(req.top_k),
+                np.float32(req.top_p), np.uint32(req.seed % 2**32))
+
+    def _mix(self, slot: int) -> None:
+        """One decode step of the decoding slots plus the next chunk of ``slot``'s prompt."""
+        live = self._live[slot]
+        args = self._mix_args(slot, live.prompt, live.prefilled, live.request)
+        decoding, n, last = args[0], int(args[3]), bool(args[6])
+        tokens, first = self._device("mix", *args)
+        tokens = np.asarray(tokens)
+        live.prefilled += n
+        if last:
+            live.prompt = None
+        for s in np.flatnonzero(decoding):
+            self._take(int(s), [int(tokens[s])])
+        if last:
+            self._take(slot, [int(first)])
+
+    def _decoding_mask(self) -> np.ndarray:
+        return np.array([x is not None and x.decoding for x in self._live])
+
     def _decode(self) -> None:
-        live = np.array([x is not None for x in self._live])
-        out = np.asarray(self._device("decode", live))
+        live = self._decoding_mask()
+        last = max(s for s, x in enumerate(self._live) if x is not None)
+        active = min(n for n in self.decode_sizes if n > last)
+        out = np.asarray(self._device("decode", live, np.int32(active)))
         for s in np.flatnonzero(live):
             self._take(int(s), out[s].tolist())
 

@@ -54,6 +54,12 @@ def write(buf, new, index):
     return _write_rows(buf, jnp.swapaxes(new, 1, 2), index, axis=1)
 
 
+def write_chunk(buf, new, row, start):
+    """One layer's buf [B, K, T, E] with new [n, K, E] written into row ``row`` at slots start.. (those
+    past T are dropped: the padding of a prompt's last chunk, ``chunked_prefill.py``)."""
+    return buf.at[row, :, start + jnp.arange(new.shape[0])].set(new.astype(buf.dtype), mode="drop")
+
+
 def advance(cache: KVCache, new_valid) -> KVCache:
     """After every layer wrote ``n`` slots at ``index``: mark them (``new_valid`` [B, n]) and move on."""
     return cache.replace(valid=_write_rows(cache.valid, new_valid, cache.index, axis=0),

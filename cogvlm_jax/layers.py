@@ -83,9 +83,10 @@ class Dense(nn.Module):
     match) and the product is ``x @ kernel.T``. On XLA:CPU a one-row product then reads each output's
     weights as one contiguous row: the decoder's linears and the lm_head use it (batch-1 decode is a chain
     of such products; ``benchmarks/matvec.py`` ``dot_t``). The prefill-only ViT/adapter keep ``[in, out]``,
-    which measured as fast or faster there (``benchmarks/prototypes.py``). In a few-row decode step
-    (``rows.ByRows``) the product is ``(kernel @ x.T).T``: with the weight as the left operand XLA:CPU
-    does not re-pack it on every call.
+    which measured as fast or faster there (``benchmarks/prototypes.py``). In a few-row program
+    (``rows.ByRows``: a batched decode step, a prefill of up to 64 tokens, a chunked-prefill step) the
+    product is ``(kernel @ x.T).T``: with the weight as the left operand XLA:CPU does not re-pack it on
+    every call.
 
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
@@ -111,7 +112,7 @@ class Dense(nn.Module):
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
             spec = "...d,df->...f"
         xs, ks = weight_operands(self.dtype, x, kernel)
-        if self.out_in and rows.weight_lhs_active():  # a few-row decode step: see rows.py
+        if self.out_in and rows.weight_lhs_active():  # a few-row program: see rows.py
             y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
                            preferred_element_type=jnp.float32)
             y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left

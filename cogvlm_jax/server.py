@@ -602,7 +602,7 @@ def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
     model = cogvlm_jax.load(args.model, **kw)
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,
                           max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                           default_max_tokens=args.default_max_tokens,

@@ -4,7 +4,9 @@ runs the device programs process 0's engine sends it.
 
 One module fixture starts the pair (each killed if it outlives its deadline), sends it requests for both
 slots and one more (it waits for a slot, then is inserted between decode chunks), reads /health, and
-stops process 0 with SIGTERM: the follower must stop with it.
+stops process 0 with SIGTERM: the follower must stop with it. The server prefills text prompts in
+chunks of 8 (``--prefill-chunk 8``), so the text-only request takes several chunked-prefill steps on
+the sharded cache, and the image requests the prefill-alone path.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def served(tmp_path_factory, f32_models):
     commands = {f"serve{i}": python("-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"),
                                     "--tokenizer", os.path.join(d, "tokenizer"), "--model-name", NAME, "--port", "0",
                                     "--slots", "2", "--decode-chunk", "2", "--max-length", "128",
+                                    "--prefill-chunk", "8",
                                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                     "--process-id", str(i), "--init-timeout", "60")
                 for i in (0, 1)}

@@ -1,6 +1,7 @@
 """Serving: the continuous-batching engine and the OpenAI-compatible server, driven by real clients.
 
-One cogvlm2 engine (4 slots) and one cogvlm1 engine (2 slots, queue of 4) serve every test here; the
+One cogvlm2 engine (4 slots) and one cogvlm1 engine (2 slots, queue of 4, text prompts prefilled 8
+tokens per step, so most take several chunked-prefill steps) serve every test here; the
 HTTP servers run on 127.0.0.1 with a free port and are stopped by their fixtures. The SIGTERM test
 runs ``cogvlm-jax serve`` in a subprocess; the page test drives Debian's chromium with Playwright.
 """
@@ -69,7 +70,7 @@ def engine1(f32_models):
     """A cogvlm1 engine whose every compile is counted, from construction on."""
     _COMPILES["events"].clear()
     _COMPILES["on"] = True
-    eng = Engine(f32_models["cogvlm1"], slots=2, max_length=128, max_queue=4).start()
+    eng = Engine(f32_models["cogvlm1"], slots=2, max_length=128, max_queue=4, prefill_chunk=8).start()
     _COMPILES["on"] = False
     yield eng
     eng.shutdown()
@@ -205,15 +206,18 @@ def test_engine_greedy_equals_chat_and_reference_while_busy(family, f32_models, 
         assert last.finish_reason == ("stop" if stop else "length")
 
 
-def test_engine_compiles_once_per_prefill_shape_and_once_for_the_step(f32_models, engine1):
+def test_engine_compiles_once_per_image_prefill_shape_and_once_per_step(f32_models, engine1):
     model = f32_models["cogvlm1"]
     img = os.path.join(fixture_dir("cogvlm1"), "images", "img0.png")
-    # Construction compiled the decode chunk, nothing else.
-    assert len(_COMPILES["events"]) == 1, _COMPILES["events"]
-    prompts = [model.build_inputs("hi"), model.build_inputs("a longer question, long enough for the next bucket"),
-               model.build_inputs("hi", image=img), model.build_inputs("what is it? " * 3, image=img)]
-    shapes = {(bucket_length(len(x["input_ids"])), x["pixel_values"] is not None) for x in prompts}
-    assert len(shapes) == 4, shapes
+    # Construction compiled the decode chunk for 1 and 2 rows and the chunked-prefill step, nothing else.
+    assert engine1.decode_sizes == (1, 2) and engine1.prefill_sizes == (8,)
+    assert len(_COMPILES["events"]) == 3, _COMPILES["events"]
+    text = [model.build_inputs("hi"), model.build_inputs("a longer question, long enough for the next bucket")]
+    images = [model.build_inputs("hi", image=img), model.build_inputs("what is it? " * 3, image=img)]
+    prompts = text + images
+    assert len({bucket_length(len(x["input_ids"])) for x in text}) == 2  # prefilled alone, they would compile twice
+    shapes = {(bucket_length(len(x["input_ids"])), True) for x in images}
+    assert len(shapes) == 2, shapes
     new = len(shapes - engine1.prefill_shapes)  # other tests may have prefilled some of them already
     _COMPILES["on"] = True
     try:
@@ -223,10 +227,44 @@ def test_engine_compiles_once_per_prefill_shape_and_once_for_the_step(f32_models
                                        top_p=0.9, top_k=k, seed=k + rnd) for k, x in enumerate(prompts + prompts[:2])]
                 for f in futures:
                     assert f.result(timeout=300)[1].finish_reason in ("stop", "length")
-            assert len(_COMPILES["events"]) == 1 + new, _COMPILES["events"]
+            assert len(_COMPILES["events"]) == 3 + new, _COMPILES["events"]
         assert shapes <= engine1.prefill_shapes
+        assert all(image for _, image in engine1.prefill_shapes)  # no text prompt was prefilled alone
     finally:
         _COMPILES["on"] = False
+
+
+def test_decode_and_prefill_chunk_sizes():
+    """The decode chunk runs the rows up to the last busy slot, rounded up to a power of two or all of them;
+    a prompt's last chunk is the shortest of 16, 32, 64, ... or the whole chunk that holds it."""
+    from cogvlm_jax.engine import decode_sizes, prefill_sizes
+
+    assert decode_sizes(1) == (1,) and decode_sizes(16) == (1, 2, 4, 8, 16) and decode_sizes(6) == (1, 2, 4, 6)
+    assert prefill_sizes(0) == () and prefill_sizes(8) == (8,) and prefill_sizes(16) == (16,)
+    assert prefill_sizes(48) == (16, 32, 48) and prefill_sizes(256) == (16, 32, 64, 128, 256)
+
+
+def test_decode_runs_only_the_rows_up_to_the_last_busy_slot(model, engine, monkeypatch):
+    """One request on 4 slots decodes one row, two decode two (requests take the lowest free slots); the
+    answers are chat's either way."""
+    rows = []
+    device = engine._device
+
+    def spy(op, *args):
+        if op == "decode":
+            rows.append(int(args[1]))
+        return device(op, *args)
+
+    monkeypatch.setattr(engine, "_device", spy)
+    x = model.build_inputs("how many rows?")
+    want = model.chat(None, "how many rows?", max_new_tokens=9)
+    assert engine.complete(x, 9)[0] == want
+    assert rows and set(rows) == {1}, rows
+    rows.clear()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = [f.result(timeout=300)[0] for f in [pool.submit(engine.complete, x, 9) for _ in range(2)]]
+    assert both == [want, want]
+    assert 2 in rows and set(rows) <= {1, 2}, rows
 
 
 def test_engine_seeded_sampling_equals_chat_whatever_else_runs(model, engine, server):
@@ -359,7 +397,7 @@ def test_a_device_failure_fails_what_runs_and_the_engine_serves_on(model, engine
     """The decode chunk raises once: the streamed request ends with an error object and [DONE], the next is served."""
     programs, real = engine._programs, engine._programs.decode
 
-    def fail_once(*args):
+    def fail_once(*args, **kw):
         programs.decode = real
         raise RuntimeError("injected device failure")
 
@@ -398,7 +436,7 @@ def test_an_engine_whose_thread_dies_answers_every_request_with_503(model):
         return make_empty()
 
     programs.insert, programs.empty = insert, empty
-    programs.decode = lambda params, state, live: (state, np.zeros((eng.slots, eng.chunk), np.int32))
+    programs.decode = lambda params, state, live, active: (state, np.zeros((active, eng.chunk), np.int32))
     body = {"model": NAME, "messages": messages("hi"), "max_tokens": 3, "temperature": 0}
     with BackgroundServer(eng, ServerConfig(NAME)) as srv, concurrent.futures.ThreadPoolExecutor(2) as pool:
         url = srv.url + "/v1/chat/completions"
