@@ -9,7 +9,8 @@ alternatives, patched in-process) are the experiments behind the layout choices.
 ``fraction_of_limit`` compares with a limit measured on the same machine in the same run: the
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
 for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
-compares with one stream on a one-slot server (``speedup_vs_one_stream``). Decode needs the
+compares with one stream on a one-slot server (``speedup_vs_one_stream``, the median of alternating
+rounds). Decode needs the
 bandwidth probe, so it is run (and printed) whenever decode is.
 """
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serving: concurrent streams (the server gets as many slots as the most)")
     p.add_argument("--workloads", type=_csv(str, serving_workloads()), default=list(serving_workloads()),
                    help="serving: request mixes (image: an image per request; text: text-only, decode-bound)")
+    p.add_argument("--rounds", type=int, help="serving: alternating rounds of every run (default 3, 1 with --quick)")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="serving: the servers' chunked prefill (0: off)")
     p.add_argument("--probe-gb", type=float, help="bandwidth probe array size (default 1 GB, 0.25 with --quick)")
     p.add_argument("--no-table", action="store_true", help="JSON lines only")
     return p
@@ -85,9 +88,11 @@ def _notes(r: dict) -> str:
     if r["name"] in ("convert_peak_rss", "export_peak_rss"):
         return f"limit {e['limit_mb']:.0f} MB; imports alone {e['import_rss_mb']:.0f} MB"
     if r["name"] == "serving":
-        return (f"{e['workload']}: {e['slots']} slots, {e['requests']} requests of <= {e['prompt_tokens']} prompt + {e['max_tokens']} "
-                f"new tokens; TTFT p50 {e['ttft_p50_ms']:.0f} ms, p95 {e['ttft_p95_ms']:.0f} ms; "
-                f"{e['speedup_vs_one_stream']:.2f}x one stream")
+        chunked = f", prefill chunk {e['prefill_chunk']}" if e.get("prefill_chunk") else ""
+        return (f"{e['workload']}: {e['slots']} slots{chunked}, {e['requests']} requests of <= {e['prompt_tokens']} "
+                f"prompt + {e['max_tokens']} new tokens; TTFT p50 {e['ttft_p50_ms']:.0f} ms, p95 "
+                f"{e['ttft_p95_ms']:.0f} ms; {e['speedup_vs_one_stream']:.2f}x one stream (median of "
+                f"{e['rounds']} rounds: {', '.join(f'{x:.2f}' for x in e['speedup_rounds'])})")
     if r["name"].startswith("bandwidth"):
         return f"{e['array_gb']:.2f} GB array" + (f", best kernel {e['kernel']}" if "kernel" in e else "")
     if r["name"] == "matmul_peak":
@@ -158,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         serve_config = "mid" if "mid" in configs else configs[0]
         out(serving.run(args.quick, config_name=serve_config, dtype=args.dtypes[0], streams=args.streams,
-                        workloads=args.workloads))
+                        workloads=args.workloads, rounds=args.rounds, prefill_chunk=args.prefill_chunk))
     if not args.no_table:
         info["loadavg_1m_end"] = machine().get("loadavg_1m")
         print()

@@ -16,7 +16,10 @@ p50/p95 time from sending a request to its first streamed text (TTFT; it include
 and for the prefills of the requests admitted before it).
 
 The C streams share a server of ``slots`` slots (the most C); the one-stream baseline that the
-speedup is taken against runs on a 1-slot server, so it pays for no idle slot. The model never stops
+speedup is taken against runs on a 1-slot server, so it pays for no idle slot. Both servers are up
+together and the runs alternate, ``rounds`` times: the baseline, then each C. This machine's speed
+drifts by a fifth within minutes, so a ratio is taken within a round, and the record holds the median
+of the rounds (tok/s and speedup; TTFT over every request of every round). The model never stops
 early: its eos is set to an id no token has, so every request generates exactly ``max_tokens``.
 
 Axis legend: C concurrent streams, S slots.
@@ -111,11 +114,11 @@ def closed_loop(port: int, streams: int, per_stream: int, bodies: list[dict]) ->
     return wall, results
 
 
-def _server(model, slots: int, max_length: int):
+def _server(model, slots: int, max_length: int, prefill_chunk: int = 0):
     from cogvlm_jax.engine import Engine
     from cogvlm_jax.server import BackgroundServer, ServerConfig
 
-    engine = Engine(model, slots=slots, max_length=max_length, max_queue=256)
+    engine = Engine(model, slots=slots, max_length=max_length, max_queue=256, prefill_chunk=prefill_chunk)
     return BackgroundServer(engine, ServerConfig("bench")).start()
 
 
@@ -151,19 +154,22 @@ def _prompt_tokens(model, body: dict, image_size: int) -> int:
 
 
 def run(quick: bool = False, config_name: str = "mid", dtype: str = "float32", streams=(1, 4, 16),
-        max_tokens: Optional[int] = None, per_stream: Optional[int] = None, workloads=WORKLOADS) -> list[dict]:
+        max_tokens: Optional[int] = None, per_stream: Optional[int] = None, workloads=WORKLOADS,
+        rounds: Optional[int] = None, prefill_chunk: int = 0) -> list[dict]:
     """Per workload: one record per concurrency (on a server of max(streams) slots) plus the 1-slot
-    one-stream baseline."""
-    return [r for w in workloads for r in _run_workload(w, quick, config_name, dtype, streams, max_tokens, per_stream)]
+    one-stream baseline. ``prefill_chunk``: the servers' chunked prefill (0: off, the default)."""
+    return [r for w in workloads for r in _run_workload(w, quick, config_name, dtype, streams, max_tokens, per_stream,
+                                                        rounds, prefill_chunk)]
 
 
 def _run_workload(workload: str, quick: bool, config_name: str, dtype: str, streams, max_tokens: Optional[int],
-                  per_stream: Optional[int]) -> list[dict]:
+                  per_stream: Optional[int], rounds: Optional[int], prefill_chunk: int) -> list[dict]:
     from cogvlm_jax.api import Model, bucket_length
     from cogvlm_jax.tokenizer import load_tokenizer
 
     max_tokens = max_tokens or (16 if quick else 64)
     per_stream = per_stream or (1 if quick else 2)
+    rounds = rounds or (1 if quick else 3)
     config = dataclasses.replace(load_bench_config(config_name), eos_token_ids=(NEVER_EOS,))
     tokenizer = load_tokenizer(f"{FIXTURES}/{TOKENIZERS[config_name]}/tokenizer")
     model = Model(config, make_params(config, dtype), tokenizer, dtype)
@@ -174,29 +180,37 @@ def _run_workload(workload: str, quick: bool, config_name: str, dtype: str, stre
     prompt_tokens = max(lengths)
     max_length = bucket_length(prompt_tokens) + max_tokens
 
-    recs = []
-    runs = [(1, (1,))] + ([(slots, tuple(streams))] if slots > 1 else [])
-    baseline = None
-    for n_slots, concurrencies in runs:
-        srv = _server(model, n_slots, max_length)
-        port = int(srv.url.rsplit(":", 1)[1])
-        try:
+    servers = {n: _server(model, n, max_length, prefill_chunk) for n in sorted({1, slots})}
+    try:
+        for srv in servers.values():
+            port = int(srv.url.rsplit(":", 1)[1])
             for k in sorted({bucket_length(n): i for i, n in enumerate(lengths)}.values()):
                 stream_once(port, bodies[k])  # compile each prompt bucket's prefill (the decode step compiled at start)
-            for c in concurrencies:
+        runs = [(1, 1)] + [(slots, c) for c in streams if slots > 1]  # (server slots, C); the baseline first
+        done: dict[tuple[int, int], list] = {run: [] for run in runs}  # -> per round (tok/s, results, wall)
+        for _ in range(rounds):
+            for n_slots, c in runs:
+                port = int(servers[n_slots].url.rsplit(":", 1)[1])
                 wall, results = closed_loop(port, c, per_stream, bodies)
                 tokens = sum(r.completion_tokens for r in results)
                 if tokens != len(results) * max_tokens:
                     raise RuntimeError(f"{tokens} tokens generated, expected {len(results)} x {max_tokens}")
-                tok_s = tokens / wall
-                baseline = tok_s if n_slots == 1 else baseline
-                ttft = np.array([r.ttft_s for r in results]) * 1e3
-                recs.append(record(
-                    "serving", tok_s, "tok/s", config=config_name, dtype=dtype, batch=c, slots=n_slots,
-                    workload=workload, requests=len(results), max_tokens=max_tokens, prompt_tokens=prompt_tokens,
-                    mean_prompt_tokens=float(np.mean(lengths)),
-                    ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p95_ms=float(np.percentile(ttft, 95)),
-                    wall_s=wall, speedup_vs_one_stream=tok_s / baseline))
-        finally:
+                done[(n_slots, c)].append((tokens / wall, results, wall))
+    finally:
+        for srv in servers.values():
             srv.stop()
+
+    base = [tok_s for tok_s, _, _ in done[(1, 1)]]
+    recs = []
+    for (n_slots, c), per_round in done.items():
+        tok_s = [x[0] for x in per_round]
+        speedup = [t / b for t, b in zip(tok_s, base)]
+        ttft = np.array([r.ttft_s for _, results, _ in per_round for r in results]) * 1e3
+        recs.append(record(
+            "serving", float(np.median(tok_s)), "tok/s", config=config_name, dtype=dtype, batch=c, slots=n_slots,
+            workload=workload, requests=len(per_round[0][1]), rounds=rounds, max_tokens=max_tokens,
+            prompt_tokens=prompt_tokens, mean_prompt_tokens=float(np.mean(lengths)), prefill_chunk=prefill_chunk,
+            ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p95_ms=float(np.percentile(ttft, 95)),
+            wall_s=float(np.median([x[2] for x in per_round])), speedup_vs_one_stream=float(np.median(speedup)),
+            tok_s_rounds=[round(t, 1) for t in tok_s], speedup_rounds=[round(x, 2) for x in speedup]))
     return recs

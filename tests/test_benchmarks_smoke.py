@@ -64,4 +64,5 @@ def test_quick_serving_on_a_tiny_config():
         e = r["extra"]
         assert e["requests"] == r["batch"] and e["max_tokens"] == 16  # quick: one request of 16 tokens per stream
         assert 0 < e["ttft_p50_ms"] <= e["ttft_p95_ms"] < 1e3 * e["wall_s"]
+        assert e["rounds"] == 1 and e["speedup_rounds"] == [round(e["speedup_vs_one_stream"], 2)]  # quick: one round
         assert abs(e["speedup_vs_one_stream"] - r["value"] / base) < 1e-3 * e["speedup_vs_one_stream"] + 1e-3
