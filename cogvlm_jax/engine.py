@@ -13,12 +13,14 @@ its prompt is prefilled in one of two ways:
   decodes with the others. On the 2-core CPU this was measured on it does not pay: a 16-slot decode step
   is already compute-bound, so the prompt's rows cost what they cost alone (README, Serving).
 
-Without a prompt to prefill, a ``decode`` call runs ``chunk`` decode steps of all S slots on device; the
-host reads the new tokens once per call (no host round trip per token). A slot is freed the moment its
-request stops: eos, ``max_tokens``, a stop string, or ``cancel()`` (the client went away). Idle slots
-keep computing (static shapes); their tokens are dropped.
+Without a prompt to prefill, a ``decode`` call runs ``chunk`` decode steps on device; the host reads the
+new tokens once per call (no host round trip per token). It decodes the slots up to the last busy one,
+rounded up to one of ``decode_sizes`` (1, 2, 4, ..., S: one compile each), so a lone request costs one
+row, not S. A slot is freed the moment its request stops: eos, ``max_tokens``, a stop string, or
+``cancel()`` (the client went away). Idle slots below the last busy one keep computing (static shapes);
+their tokens are dropped.
 
-Compiles: one for the decode chunk, one per prefill shape (prompt bucket, with or without an image),
+Compiles: one per decode size, one per prefill shape (prompt bucket, with or without an image),
 and with chunked prefill one per chunk length in ``prefill_sizes`` (text prompts then add none),
 whatever the traffic: sampling settings, seeds, slot numbers and limits are traced values.
 
