@@ -66,26 +66,27 @@ DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
 HEARTBEAT_S = 60.0  # several processes: an idle process 0 tells the others it is alive this often
 
 
+def _doubling(first: int, last: int) -> tuple[int, ...]:
+    """first, 2 first, 4 first, ... below ``last``, then ``last``."""
+    sizes, n = [], first
+    while n < last:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (last,)
+
+
 def decode_sizes(slots: int) -> tuple[int, ...]:
     """The row counts the decode chunk is compiled for: 1, 2, 4, ... below ``slots``, and ``slots``. A
     chunk decodes the first rows up to the last busy slot, rounded up to one of these (requests take the
     lowest free slot), so one stream on a server of 16 slots costs one row, not 16."""
-    sizes, n = [], 1
-    while n < slots:
-        sizes.append(n)
-        n *= 2
-    return tuple(sizes) + (slots,)
+    return _doubling(1, slots)
 
 
 def prefill_sizes(prefill_chunk: int) -> tuple[int, ...]:
     """The chunk lengths the chunked-prefill step is compiled for: 16, 32, 64, ... below ``prefill_chunk``,
-    and ``prefill_chunk``. A prompt is prefilled in chunks of ``prefill_chunk`` and its rest in the
-    shortest that holds it, so it is padded by less than half its last chunk (and less than 16)."""
-    sizes, n = [], 16
-    while n < prefill_chunk:
-        sizes.append(n)
-        n *= 2
-    return tuple(sizes) + ((prefill_chunk,) if prefill_chunk else ())
+    and ``prefill_chunk`` (none for 0: off). A prompt is prefilled in chunks of ``prefill_chunk`` and its
+    rest in the shortest that holds it, so it is padded by less than half its last chunk (and less than 16)."""
+    return _doubling(16, prefill_chunk) if prefill_chunk else ()
 
 
 
@@ -199,6 +200,26 @@ def choose_rows(logits, sp: sampling.SamplingParams, steps):
                         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
+def first_token(logits, temperature, top_k, top_p, seed):
+    """A new request's first token from its prompt's last logits [1, V] -> (token [1], its settings [1]): key
+    ``fold_in(PRNGKey(seed), 0)``, as ``SamplingParams.make(1, seed=seed)`` and so ``Model.chat``."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+    sp = sampling.SamplingParams(temperature[None], top_k[None], top_p[None], key[None])
+    return choose_rows(logits, sp, jnp.zeros((1,), jnp.int32)), sp
+
+
+def next_tokens(state: Slots, logits, cache, live, keep):
+    """One decode step's bookkeeping for every row: the next tokens [S] (an idle row, not ``live``, greedy,
+    so it never makes the step take the sampling branch) and the state moved on. An idle row's write
+    index goes back to 0, unless ``keep`` [S] (a prompt being prefilled in chunks): it writes at slot 0 of
+    its own row again and again, since decode attention reads every row up to the largest write index,
+    which an idle row advancing each step would push to the end."""
+    cache = cache.replace(index=jnp.where(live | keep, cache.index, 0))
+    tok = choose_rows(logits, state.sampling.replace(temperature=jnp.where(live, state.sampling.temperature, 0.0)),
+                      state.step)
+    return tok, state.replace(cache=cache, token=tok, position=state.position + 1, step=state.step + 1)
+
+
 def _put_row(full, row, slot):
     """Write the one-row ``row`` [1, ...] into row ``slot`` of ``full`` [S, ...]."""
     return jax.lax.dynamic_update_index_in_dim(full, row.astype(full.dtype), slot, axis=0)
@@ -244,9 +265,7 @@ class _Programs:
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``."""
             logits, next_pos, cache = sampling.prefill(module, params, input_ids, token_type_ids, attention_mask,
                                                        pixel_values, new_cache(1))
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)  # = SamplingParams.make(1, seed=seed).key[0]
-            sp = sampling.SamplingParams(temperature[None], top_k[None], top_p[None], key[None])
-            first = choose_rows(logits, sp, jnp.zeros((1,), jnp.int32))
+            first, sp = first_token(logits, temperature, top_k, top_p, seed)
             put = lambda full, row: _put_row(full, row, slot)  # noqa: E731
             state = Slots(cache=jax.tree_util.tree_map(put, state.cache, cache), token=put(state.token, first),
                           position=put(state.position, next_pos.astype(jnp.int32)),
@@ -260,12 +279,7 @@ class _Programs:
                 s, out = carry
                 logits, cache = module.apply({"params": params}, s.token, s.position, s.cache,
                                              method=CogVLM.decode_step)
-                # An idle slot writes at slot 0 of its own row, again and again: decode attention reads every row
-                # up to the largest write index, which an idle slot advancing each step would push to the end.
-                cache = cache.replace(index=jnp.where(live, cache.index, 0))
-                sp = s.sampling.replace(temperature=jnp.where(live, s.sampling.temperature, 0.0))
-                tok = choose_rows(logits, sp, s.step)
-                s = s.replace(cache=cache, token=tok, position=s.position + 1, step=s.step + 1)
+                tok, s = next_tokens(s, logits, cache, live, False)
                 return s, jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
 
             return jax.lax.fori_loop(0, chunk, body, (state, jnp.zeros((n, chunk), jnp.int32)))
@@ -295,18 +309,14 @@ class _Programs:
             logits, chunk_logits, cache = module.apply(
                 {"params": params}, state.token, state.position, state.cache, chunk_ids, chunk_positions, chunk_len,
                 slot, start, method=chunked_prefill.mixed_step)
-            # idle slots write at 0 (see decode); the prompt's slot keeps the index its next chunk starts at
-            cache = cache.replace(index=jnp.where(live | (jnp.arange(slots) == slot), cache.index, 0))
-            sp = state.sampling.replace(temperature=jnp.where(live, state.sampling.temperature, 0.0))
-            tok = choose_rows(logits, sp, state.step)
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-            first_sp = sampling.SamplingParams(temperature[None], top_k[None], top_p[None], key[None])
-            first = choose_rows(chunk_logits[None], first_sp, jnp.zeros((1,), jnp.int32))
+            # the prompt's slot keeps the index its next chunk starts at
+            tok, state = next_tokens(state, logits, cache, live, jnp.arange(slots) == slot)
+            first, first_sp = first_token(chunk_logits[None], temperature, top_k, top_p, seed)
             begin = lambda full, row: jnp.where(last, _put_row(full, row, slot), full)  # noqa: E731
             next_pos = jax.lax.dynamic_index_in_dim(chunk_positions, jnp.maximum(chunk_len - 1, 0)) + 1
-            state = Slots(cache=cache, token=begin(tok, first), position=begin(state.position + 1, next_pos),
-                          step=begin(state.step + 1, jnp.ones((1,), jnp.int32)),
-                          sampling=jax.tree_util.tree_map(begin, state.sampling, first_sp))
+            state = state.replace(token=begin(state.token, first), position=begin(state.position, next_pos),
+                                  step=begin(state.step, jnp.ones((1,), jnp.int32)),
+                                  sampling=jax.tree_util.tree_map(begin, state.sampling, first_sp))
             return state, (tok, first[0])
 
         self.empty, self.insert, self.decode, self.mix = empty, insert, decode, mix
@@ -528,7 +538,7 @@ class Engine:
         for rows_ in self.decode_sizes:
             self._apply("decode", (np.zeros(self.slots, bool), np.int32(rows_)))
         for size in self.prefill_sizes:
-            self._apply("mix", self._mix_args(0, np.zeros(size, np.int32), 0, None))
+            self._apply("mix", self._mix_args(0, np.zeros(size, np.int32), 0, None)[0])
         if self.prefill_sizes:
             self._apply("empty", ())
 
@@ -638,9 +648,9 @@ class Engine:
             return None
         return np.asarray(x["input_ids"], np.int32)
 
-    def _mix_args(self, slot: int, prompt: np.ndarray, start: int, req: Optional[Request]) -> tuple:
+    def _mix_args(self, slot: int, prompt: np.ndarray, start: int, req: Optional[Request]) -> tuple[tuple, int, bool]:
         """The ``mix`` program's host inputs for the chunk of ``prompt`` from ``start`` (``req``: its
-        sampling settings; None: greedy)."""
+        sampling settings; None: greedy) -> (inputs, the chunk's real tokens, whether it ends the prompt)."""
         rest = len(prompt) - start
         p = min((size for size in self.prefill_sizes if size >= rest), default=self.prefill_chunk)
         n = min(p, rest)
@@ -649,15 +659,16 @@ class Engine:
         pos = np.zeros(p, np.int32)
         pos[:n] = np.arange(start, start + n)  # a text prompt's positions (``positions.position_ids``)
         req = req or Request({}, 1, lambda ev: None)
-        return (self._decoding_mask(), ids, pos, np.int32(n), np.int32(slot), np.int32(start),
-                np.bool_(start + n == len(prompt)), np.float32(req.temperature), np.int32(req.top_k),
-                np.float32(req.top_p), np.uint32(req.seed % 2**32))
+        last = start + n == len(prompt)
+        return (self._decoding_mask(), ids, pos, np.int32(n), np.int32(slot), np.int32(start), np.bool_(last),
+                np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
+                np.uint32(req.seed % 2**32)), n, last
 
     def _mix(self, slot: int) -> None:
         """One decode step of the decoding slots plus the next chunk of ``slot``'s prompt."""
         live = self._live[slot]
-        args = self._mix_args(slot, live.prompt, live.prefilled, live.request)
-        decoding, n, last = args[0], int(args[3]), bool(args[6])
+        args, n, last = self._mix_args(slot, live.prompt, live.prefilled, live.request)
+        decoding = args[0]
         tokens, first = self._device("mix", *args)
         tokens = np.asarray(tokens)
         live.prefilled += n
