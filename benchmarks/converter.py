@@ -84,8 +84,9 @@ def _write_shard(path: str, tensors: list[tuple[str, tuple, str]], rng: np.rando
 
 def make_hf_checkpoint(out_dir: str, layers: int, shard_bytes: int = 512 * 2**20, seed: int = 0, **dims) -> int:
     """Write a complete sharded bfloat16 HF checkpoint of ``checkpoint_config(layers, **dims)``; -> bytes."""
+    from cogvlm_jax.convert import mapping
+
     from cogvlm_jax.config import CogVLMConfig
-    from convert import mapping
 
     hf = checkpoint_config(layers, **dims)
     config = CogVLMConfig.from_hf_dict(hf)
@@ -197,7 +198,7 @@ def _run_case(name: str, layers: int, dims: dict, workdir: str | None) -> list[d
         n_shards = sum(f.endswith(".safetensors") for f in os.listdir(src))
         copy_s = copy_time(src, os.path.join(root, "copy"))
         # The same imports without the data: the floor of the child's RSS.
-        imp_s, rc, imp_rss = run_child([sys.executable, "-c", "import cogvlm_jax.cli, convert.convert_hf, "
+        imp_s, rc, imp_rss = run_child([sys.executable, "-c", "import cogvlm_jax.cli, cogvlm_jax.convert.convert_hf, "
                                         "orbax.checkpoint, jax; jax.numpy.zeros(1).block_until_ready()"], log)
         hf = checkpoint_config(layers, **dims)
         cfg = f"{layers}L-{hf['hidden_size']}w-v{hf['vocab_size']}"
@@ -226,7 +227,8 @@ def _run_case(name: str, layers: int, dims: dict, workdir: str | None) -> list[d
 
 
 def _shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    from cogvlm_jax.convert import mapping
+
     from cogvlm_jax.config import CogVLMConfig
-    from convert import mapping
 
     return mapping.expected_hf_keys(CogVLMConfig.from_hf_dict(hf))

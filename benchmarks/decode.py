@@ -61,14 +61,14 @@ POOL = 1 << 22  # distinct random values the parameters are tiled from
 
 
 def make_params(config, dtype: str, seed: int = 0):
-    """Random parameters in ``dtype``, shaped like ``cogvlm_jax.model.init_params``'s (normal 0.02, norm
+    """Random parameters in ``dtype``, shaped like ``cogvlm_jax.models.cogvlm.init_params``'s (normal 0.02, norm
     scales one, biases zero).
 
     Each leaf is tiled from a pool of 4M normal draws at a random offset: ``init_params`` runs the
     model eagerly and drawing every value is slow on a small CPU (tens of seconds at the mid size).
     Speed does not depend on the values, as long as they are ordinary floats (no denormals).
     """
-    from cogvlm_jax.model import abstract_params
+    from cogvlm_jax.models.cogvlm import abstract_params
 
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal(POOL, np.float32) * np.float32(0.02)
@@ -94,7 +94,7 @@ _LANGUAGE_LAYER_LEAF = re.compile(r"^layers_\d+/(?!.*vision).*")  # every decode
 def kv_slots_read(cache_length: int, first_index: int, steps: int) -> float:
     """Cache slots one decode step reads per layer and row, averaged over ``steps`` steps whose first
     writes slot ``first_index`` (the prompt bucket): the rule of ``attention.attend_cache``."""
-    from cogvlm_jax.attention import CACHE_CHUNK
+    from cogvlm_jax.models.attention import CACHE_CHUNK
 
     if cache_length <= CACHE_CHUNK:
         return float(cache_length)
@@ -107,7 +107,7 @@ def decode_bytes(config, dtype: str, batch: int, cache_slots: float) -> dict[str
     weights and a KV cache stored in ``dtype``: the dtype the loop reads, ``DecodeBench.compute_dtype``
     (float32 for a bfloat16 model on CPU, whose weights ``cogvlm_jax.load`` widens once; see
     ``api.weights_for_compute``). ``cache_slots``: the KV slots read per layer and row (``kv_slots_read``)."""
-    from cogvlm_jax.model import abstract_params
+    from cogvlm_jax.models.cogvlm import abstract_params
 
     params = abstract_params(config, DTYPES[dtype])
     flat = {"/".join(str(getattr(k, "key", k)) for k in kp): leaf
@@ -140,10 +140,9 @@ class DecodeBench:
     """A model, its random params and its generator, reused across the cases of one (config, dtype)."""
 
     def __init__(self, config_name: str, dtype: str, params=None):
-        from cogvlm_jax.model import CogVLM
-        from cogvlm_jax.sampling import Generator
-
         from cogvlm_jax.api import compute_dtype, weights_for_compute
+        from cogvlm_jax.generation.sampling import Generator
+        from cogvlm_jax.models.cogvlm import CogVLM
 
         self.config_name, self.dtype = config_name, dtype
         self.config = load_bench_config(config_name)
@@ -156,14 +155,14 @@ class DecodeBench:
 
     def cache_length(self, case: DecodeCase) -> int:
         """As ``cogvlm_jax.api``: the prompt bucket plus max_new_tokens rounded up to 16."""
-        from cogvlm_jax.api import bucket_length
+        from cogvlm_jax.generation.buckets import bucket_length
 
         if case.cache_length is not None:
             return case.cache_length
         return bucket_length(case.prompt_length) + -(-case.steps // 16) * 16
 
     def fresh_state(self, case: DecodeCase, inputs):
-        from cogvlm_jax.sampling import SamplingParams
+        from cogvlm_jax.generation.sampling import SamplingParams
 
         sp = (SamplingParams.make(case.batch, temperature=0.8, top_k=50, top_p=0.9) if case.do_sample
               else SamplingParams.make(case.batch))
@@ -178,7 +177,7 @@ class DecodeBench:
     def measure(self, case: DecodeCase, paired=None) -> dict[str, Any]:
         """Best of ``case.repeats`` timed loops; ``paired`` (a ``bandwidth.PairedProbe``): ``PAIRED_PASSES``
         probe passes before each repetition (untimed), so the probe's best comes from the same minutes."""
-        from cogvlm_jax.api import bucket_length
+        from cogvlm_jax.generation.buckets import bucket_length
 
         length = bucket_length(case.prompt_length)
         inputs = tuple(jnp.asarray(a) for a in image_prompt(self.config, case.batch, length))
@@ -202,7 +201,7 @@ class DecodeBench:
 
     def compiled_decode_text(self, case: DecodeCase) -> str:
         """The optimised HLO of the decode loop (for ``hlo_findings``)."""
-        from cogvlm_jax.api import bucket_length
+        from cogvlm_jax.generation.buckets import bucket_length
 
         inputs = tuple(jnp.asarray(a) for a in image_prompt(self.config, case.batch, bucket_length(case.prompt_length)))
         state = self.fresh_state(case, inputs)

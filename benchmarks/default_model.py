@@ -16,7 +16,7 @@ from benchmarks.common import emit, record
 
 def main(argv=None) -> int:
     import cogvlm_jax
-    from cogvlm_jax import synthetic
+    from cogvlm_jax.recipes import synthetic
     from cogvlm_jax.recipes.default_model import MAX_SHAPES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.default_model", description=__doc__.split("\n")[0])

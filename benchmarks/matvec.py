@@ -38,7 +38,6 @@ import numpy as np
 from benchmarks.common import best_time, load_bench_config, record
 from benchmarks.decode import DTYPES
 
-
 VARIANTS = ("dot", "dot_t", "dot_inloop", "mulsum", "mulsum_t")
 TRANSPOSED = ("dot_t", "mulsum_t")  # weights stored [out, in]
 

@@ -31,7 +31,7 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> floa
     """FLOP/s of a jitted [n, n] @ [n, n] in the dtype a model loaded in ``dtype`` multiplies in
     (``api.compute_dtype``: float32 on CPU for bfloat16), float32 accumulation, the model's precision."""
     from cogvlm_jax.api import compute_dtype
-    from cogvlm_jax.layers import precision_for
+    from cogvlm_jax.models.layers import precision_for
 
     dt = compute_dtype(DTYPES[dtype])
     rng = np.random.default_rng(0)
@@ -65,7 +65,7 @@ def prefill_flops(config, length: int, batch: int = 1) -> float:
 # --------------------------------------------------------------------------- the benchmark
 def measure(bench: DecodeBench, length: int, batch: int, repeats: int) -> dict:
     """Best-of-N wall time of ``Generator.start`` (prefill + cache init) for one-image prompts."""
-    from cogvlm_jax.sampling import SamplingParams
+    from cogvlm_jax.generation.sampling import SamplingParams
 
     inputs = tuple(jnp.asarray(a) for a in image_prompt(bench.config, batch, length))
     sp = SamplingParams.make(batch)

@@ -4,7 +4,7 @@ re-implements a piece inside this process only).
 * ``vit_kernel_layouts``: the ViT's and the adapter's ``Dense`` kernels stored ``[out, in]``
   (``layers.Dense(out_in=True)``, as the decoder's are since it measured faster for one-row decode
   products) instead of ``[in, out]``, timed on the image encoder (ViT + adapter), which only prefill
-  runs. Implemented by swapping the ``Dense`` that ``cogvlm_jax.vision`` and ``cogvlm_jax.adapter``
+  runs. Implemented by swapping the ``Dense`` that ``cogvlm_jax.models.vision`` and ``cogvlm_jax.models.adapter``
   use for ``Dense(out_in=True)``. Measured equal within noise (float32 68 vs 72 ms, bfloat16 100 vs
   98 ms on the 2-core VM), so they stay ``[in, out]``.
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import record
 
-_VIT_MODULES = ("cogvlm_jax.vision", "cogvlm_jax.adapter")
+_VIT_MODULES = ("cogvlm_jax.models.vision", "cogvlm_jax.models.adapter")
 
 
 @contextlib.contextmanager
@@ -30,7 +30,7 @@ def vit_out_in():
     """Within the block, models built from ``cogvlm_jax`` store the ViT/adapter kernels ``[out, in]``."""
     import importlib
 
-    from cogvlm_jax.layers import Dense
+    from cogvlm_jax.models.layers import Dense
 
     mods = [importlib.import_module(m) for m in _VIT_MODULES]
     saved = [m.Dense for m in mods]
@@ -53,7 +53,7 @@ def vit_kernel_layouts(quick: bool = False, dtypes=("float32", "bfloat16"), roun
     import time
 
     from benchmarks.decode import DTYPES, image_prompt, load_bench_config, make_params
-    from cogvlm_jax.model import CogVLM
+    from cogvlm_jax.models.cogvlm import CogVLM
 
     recs = []
     config = load_bench_config("mid")

@@ -115,8 +115,8 @@ def closed_loop(port: int, streams: int, per_stream: int, bodies: list[dict]) ->
 
 
 def _server(model, slots: int, max_length: int, prefill_chunk: int = 0):
-    from cogvlm_jax.engine import Engine
-    from cogvlm_jax.server import BackgroundServer, ServerConfig
+    from cogvlm_jax.serving.engine import Engine
+    from cogvlm_jax.serving.server import BackgroundServer, ServerConfig
 
     engine = Engine(model, slots=slots, max_length=max_length, max_queue=256, prefill_chunk=prefill_chunk)
     return BackgroundServer(engine, ServerConfig("bench")).start()
@@ -164,8 +164,9 @@ def run(quick: bool = False, config_name: str = "mid", dtype: str = "float32", s
 
 def _run_workload(workload: str, quick: bool, config_name: str, dtype: str, streams, max_tokens: Optional[int],
                   per_stream: Optional[int], rounds: Optional[int], prefill_chunk: int) -> list[dict]:
-    from cogvlm_jax.api import Model, bucket_length
-    from cogvlm_jax.tokenizer import load_tokenizer
+    from cogvlm_jax.api import Model
+    from cogvlm_jax.generation.buckets import bucket_length
+    from cogvlm_jax.inputs.tokenizer import load_tokenizer
 
     max_tokens = max_tokens or (16 if quick else 64)
     per_stream = per_stream or (1 if quick else 2)

@@ -6,7 +6,7 @@
 """
 
 from cogvlm_jax.api import InputError, Model, load
-from cogvlm_jax.axes import make_mesh
 from cogvlm_jax.config import CogVLMConfig, ConfigError, load_config, preset
+from cogvlm_jax.parallel.axes import make_mesh
 
 __all__ = ["CogVLMConfig", "ConfigError", "InputError", "Model", "load", "load_config", "make_mesh", "preset"]

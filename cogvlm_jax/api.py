@@ -12,52 +12,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import program, sampling
 from cogvlm_jax.config import CogVLMConfig, load_config
-from cogvlm_jax.model import CogVLM
-from cogvlm_jax.multihost import to_global, to_host
-from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS
+from cogvlm_jax.convert.params import read_params
+from cogvlm_jax.generation import sampling
+from cogvlm_jax.generation.buckets import bucket_length, round_up
+from cogvlm_jax.generation.errors import InputError
+from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
+from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer
+from cogvlm_jax.models.cogvlm import CogVLM
+from cogvlm_jax.models.layers import widens_on_cpu
+from cogvlm_jax.parallel import program
+from cogvlm_jax.parallel.multihost import to_global, to_host
+from cogvlm_jax.parallel.sharding import batch_sharding, param_shardings
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The small model shipped in the package (``recipes/default_model.py`` made it): ``load()`` with no path.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
-MIN_BUCKET = 16
 STREAM_CHUNK = 4  # tokens generated on device between two stream yields
-
-
-class InputError(ValueError):
-    """Model inputs that would give a wrong answer; the message says what is wrong."""
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def bucket_length(n: int, limit: Optional[int] = None) -> int:
-    """The length a prompt of ``n`` tokens is left-padded to: one compile per bucket.
-
-    The next power of two (at least 16). ``limit``: the most slots the prompt may take (the cache or the
-    context less the answer's room). Where the power of two passes it, the prompt is padded less, to the
-    first of: a multiple of an eighth of that power of two, a multiple of 16, ``n`` itself, that fits.
-    So a prompt that fits unpadded is never refused for its padding, and near the limit the buckets stay
-    few (eight per octave, a finer step only within 16 tokens of it). Past ``limit``: ``n``.
-    """
-    b = MIN_BUCKET
-    while b < n:
-        b *= 2
-    if limit is None or b <= limit:
-        return b
-    for step in (max(MIN_BUCKET, b // 8), MIN_BUCKET):
-        if _round_up(n, step) <= limit:
-            return _round_up(n, step)
-    return n
 
 
 def compute_dtype(dtype):
     """The dtype a model loaded in ``dtype`` computes in: float32 on CPU for bfloat16 / float16 (see
     :func:`weights_for_compute`), else ``dtype``."""
-    from cogvlm_jax.layers import widens_on_cpu
 
     return jnp.dtype(jnp.float32) if widens_on_cpu(dtype) else jnp.dtype(dtype)
 
@@ -99,8 +76,6 @@ class Model:
         self.tokenizer = tokenizer
         self.mesh = mesh
         if mesh is not None:  # place (or re-place) every parameter in its sharded layout
-            from cogvlm_jax.sharding import param_shardings
-
             params = jax.device_put(params, param_shardings(config, mesh))
         self.params = weights_for_compute(params, _DTYPES[dtype])
         self.module = CogVLM(config, compute_dtype(_DTYPES[dtype]), vit_query_chunk)
@@ -116,7 +91,6 @@ class Model:
         """
         if self.mesh is None:
             return arrays
-        from cogvlm_jax.sharding import batch_sharding
 
         return tuple(None if a is None else to_global(a, batch_sharding(self.mesh, a.shape)) for a in arrays)
 
@@ -187,7 +161,7 @@ class Model:
         if self.mesh is not None:  # per-row settings live with their rows
             sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
         state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=max_new_tokens,
-                                      cache_length=length + _round_up(max_new_tokens, 16),
+                                      cache_length=length + round_up(max_new_tokens, 16),
                                       collect_logits=collect_logits)
         return state, temperature > 0
 
@@ -233,7 +207,6 @@ class Model:
         ``max_image_pixels``: an image file declaring more pixels is refused before it is decoded
         (``preprocess.ImageTooLargeError``); None: no limit but PIL's own.
         """
-        from cogvlm_jax.preprocess import build_inputs
 
         tok = self._need_tokenizer("build_inputs")
         return build_inputs(tok, self.config, query, history=history, image=image, template=template,
@@ -256,8 +229,6 @@ class Model:
     def stream(self, image, query, history=(), template=None, *, max_new_tokens=256, temperature=0.0,
                top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[str]:
         """The answer as text pieces, as it is generated."""
-        from cogvlm_jax.tokenizer import StreamDecoder
-
         inputs = self.build_inputs(query, history, image, template)
         ids = inputs["input_ids"]
         pv = None if inputs["pixel_values"] is None else inputs["pixel_values"][None]
@@ -278,24 +249,12 @@ class Model:
             yield tail
 
 
-def _find_tokenizer(path: Optional[str]):
-    from cogvlm_jax.tokenizer import load_tokenizer
-
-    if path is None:
-        return None
-    for cand in (path, os.path.join(path, "tokenizer")):
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if os.path.isfile(os.path.join(cand, name)):
-                return load_tokenizer(cand)
-    return None
-
-
 def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
          progress: bool = True) -> Model:
     """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
 
     Without ``path``: the small default model shipped in the package (trained from scratch on the
-    coloured-shapes task of ``cogvlm_jax.synthetic``; see the README), with its tokenizer.
+    coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see the README), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
     rounded to it and kept in float32, see :func:`weights_for_compute`).
     ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
@@ -305,8 +264,6 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
     On a mesh over several processes (after ``jax.distributed.initialize``) every process calls this.
     """
-    from cogvlm_jax import checkpoint
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(_DTYPES)}")
     if path is None:
@@ -317,28 +274,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
-    want = _DTYPES[dtype]
-    ours = checkpoint.is_our_checkpoint(path)
-    if mesh is None:
-        place = lambda _path, a: jnp.asarray(a, dtype=want)  # noqa: E731
-        if ours:
-            params = jax.tree_util.tree_map(lambda a: place(None, a), checkpoint.restore_params(path))
-        else:
-            from convert.convert_hf import read_hf_checkpoint
-
-            params = read_hf_checkpoint(path, config, progress=progress, place=place)
-    elif ours:
-        from cogvlm_jax.sharding import abstract_sharded_params
-
-        params = checkpoint.restore_params(path, abstract_sharded_params(config, mesh, want))
-    else:
-        from convert.hf_sharded import read_hf_sharded
-
-        from cogvlm_jax.sharding import param_shardings
-
-        shardings = checkpoint.flatten_tree(param_shardings(config, mesh))
-        params = read_hf_sharded(path, config, shardings, want, progress=progress)
-    tok = _find_tokenizer(tokenizer) if tokenizer is not None else _find_tokenizer(path)
+    params = read_params(path, config, _DTYPES[dtype], mesh=mesh, progress=progress)
+    tok = find_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
     return Model(config, params, tok, dtype, mesh=mesh)

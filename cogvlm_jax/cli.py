@@ -12,8 +12,8 @@ import argparse
 import os
 import sys
 
-from cogvlm_jax import multihost
 from cogvlm_jax.api import DEFAULT_MODEL_NAME
+from cogvlm_jax.parallel import multihost
 
 TEMPLATES = ("chat", "vqa", "base")
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -51,7 +51,7 @@ def _load(args, mesh):
 
 def _image(path):
     """The image at ``path`` (read by process 0 and shared when several processes run), or None."""
-    from cogvlm_jax.preprocess import load_image
+    from cogvlm_jax.inputs.preprocess import load_image
 
     if path is None:
         return None
@@ -109,7 +109,7 @@ def _query() -> bytes:
 
 
 def cmd_chat(args) -> int:
-    from cogvlm_jax.api import InputError
+    from cogvlm_jax.generation.errors import InputError
 
     mesh = multihost.init_from_args(args)
     out = _out()
@@ -157,7 +157,7 @@ def _cpu_mesh(text: str):
     """A mesh of this shape over CPU devices (made up to the count needed): it sets the stored chunk layout."""
     import jax
 
-    from cogvlm_jax.axes import make_mesh
+    from cogvlm_jax.parallel.axes import make_mesh
 
     shape = multihost.parse_mesh(text)
     n = shape[0] * shape[1] * shape[2]
@@ -172,7 +172,7 @@ def _cpu_mesh(text: str):
 
 
 def cmd_convert(args) -> int:
-    from convert.convert_hf import main_convert
+    from cogvlm_jax.training.export import main_convert
 
     mesh = _cpu_mesh(args.mesh) if args.mesh else None
     return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh) or 0
@@ -180,7 +180,7 @@ def cmd_convert(args) -> int:
 
 def cmd_plan(args) -> int:
     from cogvlm_jax.config import load_config
-    from cogvlm_jax.plan import format_plan, plan
+    from cogvlm_jax.parallel.planner import format_plan, plan
 
     data, fsdp, tensor = multihost.parse_mesh(args.mesh)
     cfg = load_config(args.config)
@@ -191,9 +191,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from benchmarks.run import main as bench_main
+    """Runs ``python -m benchmarks.run`` in the source checkout this package was installed from: the
+    benchmarks are not installed with the package (they read the test fixtures)."""
+    import subprocess
 
-    return bench_main(args.bench_args) or 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
+        raise FileNotFoundError("cogvlm-jax bench runs from a source checkout (pip install -e .); this installation "
+                                f"has no benchmarks/ beside {root}/cogvlm_jax")
+    return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.bench_args], cwd=root)
 
 
 # cogvlm-jax train: option -> (RunConfig / TrainConfig field, default). Defaults are applied here, so that
@@ -216,8 +222,8 @@ def _run_config(args, base=None):
     import dataclasses
     import os
 
-    from cogvlm_jax.finetune import RunConfig
-    from cogvlm_jax.train import TrainConfig
+    from cogvlm_jax.training.run import RunConfig
+    from cogvlm_jax.training.trainer import TrainConfig
 
     top, tc = {}, {}
     for opt, (field, default) in _TRAIN_OPTIONS.items():
@@ -249,7 +255,7 @@ def _run_config(args, base=None):
 
 
 def cmd_train(args) -> int:
-    from cogvlm_jax import finetune
+    from cogvlm_jax.training import run as finetune
 
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
@@ -268,8 +274,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def load_engine_and_config(args, mesh=None) -> tuple:
+    """From the ``cogvlm-jax serve`` arguments (see ``cli.py``); the model on ``mesh`` if given."""
+    import cogvlm_jax
+    from cogvlm_jax.serving.engine import Engine
+    from cogvlm_jax.serving.server import ServerConfig
+
+    if args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    if args.image_root is not None and not os.path.isdir(args.image_root):
+        raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
+    kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process())
+    model = cogvlm_jax.load(args.model, **kw)
+    name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
+    engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
+                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,
+                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                          default_max_tokens=args.default_max_tokens,
+                          drain_seconds=args.drain_seconds)
+    return engine, config
+
+
 def cmd_serve(args) -> int:
-    from cogvlm_jax.server import load_engine_and_config, serve
+    from cogvlm_jax.serving.server import serve
 
     mesh = multihost.init_from_args(args)
     out = _out()

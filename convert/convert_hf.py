@@ -32,15 +32,32 @@ from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+from cogvlm_jax.convert import checkpoint, mapping
+from cogvlm_jax.convert.checkpoint import (
+    CheckpointError,
+    LazyArray,
+    atomic_directory,
+    block_reader,
+    block_rows,
+    check_destination,
+    copy_files,
+    flatten_tree,
+    is_our_checkpoint,
+    read_meta,
+    save_params,
+    subset_reader,
+    tiles,
+    trim_heap,
+    unflatten_tree,
+    write_json,
+)
 from tqdm.auto import tqdm
 
-from cogvlm_jax import checkpoint
-from cogvlm_jax.checkpoint import (
-    CheckpointError, LazyArray, atomic_directory, block_reader, check_destination, copy_files, flatten_tree,
-    block_rows, is_our_checkpoint, read_meta, save_params, subset_reader, tiles, trim_heap, unflatten_tree,
-    write_json)
 from cogvlm_jax.config import CogVLMConfig, load_config
-from convert import mapping
+from cogvlm_jax.parallel import multihost
+from cogvlm_jax.parallel.multihost import to_host
+from cogvlm_jax.parallel.sharding import param_shardings
+from cogvlm_jax.training.trainer import is_training_checkpoint
 
 __all__ = [
     "CheckpointError", "read_hf_checkpoint", "write_hf_checkpoint", "convert_hf_to_ours",
@@ -62,15 +79,15 @@ _MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 _MAX_LISTED = 30  # problems listed in one error message
 
 # safetensors dtype code -> numpy dtype (little endian), and its rank in the library's data order.
-_DTYPES = {
+DTYPES = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"),
     "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "U64": np.dtype("<u8"),
 }
-_RANK = {code: i for i, code in enumerate(_DTYPES)}  # the library sorts tensors by this, descending
-_CODE = {dt: code for code, dt in _DTYPES.items()}
+_RANK = {code: i for i, code in enumerate(DTYPES)}  # the library sorts tensors by this, descending
+_CODE = {dt: code for code, dt in DTYPES.items()}
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 
 
@@ -154,9 +171,9 @@ class SafetensorsFile:
                 code, shape, (a, b) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise self._corrupt(f"header entry {name} is malformed: {entry!r}") from None
-            if code not in _DTYPES:
+            if code not in DTYPES:
                 raise self._corrupt(f"tensor {name} has unknown dtype {code}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[code].itemsize
+            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
             if b - a != nbytes or a < 0:
                 raise self._corrupt(f"tensor {name} {code}{list(shape)} needs {nbytes} bytes but its offsets "
                                     f"[{a}, {b}] span {b - a}")
@@ -177,7 +194,7 @@ class SafetensorsFile:
         buf = np.empty(info.end - info.start, np.uint8)
         with open(self.path, "rb", buffering=0) as f:
             self._read_into(f, info.start, memoryview(buf), name)
-        return buf.view(_DTYPES[info.code]).reshape(info.shape)
+        return buf.view(DTYPES[info.code]).reshape(info.shape)
 
     def read_region(self, name: str, index) -> np.ndarray:
         """``read(name)[index]`` (``index``: one step-1 slice per axis) reading only the bytes it needs.
@@ -186,7 +203,7 @@ class SafetensorsFile:
         read each (a row block of a matrix is one read; a column block is one read per row).
         """
         info = self.tensors[name]
-        dtype = _DTYPES[info.code]
+        dtype = DTYPES[info.code]
         shape = info.shape
         if len(index) != len(shape):
             raise ValueError(f"{name}: region {index} does not match shape {shape}")
@@ -230,7 +247,7 @@ class _OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.code].itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.code].itemsize
 
 
 def _write_order(tensors: list[_OutTensor]) -> list[_OutTensor]:
@@ -327,7 +344,7 @@ def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     raise _no_weights(path)
 
 
-def _open_tensors(path: str) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:
+def open_tensors(path: str) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:
     """Every tensor of the checkpoint -> (its file, its header entry); cross-checked with the index."""
     files, weight_map = _weight_files(path)
     entries: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
@@ -350,7 +367,7 @@ def _open_tensors(path: str) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:
     return entries
 
 
-def _check_keys(entries: Mapping[str, tuple[SafetensorsFile, TensorInfo]], config: CogVLMConfig, where: str) -> None:
+def check_keys(entries: Mapping[str, tuple[SafetensorsFile, TensorInfo]], config: CogVLMConfig, where: str) -> None:
     """Every missing, unexpected, mis-shaped or non-float tensor, in one error."""
     expected = mapping.expected_hf_keys(config)
     optional = mapping.optional_hf_keys(config)
@@ -383,7 +400,7 @@ def _check_inv_freq(key: str, stored: np.ndarray, config: CogVLMConfig) -> None:
             f"config (max relative difference {err:.3g}); is the config.json the checkpoint's own?")
 
 
-def _note_inv_freq(key: str, array: np.ndarray, config: CogVLMConfig, facts: dict[str, Any]) -> None:
+def note_inv_freq(key: str, array: np.ndarray, config: CogVLMConfig, facts: dict[str, Any]) -> None:
     """Check a stored rotary buffer and record in ``facts`` how it was stored (an export reproduces it)."""
     _check_inv_freq(key, array, config)
     if "inv_freq_dtype" not in facts:
@@ -394,7 +411,7 @@ def _note_inv_freq(key: str, array: np.ndarray, config: CogVLMConfig, facts: dic
             facts["inv_freq"] = array.astype(np.float64).tolist()
 
 
-def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None, lazy: bool = False,
+def load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool, place=None, lazy: bool = False,
              chunks: Mapping[tuple, tuple[int, ...]] | None = None):
     """(config, params, facts about the source an export needs) of an HF checkpoint.
 
@@ -410,8 +427,8 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
     elif isinstance(config, str):
         config = load_config(config)
     dtype = as_dtype(dtype)
-    entries = _open_tensors(path)
-    _check_keys(entries, config, path)
+    entries = open_tensors(path)
+    check_keys(entries, config, path)
     flat: dict[tuple, Any] = {}
     facts: dict[str, Any] = {}
     # Read file by file in data order: sequential I/O on large shards.
@@ -436,11 +453,11 @@ def _load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool
         st, info = entries[key]
         path_ours, transform = mapping.hf_to_ours_key(key)
         if path_ours is None:  # the rotary buffer: check it, remember how it was stored, do not keep it
-            _note_inv_freq(key, st.read(key), config, facts)
+            note_inv_freq(key, st.read(key), config, facts)
             bar.update(1)
         elif lazy:
             shape = mapping.ours_shape(info.shape, transform)
-            flat[path_ours] = LazyArray(shape, dtype or _DTYPES[info.code], functools.partial(read, key),
+            flat[path_ours] = LazyArray(shape, dtype or DTYPES[info.code], functools.partial(read, key),
                                         (st.path, info.start), functools.partial(read_region, key, transform, shape),
                                         mapping.rows_axis(transform, len(shape)), (chunks or {}).get(path_ours))
         else:
@@ -463,7 +480,7 @@ def read_hf_checkpoint(path: str, config: CogVLMConfig | str | None = None, dtyp
     ``place(path, array)``: called on each tensor as it is read (e.g. to put it on devices in its
     sharded layout), so the host never holds more than one tensor; its result goes into the tree.
     """
-    return _load_hf(path, config, dtype, progress, place)[1]
+    return load_hf(path, config, dtype, progress, place)[1]
 
 
 # =========================================================================== writing HF checkpoints
@@ -481,7 +498,7 @@ Fetch = Callable[[list[tuple]], dict[tuple, Any]]
 
 
 @dataclasses.dataclass
-class _Source:
+class Source:
     specs: Specs
     fetch: Fetch
     # ``block_rows(leaf, axis)``: indices of ``axis`` per block the leaf can be read in, or None (read it whole)
@@ -505,24 +522,22 @@ class _Source:
         return self._plans[leaf]
 
 
-def _tree_source(params: Mapping) -> _Source:
-    from cogvlm_jax.multihost import to_host
-
+def tree_source(params: Mapping) -> Source:
     flat = flatten_tree(params)
     # to_host: a parameter sharded over several processes' devices is gathered (all processes fetch the same
-    # paths in the same order, see _write_hf)
-    return _Source({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
+    # paths in the same order, see write_hf)
+    return Source({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
                    lambda paths: {p: to_host(flat[p]) for p in paths})
 
 
-def _orbax_source(ckpt_dir: str) -> _Source:
+def orbax_source(ckpt_dir: str) -> Source:
     stored, read = subset_reader(ckpt_dir)
     rows, read_block = block_reader(ckpt_dir)
-    return _Source({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
+    return Source({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
                    lambda paths: flatten_tree(read(paths)), rows, read_block)
 
 
-def _lazy_source(params: Mapping) -> _Source:
+def lazy_source(params: Mapping) -> Source:
     """A source over a tree of :class:`LazyArray` leaves (an HF checkpoint read lazily): each made when
     fetched, one that can make regions of itself read in blocks along its ``block_axis``."""
     flat = flatten_tree(params)
@@ -531,12 +546,12 @@ def _lazy_source(params: Mapping) -> _Source:
         a = flat[leaf]
         return block_rows(a.shape, np.dtype(a.dtype).itemsize, axis) if a.region is not None and \
             axis == a.block_axis else None
-    return _Source({p: (tuple(a.shape), np.dtype(a.dtype)) for p, a in flat.items()},
+    return Source({p: (tuple(a.shape), np.dtype(a.dtype)) for p, a in flat.items()},
                    lambda paths: {p: flat[p].made() for p in paths}, rows,
                    lambda leaf, index: flat[leaf].made_region(index))
 
 
-def _union_source(parts: list[tuple[_Source, Mapping[tuple, tuple]]]) -> _Source:
+def union_source(parts: list[tuple[Source, Mapping[tuple, tuple]]]) -> Source:
     """One source over the leaves of several: each part is a source and {our path: its path there}."""
     where = {p: (src, q) for src, names in parts for p, q in names.items()}
     if len(where) != sum(len(names) for _, names in parts):
@@ -554,37 +569,8 @@ def _union_source(parts: list[tuple[_Source, Mapping[tuple, tuple]]]) -> _Source
     def rows(leaf: tuple, axis: int) -> int | None:
         src, q = where[leaf]
         return None if src.block_rows is None else src.block_rows(q, axis)
-    return _Source({p: src.specs[q] for p, (src, q) in where.items()}, fetch, rows,
+    return Source({p: src.specs[q] for p, (src, q) in where.items()}, fetch, rows,
                    lambda leaf, index: where[leaf][0].read_block(where[leaf][1], index))
-
-
-def _training_source(ckpt_dir: str):
-    """(source, config, the run's dtype, files to carry) of a checkpoint ``cogvlm-jax train`` saved
-    (``OUT/checkpoints/step_N``): the trained parameters from its state, the frozen ones (vision-expert
-    training) from the run's starting model, as the run's own export would write them."""
-    from cogvlm_jax import finetune, train
-
-    with open(os.path.join(ckpt_dir, train.META_FILE)) as f:
-        meta = json.load(f)
-    if "run" not in meta:
-        raise CheckpointError(f"{ckpt_dir}/{train.META_FILE} records no run settings; only checkpoints "
-                              "`cogvlm-jax train` saved can be exported")
-    run = finetune.RunConfig.from_dict(meta["run"])
-    if run.train.trainable == "lora":
-        raise CheckpointError(f"{ckpt_dir} holds LoRA factors; export them merged with "
-                              f"`cogvlm-jax train --out RUN --resume` (it writes RUN/{finetune.EXPORT})")
-    trained = _orbax_source(os.path.join(ckpt_dir, train.STATE_DIR))
-    parts = [(trained, {p[1:]: p for p in trained.specs if p[0] == "trainable"})]
-    config = load_config(run.model)
-    if run.train.trainable != "full":
-        if is_our_checkpoint(run.model):
-            base = _orbax_source(run.model)
-        else:
-            _, params, _, bar = _load_hf(run.model, config, None, False, lazy=True)
-            bar.close()
-            base = _lazy_source(params)
-        parts.append((base, {p: p for p in base.specs if p not in parts[0][1]}))
-    return _union_source(parts), config, run.dtype, finetune.tokenizer_files(run)
 
 
 def _plan_outputs(specs: Specs, config: CogVLMConfig, dtype: np.dtype | None,
@@ -650,11 +636,11 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
     parameters of one output file at a time are gathered on every process, process 0 writes, and all
     return once the checkpoint is in place.
     """
-    return _write_hf(_tree_source(params), config, out_dir, max_shard_bytes, dtype, inv_freq_dtype,
+    return write_hf(tree_source(params), config, out_dir, max_shard_bytes, dtype, inv_freq_dtype,
                      inv_freq_values, overwrite, extra_files, progress)
 
 
-def _fetch_runs(source: _Source, shard: list[_OutTensor]) -> list[list[tuple]]:
+def _fetch_runs(source: Source, shard: list[_OutTensor]) -> list[list[tuple]]:
     """The leaves of a shard in write order, cut into runs of at most ``FETCH_BYTES`` (or one tensor): the
     fetches an export makes, in order (with several processes every process makes the same ones). Leaves
     read in blocks are not fetched."""
@@ -673,7 +659,7 @@ def _fetch_runs(source: _Source, shard: list[_OutTensor]) -> list[list[tuple]]:
     return [run for run in runs if run]
 
 
-def _producer(source: _Source, shard: list[_OutTensor],
+def _producer(source: Source, shard: list[_OutTensor],
               inv_freq: np.ndarray) -> Callable[[_OutTensor], np.ndarray | Iterable[np.ndarray]]:
     """Make each tensor of a shard, in write order, from its leaf: device -> host, HF layout, dtype.
 
@@ -689,7 +675,7 @@ def _producer(source: _Source, shard: list[_OutTensor],
         shape = source.specs[t.source][0]
         for index in tiles(shape, tuple(rows if d == axis else n for d, n in enumerate(shape))):
             trim_heap()
-            yield mapping.to_hf(t.source, source.read_block(t.source, index))[1].astype(_DTYPES[t.code], copy=False)
+            yield mapping.to_hf(t.source, source.read_block(t.source, index))[1].astype(DTYPES[t.code], copy=False)
 
     def produce(t: _OutTensor) -> np.ndarray | Iterable[np.ndarray]:
         if t.source is None:
@@ -702,13 +688,12 @@ def _producer(source: _Source, shard: list[_OutTensor],
             leaves.update(source.fetch(runs[run_of[t.source]]))
         # pop: the reference to a leaf is dropped as soon as the leaf is written
         array = mapping.to_hf(t.source, np.asarray(leaves.pop(t.source)))[1]
-        return array.astype(_DTYPES[t.code], copy=False)
+        return array.astype(DTYPES[t.code], copy=False)
     return produce
 
 
-def _write_hf(source: _Source, config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
+def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
               inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool) -> str:
-    from cogvlm_jax import multihost
 
     multihost.from_main(lambda: check_destination(out_dir, overwrite) or b"")  # process 0's refusal, on all
     dtype = as_dtype(dtype)
@@ -755,14 +740,14 @@ def carried_files(src: str) -> list[str]:
     return list(found.values())
 
 
-def _check_not_same(src: str, dst: str) -> None:
+def check_not_same(src: str, dst: str) -> None:
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise CheckpointError(f"source and destination are the same directory: {src}")
 
 
 def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = False, progress: bool = True,
                        mesh=None) -> str:
-    """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.checkpoint).
+    """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.convert.checkpoint).
 
     Streamed: each tensor is read just before it is written, a tensor larger than ``BLOCK_BYTES`` a row
     block at a time (stored in chunks of those blocks). ``mesh``: store every tensor in chunks of its
@@ -772,16 +757,14 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
     is one chunk, which every loading process reads whole. Only the mesh's shape matters here: nothing
     is placed on its devices.
     """
-    _check_not_same(src, dst)
+    check_not_same(src, dst)
     check_destination(dst, overwrite)  # fail before reading gigabytes
     config, chunks = None, None
     if mesh is not None:
-        from cogvlm_jax.sharding import param_shardings
-
         config = load_config(src)
         shapes = mapping.expected_params_shapes(config)
         chunks = {p: tuple(s.shard_shape(shapes[p])) for p, s in flatten_tree(param_shardings(config, mesh)).items()}
-    config, params, facts, bar = _load_hf(src, config, dtype, progress, lazy=True, chunks=chunks)
+    config, params, facts, bar = load_hf(src, config, dtype, progress, lazy=True, chunks=chunks)
     if dtype is not None:
         config = config.replace(torch_dtype=as_dtype(dtype).name)
     try:
@@ -795,21 +778,18 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
                        overwrite: bool = False, progress: bool = True) -> str:
     """Our checkpoint ``src`` -> HF safetensors checkpoint at ``dst`` (published names and layout).
 
-    ``src`` may also be a checkpoint ``cogvlm-jax train`` saved (``OUT/checkpoints/step_N``, full or
-    vision-expert training): its parameters are written as the run's own export writes them, by default in
-    the run's dtype; large ones are read in row blocks as from a converted checkpoint."""
-    _check_not_same(src, dst)
+    A checkpoint ``cogvlm-jax train`` saved is exported by ``cogvlm_jax.training.export.to_hf``."""
+    check_not_same(src, dst)
     check_destination(dst, overwrite)
-    from cogvlm_jax.train import is_training_checkpoint
 
     if is_training_checkpoint(src):
         source, config, run_dtype, extra = _training_source(src)
-        return _write_hf(source, config, dst, max_shard_bytes, run_dtype if dtype is None else dtype, None, None,
+        return write_hf(source, config, dst, max_shard_bytes, run_dtype if dtype is None else dtype, None, None,
                          overwrite, extra, progress)
     if not is_our_checkpoint(src):
         raise CheckpointError(f"{src} is not a cogvlm-jax checkpoint (needs config.json and params/)")
     facts = read_meta(src).get("hf", {})
-    return _write_hf(_orbax_source(src), load_config(src), dst, max_shard_bytes, dtype, facts.get("inv_freq_dtype"),
+    return write_hf(orbax_source(src), load_config(src), dst, max_shard_bytes, dtype, facts.get("inv_freq_dtype"),
                      facts.get("inv_freq"), overwrite, carried_files(src), progress)
 
 
@@ -818,9 +798,7 @@ def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
                  progress: bool = True, mesh=None) -> int:
     """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError."""
     if to == "ours":
-        from cogvlm_jax.train import is_training_checkpoint
-
-        if is_our_checkpoint(src) or is_training_checkpoint(src):
+        if is_our_checkpoint(src):
             raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")
         convert_hf_to_ours(src, dst, dtype, overwrite=overwrite, progress=progress, mesh=mesh)
     elif to == "hf":

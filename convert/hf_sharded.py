@@ -1,7 +1,7 @@
 """An HF safetensors checkpoint straight into sharded ``jax.Array``s, each process reading only its slices.
 
 Every parameter is built with ``jax.make_array_from_callback``: the callback asks for the region of our
-layout one of this process's devices holds, :func:`convert.mapping.hf_region` turns it into the region
+layout one of this process's devices holds, :func:`cogvlm_jax.convert.mapping.hf_region` turns it into the region
 of the stored (HF) layout behind it, and only those bytes are read (``SafetensorsFile.read_region``)
 and re-laid out (``mapping.relayout``). Devices of this process that hold the same region (a dimension
 replicated over a mesh axis) share one read, so a replicated tensor is read once per process. Other
@@ -17,12 +17,12 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from cogvlm_jax.convert import mapping
+from cogvlm_jax.convert.checkpoint import unflatten_tree
+from cogvlm_jax.convert.convert_hf import DTYPES, check_keys, note_inv_freq, open_tensors
 from tqdm.auto import tqdm
 
-from cogvlm_jax.checkpoint import unflatten_tree
 from cogvlm_jax.config import CogVLMConfig
-from convert import mapping
-from convert.convert_hf import _DTYPES, _check_keys, _note_inv_freq, _open_tensors
 
 
 def _region_key(index, shape) -> tuple:
@@ -38,8 +38,8 @@ def read_hf_sharded(path: str, config: CogVLMConfig, shardings: Mapping[tuple, j
     ``read_hf_checkpoint``, whose result this equals bit for bit once gathered. ``facts``: filled with
     what an export needs to know about the source (how it stored the rotary buffer).
     """
-    entries = _open_tensors(path)
-    _check_keys(entries, config, path)
+    entries = open_tensors(path)
+    check_keys(entries, config, path)
     dtype = None if dtype is None else np.dtype(dtype)
     flat = {}
     order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].start))
@@ -48,10 +48,10 @@ def read_hf_sharded(path: str, config: CogVLMConfig, shardings: Mapping[tuple, j
         st, info = entries[key]
         ours, transform = mapping.hf_to_ours_key(key)
         if ours is None:  # the rotary buffer: tiny, checked against the config, not a parameter
-            _note_inv_freq(key, st.read(key), config, {} if facts is None else facts)
+            note_inv_freq(key, st.read(key), config, {} if facts is None else facts)
             continue
         shape = mapping.ours_shape(info.shape, transform)
-        want = _DTYPES[info.code] if dtype is None else dtype
+        want = DTYPES[info.code] if dtype is None else dtype
         regions: dict[tuple, np.ndarray] = {}
 
         def read(index, key=key, st=st, transform=transform, shape=shape, regions=regions, want=want):

@@ -22,8 +22,8 @@ import re
 from typing import Iterator, Sequence
 
 import numpy as np
+from cogvlm_jax.convert.checkpoint import CheckpointError
 
-from cogvlm_jax.checkpoint import CheckpointError
 from cogvlm_jax.config import CogVLMConfig
 
 TRANSPOSE, CONV, NONE, BUFFER = "transpose", "conv", "none", "buffer"

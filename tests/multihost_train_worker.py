@@ -26,7 +26,9 @@ import time
 
 
 def main(coordinator: str, process_id: int, workdir: str) -> None:
-    from cogvlm_jax import cli, finetune, multihost
+    from cogvlm_jax import cli
+    from cogvlm_jax.parallel import multihost
+    from cogvlm_jax.training import run as finetune
 
     with open(os.path.join(workdir, "job.json")) as f:
         job = json.load(f)

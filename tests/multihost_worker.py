@@ -25,15 +25,15 @@ import numpy as np  # noqa: E402
 
 def share_bytes(path, config, mesh) -> tuple[int, int]:
     """(bytes of the HF checkpoint behind this process's distinct regions, bytes of its largest tensor)."""
-    from convert import mapping
-    from convert.convert_hf import _open_tensors
+    from cogvlm_jax.convert import mapping
+    from cogvlm_jax.convert.checkpoint import flatten_tree
+    from cogvlm_jax.convert.convert_hf import open_tensors
 
-    from cogvlm_jax.checkpoint import flatten_tree
-    from cogvlm_jax.sharding import param_shardings
+    from cogvlm_jax.parallel.sharding import param_shardings
 
     shardings = flatten_tree(param_shardings(config, mesh))
     total = largest = 0
-    for key, (_, info) in _open_tensors(path).items():
+    for key, (_, info) in open_tensors(path).items():
         nbytes = info.end - info.start
         largest = max(largest, nbytes)
         ours, transform = mapping.hf_to_ours_key(key)
@@ -55,15 +55,16 @@ def io_read_bytes() -> int:
 
 
 def main(coordinator: str, process_id: int, workdir: str) -> None:
-    from cogvlm_jax.multihost import initialize
+    from cogvlm_jax.parallel.multihost import initialize
 
     t0 = time.time()
     initialize(coordinator, 2, process_id, timeout=60)
     print(f"process {process_id}: joined in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     assert jax.process_count() == 2 and len(jax.devices()) == 8 and jax.local_device_count() == 4
 
+    from cogvlm_jax.convert import convert_hf
+
     import cogvlm_jax
-    from convert import convert_hf
 
     with open(os.path.join(workdir, "job.json")) as f:
         job = json.load(f)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cogvlm_jax.attention import attend, attend_cache
+from cogvlm_jax.models.attention import attend, attend_cache
 
 
 @pytest.mark.parametrize("t,filled", [(64, 64), (64, 9), (72, 72), (72, 70), (72, 33), (40, 5)])

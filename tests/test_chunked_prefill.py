@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cogvlm_jax import chunked_prefill, kv_cache
-from cogvlm_jax.model import CogVLM
+from cogvlm_jax.generation import chunked_prefill
+from cogvlm_jax.models import kv_cache
+from cogvlm_jax.models.cogvlm import CogVLM
 
 S, C, T = 3, 8, 38  # slots, chunk, cache length
 LOGITS_ATOL = 1e-4  # float32: the cache is read in another order than a prefill's own keys (seen: 4e-6)

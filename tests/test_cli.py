@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
 from conftest import cases, fixture_dir, huge_png
 
 
@@ -86,8 +84,9 @@ def test_an_image_of_too_many_pixels_is_refused_before_the_model_loads(tmp_path,
 
 def test_convert_refuses_a_full_destination_and_overwrite_replaces_it(tmp_path, capsys):
     """The refusal names --overwrite, so the flag must exist and do what it says."""
+    from cogvlm_jax.convert.checkpoint import is_our_checkpoint
+
     from cogvlm_jax import cli
-    from cogvlm_jax.checkpoint import is_our_checkpoint
 
     dst = tmp_path / "ours"
     dst.mkdir()

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from cogvlm_jax.config import CogVLMConfig, ConfigError, load_config, preset, preset_names
-from cogvlm_jax.model import count_params
+from cogvlm_jax.models.cogvlm import count_params
 
 SHARED_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs")
 

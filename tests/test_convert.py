@@ -11,17 +11,28 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from cogvlm_jax.convert import checkpoint, convert_hf, mapping
+from cogvlm_jax.convert.checkpoint import (
+    CheckpointError,
+    LazyArray,
+    is_our_checkpoint,
+    params_metadata,
+    read_meta,
+    restore_params,
+    save_params,
+)
+from cogvlm_jax.convert.convert_hf import (
+    SafetensorsFile,
+    convert_hf_to_ours,
+    convert_ours_to_hf,
+    main_convert,
+    read_hf_checkpoint,
+    write_hf_checkpoint,
+)
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cogvlm_jax import checkpoint
-from cogvlm_jax.checkpoint import (
-    CheckpointError, LazyArray, is_our_checkpoint, params_metadata, read_meta, restore_params, save_params)
 from cogvlm_jax.config import load_config, preset
-from convert import convert_hf, mapping
-from convert.convert_hf import (
-    SafetensorsFile, convert_hf_to_ours, convert_ours_to_hf, main_convert, read_hf_checkpoint,
-    write_hf_checkpoint)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 REAL_INDEX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs", "cogvlm2-llama3-chat-19B",
@@ -110,7 +121,7 @@ def test_transforms_invert_each_other():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_table_shapes_match_the_model(family):
-    model = pytest.importorskip("cogvlm_jax.model")
+    model = pytest.importorskip("cogvlm_jax.models.cogvlm")
     cfg = load_config(hf_dir(family))
     ours = {"/".join(p): s for p, s in mapping.expected_params_shapes(cfg).items()}
     theirs = {k: tuple(v.shape) for k, v in flat(model.abstract_params(cfg)).items()}
@@ -154,16 +165,16 @@ def test_read_layouts_and_dtypes(family):
         "/".join(p): s for p, s in mapping.expected_params_shapes(cfg).items()}
     tensors = raw_tensors(hf_dir(family))
     code, shape, data = tensors["model.layers.1.self_attn.vision_expert_query_key_value.weight"]
-    hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
+    hf = np.frombuffer(data, convert_hf.DTYPES[code]).reshape(shape)
     # Decoder linears and the lm_head keep PyTorch's [out, in] (layers.Dense(out_in=True)); the ViT/adapter transpose.
     assert np.array_equal(leaves["layers_1/self_attn/vision_expert_query_key_value/kernel"], hf)
     code, shape, data = tensors["lm_head.weight"]
-    assert np.array_equal(leaves["lm_head/kernel"], np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape))
+    assert np.array_equal(leaves["lm_head/kernel"], np.frombuffer(data, convert_hf.DTYPES[code]).reshape(shape))
     code, shape, data = tensors["model.vision.linear_proj.gate_proj.weight"]
-    hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
+    hf = np.frombuffer(data, convert_hf.DTYPES[code]).reshape(shape)
     assert np.array_equal(leaves["vision/linear_proj/gate_proj/kernel"], hf.T)
     code, shape, data = tensors["model.vision.patch_embedding.proj.weight"]
-    hf = np.frombuffer(data, convert_hf._DTYPES[code]).reshape(shape)
+    hf = np.frombuffer(data, convert_hf.DTYPES[code]).reshape(shape)
     assert np.array_equal(leaves["vision/patch_embedding/proj/kernel"], hf.transpose(2, 3, 1, 0))
     cast = read_hf_checkpoint(hf_dir(family), dtype="bfloat16", progress=False)
     assert {v.dtype for v in flat(cast).values()} == {np.dtype(ml_dtypes.bfloat16)}

@@ -11,14 +11,12 @@ import os
 
 import numpy as np
 import pytest
-
-from cogvlm_jax import checkpoint
-from cogvlm_jax.checkpoint import CheckpointError, block_reader, restore_params, save_params
-from cogvlm_jax.config import load_config
-from convert import convert_hf
-from convert.convert_hf import SafetensorsFile, convert_hf_to_ours, convert_ours_to_hf, read_hf_checkpoint
-
+from cogvlm_jax.convert import checkpoint, convert_hf
+from cogvlm_jax.convert.checkpoint import CheckpointError, block_reader, restore_params, save_params
+from cogvlm_jax.convert.convert_hf import SafetensorsFile, convert_hf_to_ours, convert_ours_to_hf, read_hf_checkpoint
 from test_convert import FIXTURE_SHARD_BYTES, flat, hf_dir, leftovers, raw_tensors
+
+from cogvlm_jax.config import load_config
 
 BUDGET = 256 * 1024
 SRC = hf_dir("cogvlm2")
@@ -166,10 +164,10 @@ def test_convert_with_a_mesh_streams_a_tile_at_a_time(tmp_path, monkeypatch):
     written a tile at a time; the values are those of the whole-tensor reader. On the CogVLM1 fixture (float32,
     tensors up to 150 kB) with a 16 kB budget."""
     import orbax.checkpoint as ocp
+    from cogvlm_jax.convert.checkpoint import flatten_tree
 
-    from cogvlm_jax.axes import make_mesh
-    from cogvlm_jax.checkpoint import flatten_tree
-    from cogvlm_jax.sharding import param_shardings
+    from cogvlm_jax.parallel.axes import make_mesh
+    from cogvlm_jax.parallel.sharding import param_shardings
 
     budget, src = 16 * 1024, hf_dir("cogvlm1")
     monkeypatch.setattr(checkpoint, "BLOCK_BYTES", budget)

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 import cogvlm_jax
-from cogvlm_jax import synthetic
 from cogvlm_jax.api import DEFAULT_MODEL
+from cogvlm_jax.recipes import synthetic
 from cogvlm_jax.recipes.default_model import MAX_SHAPES, SPECIAL_TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,8 +169,7 @@ def test_config_carries_its_own_ids():
 
 def test_serve_without_model_serves_the_shipped_model(model):
     from cogvlm_jax.api import DEFAULT_MODEL_NAME
-    from cogvlm_jax.cli import build_parser
-    from cogvlm_jax.server import load_engine_and_config
+    from cogvlm_jax.cli import build_parser, load_engine_and_config
 
     args = build_parser().parse_args(["serve", "--slots", "1"])
     assert args.model is None

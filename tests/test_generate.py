@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILIES, cases, left_pad_batch
 
 import cogvlm_jax
-from cogvlm_jax.sampling import filter_logits
-from conftest import FAMILIES, cases, left_pad_batch
+from cogvlm_jax.generation.sampling import filter_logits
 
 TOL = 1e-4
 
@@ -84,7 +84,7 @@ def test_decode_reading_the_cache_in_blocks_keeps_ids_and_logits(f32_models, mon
     """Decode attention walks the cache in blocks up to its filled part (``attention.attend_cache``); with
     7-slot blocks (several per cache, the last one shifted back to end at T since 7 does not divide the
     cache lengths, which are multiples of 16) the fixtures' ids and logits hold."""
-    from cogvlm_jax import attention
+    from cogvlm_jax.models import attention
 
     monkeypatch.setattr(attention, "CACHE_CHUNK", 7)
     base = f32_models["cogvlm2"]
@@ -179,7 +179,7 @@ def test_one_compile_per_bucket(f32_models):
 
 
 def test_bucket_length_pads_less_only_where_the_power_of_two_does_not_fit():
-    from cogvlm_jax.api import bucket_length
+    from cogvlm_jax.generation.buckets import bucket_length
 
     assert [bucket_length(n) for n in (1, 16, 17, 129, 1025)] == [16, 16, 32, 256, 2048]
     assert bucket_length(129, 256) == 256 and bucket_length(1025, 4096) == 2048  # fits: unchanged

@@ -10,14 +10,14 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-
-from cogvlm_jax.axes import make_mesh
-from cogvlm_jax.checkpoint import flatten_tree
-from cogvlm_jax.config import load_config
-from cogvlm_jax.sharding import param_shardings
+from cogvlm_jax.convert import convert_hf, mapping
+from cogvlm_jax.convert.checkpoint import flatten_tree
+from cogvlm_jax.convert.hf_sharded import read_hf_sharded
 from conftest import FAMILIES, fixture_dir
-from convert import convert_hf, mapping
-from convert.hf_sharded import read_hf_sharded
+
+from cogvlm_jax.config import load_config
+from cogvlm_jax.parallel.axes import make_mesh
+from cogvlm_jax.parallel.sharding import param_shardings
 
 MESHES = [(1, 1, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8), (8, 1, 1)]
 
@@ -72,7 +72,7 @@ def whole_reads():
 
 
 def _stored_bytes(path):
-    return sum(info.end - info.start for _, info in convert_hf._open_tensors(path).values())
+    return sum(info.end - info.start for _, info in convert_hf.open_tensors(path).values())
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
@@ -109,8 +109,9 @@ def test_cast_slices_equal_cast_whole_reads(whole_reads):
 
 def test_converted_with_a_mesh_is_chunked_by_shard_and_loads_anywhere(tmp_path, whole_reads):
     """convert --mesh stores each tensor in chunks of its shard; the checkpoint loads with or without a mesh."""
+    from cogvlm_jax.convert import checkpoint
+
     import cogvlm_jax
-    from cogvlm_jax import checkpoint
 
     fam = "cogvlm1"
     src = os.path.join(fixture_dir(fam), "checkpoint")

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILIES, cases, fixture_dir, left_pad_batch
 
 import cogvlm_jax
-from cogvlm_jax import api, positions
-from cogvlm_jax.model import CogVLM
-from conftest import FAMILIES, cases, fixture_dir, left_pad_batch
+from cogvlm_jax import api
+from cogvlm_jax.models import positions
+from cogvlm_jax.models.cogvlm import CogVLM
 
 TOL = 1e-4  # fixtures README: logits, hidden states, vision features (float32)
 

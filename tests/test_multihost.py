@@ -14,10 +14,10 @@ import os
 
 import numpy as np
 import pytest
-
-from cogvlm_jax.multihost import EXIT_UNREACHABLE
 from conftest import FAMILIES, PARITY, cases, fixture_dir
 from processes import ROOT, free_port, python, run_together
+
+from cogvlm_jax.parallel.multihost import EXIT_UNREACHABLE
 
 MESHES = [(2, 2, 2), (1, 4, 2)]
 MAX_NEW_TOKENS = 6  # what the `reference` fixture generates
@@ -39,8 +39,9 @@ def _cli_args(port: int, process_id: int, timeout: float):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, reference):
+    from cogvlm_jax.convert.convert_hf import convert_hf_to_ours
+
     import cogvlm_jax
-    from convert.convert_hf import convert_hf_to_ours
 
     work = str(tmp_path_factory.mktemp("multihost"))
     families = {}
@@ -159,7 +160,7 @@ def test_process_whose_peer_never_comes_up_fails_naming_the_coordinator(name, ru
 def test_make_mesh_refuses_layouts_that_split_hosts_unevenly():
     from types import SimpleNamespace
 
-    from cogvlm_jax.axes import make_mesh
+    from cogvlm_jax.parallel.axes import make_mesh
 
     def devices(*per_process):
         return [SimpleNamespace(process_index=p, id=100 * p + i) for p, n in enumerate(per_process) for i in range(n)]

@@ -21,7 +21,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import cases, fixture_dir
 from processes import finish, free_port, python, start
 

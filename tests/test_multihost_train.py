@@ -16,8 +16,7 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from cogvlm_jax.checkpoint import flatten_tree
+from cogvlm_jax.convert.checkpoint import flatten_tree
 from conftest import LINEAR_TRAIN, fixture_dir, write_train_data
 from processes import ROOT, finish, free_port, python, start
 
@@ -34,8 +33,8 @@ assert LINEAR_TRAIN["total_steps"] == STEPS  # the same TrainConfig: one compile
 def _one_device(work, model):
     """The same run in this process on one device: (losses, the state before and after each step, a target
     to restore the two-process checkpoints into)."""
-    from cogvlm_jax import train
-    from cogvlm_jax.data import Batches, read_jsonl
+    from cogvlm_jax.training import trainer as train
+    from cogvlm_jax.training.data import Batches, read_jsonl
 
     batches = Batches(read_jsonl(str(work / "train.jsonl"), model.tokenizer, model.config), model.tokenizer,
                       model.config, batch_size=4, seed=0)
@@ -86,7 +85,8 @@ def _leaves(state) -> dict:
 
 def _checkpoint(run_dir, step, like) -> dict:
     """A checkpoint the two processes wrote, restored here on one device."""
-    from cogvlm_jax import finetune, train
+    from cogvlm_jax.training import run as finetune
+    from cogvlm_jax.training import trainer as train
 
     return _leaves(train.restore_state(finetune.checkpoint_dir(str(run_dir), step), like))
 
@@ -103,7 +103,8 @@ def _max_diff(a: dict, b: dict, keys) -> float:
 def test_two_processes_train_like_one_device(runs):
     """The loss of each step, the gradient of the first (Adam's first moment after it is 0.1 * g) and every
     parameter after each step (from the checkpoints), against the same run on one device."""
-    from cogvlm_jax import finetune, train
+    from cogvlm_jax.training import run as finetune
+    from cogvlm_jax.training import trainer as train
 
     work, _, (losses, states, like) = runs
     run = finetune.read_run(str(work / "first"))

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cogvlm_jax.positions import causal_mask, expert_route, position_ids, vision_expert_mask
+from cogvlm_jax.models.positions import causal_mask, expert_route, position_ids, vision_expert_mask
 
 
 def test_design_example_positions():

@@ -7,13 +7,22 @@ import re
 
 import numpy as np
 import pytest
+from conftest import huge_png
 from PIL import Image
 
 from cogvlm_jax.config import load_config
-from conftest import huge_png
-from cogvlm_jax.preprocess import (IGNORE_INDEX, MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError, build_inputs,
-                                   build_prompt, image_to_pixels, load_image, pad_batch)
-from cogvlm_jax.tokenizer import load_tokenizer
+from cogvlm_jax.inputs.preprocess import (
+    IGNORE_INDEX,
+    MAX_IMAGE_PIXELS,
+    ImageError,
+    ImageTooLargeError,
+    build_inputs,
+    build_prompt,
+    image_to_pixels,
+    load_image,
+    pad_batch,
+)
+from cogvlm_jax.inputs.tokenizer import load_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ("cogvlm1", "cogvlm2")

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from cogvlm_jax import rows
-from cogvlm_jax.layers import Dense
 from conftest import cases, fixture_dir, left_pad_batch
+
+from cogvlm_jax.models.layers import Dense
+from cogvlm_jax.parallel import rows
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the few-row compilation is CPU-only")
 
@@ -53,7 +53,7 @@ def test_batch_of_eight_generates_each_rows_reference_ids(f32_models):
 
 def test_engine_of_eight_slots_gives_the_reference_answers(f32_models):
     """The serving engine's decode over 8 slots (the few-row compilation), every chat case at once."""
-    from cogvlm_jax.engine import Engine
+    from cogvlm_jax.serving.engine import Engine
 
     model = f32_models["cogvlm2"]
     chats = [c for c in cases("cogvlm2") if c["template"] == "chat" and c["max_new_tokens"]]

@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILIES, PARITY
 from jax.sharding import PartitionSpec as P
 
 import cogvlm_jax
-from cogvlm_jax.axes import make_mesh, spec_for
 from cogvlm_jax.config import preset
-from cogvlm_jax import kv_cache
-from cogvlm_jax.sharding import cache_shardings, param_shardings
-from conftest import FAMILIES, PARITY
+from cogvlm_jax.models import kv_cache
+from cogvlm_jax.parallel.axes import make_mesh, spec_for
+from cogvlm_jax.parallel.sharding import cache_shardings, param_shardings
 
 MESHES = [(1, 1, 1), (2, 2, 2), (2, 1, 2), (1, 4, 2), (8, 1, 1)]
 
@@ -41,7 +41,8 @@ def test_one_device_numbers_do_not_depend_on_the_batch(fam, f32_models):
     is one ulp off XLA's own and was used only for big enough arrays), a row's image features and last
     hidden state are bit-identical alone and in a batch of all the cases (image and text-only rows)."""
     from conftest import cases, left_pad_batch
-    from cogvlm_jax import program
+
+    from cogvlm_jax.parallel import program
 
     m = f32_models[fam]
     ids, tt, am, pv = left_pad_batch(cases(fam), m.config.pad_token_id)
@@ -105,7 +106,7 @@ def test_sharded_load_places_each_tensor_with_bounded_host_memory(fmt, tmp_path,
     import os
     import tracemalloc
 
-    from convert.convert_hf import convert_hf_to_ours
+    from cogvlm_jax.convert.convert_hf import convert_hf_to_ours
     from conftest import fixture_dir
 
     fam = "cogvlm2"
@@ -141,9 +142,9 @@ def test_sharded_load_places_each_tensor_with_bounded_host_memory(fmt, tmp_path,
 
 @pytest.mark.parametrize("name", ["cogvlm-chat-hf", "cogvlm2-llama3-chat-19B"])
 def test_planner_equals_abstract_shapes(name):
-    from cogvlm_jax.model import abstract_params
-    from cogvlm_jax.plan import plan
-    from cogvlm_jax.sharding import abstract_sharded_params
+    from cogvlm_jax.models.cogvlm import abstract_params
+    from cogvlm_jax.parallel.planner import plan
+    from cogvlm_jax.parallel.sharding import abstract_sharded_params
 
     cfg = preset(name)
     total = sum(x.size * 2 for x in jax.tree_util.tree_leaves(abstract_params(cfg)))

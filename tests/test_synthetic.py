@@ -1,4 +1,4 @@
-"""The synthetic visual QA generator (``cogvlm_jax.synthetic``): reproducible examples whose answers are
+"""The synthetic visual QA generator (``cogvlm_jax.recipes.synthetic``): reproducible examples whose answers are
 right for their scenes, and its JSONL writer for ``cogvlm-jax train``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvlm_jax import synthetic
+from cogvlm_jax.recipes import synthetic
 
 
 def test_generator_is_deterministic_and_answers_are_right():

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from cogvlm_jax.tokenizer import FastTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer
+from cogvlm_jax.inputs.tokenizer import FastTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ("cogvlm1", "cogvlm2")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
+from cogvlm_jax.convert.mapping import hf_to_ours_key, to_hf
 from conftest import FAMILIES, cases
-from convert.mapping import hf_to_ours_key, to_hf
-from cogvlm_jax.train import loss_fn, next_token_loss
+
+from cogvlm_jax.training.trainer import loss_fn, next_token_loss
 
 
 def _train_case(family):

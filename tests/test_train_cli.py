@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import fixture_dir
 from PIL import Image, ImageDraw
 
-from conftest import fixture_dir
 from cogvlm_jax import cli
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 160, 30)}

@@ -7,13 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import fixture_dir, huge_png
 from PIL import Image
 
-from conftest import fixture_dir, huge_png
 from cogvlm_jax.config import load_config
-from cogvlm_jax.data import Batches, DataError, read_jsonl
-from cogvlm_jax.preprocess import IGNORE_INDEX, build_inputs, pad_batch
-from cogvlm_jax.tokenizer import load_tokenizer
+from cogvlm_jax.inputs.preprocess import IGNORE_INDEX, build_inputs, pad_batch
+from cogvlm_jax.inputs.tokenizer import load_tokenizer
+from cogvlm_jax.training.data import Batches, DataError, read_jsonl
 
 GOOD = [
     {"image": "imgs/red.png", "query": "What color is it?", "answer": "red"},

@@ -12,17 +12,19 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from cogvlm_jax import checkpoint, finetune, train
-from cogvlm_jax.axes import make_mesh
-from cogvlm_jax.checkpoint import CheckpointError, block_reader, flatten_tree
-from cogvlm_jax.config import load_config
-from convert import mapping
-from convert.convert_hf import convert_ours_to_hf, main_convert, read_hf_checkpoint
-
+from cogvlm_jax.convert import checkpoint, mapping
+from cogvlm_jax.convert.checkpoint import CheckpointError, block_reader, flatten_tree
+from cogvlm_jax.convert.convert_hf import read_hf_checkpoint
 from conftest import fixture_dir
 from test_convert import hf_dir
 from test_convert_blocks import Reads, weight_files
+
+from cogvlm_jax.config import load_config
+from cogvlm_jax.parallel.axes import make_mesh
+from cogvlm_jax.training import run as finetune
+from cogvlm_jax.training import trainer as train
+from cogvlm_jax.training.export import main_convert
+from cogvlm_jax.training.export import to_hf as convert_ours_to_hf
 
 BUDGET = 32 * 1024
 SRC = hf_dir("cogvlm1")

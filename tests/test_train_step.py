@@ -19,11 +19,12 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from cogvlm_jax import lora, train
-from cogvlm_jax.checkpoint import flatten_tree
-from cogvlm_jax.data import Batches, read_jsonl
+from cogvlm_jax.convert.checkpoint import flatten_tree
 from conftest import LINEAR_TRAIN, write_train_data
+
+from cogvlm_jax.training import lora
+from cogvlm_jax.training import trainer as train
+from cogvlm_jax.training.data import Batches, read_jsonl
 
 LINEAR = train.TrainConfig(**LINEAR_TRAIN)
 

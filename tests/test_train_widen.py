@@ -9,18 +9,18 @@ the module.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from cogvlm_jax import lora, train
-from cogvlm_jax.checkpoint import flatten_tree
-from cogvlm_jax.data import Batches, read_jsonl
+from cogvlm_jax.convert.checkpoint import flatten_tree
 from conftest import LINEAR_TRAIN, write_train_data
+
+from cogvlm_jax.training import lora
+from cogvlm_jax.training import trainer as train
+from cogvlm_jax.training.data import Batches, read_jsonl
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="only XLA:CPU widens 16-bit weights")
 CONVERT = re.compile(r"stablehlo\.convert %[^:]+: \(tensor<([0-9x]+)x(\w+)>\) -> tensor<[0-9x]+x(\w+)>")

@@ -1,4 +1,4 @@
-"""The shipped default model: a small CogVLM2-style model trained from scratch on ``cogvlm_jax.synthetic``.
+"""The shipped default model: a small CogVLM2-style model trained from scratch on ``cogvlm_jax.recipes.synthetic``.
 
     python -m cogvlm_jax.recipes.default_model --out cogvlm_jax/default_model --overwrite
 
@@ -7,7 +7,7 @@
 Steps: train a byte-level BPE tokenizer on the task's text (pad, bos, eos and the image placeholder are
 ids 0-3); build the config (CogVLM2's GQA and 2x2 conv downsample, small sizes, that vocabulary, its
 own ``image_token_id``); train every parameter from a random init with AdamW (warmup + cosine) on
-freshly generated batches, using ``cogvlm_jax.train.loss_fn``; score exact match on questions from a
+freshly generated batches, using ``cogvlm_jax.training.trainer.loss_fn``; score exact match on questions from a
 different seed through batched ``Model.generate``; write an HF-format checkpoint (safetensors +
 config.json + generation_config.json + tokenizer), an example picture and ``training.json`` (command,
 seed, wall time, accuracy), atomically.
@@ -47,9 +47,20 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 
-from cogvlm_jax import synthetic
+from cogvlm_jax.api import Model
+from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.convert.convert_hf import write_hf_checkpoint
+from cogvlm_jax.inputs.preprocess import ANSWER_PROMPTS, IGNORE_INDEX, build_inputs, build_prompt, pad_batch
+from cogvlm_jax.inputs.tokenizer import load_tokenizer
+from cogvlm_jax.models.cogvlm import init_params
+from cogvlm_jax.recipes import synthetic
+from cogvlm_jax.training.trainer import TrainConfig, Trainer
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|image|>")  # ids 0, 1, 2, 3
 TOKENIZER_VOCAB = 512  # an upper bound: the task's words all become single tokens well below it
@@ -75,7 +86,6 @@ TEXT = {"hidden_size": 128, "intermediate_size": 320, "num_attention_heads": 4, 
 # ------------------------------------------------------------------------------------- tokenizer
 def train_tokenizer(out_dir: str) -> str:
     """Byte-level BPE trained on ``synthetic.corpus()``; writes tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -99,7 +109,6 @@ def train_tokenizer(out_dir: str) -> str:
 # ---------------------------------------------------------------------------------------- config
 def make_config(tokenizer):
     """The model config: CogVLM2 family, our sizes, the tokenizer's vocabulary and special ids."""
-    from cogvlm_jax.config import CogVLMConfig
 
     ids = {name: tokenizer.token_to_id(tok) for name, tok in zip(("pad", "bos", "eos", "image"), SPECIAL_TOKENS)}
     v = VISION
@@ -122,7 +131,6 @@ def encode(tokenizer, config, e: synthetic.Example, with_answer: bool = True) ->
     answers) and the model learns the multi-turn chat layout. History answers are labelled without the
     newline after them; the last answer with its eos, as ``build_inputs`` labels it.
     """
-    from cogvlm_jax.preprocess import ANSWER_PROMPTS, IGNORE_INDEX, build_inputs
 
     x = build_inputs(tokenizer, config, e.query, e.history, image=synthetic.render(e.scene),
                      answer=e.answer if with_answer else None)
@@ -144,7 +152,6 @@ def encode(tokenizer, config, e: synthetic.Example, with_answer: bool = True) ->
 
 def sequence_length(tokenizer, config, turns: int) -> int:
     """A fixed training length (one compile) that fits ``turns`` of the longest question and answer."""
-    from cogvlm_jax.preprocess import build_prompt
 
     q = max(synthetic.all_questions(), key=lambda q: len(tokenizer.encode(q)))
     a = max(synthetic.all_answers(), key=lambda a: len(tokenizer.encode(a)))
@@ -173,7 +180,6 @@ def stage_at(step: int) -> dict:
 
 def batches(tokenizer, config, seed: int, batch_size: int, length: int, steps: int, turns: int):
     """Training batches (dicts of numpy arrays), made two ahead in a worker thread."""
-    from cogvlm_jax.preprocess import pad_batch
 
     def make(step):
         first = step * batch_size  # example i asks 1 + i % turns questions about its picture
@@ -201,9 +207,6 @@ def scaled_init(params, key, num_layers: int):
     ``1 / sqrt(2 * num_layers)``. With normal(0.02) embeddings under unit-gain layers, the question
     words were drowned after the first layer and the model sat at the answer prior (29.5% exact match
     after 1000 steps)."""
-    import jax
-    import jax.numpy as jnp
-
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(key, len(leaves))
     out = []
@@ -247,15 +250,6 @@ def sincos_2d(num_patches: int, width: int, temperature: float = 10_000.0) -> np
 # ---------------------------------------------------------------------------------------- train
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, eval_size: int,
           warmup: int, turns: int, log=print, overwrite: bool = False) -> dict:
-    import jax
-    from tqdm.auto import tqdm
-
-    from convert.convert_hf import write_hf_checkpoint
-    from cogvlm_jax.api import Model
-    from cogvlm_jax.model import init_params
-    from cogvlm_jax.tokenizer import load_tokenizer
-    from cogvlm_jax.train import TrainConfig, Trainer
-
     started = time.time()
     work = tempfile.mkdtemp(prefix="default-model-")
     try:

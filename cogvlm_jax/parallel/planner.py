@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from cogvlm_jax import axes, kv_cache
 from cogvlm_jax.config import CogVLMConfig
-from cogvlm_jax.model import abstract_params, logical_axes
+from cogvlm_jax.models import kv_cache
+from cogvlm_jax.models.cogvlm import abstract_params, logical_axes
+from cogvlm_jax.parallel import axes
 
 
 @dataclasses.dataclass(frozen=True)

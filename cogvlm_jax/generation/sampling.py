@@ -17,8 +17,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import kv_cache, positions, rows
-from cogvlm_jax.model import CogVLM
+from cogvlm_jax.models import kv_cache, positions
+from cogvlm_jax.models.cogvlm import CogVLM
+from cogvlm_jax.parallel import rows
+from cogvlm_jax.parallel.sharding import cache_shardings
 
 
 @flax.struct.dataclass
@@ -173,8 +175,6 @@ class Generator:
             cache = kv_cache.init_cache(t.num_layers, input_ids.shape[0], cache_length, t.num_kv_heads,
                                         t.head_dim, model.dtype)
             if mesh is not None:  # batch over data, kv heads over tensor
-                from cogvlm_jax.sharding import cache_shardings
-
                 cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
             logits, next_pos, cache = prefill(model, params, input_ids, token_type_ids, attention_mask,
                                               pixel_values, cache)

@@ -27,12 +27,15 @@ import functools
 import itertools
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint import future
+
+from cogvlm_jax.files import atomic_directory, check_destination, copy_files, write_json  # noqa: F401
 
 FORMAT_FILE = "checkpoint.json"
 PARAMS_DIR = "params"
@@ -42,68 +45,6 @@ FORMAT_VERSION = 2  # 2: the lm_head kernel is [vocab, hidden] (HF's layout); ve
 
 class CheckpointError(ValueError):
     """A checkpoint we cannot read or write; the message names the key, file or directory."""
-
-
-# --------------------------------------------------------------------------- atomic directories
-def check_destination(out_dir: str, overwrite: bool = False) -> None:
-    """Refuse a destination that is a file, or a non-empty directory unless ``overwrite``."""
-    if not os.path.lexists(out_dir):
-        return
-    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-        raise CheckpointError(f"destination {out_dir} exists and is not a directory")
-    if os.listdir(out_dir) and not overwrite:
-        raise CheckpointError(f"destination {out_dir} exists and is not empty; "
-                              "pass overwrite=True (CLI: --overwrite) to replace it")
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory beside ``out_dir``; on success it becomes ``out_dir``.
-
-    On any exception (KeyboardInterrupt included) the temporary directory is removed and ``out_dir`` is
-    left as it was. With ``overwrite`` an existing ``out_dir`` is moved aside, the new one renamed in,
-    and the old one deleted (two renames: the old tree is never deleted before the new one is in place).
-    """
-    out_dir = os.path.abspath(out_dir)
-    check_destination(out_dir, overwrite)
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint should be readable like any directory
-        yield tmp
-        check_destination(out_dir, overwrite)  # something may have appeared there meanwhile
-        old = None
-        if os.path.lexists(out_dir):
-            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out_dir)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def copy_files(paths: Iterable[str], out_dir: str) -> list[str]:
-    """Copy each existing file into ``out_dir`` under its base name; returns the names copied."""
-    names = []
-    for p in paths:
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(out_dir, os.path.basename(p)))
-            names.append(os.path.basename(p))
-    return names
-
-
-def write_json(path: str, obj: Any) -> None:
-    """JSON the way Hugging Face writes its files (indent 2, sorted keys, trailing newline)."""
-    with open(path, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- our format
@@ -215,9 +156,6 @@ def saver(compress: bool = False):
     mutates it during an async save): a second copy of the whole model in memory. Our save is
     synchronous, so the copy is skipped where this Orbax version allows it.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
     th = ocp.type_handlers
     try:
         registry = th.create_type_handler_registry(
@@ -307,9 +245,6 @@ def _streaming_handler():
     alone, written in runs of tiles of at most ``STREAM_BYTES`` (the next run made while one is written):
     each write fills whole chunks, so tensorstore never holds a partial chunk, nor the tensor.
     """
-    import orbax.checkpoint as ocp
-    import tensorstore as ts
-    from orbax.checkpoint import future
     from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
 
     def made(group):
@@ -429,9 +364,6 @@ def _params_dir(path: str) -> str:
 
 def params_metadata(path: str) -> dict:
     """The stored tree as ``jax.ShapeDtypeStruct`` leaves (no sharding): shapes/dtypes without reading data."""
-    import jax
-    import orbax.checkpoint as ocp
-
     meta = ocp.StandardCheckpointer().metadata(_params_dir(path))
     item = getattr(meta, "item_metadata", meta)  # newer Orbax wraps the tree in a StepMetadata
     tree = getattr(item, "tree", item)
@@ -446,9 +378,6 @@ def subset_reader(path: str) -> tuple[dict[tuple, Any], Callable[[Iterable[tuple
     The metadata is read once here, not per piece: Orbax's metadata call opens every leaf, and (Orbax
     0.12) keeps about 80 kB per leaf alive each time it is made, which an export in pieces would pile up.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
     pdir = _params_dir(path)
     flat = flatten_tree(params_metadata(path))
 
@@ -477,7 +406,6 @@ def block_reader(path: str) -> tuple[Callable[[tuple, int], int | None], Callabl
     from memory), where reading a block would decode whole chunks: read such a leaf whole. ``read``:
     ``leaf[index]`` as a host numpy array in the stored dtype.
     """
-    import tensorstore as ts
     from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
 
     pdir = _params_dir(path)
@@ -520,9 +448,6 @@ def restore_params(path: str, target: Any = None, *, subset: Iterable[tuple] | N
     device reads only its shard. Structure or shape differences raise :class:`CheckpointError`.
     ``subset``: only these leaf paths (tuples), as host numpy arrays (a nested dict of just those).
     """
-    import jax
-    import orbax.checkpoint as ocp
-
     if subset is not None:
         return subset_reader(path)[1](subset)
     pdir = _params_dir(path)

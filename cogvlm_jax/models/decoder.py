@@ -19,10 +19,10 @@ from typing import Callable, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cogvlm_jax import attention, kv_cache
 from cogvlm_jax.config import TextConfig
-from cogvlm_jax.layers import Dense, RMSNorm, apply_rope, split_sizes
-from cogvlm_jax.positions import ExpertRoute
+from cogvlm_jax.models import attention, kv_cache
+from cogvlm_jax.models.layers import Dense, RMSNorm, apply_rope, split_sizes
+from cogvlm_jax.models.positions import ExpertRoute
 
 Dtype = jnp.dtype
 

@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import kv_cache, positions
-from cogvlm_jax.adapter import VisionModel
 from cogvlm_jax.config import CogVLMConfig
-from cogvlm_jax.decoder import DecoderLayer
-from cogvlm_jax.layers import Dense, RMSNorm, _init
+from cogvlm_jax.models import kv_cache, positions
+from cogvlm_jax.models.adapter import VisionModel
+from cogvlm_jax.models.decoder import DecoderLayer
+from cogvlm_jax.models.layers import Dense, RMSNorm, _init
 
 Dtype = jnp.dtype
 

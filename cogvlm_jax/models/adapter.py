@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cogvlm_jax.config import CogVLMConfig
-from cogvlm_jax.layers import Dense, LayerNorm, PatchConv, gelu, _init
-from cogvlm_jax.vision import PatchEmbedding, Transformer
+from cogvlm_jax.models.layers import Dense, LayerNorm, PatchConv, _init, gelu
+from cogvlm_jax.models.vision import PatchEmbedding, Transformer
 
 Dtype = jnp.dtype
 

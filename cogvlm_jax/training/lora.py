@@ -25,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax.checkpoint import flatten_tree, unflatten_tree
-from cogvlm_jax.layers import Dense, precision_for
+from cogvlm_jax.convert.checkpoint import flatten_tree, unflatten_tree
+from cogvlm_jax.models.layers import Dense, precision_for
 
 COLLECTION = "lora"
 A, B = "lora_a", "lora_b"

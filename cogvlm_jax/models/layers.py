@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import axes, rows
+from cogvlm_jax.parallel import axes, rows
 
 Dtype = Any
 

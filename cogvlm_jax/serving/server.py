@@ -33,6 +33,7 @@ import uuid
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
@@ -40,10 +41,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cogvlm_jax.api import DEFAULT_MODEL_NAME, InputError
-from cogvlm_jax.engine import (ContextLengthError, Engine, EngineFailedError, EngineStoppedError, QueueFullError,
-                               Request)
-from cogvlm_jax.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
+from cogvlm_jax.generation.errors import InputError
+from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
+from cogvlm_jax.serving.engine import (
+    ContextLengthError,
+    Engine,
+    EngineFailedError,
+    EngineStoppedError,
+    QueueFullError,
+    Request,
+)
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 MiB = 1 << 20
@@ -528,8 +535,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _uvicorn_server(app, drain_seconds: float, log_level: str):
-    import uvicorn
-
     cfg = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(int(round(drain_seconds)), 0),
                          lifespan="on", access_log=log_level in ("info", "debug", "trace"))
     return uvicorn.Server(cfg)
@@ -587,25 +592,3 @@ class BackgroundServer:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def load_engine_and_config(args, mesh=None) -> tuple[Engine, ServerConfig]:
-    """From the ``cogvlm-jax serve`` arguments (see ``cli.py``); the model on ``mesh`` if given."""
-    import cogvlm_jax
-    from cogvlm_jax.multihost import is_main_process
-
-    if args.max_image_pixels < 1:
-        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
-    if args.image_root is not None and not os.path.isdir(args.image_root):
-        raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
-    kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=is_main_process())
-    model = cogvlm_jax.load(args.model, **kw)
-    name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
-    engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
-                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
-    config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,
-                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                          default_max_tokens=args.default_max_tokens,
-                          drain_seconds=args.drain_seconds)
-    return engine, config
-

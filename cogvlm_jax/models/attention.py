@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax.layers import operands, precision_for
+from cogvlm_jax.models.layers import operands, precision_for
 
 _MASKED = -1e30  # finite: a row with no visible key (a pad query) gives a uniform average, never NaN
 CACHE_CHUNK = 256  # slots per block when decode attention walks the filled part of a long cache

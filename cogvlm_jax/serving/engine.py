@@ -46,6 +46,7 @@ import collections
 import dataclasses
 import functools
 import io
+import queue
 import sys
 import threading
 import time
@@ -56,11 +57,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cogvlm_jax import chunked_prefill, kv_cache, multihost, rows, sampling
-from cogvlm_jax.api import MIN_BUCKET, InputError, bucket_length
-from cogvlm_jax.model import CogVLM
-from cogvlm_jax.preprocess import pad_batch
-from cogvlm_jax.tokenizer import StreamDecoder
+from cogvlm_jax.generation import chunked_prefill, sampling
+from cogvlm_jax.generation.buckets import MIN_BUCKET, bucket_length
+from cogvlm_jax.generation.errors import InputError
+from cogvlm_jax.inputs.preprocess import pad_batch
+from cogvlm_jax.inputs.tokenizer import StreamDecoder
+from cogvlm_jax.models import kv_cache
+from cogvlm_jax.models.cogvlm import CogVLM
+from cogvlm_jax.parallel import multihost, rows
+from cogvlm_jax.parallel.sharding import cache_shardings, replicated
 
 DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
 HEARTBEAT_S = 60.0  # several processes: an idle process 0 tells the others it is alive this often
@@ -243,8 +248,6 @@ class _Programs:
         shapes = jax.eval_shape(abstract)
         out = {}
         if mesh is not None:  # the cache sharded like generate's; the rest, and the outputs, replicated
-            from cogvlm_jax.sharding import cache_shardings, replicated
-
             rep = replicated(mesh)
             state_shardings = jax.tree_util.tree_map(lambda _: rep, shapes).replace(
                 cache=cache_shardings(shapes.cache, mesh))
@@ -494,7 +497,6 @@ class Engine:
     # ------------------------------------------------------------------ synchronous helpers
     def stream(self, inputs: dict, max_tokens: int, **sampling_kw) -> Iterator[Event]:
         """Submit and yield the events in this thread (tests, benchmarks); cancels if the caller stops early."""
-        import queue
 
         q: queue.Queue = queue.Queue()
         req = self.submit(Request(inputs, max_tokens, q.put, **sampling_kw))
@@ -560,8 +562,6 @@ class Engine:
         if op == "decode":  # the row count is a compile-time constant
             args, static = args[:1], {"active": int(args[1])}
         if self.mesh is not None:  # every process supplies the same host inputs, replicated
-            from cogvlm_jax.sharding import replicated
-
             args = tuple(None if a is None else multihost.to_global(np.asarray(a), replicated(self.mesh))
                          for a in args)
         self._state, out = getattr(p, op)(self.model.params, self._state, *args, **static)

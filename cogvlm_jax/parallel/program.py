@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import axes
+from cogvlm_jax.parallel import axes
 
 # XLA:CPU's default set is INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and REDUCE: this is it without REDUCE.
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":

@@ -21,6 +21,9 @@ import os
 import re
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+from tokenizers import Tokenizer as _HFTokenizer
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 REPLACEMENT_CHAR = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
@@ -42,6 +45,18 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     if file.endswith(".model"):
         return SentencePieceTokenizer(file, config)
     return FastTokenizer(file, config)
+
+
+def find_tokenizer(path: str | os.PathLike | None) -> "Tokenizer | None":
+    """The tokenizer in directory ``path`` or its ``tokenizer/`` subdirectory (``tokenizer.json`` or
+    ``tokenizer.model``), or None when there is none (or ``path`` is None)."""
+    if path is None:
+        return None
+    for cand in (path, os.path.join(path, "tokenizer")):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(cand, name)):
+                return load_tokenizer(cand)
+    return None
 
 
 def _find_tokenizer_file(path: str) -> str:
@@ -144,8 +159,6 @@ class SentencePieceTokenizer(Tokenizer):
     """CogVLM1: Llama sentencepiece model, Hugging Face legacy ``LlamaTokenizer`` semantics."""
 
     def __init__(self, path: str, config: dict | None = None):
-        import sentencepiece as spm
-
         super().__init__(path, config or {})
         try:
             self._sp = spm.SentencePieceProcessor(model_file=path)
@@ -235,8 +248,6 @@ class FastTokenizer(Tokenizer):
     """CogVLM2: a ``tokenizers`` tokenizer.json (Llama-3 byte-level BPE)."""
 
     def __init__(self, path: str, config: dict | None = None):
-        from tokenizers import Tokenizer as _HFTokenizer
-
         super().__init__(path, config or {})
         try:
             self._tok = _HFTokenizer.from_file(path)

@@ -38,12 +38,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
-from cogvlm_jax import lora as lora_lib, program
-from cogvlm_jax.checkpoint import flatten_tree, unflatten_tree
-from cogvlm_jax.layers import widened_weights, widens_on_cpu
-from cogvlm_jax.model import CogVLM
-from cogvlm_jax.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
+from cogvlm_jax.convert import checkpoint, mapping
+from cogvlm_jax.convert.checkpoint import CheckpointError, LazyArray, flatten_tree, saver, unflatten_tree, write_json
+from cogvlm_jax.inputs.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
+from cogvlm_jax.models.cogvlm import CogVLM, logical_axes
+from cogvlm_jax.models.layers import widened_weights, widens_on_cpu
+from cogvlm_jax.parallel import axes, program
+from cogvlm_jax.parallel.multihost import atomic_directory, is_main_process, to_global
+from cogvlm_jax.parallel.sharding import param_shardings, replicated
+from cogvlm_jax.training import lora as lora_lib
 
 TRAINABLE = ("full", "vision-expert", "lora")
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels")
@@ -322,9 +327,6 @@ class Trainer:
         if self.mesh is None:
             self._trainable_shardings = None
             return
-        from cogvlm_jax import axes
-        from cogvlm_jax.model import logical_axes
-        from cogvlm_jax.sharding import param_shardings
 
         if self.tc.trainable == "lora":
             names = lora_lib.axes_of(trainable, logical_axes(self.config))
@@ -336,15 +338,12 @@ class Trainer:
             self._trainable_shardings = unflatten_tree({p: every[p] for p in flatten_tree(trainable)})
 
     def _frozen_shardings(self, frozen):
-        from cogvlm_jax.sharding import param_shardings
-
         every = flatten_tree(param_shardings(self.config, self.mesh))
         return unflatten_tree({p: every[p] for p in flatten_tree(frozen)})
 
     def _opt_shardings(self, trainable):
         if self.mesh is None:
             return None
-        from cogvlm_jax.sharding import replicated
 
         abstract = jax.eval_shape(self.optimizer.init, trainable)
         return optax.tree_map_params(self.optimizer, lambda _, s: s, abstract, self._trainable_shardings,
@@ -354,7 +353,6 @@ class Trainer:
         """A TrainState of NamedShardings (None without a mesh)."""
         if self.mesh is None:
             return None
-        from cogvlm_jax.sharding import replicated
 
         rep = replicated(self.mesh)
         return TrainState(step=rep, trainable=self._trainable_shardings,
@@ -379,9 +377,6 @@ class Trainer:
             if self.mesh is None:
                 out[key] = jax.device_put(value, jax.devices()[0])
             else:
-                from cogvlm_jax import axes
-                from cogvlm_jax.multihost import to_global
-
                 sharding = axes.named_sharding((None, "batch") + (None,) * (value.ndim - 2), value.shape, self.mesh)
                 out[key] = to_global(value, sharding)  # each process puts its own devices' rows
         return out
@@ -399,8 +394,6 @@ class Trainer:
         """One optimizer update on a batch from :meth:`place_batch`. ``state`` is donated (do not reuse it).
         Returns (new state, metrics: loss, tokens, grad_norm, lr of this step)."""
         if self._step is None:
-            from cogvlm_jax.sharding import replicated
-
             # Trainers with the same model, settings and mesh share one jitted step (compiled once).
             if self._key not in _STEPS:
                 # metrics replicated: every process can read them (several processes: each holds a copy)
@@ -441,14 +434,10 @@ def _state_tree(state: TrainState) -> dict:
 def _in_row_blocks(params: Mapping) -> dict:
     """``params`` with each array larger than ``checkpoint.BLOCK_BYTES`` as a :class:`LazyArray` that copies
     itself to the host a region at a time: stored in chunks of its shard on the mesh, cut along the axis
-    that holds the HF tensor's rows (``convert.mapping.rows_axis``) so that a band of them across the whole
+    that holds the HF tensor's rows (``cogvlm_jax.convert.mapping.rows_axis``) so that a band of them across the whole
     leaf fits BLOCK_BYTES, so exporting the checkpoint reads it in row blocks (``checkpoint.block_reader``).
     Smaller arrays, and a whole array where the host has not every shard (several processes), are left as
     they are (one chunk per shard)."""
-    from cogvlm_jax import checkpoint
-    from cogvlm_jax.checkpoint import CheckpointError, LazyArray
-    from convert import mapping
-
     def leaf(path, a):
         a = jnp.asarray(a)
         if a.ndim == 0 or a.nbytes <= checkpoint.BLOCK_BYTES or not a.is_fully_addressable:
@@ -477,16 +466,11 @@ def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, ove
     With several processes every process calls this (a collective): each writes the shards its devices
     hold, process 0 writes ``train.json`` and renames the directory into place, and all return once it is
     there. ``path`` must be on storage every process sees."""
-    import orbax.checkpoint as ocp
-
-    from cogvlm_jax.checkpoint import write_json
-    from cogvlm_jax.multihost import atomic_directory, is_main_process
 
     with atomic_directory(path, overwrite) as tmp:
         tree = _state_tree(state)
         if jax.process_count() == 1:
             # large parameters stored in row blocks, so an export reads them a block at a time
-            from cogvlm_jax.checkpoint import saver
 
             tree["trainable"] = _in_row_blocks(tree["trainable"])
             with saver() as save:
@@ -504,9 +488,6 @@ def restore_state(path: str, like: TrainState) -> TrainState:
     """Read a state written by :func:`save_state` into the structure, dtypes and shardings of ``like`` (a
     state from :meth:`Trainer.init` of the same model and settings, or its ``jax.ShapeDtypeStruct`` s).
     With several processes every process calls this, and each reads the shards its devices hold."""
-    import orbax.checkpoint as ocp
-
-    from cogvlm_jax.checkpoint import CheckpointError
 
     where = os.path.join(path, STATE_DIR)
     if not os.path.isdir(where):

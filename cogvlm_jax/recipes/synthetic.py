@@ -30,6 +30,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from cogvlm_jax import files
+from cogvlm_jax.inputs.preprocess import build_prompt, pad_batch
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # name -> base RGB; each object jitters it a little
@@ -260,7 +264,6 @@ def all_answers() -> list[str]:
 def corpus() -> Iterator[str]:
     """The task's text in the prompt templates, with and without a history turn (the tokenizer's
     training text), and every answer on its own (as the answer follows the prompt)."""
-    from cogvlm_jax.preprocess import build_prompt
 
     answers = all_answers()
     for q in all_questions():
@@ -290,7 +293,6 @@ def exact_match(prediction: str, answer: str) -> bool:
 def answer_batch(model, queries: Sequence[tuple], max_new_tokens: int = 4) -> list[str]:
     """Greedy answers to ``(image, query[, history])`` tuples, as one left-padded batch through
     ``model.generate``."""
-    from cogvlm_jax.preprocess import pad_batch
 
     inputs = [model.build_inputs(q[1], q[2] if len(q) > 2 else (), image=q[0]) for q in queries]
     batch = pad_batch(inputs, model.config.pad_token_id)
@@ -324,17 +326,14 @@ def write_jsonl(out_dir: str, n: int, seed: int, history_prob: float = 0.0, prog
     Records: ``{"image": "images/NNNNNN.png", "query": ..., "answer": ..., "history": [[q, a], ...]}``;
     image paths are relative to the JSONL file. Returns the JSONL path.
     """
-    from tqdm.auto import tqdm
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     path = os.path.join(out_dir, "data.jsonl")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with files.atomic_file(path) as f:
         for i in tqdm(range(n), desc="writing examples", disable=not progress):
             e = example(seed, i, history_prob=history_prob)
             name = f"images/{i:06d}.png"
             render(e.scene).save(os.path.join(out_dir, name))
             f.write(json.dumps({"image": name, "query": e.query, "answer": e.answer,
                                 "history": [list(h) for h in e.history]}) + "\n")
-    os.replace(tmp, path)
     return path

@@ -27,10 +27,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from cogvlm_jax.api import bucket_length
-from cogvlm_jax.preprocess import (IGNORE_INDEX, TEMPLATES, ImageError, ImageTooLargeError, build_inputs,
-                                   check_image_pixels, pad_batch)
+from cogvlm_jax.generation.buckets import bucket_length
+from cogvlm_jax.inputs.preprocess import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    ImageError,
+    ImageTooLargeError,
+    build_inputs,
+    check_image_pixels,
+    pad_batch,
+)
 
 FIELDS = ("image", "query", "answer", "history")
 
@@ -87,7 +95,6 @@ def _check_image(path: str, where: str) -> None:
 def read_jsonl(path: str, tokenizer, config, template: Optional[str] = None, progress: bool = False) -> list[Record]:
     """Every record of a JSONL file, checked and measured in tokens (see the module docstring); ``progress``:
     a bar over the file's bytes (every record is tokenized and its image checked: long for a large file)."""
-    from tqdm import tqdm
 
     template = config.template_version if template is None else template
     if template not in TEMPLATES:

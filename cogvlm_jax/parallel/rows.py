@@ -23,7 +23,7 @@ from typing import Callable
 
 import jax
 
-from cogvlm_jax import program
+from cogvlm_jax.parallel import program
 
 MIN_ROWS, MAX_ROWS = 2, 64  # row counts in this range take the few-row compilation (on CPU)
 

@@ -39,9 +39,16 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from cogvlm_jax import multihost, train
-from cogvlm_jax.checkpoint import CheckpointError
+from cogvlm_jax import files
+from cogvlm_jax.config import load_config
+from cogvlm_jax.convert.checkpoint import CheckpointError
+from cogvlm_jax.convert.convert_hf import carried_files, write_hf_checkpoint
+from cogvlm_jax.parallel import multihost
+from cogvlm_jax.parallel.axes import make_mesh
+from cogvlm_jax.training import trainer as train
+from cogvlm_jax.training.data import Batches, DataError, read_jsonl
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -119,7 +126,6 @@ def read_run(out: str) -> RunConfig:
 
 def data_fingerprint(path: str) -> dict:
     """{"bytes", "sha256"} of the data file (streamed; the file is read in full for training anyway)."""
-    from cogvlm_jax.data import DataError
 
     if not os.path.isfile(path):
         raise DataError(f"training data {path} not found")
@@ -132,7 +138,6 @@ def data_fingerprint(path: str) -> dict:
 
 def _check_same_data(out: str, path: str, saved: Optional[dict]) -> None:
     """Refuse to resume on a data file other than the one the run started with (other records: other batches)."""
-    from cogvlm_jax.data import DataError
 
     if saved is None:  # a run started before fingerprints were recorded: nothing to compare with
         return
@@ -155,13 +160,6 @@ def differences(a: RunConfig, b: RunConfig) -> list[str]:
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _truncate_log(path: str, step: int) -> None:
     """Keep the log lines of steps <= ``step`` (those the restored state has done)."""
     if not os.path.exists(path):
@@ -174,13 +172,12 @@ def _truncate_log(path: str, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 continue
-    _write_atomic(path, "".join(kept))
+    files.write_text(path, "".join(kept))
 
 
 def _mesh(shape):
     if tuple(shape) == (1, 1, 1):
         return None
-    from cogvlm_jax.axes import make_mesh
 
     n = math.prod(shape)
     if n > len(jax.devices()):
@@ -193,7 +190,6 @@ def _mesh(shape):
 
 def tokenizer_files(run: RunConfig) -> list[str]:
     """Tokenizer and generation files to ship with the export (from --tokenizer first, then the model)."""
-    from convert.convert_hf import carried_files
 
     keep = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "generation_config.json")
@@ -215,11 +211,6 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     give the run's own step count).
     Returns the export directory (``out/model``), or ``out`` with ``export=False``.
     """
-    import cogvlm_jax
-    from cogvlm_jax.api import _find_tokenizer
-    from cogvlm_jax.config import load_config
-    from cogvlm_jax.data import Batches, read_jsonl
-
     out = os.path.abspath(out)
     if resume:
         saved, fingerprint = _read_run_file(out)
@@ -244,7 +235,7 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     if not resume:
         fingerprint = data_fingerprint(run.data)
     config = load_config(run.model)
-    tokenizer = _find_tokenizer(run.tokenizer or run.model)
+    tokenizer = find_tokenizer(run.tokenizer or run.model)
     if tokenizer is None:
         raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; pass --tokenizer")
     records = read_jsonl(run.data, tokenizer, config, run.template, progress=progress and multihost.is_main_process())
@@ -259,11 +250,11 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     progress = progress and main
     if not resume and main:
         os.makedirs(out, exist_ok=True)
-        _write_atomic(os.path.join(out, RUN_FILE),
+        files.write_text(os.path.join(out, RUN_FILE),
                       json.dumps({**run.to_dict(), FINGERPRINT: fingerprint}, indent=2, sort_keys=True) + "\n")
 
     mesh = _mesh(run.mesh)
-    params = cogvlm_jax.load(run.model, dtype="float32", mesh=mesh, progress=progress).params
+    params = read_params(run.model, config, jnp.float32, mesh=mesh, progress=progress)
     trainer = train.Trainer(config, run.train, dtype=run.dtype, mesh=mesh)
     state, frozen = trainer.init(params, seed=run.seed)
     del params  # the parameters now live in (state, frozen)
@@ -274,8 +265,6 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     log_path = os.path.join(out, LOG_FILE)
     if main:
         _truncate_log(log_path, start)
-
-    from tqdm import tqdm
 
     meta = {"run": run.to_dict()}
     log_file = open(log_path, "a") if main else contextlib.nullcontext()  # only process 0 logs
@@ -311,7 +300,6 @@ def export_model(trainer: train.Trainer, state: train.TrainState, frozen: Any, c
     """The full parameters (LoRA merged) as a Hugging Face checkpoint in ``dtype``; atomic, replaces
     ``out_dir``. Returns ``out_dir``. With several processes all call this; process 0 writes (see
     ``write_hf_checkpoint``)."""
-    from convert.convert_hf import write_hf_checkpoint
 
     params = trainer.params(state, frozen)
     if jax.process_count() == 1:

@@ -24,7 +24,12 @@ import sys
 import threading
 from typing import Callable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
+from orbax.checkpoint import multihost as ocp_multihost
+
+from cogvlm_jax import files
+from cogvlm_jax.parallel.axes import make_mesh
 
 DEFAULT_TIMEOUT_S = 120
 EXIT_UNREACHABLE = 3  # the exit status of a process that could not join its cluster in time
@@ -56,7 +61,6 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     ``EXIT_UNREACHABLE`` (JAX itself would abort with a stack trace, or wait forever for a peer).
     Must run before any JAX computation.
     """
-    import jax
 
     if jax.distributed.is_initialized():
         return True
@@ -103,7 +107,6 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 
 def is_main_process() -> bool:
     """Process 0: the one that prints, serves, writes files meant once."""
-    import jax
 
     return jax.process_index() == 0
 
@@ -111,7 +114,6 @@ def is_main_process() -> bool:
 # --------------------------------------------------------------------------- host data <-> global arrays
 def to_global(a: np.ndarray, sharding):
     """A global ``jax.Array`` from the same host array on every process; each supplies its own devices' slices."""
-    import jax
 
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
@@ -123,7 +125,6 @@ def to_host(x) -> np.ndarray:
     Arrays spread over other processes' devices are all-gathered: a collective, so every process must
     call this for the same arrays in the same order (as it does when all run the same program).
     """
-    import jax
 
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.sharding.is_fully_replicated:
         from jax.experimental import multihost_utils
@@ -134,7 +135,6 @@ def to_host(x) -> np.ndarray:
 
 def broadcast_bytes(data: Optional[bytes]) -> bytes:
     """Process 0's ``data`` on every process (the others pass anything, e.g. None)."""
-    import jax
 
     if jax.process_count() == 1:
         return data if data is not None else b""
@@ -157,7 +157,6 @@ def from_main(read: Callable[[], bytes]) -> bytes:
     If it fails on process 0 with a ``ValueError``/``OSError``, every process raises a ``ValueError`` with
     that message, so none is left waiting for the others.
     """
-    import jax
 
     if jax.process_count() == 1:
         return read()
@@ -181,11 +180,9 @@ def sync(what: str, timeout: float = 600) -> None:
     """Wait until every process gets here (nothing with one process). ``what`` names the barrier in errors;
     every process must pass the same barriers in the same order. Gives up after ``timeout`` seconds."""
     global _barriers
-    import jax
 
     if jax.process_count() == 1:
         return
-    from orbax.checkpoint import multihost as ocp_multihost
 
     _barriers += 1  # Orbax barriers need a name never used before
     ocp_multihost.sync_global_processes(f"cogvlm-jax:{_barriers}:{what}", timeout=int(timeout))
@@ -193,20 +190,17 @@ def sync(what: str, timeout: float = 600) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-    """``checkpoint.atomic_directory`` for a directory every process writes into (an Orbax save, each process
+    """``files.atomic_directory`` for a directory every process writes into (an Orbax save, each process
     its own shards): process 0 makes the temporary directory and tells the others its name; when every
     process has left the block, process 0 renames it into place, and then all return. The directory must
     be on storage every process sees (the same path). With one process this is
-    ``checkpoint.atomic_directory`` itself.
+    ``files.atomic_directory`` itself.
 
     Process 0's refusal of the destination (not empty, not a directory) is raised on every process.
     """
-    import jax
-
-    from cogvlm_jax import checkpoint
 
     if jax.process_count() == 1:
-        with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+        with files.atomic_directory(out_dir, overwrite) as tmp:
             yield tmp
         return
     if not is_main_process():
@@ -217,7 +211,7 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         return
     with contextlib.ExitStack() as stack:
         def make() -> bytes:
-            return stack.enter_context(checkpoint.atomic_directory(out_dir, overwrite)).encode()
+            return stack.enter_context(files.atomic_directory(out_dir, overwrite)).encode()
 
         tmp = from_main(make).decode()
         yield tmp
@@ -255,7 +249,6 @@ def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
 def default_mesh_shape() -> Optional[tuple[int, int, int]]:
     """The mesh a command uses when none is given: None (one device) in one process, else fsdp over the
     processes and tensor over each process's devices."""
-    import jax
 
     if jax.process_count() > 1:
         return 1, jax.process_count(), jax.local_device_count()
@@ -265,7 +258,6 @@ def default_mesh_shape() -> Optional[tuple[int, int, int]]:
 def init_from_args(args: argparse.Namespace):
     """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None."""
     initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
-    from cogvlm_jax.axes import make_mesh
 
     shape = parse_mesh(args.mesh) if args.mesh else default_mesh_shape()
     return None if shape is None else make_mesh(*shape)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cogvlm_jax import axes, kv_cache
 from cogvlm_jax.config import CogVLMConfig
-from cogvlm_jax.model import abstract_params, logical_axes
+from cogvlm_jax.models import kv_cache
+from cogvlm_jax.models.cogvlm import abstract_params, logical_axes
+from cogvlm_jax.parallel import axes
 
 
 def param_shardings(config: CogVLMConfig, mesh: Mesh, rules=axes.RULES):

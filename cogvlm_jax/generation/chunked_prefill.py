@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax import attention, kv_cache
+from cogvlm_jax.models import attention, kv_cache
 
 
 def mixed_step(model, tokens, token_positions, cache: kv_cache.KVCache, chunk_ids, chunk_positions, chunk_len,

@@ -13,9 +13,9 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cogvlm_jax.attention import attend
 from cogvlm_jax.config import VisionConfig
-from cogvlm_jax.layers import Dense, LayerNorm, PatchConv, gelu, _init
+from cogvlm_jax.models.attention import attend
+from cogvlm_jax.models.layers import Dense, LayerNorm, PatchConv, _init, gelu
 
 Dtype = jnp.dtype
 
