@@ -57,7 +57,6 @@ from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.multihost import to_host
 from cogvlm_jax.parallel.sharding import param_shardings
-from cogvlm_jax.training.trainer import is_training_checkpoint
 
 __all__ = [
     "CheckpointError", "read_hf_checkpoint", "write_hf_checkpoint", "convert_hf_to_ours",
