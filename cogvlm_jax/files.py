@@ -17,7 +17,11 @@ import uuid
 from typing import IO, Any, Iterable, Iterator
 
 
-class DestinationError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint (or a file beside it) we cannot read or write; the message names the key, file or directory."""
+
+
+class DestinationError(CheckpointError):
     """A destination we refuse to write: not a directory, or not empty without ``overwrite``."""
 
 

@@ -35,16 +35,13 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import future
 
-from cogvlm_jax.files import atomic_directory, check_destination, copy_files, write_json  # noqa: F401
+from cogvlm_jax.files import (  # noqa: F401 - the checkpoint helpers callers import from here
+    CheckpointError, atomic_directory, check_destination, copy_files, write_json)
 
 FORMAT_FILE = "checkpoint.json"
 PARAMS_DIR = "params"
 FORMAT_NAME = "cogvlm-jax"
 FORMAT_VERSION = 2  # 2: the lm_head kernel is [vocab, hidden] (HF's layout); version 1 stored it transposed
-
-
-class CheckpointError(ValueError):
-    """A checkpoint we cannot read or write; the message names the key, file or directory."""
 
 
 # --------------------------------------------------------------------------- our format

@@ -780,11 +780,6 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
     A checkpoint ``cogvlm-jax train`` saved is exported by ``cogvlm_jax.training.export.to_hf``."""
     check_not_same(src, dst)
     check_destination(dst, overwrite)
-
-    if is_training_checkpoint(src):
-        source, config, run_dtype, extra = _training_source(src)
-        return write_hf(source, config, dst, max_shard_bytes, run_dtype if dtype is None else dtype, None, None,
-                         overwrite, extra, progress)
     if not is_our_checkpoint(src):
         raise CheckpointError(f"{src} is not a cogvlm-jax checkpoint (needs config.json and params/)")
     facts = read_meta(src).get("hf", {})
