@@ -420,7 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
+        # everything after the verb is benchmarks.run's own (argparse's REMAINDER stops at a leading option)
+        args = parser.parse_args(["bench"])
+        args.bench_args = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
