@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAMILIES, PARITY
+from conftest import FAMILIES
 from jax.sharding import PartitionSpec as P
 
 import cogvlm_jax
@@ -25,34 +27,51 @@ def test_mesh_gives_single_device_numbers(shape, f32_models, reference):
     for fam in FAMILIES:
         base = f32_models[fam]
         model = cogvlm_jax.Model(base.config, base.params, base.tokenizer, mesh=mesh)
-        batch, logits, ids, floor = reference[fam]
+        batch, logits, ids, bound = reference[fam]
         leaf = model.params["layers_0"]["mlp"]["language_mlp"]["gate_proj"]["kernel"]
         assert len(leaf.sharding.device_set) == int(np.prod(shape))
         err = float(np.abs(model.forward(*batch) - logits).max())
-        print(f"\n{fam} mesh {shape}: max |sharded - one device| = {err:.2e} (one device's batch-size floor {floor:.2e})")
-        assert err <= PARITY, (fam, shape, err, floor)
+        print(f"\n{fam} mesh {shape}: max |sharded - one device| = {err:.2e} (bound {bound:.2e})")
+        assert err <= bound, (fam, shape, err, bound)
         np.testing.assert_array_equal(model.generate(*batch, max_new_tokens=6), ids)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_one_device_numbers_do_not_depend_on_the_batch(fam, f32_models):
-    """A data-sharded mesh gives each device fewer rows; a row's numbers must not change with that. Compiled
-    as every model program is (``program.jit``: on CPU without XLA's YNNPACK reduce fusion, whose ``exp``
-    is one ulp off XLA's own and was used only for big enough arrays), a row's image features and last
-    hidden state are bit-identical alone and in a batch of all the cases (image and text-only rows)."""
-    from conftest import cases, left_pad_batch
+    """A data-sharded mesh gives each device fewer rows; a row's numbers must not change with that beyond
+    float32 rounding. Compiled as every model program is (``program.jit``: on CPU without XLA's YNNPACK
+    reduce fusion, whose ``exp`` differs from XLA's own by an ulp and was used only for big enough arrays),
+    a row's image features and last hidden state alone and in a batch of all the cases (image and
+    text-only rows) differ by no more than two correct float32 runs may: the row's own distance from the
+    float64 references (fixtures64), measured in this run, plus the official float32 code's. Which dot
+    kernel a row count gets differs between CPUs, so bit-identity is not a property XLA:CPU guarantees."""
+    from conftest import FIXTURES64, cases, left_pad_batch
 
     from cogvlm_jax.parallel import program
 
     m = f32_models[fam]
-    ids, tt, am, pv = left_pad_batch(cases(fam), m.config.pad_token_id)
+    recs = cases(fam)
+    ids, tt, am, pv = left_pad_batch(recs, m.config.pad_token_id)
     features = program.jit(lambda p, pv: m.module.apply({"params": p}, pv, method=m.module.encode_images))
     hidden = program.jit(lambda p, *batch: m.module.apply({"params": p}, *batch, return_hidden=True)[2][-1])
     all_f, all_h = np.asarray(features(m.params, pv)), np.asarray(hidden(m.params, ids, tt, am, pv))
-    for i in range(len(ids)):
+    for i, rec in enumerate(recs):
+        exact = np.load(os.path.join(FIXTURES64, fam, rec["name"] + ".f64.npz"))
+        n = len(rec["arrays"]["input_ids"])
         row = [x[i:i + 1] for x in (ids, tt, am, pv)]
-        np.testing.assert_array_equal(np.asarray(features(m.params, row[3]))[0], all_f[i])
-        np.testing.assert_array_equal(np.asarray(hidden(m.params, *row))[0], all_h[i])
+        one_h = np.asarray(hidden(m.params, *row))[0]
+        official = rec["arrays"]
+
+        def bound(ours, key, pick=slice(None)):
+            truth = exact[key][pick]
+            return float(np.abs(ours - truth).max() + np.abs(official[key][pick] - truth).max())
+
+        bound_h = bound(one_h[-n:], "hidden_states", -1)  # the last (normed) hidden state
+        assert float(np.abs(one_h - all_h[i]).max()) <= max(bound_h, 1e-6), (rec["name"], bound_h)
+        if "vision_features" in exact.files:
+            one_f = np.asarray(features(m.params, row[3]))[0]
+            bound_f = bound(one_f, "vision_features")
+            assert float(np.abs(one_f - all_f[i]).max()) <= max(bound_f, 1e-6), (rec["name"], bound_f)
 
 
 def test_rules_table_for_published_cogvlm2():
@@ -136,8 +155,8 @@ def test_sharded_load_places_each_tensor_with_bounded_host_memory(fmt, tmp_path,
     # (bf16), transposed, cast to float32 and handed to the device: measured 2.5x the largest float32
     # tensor for HF (77.7 MiB vs 31.3 MiB), 1.6x for ours, whatever the number of tensors.
     assert transient < 3 * largest
-    batch, logits, _, _ = reference[fam]
-    assert float(np.abs(model.forward(*batch) - logits).max()) <= PARITY
+    batch, logits, _, bound = reference[fam]
+    assert float(np.abs(model.forward(*batch) - logits).max()) <= bound
 
 
 @pytest.mark.parametrize("name", ["cogvlm-chat-hf", "cogvlm2-llama3-chat-19B"])

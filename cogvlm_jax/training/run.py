@@ -38,6 +38,7 @@ import time
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -45,6 +46,8 @@ from cogvlm_jax import files
 from cogvlm_jax.config import load_config
 from cogvlm_jax.convert.checkpoint import CheckpointError
 from cogvlm_jax.convert.convert_hf import carried_files, write_hf_checkpoint
+from cogvlm_jax.convert.params import read_params
+from cogvlm_jax.inputs.tokenizer import find_tokenizer
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.axes import make_mesh
 from cogvlm_jax.training import trainer as train
