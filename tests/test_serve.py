@@ -30,8 +30,10 @@ from conftest import cases, fixture_dir, huge_png
 
 from cogvlm_jax.generation.buckets import bucket_length
 from cogvlm_jax.serving.engine import Engine
+from cogvlm_jax.serving.images import read_image_url
+from cogvlm_jax.serving.protocol import APIError, parse_messages
 from cogvlm_jax.serving.requests import ContextLengthError, Event, QueueFullError, Request, TextOutput
-from cogvlm_jax.serving.server import APIError, BackgroundServer, ServerConfig, parse_messages, read_image_url
+from cogvlm_jax.serving.server import BackgroundServer, ServerConfig
 
 openai = pytest.importorskip("openai")
 
