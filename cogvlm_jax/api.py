@@ -149,8 +149,7 @@ class Model:
         if longest + max_new_tokens > self.config.context_length:
             raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
                              f"{self.config.context_length}")
-        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
-            raise InputError(f"bad sampling settings: temperature {temperature}, top_k {top_k}, top_p {top_p}")
+        sampling.check_sampling(temperature, top_k, top_p)
         b, n = ids.shape
         length = bucket_length(n, self.config.context_length - max_new_tokens)
         pad = length - n

@@ -29,8 +29,11 @@ import pytest
 from conftest import cases, fixture_dir, huge_png
 
 from cogvlm_jax.generation.buckets import bucket_length
-from cogvlm_jax.serving.engine import ContextLengthError, Engine, Event, QueueFullError, Request, TextOutput
-from cogvlm_jax.serving.server import APIError, BackgroundServer, ServerConfig, parse_messages, read_image_url
+from cogvlm_jax.serving.engine import Engine
+from cogvlm_jax.serving.images import read_image_url
+from cogvlm_jax.serving.protocol import APIError, parse_messages
+from cogvlm_jax.serving.requests import ContextLengthError, Event, QueueFullError, Request, TextOutput
+from cogvlm_jax.serving.server import BackgroundServer, ServerConfig
 
 openai = pytest.importorskip("openai")
 
@@ -237,7 +240,7 @@ def test_engine_compiles_once_per_image_prefill_shape_and_once_per_step(f32_mode
 def test_decode_and_prefill_chunk_sizes():
     """The decode chunk runs the rows up to the last busy slot, rounded up to a power of two or all of them;
     a prompt's last chunk is the shortest of 16, 32, 64, ... or the whole chunk that holds it."""
-    from cogvlm_jax.serving.engine import decode_sizes, prefill_sizes
+    from cogvlm_jax.generation.buckets import decode_sizes, prefill_sizes
 
     assert decode_sizes(1) == (1,) and decode_sizes(16) == (1, 2, 4, 8, 16) and decode_sizes(6) == (1, 2, 4, 6)
     assert prefill_sizes(0) == () and prefill_sizes(8) == (8,) and prefill_sizes(16) == (16,)

@@ -1,6 +1,8 @@
-"""Prompt and batch lengths padded to a few sizes, so a handful of compiled programs serves every request.
+"""Prompt lengths and row counts rounded up to a few sizes, so a handful of compiled programs serves every request.
 
-Each distinct shape under ``jit`` is one compile; padding to a ladder of lengths bounds their number.
+Each distinct shape under ``jit`` is one compile; rounding up to a ladder of sizes bounds their number:
+``bucket_length`` for a prompt padded whole, ``decode_sizes`` for the serving engine's decode rows,
+``prefill_sizes`` for its chunked-prefill chunks.
 """
 
 from __future__ import annotations
@@ -32,3 +34,26 @@ def bucket_length(n: int, limit: Optional[int] = None) -> int:
         if round_up(n, step) <= limit:
             return round_up(n, step)
     return n
+
+
+def _doubling(first: int, last: int) -> tuple[int, ...]:
+    """first, 2 first, 4 first, ... below ``last``, then ``last``."""
+    sizes, n = [], first
+    while n < last:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (last,)
+
+
+def decode_sizes(slots: int) -> tuple[int, ...]:
+    """The row counts the decode chunk is compiled for: 1, 2, 4, ... below ``slots``, and ``slots``. A
+    chunk decodes the first rows up to the last busy slot, rounded up to one of these (requests take the
+    lowest free slot), so one stream on a server of 16 slots costs one row, not 16."""
+    return _doubling(1, slots)
+
+
+def prefill_sizes(prefill_chunk: int) -> tuple[int, ...]:
+    """The chunk lengths the chunked-prefill step is compiled for: 16, 32, 64, ... below ``prefill_chunk``,
+    and ``prefill_chunk`` (none for 0: off). A prompt is prefilled in chunks of ``prefill_chunk`` and its
+    rest in the shortest that holds it, so it is padded by less than half its last chunk (and less than 16)."""
+    return _doubling(16, prefill_chunk) if prefill_chunk else ()

@@ -4,6 +4,8 @@ Static shapes: the caller left-pads prompts to a bucket length and fixes the cac
 (bucket, cache length) compiles once. Temperature, top-k, top-p, the step limit and the seeds are traced
 values: changing them never recompiles. The decode loop runs on device until every row has stopped or
 ``stop_at`` steps are done: no host round trip per token (streaming calls it again for the next chunk).
+The serving engine's decode chunk runs the same model step (``decode_step``), and both check a request's
+sampling settings with ``check_sampling``.
 
 Axis legend: B batch, L prompt length, N max new tokens, V vocab.
 """
@@ -17,10 +19,17 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.models import kv_cache, positions
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.parallel import rows
 from cogvlm_jax.parallel.sharding import cache_shardings
+
+
+def check_sampling(temperature, top_k=None, top_p=None) -> None:
+    """Raise ``InputError`` unless temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (None: off)."""
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
+        raise InputError(f"bad sampling settings: temperature {temperature}, top_k {top_k}, top_p {top_p}")
 
 
 @flax.struct.dataclass
@@ -124,6 +133,12 @@ def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pi
     return logits, next_pos, cache
 
 
+def decode_step(model: CogVLM, params, token, position, cache):
+    """One token per row through the model: ``token`` [B] at ``position`` [B], its keys and values written
+    into ``cache`` -> (the logits that choose the next token [B, V], cache)."""
+    return model.apply({"params": params}, token, position, cache, method=CogVLM.decode_step)
+
+
 def decode_loop(model: CogVLM, params, state: DecodeState, stop_at, eos_ids, pad_id, do_sample: bool):
     """Generate until ``state.step == stop_at`` or every row is done (eos or ``N`` tokens)."""
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -141,7 +156,7 @@ def decode_loop(model: CogVLM, params, state: DecodeState, stop_at, eos_ids, pad
         if chosen is not None:
             chosen = jax.lax.dynamic_update_slice_in_dim(chosen, s.logits[:, None], s.step, axis=1)
         done = s.done | jnp.isin(tok, eos)
-        logits, cache = model.apply({"params": params}, tok, s.position, s.cache, method=CogVLM.decode_step)
+        logits, cache = decode_step(model, params, tok, s.position, s.cache)
         return s.replace(tokens=tokens, logits=logits, step=s.step + 1, done=done, position=s.position + 1,
                          cache=cache, chosen_logits=chosen)
 
