@@ -262,8 +262,8 @@ class _Programs:
 
         # a prompt of rows.MIN_ROWS to rows.MAX_ROWS tokens prefills as a few-row program (see rows.py)
         @functools.partial(rows.ByRows, rows=lambda params, state, input_ids, *a: input_ids.size, mesh=mesh,
-                           donate_argnames=("state",), **out)
-        def insert(params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
+                           module=module, donate_argnames=("state",), **out)
+        def insert(module, params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``."""
             logits, next_pos, cache = sampling.prefill(module, params, input_ids, token_type_ids, attention_mask,
@@ -276,7 +276,7 @@ class _Programs:
                           sampling=jax.tree_util.tree_map(put, state.sampling, sp))
             return state, first[0]
 
-        def steps(params, state: Slots, live, n: int):
+        def steps(module, params, state: Slots, live, n: int):
             """``chunk`` decode steps of all ``n`` rows of ``state`` -> (state, tokens [n, C])."""
             def body(i, carry):
                 s, out = carry
@@ -288,24 +288,25 @@ class _Programs:
             return jax.lax.fori_loop(0, chunk, body, (state, jnp.zeros((n, chunk), jnp.int32)))
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, active: active, mesh=mesh,
-                           donate_argnames=("state",), static_argnames=("active",), **out)
-        def decode(params, state: Slots, live, active: int):
+                           module=module, donate_argnames=("state",), static_argnames=("active",), **out)
+        def decode(module, params, state: Slots, live, active: int):
             """``chunk`` steps of the first ``active`` slots (static; the others are left as they are)
             -> (state, tokens [active, C]). ``live`` [S]: slots whose tokens are used (an idle slot never makes
             the chunk take the sampling branch)."""
             if active < slots:  # a copy of those rows is decoded and written back: a cheap part of the chunk
-                part, out = steps(params, jax.tree_util.tree_map(lambda x: x[:active], state), live[:active], active)
+                part, out = steps(module, params, jax.tree_util.tree_map(lambda x: x[:active], state), live[:active],
+                                  active)
                 state = jax.tree_util.tree_map(lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, 0, axis=0),
                                                state, part)
                 # the rows past ``active`` are idle: their write index goes to 0, as an idle decoded row's does
                 index = jnp.where(jnp.arange(slots) < active, state.cache.index, 0)
                 return state.replace(cache=state.cache.replace(index=index)), out
-            return steps(params, state, live, slots)
+            return steps(module, params, state, live, slots)
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, chunk_ids, *a: slots + chunk_ids.shape[0],
-                           mesh=mesh, donate_argnames=("state",), **out)
-        def mix(params, state: Slots, live, chunk_ids, chunk_positions, chunk_len, slot, start, last, temperature,
-                top_k, top_p, seed):
+                           mesh=mesh, module=module, donate_argnames=("state",), **out)
+        def mix(module, params, state: Slots, live, chunk_ids, chunk_positions, chunk_len, slot, start, last,
+                temperature, top_k, top_p, seed):
             """One decode step of every slot plus the next chunk [P] of ``slot``'s text prompt
             -> (state, (tokens [S], the prompt's first token)). ``last``: the chunk ends the prompt, so
             ``slot`` starts decoding from its first token (chosen as ``insert`` does)."""
