@@ -143,6 +143,7 @@ class DecodeBench:
         from cogvlm_jax.api import compute_dtype, weights_for_compute
         from cogvlm_jax.generation.sampling import Generator
         from cogvlm_jax.models.cogvlm import CogVLM
+        from cogvlm_jax.parallel import program
 
         self.config_name, self.dtype = config_name, dtype
         self.config = load_bench_config(config_name)
@@ -150,7 +151,7 @@ class DecodeBench:
         self.params = weights_for_compute(make_params(self.config, dtype) if params is None else params,
                                           DTYPES[dtype])
         self.compute_dtype = compute_dtype(DTYPES[dtype]).name
-        self.model = CogVLM(self.config, DTYPES[self.compute_dtype])
+        self.model = CogVLM(self.config, DTYPES[self.compute_dtype], execution=program.execution())
         self.gen = Generator(self.model, (NEVER_EOS,), self.config.pad_token_id)
 
     def cache_length(self, case: DecodeCase) -> int:

@@ -54,6 +54,7 @@ def vit_kernel_layouts(quick: bool = False, dtypes=("float32", "bfloat16"), roun
 
     from benchmarks.decode import DTYPES, image_prompt, load_bench_config, make_params
     from cogvlm_jax.models.cogvlm import CogVLM
+    from cogvlm_jax.parallel import program
 
     recs = []
     config = load_bench_config("mid")
@@ -71,7 +72,7 @@ def vit_kernel_layouts(quick: bool = False, dtypes=("float32", "bfloat16"), roun
                     lambda p, x: x.T if x.ndim == 2 and str(getattr(p[-1], "key", "")) == "kernel" else x,
                     base["vision"]))
             with vit_out_in() if layout == "out_in" else contextlib.nullcontext():
-                model = CogVLM(config, DTYPES[dtype])
+                model = CogVLM(config, DTYPES[dtype], execution=program.execution())
                 encode = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x, method=m.encode_images))
                 jax.block_until_ready(encode(params, pixels))  # compile under the patch
             runs[layout] = functools.partial(lambda f, p: jax.block_until_ready(f(p, pixels)), encode, params)

@@ -32,14 +32,15 @@ DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
 STREAM_CHUNK = 4  # tokens generated on device between two stream yields
 
 
-def compute_dtype(dtype):
-    """The dtype a model loaded in ``dtype`` computes in: float32 on CPU for bfloat16 / float16 (see
-    :func:`weights_for_compute`), else ``dtype``."""
+def compute_dtype(dtype, platform: Optional[str] = None):
+    """The dtype a model loaded in ``dtype`` computes in on ``platform`` (default: the default device's):
+    float32 on CPU for bfloat16 / float16 (see :func:`weights_for_compute`), else ``dtype``."""
 
-    return jnp.dtype(jnp.float32) if widens_on_cpu(dtype) else jnp.dtype(dtype)
+    platform = program.platform_of() if platform is None else platform
+    return jnp.dtype(jnp.float32) if widens_on_cpu(dtype, platform) else jnp.dtype(dtype)
 
 
-def weights_for_compute(params, dtype):
+def weights_for_compute(params, dtype, platform: Optional[str] = None):
     """``params`` as a model loaded in ``dtype`` keeps them: rounded to ``dtype`` once, stored in
     :func:`compute_dtype`.
 
@@ -52,9 +53,10 @@ def weights_for_compute(params, dtype):
     30 ms either way with the weights widened once here; at batch 8, 186 / 108 ms against 59 ms. Widening
     every step instead (no hoisting) measured 2.5x slower than reading float32. The rounding keeps the
     part of a 16-bit run's error that matters, the weights' (see tests/test_model_parity.py). Other
-    backends multiply 16-bit operands natively: there the weights are ``params`` as given.
+    backends multiply 16-bit operands natively: there the weights are ``params`` as given. ``platform``:
+    the one the model runs on (default: the default device's).
     """
-    if compute_dtype(dtype) == jnp.dtype(dtype):
+    if compute_dtype(dtype, platform) == jnp.dtype(dtype):
         return params
     rounded = jax.jit(lambda a: a.astype(dtype).astype(jnp.float32))
     return jax.tree_util.tree_map(rounded, params)
@@ -77,8 +79,10 @@ class Model:
         self.mesh = mesh
         if mesh is not None:  # place (or re-place) every parameter in its sharded layout
             params = jax.device_put(params, param_shardings(config, mesh))
-        self.params = weights_for_compute(params, _DTYPES[dtype])
-        self.module = CogVLM(config, compute_dtype(_DTYPES[dtype]), vit_query_chunk)
+        execution = program.execution(mesh)  # the mesh's (or the default device's) platform, the rules
+        self.params = weights_for_compute(params, _DTYPES[dtype], execution.platform)
+        self.module = CogVLM(config, compute_dtype(_DTYPES[dtype], execution.platform), vit_query_chunk,
+                             execution=execution)
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
                                     mesh)
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)

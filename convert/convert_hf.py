@@ -695,6 +695,7 @@ def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes
               inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool) -> str:
 
     multihost.from_main(lambda: check_destination(out_dir, overwrite) or b"")  # process 0's refusal, on all
+    barriers = multihost.Barriers.agreed()
     dtype = as_dtype(dtype)
     if dtype is not None:
         config = config.replace(torch_dtype=dtype.name)
@@ -710,7 +711,7 @@ def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes
         for shard in shards:
             for run in _fetch_runs(source, shard):
                 source.fetch(run)
-        multihost.sync(f"exported {out_dir}")
+        barriers.sync(f"exported {out_dir}")
         return out_dir
     with atomic_directory(out_dir, overwrite) as tmp, \
             tqdm(total=len(outs), desc="writing", unit="tensor", disable=not progress) as bar:
@@ -723,7 +724,7 @@ def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes
                 "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}})
         write_json(os.path.join(tmp, "config.json"), config.to_hf_dict())
         copy_files(extra_files, tmp)
-    multihost.sync(f"exported {out_dir}")
+    barriers.sync(f"exported {out_dir}")
     return out_dir
 
 

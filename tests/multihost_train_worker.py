@@ -40,10 +40,11 @@ def main(coordinator: str, process_id: int, workdir: str) -> None:
     if done["train_rc"] == 0:
         t1 = time.time()
         first, resumed = job["first"], job["resumed"]
+        barriers = multihost.Barriers.agreed()
         if multihost.is_main_process():
             last = finetune.checkpoint_steps(first)[-1]
             shutil.copytree(first, resumed, ignore=shutil.ignore_patterns(f"step_{last:08d}", finetune.EXPORT))
-        multihost.sync("copied")
+        barriers.sync("copied")
         finetune.fit(resumed, resume=True, progress=False)
         done["resume_seconds"] = time.time() - t1
         try:  # a new run where one is: process 0 looks, and every process must raise its refusal

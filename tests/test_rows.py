@@ -23,14 +23,14 @@ def test_dense_few_row_product_has_the_weight_on_the_left(n):
     dense = Dense(48, ("embed", "mlp"), out_in=True)
     x = jax.random.normal(jax.random.PRNGKey(0), (n, 1, 32), jnp.float32)
     params = nn.unbox(dense.init(jax.random.PRNGKey(1), x))
-    fn = rows.ByRows(dense.apply, lambda p, x: x.shape[0])
+    fn = rows.ByRows(Dense.apply, lambda p, x: x.shape[0], module=dense)
     got = np.asarray(fn(params, x))
     kernel = np.asarray(params["params"]["kernel"], np.float64)
     want = np.asarray(x, np.float64) @ kernel.T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     hlo = fn.lower(params, x).compile().as_text()
     few = rows.MIN_ROWS <= n <= rows.MAX_ROWS
-    assert rows.few_rows(n) == few
+    assert rows.few_rows(n, "cpu") == few
     # the product's output: f32[48, n] = the [out, in] kernel (first operand) times x.T in the few-row
     # compilation; else f32[n, 48] as written (x first: YNNPACK packs the weight, or one row's matvec)
     products = [line for line in hlo.splitlines() if "ynn_fusion = " in line or (" dot(" in line and "ROOT" not in line)]
@@ -45,7 +45,7 @@ def test_batch_of_eight_generates_each_rows_reference_ids(f32_models):
     recs = [c for c in cases("cogvlm2") if c["max_new_tokens"] > 0]
     recs = (recs * 8)[:8]
     batch = left_pad_batch(recs, model.config.pad_token_id)
-    assert rows.few_rows(len(recs))
+    assert rows.few_rows(len(recs), model.module.execution.platform)
     ids = model.generate(*batch, max_new_tokens=8)
     for i, r in enumerate(recs):
         np.testing.assert_array_equal(ids[i], r["arrays"]["generated_ids"][:8], err_msg=r["name"])
@@ -58,7 +58,7 @@ def test_engine_of_eight_slots_gives_the_reference_answers(f32_models):
     model = f32_models["cogvlm2"]
     chats = [c for c in cases("cogvlm2") if c["template"] == "chat" and c["max_new_tokens"]]
     assert chats
-    assert rows.few_rows(8)
+    assert rows.few_rows(8, model.module.execution.platform)
     eng = Engine(model, slots=8, max_length=256, max_queue=16).start()
     try:
         for case in chats:

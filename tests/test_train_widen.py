@@ -2,7 +2,8 @@
 
 XLA:CPU has no bfloat16 matmul; the module rounds each operand to bfloat16 and multiplies in float32. The
 step used to get the frozen kernels in bfloat16 and convert every one of them to float32 on every call;
-``Trainer.init`` now keeps them rounded to bfloat16 but stored in float32 (``layers.widened_weights``).
+``Trainer.init`` now keeps them rounded to bfloat16 but stored in float32 (the step's module is built with
+``Execution(widened_kernels=True)``).
 The reference below is the step as it was: frozen kernels in bfloat16, the trained ones rounded inside
 the module.
 """

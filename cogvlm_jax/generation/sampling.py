@@ -181,10 +181,10 @@ class Generator:
         self.pad_id = int(pad_id)
 
         # rows.MIN_ROWS to rows.MAX_ROWS rows (batch x prompt bucket, or batch in decode) compile their own way
-        # on CPU (few-row products, see rows.py)
+        # on CPU (few-row products, see rows.py): each program is given its variant of ``model``
         @functools.partial(rows.ByRows, rows=lambda params, input_ids, *a, **k: input_ids.size, mesh=mesh,
-                           static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
-        def _start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
+                           module=model, static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
+        def _start(model, params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
                    max_new_tokens, cache_length, collect_logits):
             t = model.config.text
             cache = kv_cache.init_cache(t.num_layers, input_ids.shape[0], cache_length, t.num_kv_heads,
@@ -195,9 +195,9 @@ class Generator:
                                               pixel_values, cache)
             return start_state(logits, next_pos, cache, sampling, max_new_tokens, self.pad_id, collect_logits)
 
-        def _decode(params, state, stop_at, *, do_sample):
+        def _decode(model, params, state, stop_at, *, do_sample):
             return decode_loop(model, params, state, stop_at, self.eos_ids, self.pad_id, do_sample)
 
         self.start = _start
-        self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh,
+        self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh, module=model,
                                   static_argnames=("do_sample",), donate_argnames=("state",))

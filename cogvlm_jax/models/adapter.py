@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, LayerNorm, PatchConv, _init, gelu
 from cogvlm_jax.models.vision import PatchEmbedding, Transformer
 
@@ -20,16 +21,18 @@ class GLU(nn.Module):
 
     cfg: CogVLMConfig
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):  # [B, N, W] -> [B, N, D]
         d, f = self.cfg.text.hidden_size, self.cfg.text.intermediate_size
-        x = Dense(d, ("vit_embed", "embed"), dtype=self.dtype, name="linear_proj")(x)
+        ex = self.execution
+        x = Dense(d, ("vit_embed", "embed"), dtype=self.dtype, execution=ex, name="linear_proj")(x)
         x = gelu(LayerNorm(1e-5, "embed", name="norm1")(x))
-        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj")(x)
-        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, name="dense_h_to_4h")(x)
-        return Dense(d, ("proj_in", "proj_out"), dtype=self.dtype, gather=True, name="dense_4h_to_h")(
-            nn.silu(gate) * up)
+        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, execution=ex, name="gate_proj")(x)
+        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, execution=ex, name="dense_h_to_4h")(x)
+        return Dense(d, ("proj_in", "proj_out"), dtype=self.dtype, gather=True, execution=ex,
+                     name="dense_4h_to_h")(nn.silu(gate) * up)
 
 
 class VisionModel(nn.Module):
@@ -42,20 +45,22 @@ class VisionModel(nn.Module):
     dtype: Dtype = jnp.float32
     query_chunk: int | None = None
     remat: bool = False
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, pixels):
         v = self.cfg.vision
-        x = PatchEmbedding(v, self.dtype, name="patch_embedding")(pixels)
-        x = Transformer(v, self.dtype, self.query_chunk, self.remat, name="transformer")(x)
+        ex = self.execution
+        x = PatchEmbedding(v, self.dtype, ex, name="patch_embedding")(pixels)
+        x = Transformer(v, self.dtype, self.query_chunk, self.remat, ex, name="transformer")(x)
         x = x[:, 1:]  # drop cls
         b = x.shape[0]
         if v.downsample:
             g = v.grid
-            x = PatchConv(2, v.hidden_size, (None, "vit_embed"), self.dtype, name="conv")(
+            x = PatchConv(2, v.hidden_size, (None, "vit_embed"), self.dtype, ex, name="conv")(
                 x.reshape(b, g, g, v.hidden_size))
             x = x.reshape(b, (g // 2) ** 2, v.hidden_size)
-        x = GLU(self.cfg, self.dtype, name="linear_proj")(x)
+        x = GLU(self.cfg, self.dtype, ex, name="linear_proj")(x)
         d = self.cfg.text.hidden_size
         boi = self.param("boi", nn.with_logical_partitioning(_init, (None, None, "embed")), (1, 1, d))
         eoi = self.param("eoi", nn.with_logical_partitioning(_init, (None, None, "embed")), (1, 1, d))

@@ -6,6 +6,8 @@ can be processed in chunks of ``query_chunk`` so the score matrix stays bounded;
 numbers, since every query row's softmax is independent of the others. Keys and values come either
 sequence-major ``[B, S, K, E]`` (fresh projections: the ViT, prefill) or heads-major ``[B, K, S, E]``
 (the KV cache, see ``kv_cache.py``); the einsums read either layout as it is, without a transpose.
+``platform``: the platform the program is compiled for (a module's ``execution.platform``), which decides
+how 16-bit operands are multiplied (``layers.operands``).
 
 Axis legend: B batch, Q query length, S key length, H query heads, K kv heads, G = H/K, E head dim.
 """
@@ -23,30 +25,31 @@ _MASKED = -1e30  # finite: a row with no visible key (a pad query) gives a unifo
 CACHE_CHUNK = 256  # slots per block when decode attention walks the filled part of a long cache
 
 
-def _attend_block(q, k, v, mask, scale, heads_major: bool):
+def _attend_block(q, k, v, mask, scale, heads_major: bool, platform: str):
     b, nq, h, e = q.shape
     kv = k.shape[1 if heads_major else 2]
     kv_spec = "bkse" if heads_major else "bske"
     qg = q.reshape(b, nq, kv, h // kv, e)
     prec = precision_for(q.dtype)
-    s = jnp.einsum(f"bqkge,{kv_spec}->bkgqs", *operands(q.dtype, qg, k), precision=prec,
+    s = jnp.einsum(f"bqkge,{kv_spec}->bkgqs", *operands(q.dtype, qg, k, platform=platform), precision=prec,
                    preferred_element_type=jnp.float32) * scale
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, _MASKED)
     p = jax.nn.softmax(s, axis=-1)
     # "->bkgqe", then the transpose: asked for "bqkge" directly, XLA:CPU swapped the operands into a
     # batched V.T @ p that Eigen ran 5x slower (16-row decode: 1.1 of the layer's 1.3 ms attention)
-    o = jnp.einsum(f"bkgqs,{kv_spec}->bkgqe", *operands(v.dtype, p, v), precision=prec,
+    o = jnp.einsum(f"bkgqs,{kv_spec}->bkgqe", *operands(v.dtype, p, v, platform=platform), precision=prec,
                    preferred_element_type=jnp.float32)
     return jnp.moveaxis(o, 3, 1).reshape(b, nq, h, e).astype(q.dtype)
 
 
-def attend(q, k, v, mask=None, *, query_chunk: int | None = None, heads_major: bool = False):
+def attend(q, k, v, mask=None, *, query_chunk: int | None = None, heads_major: bool = False,
+           platform: str = "cpu"):
     """q [B, Q, H, E]; k, v [B, S, K, E] (or [B, K, S, E] with ``heads_major``); mask [B, Q, S] bool
     (True: may attend) or None -> [B, Q, H, E]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     nq = q.shape[1]
-    block = lambda qi, mi: _attend_block(qi, k, v, mi, scale, heads_major)  # noqa: E731
+    block = lambda qi, mi: _attend_block(qi, k, v, mi, scale, heads_major, platform)  # noqa: E731
     if not query_chunk or nq <= query_chunk:
         return block(q, mask)
     n = -(-nq // query_chunk)
@@ -63,7 +66,7 @@ def attend(q, k, v, mask=None, *, query_chunk: int | None = None, heads_major: b
     return out[:, :nq]
 
 
-def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK):
+def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK, platform: str = "cpu"):
     """Attention of a few queries over a heads-major cache, reading only its first ``filled`` slots.
 
     q [B, Q, H, E]; k, v [B, K, T, E]; mask [B, Q, T]; ``filled`` a traced int: no row has a valid slot
@@ -77,7 +80,7 @@ def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK):
     b, nq, h, e = q.shape
     kh, t = k.shape[1], k.shape[2]
     if t <= chunk:
-        return attend(q, k, v, mask, heads_major=True)
+        return attend(q, k, v, mask, heads_major=True, platform=platform)
     qg = q.reshape(b, nq, kh, h // kh, e)
     prec = precision_for(q.dtype)
     scale = 1.0 / math.sqrt(e)
@@ -86,7 +89,7 @@ def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK):
         m, l, acc = carry  # running max, sum of exp, weighted values: [B, K, G, Q] (acc: + [E])
         start = jnp.minimum(c * chunk, t - chunk)
         kc, vc, mc = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=2) for x in (k, v, mask))
-        s = jnp.einsum("bqkge,bkse->bkgqs", *operands(q.dtype, qg, kc), precision=prec,
+        s = jnp.einsum("bqkge,bkse->bkgqs", *operands(q.dtype, qg, kc, platform=platform), precision=prec,
                        preferred_element_type=jnp.float32) * scale
         s = jnp.where(mc[:, None, None, :, :], s, _MASKED)
         fresh = start + jnp.arange(chunk) >= c * chunk  # block 0 is all fresh, so m is finite after it
@@ -94,7 +97,7 @@ def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK):
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        o = jnp.einsum("bkgqs,bkse->bkgqe", *operands(v.dtype, p, vc), precision=prec,
+        o = jnp.einsum("bkgqs,bkse->bkgqe", *operands(v.dtype, p, vc, platform=platform), precision=prec,
                        preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + o
 

@@ -19,6 +19,7 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.models import kv_cache, positions
 from cogvlm_jax.models.adapter import VisionModel
 from cogvlm_jax.models.decoder import DecoderLayer
+from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, RMSNorm, _init
 
 Dtype = jnp.dtype
@@ -36,22 +37,27 @@ def splice(text_embeds, token_type_ids, image_features):
 
 
 class CogVLM(nn.Module):
+    """``execution``: what the programs of this module are traced for (mesh, platform, few-row products,
+    pre-widened kernels: ``execution.py``); ``parallel/program.py`` ``execution(mesh)`` builds it."""
+
     config: CogVLMConfig
     dtype: Dtype = jnp.float32
     vit_query_chunk: Optional[int] = None
     remat: bool = False  # training: recompute each decoder layer / ViT block in the backward pass
+    execution: Execution = Execution()
 
     def setup(self):
-        t = self.config.text
-        self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk, self.remat)
+        t, ex = self.config.text, self.execution
+        self.vision = VisionModel(self.config, self.dtype, self.vit_query_chunk, self.remat, ex)
         # dtype None: look rows up in the table's own dtype, then widen only those rows (``embed``); a
         # float32 Embed would widen the whole table first (once per decode loop call, on XLA:CPU).
         self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=None,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab_table", None)))
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        self.layers = [layer(t, self.dtype) for _ in range(t.num_layers)]
+        self.layers = [layer(t, self.dtype, ex) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
-        self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_in=True)  # HF's [V, D]
+        self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_in=True,  # HF's [V, D]
+                             execution=ex)
 
     def embed(self, ids):
         """[B, L] token ids -> [B, L, D] float32 embeddings."""

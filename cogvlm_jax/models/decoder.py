@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from cogvlm_jax.config import TextConfig
 from cogvlm_jax.models import attention, kv_cache
+from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, RMSNorm, apply_rope, split_sizes
 from cogvlm_jax.models.positions import ExpertRoute
 
@@ -51,42 +52,46 @@ def _route(module: nn.Module, route: Optional[ExpertRoute], vision: Callable[[],
     return nn.cond(route.split, split, both, module, x, route)
 
 
-def _write_and_attend(q, k, v, mask, kv, write_index, attend_cache: bool):
+def _write_and_attend(q, k, v, mask, kv, write_index, attend_cache: bool, platform: str):
     """Write the new keys/values into the cache (if any), then attend: -> (o [B, L, H, E], kv)."""
     if kv is not None:
         kv = (kv_cache.write(kv[0], k, write_index), kv_cache.write(kv[1], v, write_index))
     if attend_cache:  # the queries read the filled part of the (heads-major) cache
         return attention.attend_cache(q, kv[0], kv[1], mask, jnp.max(write_index) + q.shape[1],
-                                      chunk=attention.CACHE_CHUNK), kv
-    return attention.attend(q, k, v, mask), kv
+                                      chunk=attention.CACHE_CHUNK, platform=platform), kv
+    return attention.attend(q, k, v, mask, platform=platform), kv
 
 
 class MLP(nn.Module):
     cfg: TextConfig
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         f, d = self.cfg.intermediate_size, self.cfg.hidden_size
-        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="gate_proj")(x)
-        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, name="up_proj")(x)
-        return Dense(d, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True, gather=True,
+        ex = self.execution
+        gate = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, execution=ex, name="gate_proj")(x)
+        up = Dense(f, ("embed", "mlp"), dtype=self.dtype, out_in=True, execution=ex, name="up_proj")(x)
+        return Dense(d, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True, gather=True, execution=ex,
                      name="down_proj")(nn.silu(gate) * up)
 
 
 class VisionExpertMLP(nn.Module):
     cfg: TextConfig
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, route):
-        return _route(self, route, lambda: MLP(self.cfg, self.dtype, name="vision_mlp"),
-                      lambda: MLP(self.cfg, self.dtype, name="language_mlp"), x)
+        return _route(self, route, lambda: MLP(self.cfg, self.dtype, self.execution, name="vision_mlp"),
+                      lambda: MLP(self.cfg, self.dtype, self.execution, name="language_mlp"), x)
 
 
 class VisionExpertAttention(nn.Module):
     cfg: TextConfig
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None):
@@ -100,28 +105,28 @@ class VisionExpertAttention(nn.Module):
         chunked-prefill step, whose rows belong to different caches: ``chunked_prefill.py``).
         Returns (output [B, L, D], updated (k, v) or None).
         """
-        c = self.cfg
+        c, ex = self.cfg, self.execution
         b, n, _ = x.shape
         h, kh, e = c.num_heads, c.num_kv_heads, c.head_dim
         qkv = _route(self, route,
                      lambda: Dense(c.qkv_size, ("embed", "qkv"), use_bias=c.vision_qkv_bias, dtype=self.dtype,
-                                   out_in=True, name="vision_expert_query_key_value"),
-                     lambda: Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True,
+                                   out_in=True, execution=ex, name="vision_expert_query_key_value"),
+                     lambda: Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True, execution=ex,
                                    name="language_expert_query_key_value"), x)
         q, k, v = split_sizes(qkv, (h * e, kh * e, kh * e))
         q = apply_rope(q.reshape(b, n, h, e), positions, c.rope_theta)
         k = apply_rope(k.reshape(b, n, kh, e), positions, c.rope_theta)
         v = v.reshape(b, n, kh, e)
         if core is None:
-            o, kv = _write_and_attend(q, k, v, mask, kv, write_index, attend_cache)
+            o, kv = _write_and_attend(q, k, v, mask, kv, write_index, attend_cache, ex.platform)
         else:
             o, kv = core(q, k, v, kv)
         o = o.reshape(b, n, h * e)
         return _route(self, route,
                       lambda: Dense(c.hidden_size, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True,
-                                    gather=True, name="vision_expert_dense"),
+                                    gather=True, execution=ex, name="vision_expert_dense"),
                       lambda: Dense(c.hidden_size, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True,
-                                    gather=True, name="language_expert_dense"), o), kv
+                                    gather=True, execution=ex, name="language_expert_dense"), o), kv
 
 
 class DecoderLayer(nn.Module):
@@ -129,13 +134,14 @@ class DecoderLayer(nn.Module):
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None):
         eps = self.cfg.rms_norm_eps
-        a, kv = VisionExpertAttention(self.cfg, self.dtype, name="self_attn")(
+        a, kv = VisionExpertAttention(self.cfg, self.dtype, self.execution, name="self_attn")(
             RMSNorm(eps, name="input_layernorm")(x), route, positions, mask, kv, write_index, attend_cache, core)
         x = x + a
-        x = x + VisionExpertMLP(self.cfg, self.dtype, name="mlp")(
+        x = x + VisionExpertMLP(self.cfg, self.dtype, self.execution, name="mlp")(
             RMSNorm(eps, name="post_attention_layernorm")(x), route)
         return x, kv

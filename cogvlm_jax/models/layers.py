@@ -1,9 +1,9 @@
 """Small building blocks shared by the ViT, the adapter and the decoder.
 
 Every parameter is created here or in the module using it, with its logical axes beside its shape
-(see ``axes.py`` for the names and the rules mapping them onto a mesh). Linear weights are ``kernel``
-``[in, out]``, or ``[out, in]`` (PyTorch's own layout) where ``Dense(out_in=True)``; norms carry
-``scale`` (and ``bias`` for LayerNorm), matching the HF names after the renames in
+(see ``parallel/axes.py`` for the names and the rules mapping them onto a mesh). Linear weights are
+``kernel`` ``[in, out]``, or ``[out, in]`` (PyTorch's own layout) where ``Dense(out_in=True)``; norms
+carry ``scale`` (and ``bias`` for LayerNorm), matching the HF names after the renames in
 ``convert/mapping.py``.
 
 Axis legend: B batch, L length, D model width, F mlp width.
@@ -11,15 +11,13 @@ Axis legend: B batch, L length, D model width, F mlp width.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax.parallel import axes, rows
+from cogvlm_jax.models.execution import Execution
 
 Dtype = Any
 
@@ -31,62 +29,51 @@ def precision_for(dtype: Dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def widens_on_cpu(dtype) -> bool:
-    """Whether ``dtype`` is a 16-bit float that this backend (CPU) multiplies by widening to float32."""
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and jax.default_backend() == "cpu"
+def widens_on_cpu(dtype, platform: str) -> bool:
+    """Whether ``dtype`` is a 16-bit float that ``platform`` (CPU) multiplies by widening to float32."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and platform == "cpu"
 
 
-def operands(dtype, *arrays):
-    """``arrays`` rounded to ``dtype``, as the operands of a product accumulated in float32.
+def operands(dtype, *arrays, platform: str):
+    """``arrays`` rounded to ``dtype``, as the operands of a product accumulated in float32, on ``platform``.
 
     XLA:CPU has no native bfloat16 / float16 dot (without AVX512-BF16 or AMX): it widens the operands to
     float32 itself, but not for every shape (jax 0.10.2: the batched attention dot over a short bfloat16
     KV cache at batch 8 fails at run time with "Unsupported element type for DotThunk::Execute: BF16 x
     BF16 = F32"). On CPU we widen them here: the same numbers, operands rounded to ``dtype``, products
-    and sums in float32. Other backends multiply 16-bit operands natively and get them as they are.
+    and sums in float32. Other platforms multiply 16-bit operands natively and get them as they are.
     """
     out = [a.astype(dtype) for a in arrays]
-    return [a.astype(jnp.float32) for a in out] if widens_on_cpu(dtype) else out
+    return [a.astype(jnp.float32) for a in out] if widens_on_cpu(dtype, platform) else out
 
 
-_WIDENED = contextvars.ContextVar("cogvlm_widened_weights", default=False)
-
-
-@contextlib.contextmanager
-def widened_weights() -> Iterator[None]:
-    """Inside this context (while tracing), a float32 ``kernel`` of a 16-bit ``Dense`` / ``PatchConv`` that
-    widens on CPU is taken as already rounded to the module's dtype and widened (``Trainer`` widens its frozen
-    kernels once, outside the step) and multiplied as it is; a 16-bit kernel is widened as always."""
-    token = _WIDENED.set(True)
-    try:
-        yield
-    finally:
-        _WIDENED.reset(token)
-
-
-def weight_operands(dtype, x, kernel):
-    """``operands(dtype, x, kernel)``, except that a kernel widened once already (:func:`widened_weights`) is
-    used as it is: no convert of the whole weight in every call."""
-    if _WIDENED.get() and kernel.dtype == jnp.float32 and widens_on_cpu(dtype):
-        return operands(dtype, x)[0], kernel
-    return operands(dtype, x, kernel)
+def weight_operands(dtype, x, kernel, execution: Execution):
+    """``operands(dtype, x, kernel)``, except that a kernel widened once already (``execution.widened_kernels``)
+    is used as it is: no convert of the whole weight in every call."""
+    platform = execution.platform
+    if execution.widened_kernels and kernel.dtype == jnp.float32 and widens_on_cpu(dtype, platform):
+        return operands(dtype, x, platform=platform)[0], kernel
+    return operands(dtype, x, kernel, platform=platform)
 
 
 class Dense(nn.Module):
     """``x @ kernel (+ bias)`` with logical axes ``axes = (in_axis, out_axis)``.
 
-    On a mesh the input arrives whole on every device (``axes.whole_rows``: no device sums a part of the
-    contraction); ``gather``: so does the output (a projection back to the model width, split over
-    ``tensor`` by its outputs, see ``axes.py``).
+    ``execution`` (``execution.py``) is all the module reads besides its arrays and its other fields: the
+    mesh, the platform, the few-row product and pre-widened kernels are decided where the module is built.
+
+    On a mesh (``execution.mesh``) the input arrives whole on every device (``Execution.whole_rows``: no
+    device sums a part of the contraction); ``gather``: so does the output (a projection back to the model
+    width, split over ``tensor`` by its outputs, see ``parallel/axes.py``).
 
     ``out_in``: the kernel is stored ``[out, in]`` (PyTorch's layout; its logical axes reversed to
     match) and the product is ``x @ kernel.T``. On XLA:CPU a one-row product then reads each output's
     weights as one contiguous row: the decoder's linears and the lm_head use it (batch-1 decode is a chain
     of such products; ``benchmarks/matvec.py`` ``dot_t``). The prefill-only ViT/adapter keep ``[in, out]``,
     which measured as fast or faster there (``benchmarks/prototypes.py``). In a few-row program
-    (``rows.ByRows``: a batched decode step, a prefill of up to 64 tokens, a chunked-prefill step) the
-    product is ``(kernel @ x.T).T``: with the weight as the left operand XLA:CPU does not re-pack it on
-    every call.
+    (``execution.weight_lhs``, set by ``parallel/rows.py`` ``ByRows``: a batched decode step, a prefill of up
+    to 64 tokens, a chunked-prefill step) the product is ``(kernel @ x.T).T``: with the weight as the left
+    operand XLA:CPU does not re-pack it on every call.
 
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
@@ -100,10 +87,11 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     out_in: bool = False
     gather: bool = False
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
-        x = axes.whole_rows(x)
+        x = self.execution.whole_rows(x)
         d = x.shape[-1]
         if self.out_in:
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes[::-1]), (self.features, d))
@@ -111,8 +99,8 @@ class Dense(nn.Module):
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
             spec = "...d,df->...f"
-        xs, ks = weight_operands(self.dtype, x, kernel)
-        if self.out_in and rows.weight_lhs_active():  # a few-row program: see rows.py
+        xs, ks = weight_operands(self.dtype, x, kernel, self.execution)
+        if self.out_in and self.execution.weight_lhs:  # a few-row program: see parallel/rows.py
             y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
                            preferred_element_type=jnp.float32)
             y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
@@ -122,7 +110,7 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,))
             y = y + bias.astype(y.dtype)
-        return axes.whole_rows(y) if self.gather else y
+        return self.execution.whole_rows(y) if self.gather else y
 
 
 class RMSNorm(nn.Module):
@@ -196,13 +184,15 @@ def split_sizes(x, sizes: Sequence[int], axis: int = -1):
 class PatchConv(nn.Module):
     """Conv2d whose kernel equals its stride (patch embedding, CogVLM2's 2x2 downsample), as one matmul.
 
-    x: [B, H, W, C] (NHWC) -> [B, H/P, W/P, out]; ``kernel`` is [P, P, C, out] (HWIO), with a bias.
+    x: [B, H, W, C] (NHWC) -> [B, H/P, W/P, out]; ``kernel`` is [P, P, C, out] (HWIO), with a bias. Its
+    operands are those of ``Dense`` on ``execution``'s platform (``weight_operands``).
     """
 
     patch: int
     features: int
     axes: tuple[str, str]
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
@@ -212,6 +202,6 @@ class PatchConv(nn.Module):
                             (p, p, c, self.features))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
         x = x.reshape(b, h // p, p, w // p, p, c)
-        y = jnp.einsum("bhpwqc,pqco->bhwo", *weight_operands(self.dtype, x, kernel),
+        y = jnp.einsum("bhpwqc,pqco->bhwo", *weight_operands(self.dtype, x, kernel, self.execution),
                        precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
         return y.astype(jnp.float32) + bias.astype(jnp.float32)

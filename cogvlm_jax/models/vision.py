@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from cogvlm_jax.config import VisionConfig
 from cogvlm_jax.models.attention import attend
+from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, LayerNorm, PatchConv, _init, gelu
 
 Dtype = jnp.dtype
@@ -23,12 +24,13 @@ Dtype = jnp.dtype
 class PatchEmbedding(nn.Module):
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, pixels):  # [B, C, S, S] -> [B, 1 + g*g, W]
         b, w, g = pixels.shape[0], self.cfg.hidden_size, self.cfg.grid
-        x = PatchConv(self.cfg.patch_size, w, ("vit_channels", "vit_embed"), self.dtype, name="proj")(
-            pixels.astype(self.dtype).transpose(0, 2, 3, 1))  # NCHW -> NHWC
+        proj = PatchConv(self.cfg.patch_size, w, ("vit_channels", "vit_embed"), self.dtype, self.execution, name="proj")
+        x = proj(pixels.astype(self.dtype).transpose(0, 2, 3, 1))  # NCHW -> NHWC
         x = x.reshape(b, g * g, w)  # row-major over the grid, as torch's flatten(2)
         cls = self.param("cls_embedding", nn.with_logical_partitioning(_init, (None, "vit_embed")), (1, w))
         pos = self.param("position_embedding", nn.with_logical_partitioning(_init, (None, "vit_embed")),
@@ -41,40 +43,47 @@ class ViTAttention(nn.Module):
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
     query_chunk: Optional[int] = None
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):  # [B, N, W]
         b, n, w = x.shape
         h = self.cfg.num_heads
-        qkv = Dense(3 * w, ("vit_embed", "vit_qkv"), use_bias=True, dtype=self.dtype, name="query_key_value")(x)
+        ex = self.execution
+        qkv = Dense(3 * w, ("vit_embed", "vit_qkv"), use_bias=True, dtype=self.dtype, execution=ex,
+                    name="query_key_value")(x)
         qkv = qkv.reshape(b, n, 3, h, w // h)
-        o = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, query_chunk=self.query_chunk)
+        o = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, query_chunk=self.query_chunk,
+                   platform=ex.platform)
         return Dense(w, ("vit_proj_in", "vit_proj_out"), use_bias=True, dtype=self.dtype, gather=True,
-                     name="dense")(o.reshape(b, n, w))
+                     execution=ex, name="dense")(o.reshape(b, n, w))
 
 
 class ViTMLP(nn.Module):
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
-        x = Dense(self.cfg.intermediate_size, ("vit_embed", "vit_mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
+        x = Dense(self.cfg.intermediate_size, ("vit_embed", "vit_mlp"), use_bias=True, dtype=self.dtype,
+                  execution=self.execution, name="fc1")(x)
         return Dense(self.cfg.hidden_size, ("vit_proj_in", "vit_proj_out"), use_bias=True, dtype=self.dtype,
-                     gather=True, name="fc2")(gelu(x))
+                     gather=True, execution=self.execution, name="fc2")(gelu(x))
 
 
 class ViTBlock(nn.Module):
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
     query_chunk: Optional[int] = None
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         eps = self.cfg.layer_norm_eps
-        attn = ViTAttention(self.cfg, self.dtype, self.query_chunk, name="attention")(x)
+        attn = ViTAttention(self.cfg, self.dtype, self.query_chunk, self.execution, name="attention")(x)
         x = x + LayerNorm(eps, "vit_embed", name="input_layernorm")(attn)
-        mlp = ViTMLP(self.cfg, self.dtype, name="mlp")(x)
+        mlp = ViTMLP(self.cfg, self.dtype, self.execution, name="mlp")(x)
         return x + LayerNorm(eps, "vit_embed", name="post_attention_layernorm")(mlp)
 
 
@@ -83,10 +92,11 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     query_chunk: Optional[int] = None
     remat: bool = False  # recompute each block in the backward pass (training memory)
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         block = nn.remat(ViTBlock) if self.remat else ViTBlock
         for i in range(self.cfg.num_layers):
-            x = block(self.cfg, self.dtype, self.query_chunk, name=f"layers_{i}")(x)
+            x = block(self.cfg, self.dtype, self.query_chunk, self.execution, name=f"layers_{i}")(x)
         return x

@@ -8,7 +8,7 @@ turns those host inputs into global arrays (each process supplies its own device
 :func:`to_host` gathers a result back to full numpy on every process.
 
 Files every process writes into together (an Orbax checkpoint: each process its own shards) go through
-:func:`atomic_directory`; :func:`sync` is a barrier.
+:func:`atomic_directory`; :class:`Barriers` are barriers.
 
 The CLI flags (``--coordinator HOST:PORT --num-processes N --process-id I``, ``--mesh``) are
 :func:`add_cli_args` / :func:`init_from_args`, shared by every command that runs a model.
@@ -22,6 +22,7 @@ import inspect
 import os
 import sys
 import threading
+import uuid
 from typing import Callable, Iterator, Optional, Sequence
 
 import jax
@@ -173,19 +174,31 @@ def from_main(read: Callable[[], bytes]) -> bytes:
 
 
 # --------------------------------------------------------------------------- files written together
-_barriers = 0  # how many barriers this process has passed: the next one's name (the same on every process)
+class Barriers:
+    """A sequence of barriers every process passes in the same order (nothing with one process).
 
+    Orbax needs a name never used before for each barrier: the n-th barrier of the sequence is named by
+    ``scope``, n and what it waits for. ``scope`` must be the same on every process and used by no other
+    sequence in this process: ``atomic_directory`` uses the temporary directory process 0 made,
+    :meth:`agreed` a name process 0 draws."""
 
-def sync(what: str, timeout: float = 600) -> None:
-    """Wait until every process gets here (nothing with one process). ``what`` names the barrier in errors;
-    every process must pass the same barriers in the same order. Gives up after ``timeout`` seconds."""
-    global _barriers
+    def __init__(self, scope: str):
+        self.scope = scope
+        self.passed = 0
 
-    if jax.process_count() == 1:
-        return
+    @classmethod
+    def agreed(cls) -> "Barriers":
+        """A new sequence whose scope process 0 draws and sends to the others: a collective, so every process
+        calls this at the same point (where none waits long: it has no timeout)."""
+        return cls(from_main(lambda: uuid.uuid4().hex.encode()).decode())
 
-    _barriers += 1  # Orbax barriers need a name never used before
-    ocp_multihost.sync_global_processes(f"cogvlm-jax:{_barriers}:{what}", timeout=int(timeout))
+    def sync(self, what: str, timeout: float = 600) -> None:
+        """Wait until every process gets here. ``what`` names the barrier in errors. Gives up after
+        ``timeout`` seconds."""
+        if jax.process_count() == 1:
+            return
+        self.passed += 1
+        ocp_multihost.sync_global_processes(f"cogvlm-jax:{self.scope}:{self.passed}:{what}", timeout=int(timeout))
 
 
 @contextlib.contextmanager
@@ -205,18 +218,20 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         return
     if not is_main_process():
         tmp = from_main(lambda: b"").decode()  # raises process 0's error, if any
+        barriers = Barriers(tmp)
         yield tmp
-        sync(f"written {out_dir}")
-        sync(f"renamed {out_dir}")
+        barriers.sync(f"written {out_dir}")
+        barriers.sync(f"renamed {out_dir}")
         return
     with contextlib.ExitStack() as stack:
         def make() -> bytes:
             return stack.enter_context(files.atomic_directory(out_dir, overwrite)).encode()
 
         tmp = from_main(make).decode()
+        barriers = Barriers(tmp)  # the temporary directory's name: unique, and the same on every process
         yield tmp
-        sync(f"written {out_dir}")
-    sync(f"renamed {out_dir}")
+        barriers.sync(f"written {out_dir}")
+    barriers.sync(f"renamed {out_dir}")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -264,7 +279,7 @@ def init_from_args(args: argparse.Namespace):
 
 
 __all__: Sequence[str] = [
-    "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory", "broadcast_bytes",
-    "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process", "parse_mesh", "sync",
-    "to_global", "to_host",
+    "Barriers", "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory",
+    "broadcast_bytes", "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process",
+    "parse_mesh", "to_global", "to_host",
 ]

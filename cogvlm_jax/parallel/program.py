@@ -1,16 +1,20 @@
-"""How every model program is jitted: the XLA options it is compiled with, and the mesh it is traced on.
+"""How every model program is built and jitted: what its module is traced for, and the XLA options.
 
-``jit(fn, mesh)`` is ``jax.jit`` plus two things:
-
-* On a mesh, ``fn`` is traced with ``axes.activations_on(mesh)``, so the activation constraints in the
-  model (``axes.whole_rows``) hold: no product splits its contraction across devices.
-* On CPU, XLA:CPU's YNNPACK reduce fusion is off (``CPU_OPTIONS``). XLA:CPU (jax 0.10.2) hands a reduction,
-  and the elementwise ops fused around it, to YNNPACK only when one of its arrays has at least 4096
-  elements; below that its own loop emitter computes it, and the two compute ``exp`` one ulp apart. A
-  softmax then changed with how many rows or heads shared the program: the CogVLM2 fixture's ViT score
+* ``execution(mesh)``: the ``models.execution.Execution`` a module whose programs run on ``mesh`` (None:
+  the default device) is built with: the mesh, the rules of ``axes.py`` (so the activation constraints in
+  the model, ``Execution.whole_rows``, hold: no product splits its contraction across devices), and the
+  platform of the mesh's devices. A program compiled for TPU or GPU devices from a CPU host is then the
+  TPU or GPU program.
+* ``jit(fn, mesh)`` is ``jax.jit`` compiled with ``compiler_options(platform_of(mesh))``. On CPU, XLA:CPU's
+  YNNPACK reduce fusion is off (``CPU_OPTIONS``). XLA:CPU (jax 0.10.2) hands a reduction, and the
+  elementwise ops fused around it, to YNNPACK only when one of its arrays has at least 4096 elements;
+  below that its own loop emitter computes it, and the two compute ``exp`` one ulp apart. A softmax then
+  changed with how many rows or heads shared the program: the CogVLM2 fixture's ViT score
   ``[B, 4, 1, 17, 17]`` crosses the threshold between batch 2 and 4, and a mesh gives each device fewer
   rows or heads. Without it, every reduction runs through XLA's emitter whatever the shape (dots and
   convolutions keep YNNPACK, as by default). A jaxlib that does not know the option gets none.
+
+Nothing here is read while a program is traced: the module carries its execution as a field.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, SingleDeviceSharding
 
+from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.parallel import axes
 
 # XLA:CPU's default set is INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and REDUCE: this is it without REDUCE.
@@ -28,24 +34,39 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
+def platform_of(mesh: Optional[Mesh] = None) -> str:
+    """The platform a program on ``mesh`` is compiled for: that of the mesh's devices; without a mesh,
+    that of the default device (``jax.devices()[0]``)."""
+    return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
+
+
+def execution(mesh: Optional[Mesh] = None, rules=axes.RULES, **fields) -> Execution:
+    """The execution of a module whose programs run on ``mesh`` (None: the default device), with the
+    sharding ``rules`` (default ``axes.RULES``; unused without a mesh) and the platform of its devices.
+    ``fields``: the other ``Execution`` fields (``weight_lhs``, ``widened_kernels``)."""
+    return Execution(mesh=mesh, rules=() if mesh is None else rules, platform=platform_of(mesh), **fields)
+
+
 @functools.lru_cache(maxsize=None)
-def compiler_options() -> Optional[dict]:
-    """The options of a model program on this backend, or None (not CPU, or a jaxlib without the option)."""
-    if jax.default_backend() != "cpu":
+def compiler_options(platform: str) -> Optional[dict]:
+    """The options of a model program on ``platform``, or None (not CPU, or a jaxlib without the option)."""
+    if platform != "cpu":
         return None
     try:
-        jax.jit(jnp.sin, compiler_options=CPU_OPTIONS).lower(jnp.zeros(2)).compile()
+        cpu = SingleDeviceSharding(jax.devices("cpu")[0])
+        jax.jit(jnp.sin, compiler_options=CPU_OPTIONS).lower(
+            jax.ShapeDtypeStruct((2,), jnp.float32, sharding=cpu)).compile()
     except Exception:  # noqa: BLE001 - an older / newer jaxlib without this option: XLA's defaults
         return None
     return dict(CPU_OPTIONS)
 
 
-def jit(fn: Callable, mesh=None, options: Optional[dict] = None, **jit_kwargs):
-    """``jax.jit(fn, **jit_kwargs)`` traced on ``mesh`` and compiled with ``options`` (default:
-    ``compiler_options()``)."""
-    @functools.wraps(fn)
-    def traced(*args, **kwargs):
-        with axes.activations_on(mesh):
-            return fn(*args, **kwargs)
+def jit(fn: Callable, mesh: Optional[Mesh] = None, options: Optional[dict] = None, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs)`` compiled with ``options`` (default: ``compiler_options`` of the
+    platform of ``mesh``, or of the default device without one).
 
-    return jax.jit(traced, compiler_options=compiler_options() if options is None else options, **jit_kwargs)
+    The mesh chooses only the options: the sharding constraints inside ``fn`` are those of the modules it
+    applies, built with ``execution(mesh)``."""
+    if options is None:
+        options = compiler_options(platform_of(mesh))
+    return jax.jit(fn, compiler_options=options, **jit_kwargs)

@@ -9,68 +9,50 @@ and the ``[32000, 1024]`` lm_head takes 11 ms at 16 rows against 21 (``[in, out]
 (Eigen, YNNPACK off, the former choice here). From about 64 rows on the packing pays for itself and the
 usual order is as fast or faster (prefill). Measured in ``benchmarks/matvec.py`` (``run_rows``).
 
-``ByRows`` jits a function twice and picks per call, by a static row count, the default compilation or
-the few-row one (``layers.Dense(out_in=True)`` multiplying ``W @ x.T`` while it is traced:
-``weight_lhs_active``). Only CPU has the few-row compilation; elsewhere it is the default.
+``ByRows`` jits a function of a module twice, with two variants of the module, and picks per call, by a
+static row count, the default compilation or the few-row one (the module's ``execution.weight_lhs`` set:
+``layers.Dense(out_in=True)`` multiplies ``W @ x.T``). Only CPU has the few-row compilation; elsewhere it
+is the default.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 from typing import Callable
 
-import jax
+import flax.linen as nn
 
 from cogvlm_jax.parallel import program
 
 MIN_ROWS, MAX_ROWS = 2, 64  # row counts in this range take the few-row compilation (on CPU)
 
-_tracing = threading.local()
+
+def few_rows(rows: int, platform: str) -> bool:
+    """Whether a program on ``platform`` whose products have ``rows`` rows takes the few-row compilation."""
+    return platform == "cpu" and MIN_ROWS <= rows <= MAX_ROWS
 
 
-def few_rows(rows: int) -> bool:
-    """Whether a program whose products have ``rows`` rows takes the few-row compilation."""
-    return jax.default_backend() == "cpu" and MIN_ROWS <= rows <= MAX_ROWS
-
-
-def weight_lhs_active() -> bool:
-    """True while a few-row program is traced: ``[out, in]`` kernels are then the left operand."""
-    return getattr(_tracing, "weight_lhs", False)
-
-
-@contextlib.contextmanager
-def _weight_lhs(on: bool):
-    saved = weight_lhs_active()
-    _tracing.weight_lhs = on
-    try:
-        yield
-    finally:
-        _tracing.weight_lhs = saved
+def variants(module: nn.Module) -> dict[bool, nn.Module]:
+    """``module`` as built (False) and with ``execution.weight_lhs`` set (True): the few-row program's."""
+    ex = module.execution
+    return {few: module.clone(execution=ex.replace(weight_lhs=few)) for few in (False, True)}
 
 
 class ByRows:
-    """``program.jit(fn, mesh, **jit_kwargs)`` in two compilations, picked per call by
-    ``few_rows(rows(*args, **kwargs))``.
+    """``program.jit(fn(module, ...), mesh, **jit_kwargs)`` in two compilations, picked per call by
+    ``few_rows(rows(*args, **kwargs), module.execution.platform)``: ``fn`` is given the module's variant
+    (:func:`variants`) as its first argument, then the call's arguments.
 
-    ``rows`` must read only static facts (shapes) of the arguments. ``lower`` picks the same way."""
+    ``rows`` must read only static facts (shapes) of the call's arguments. ``lower`` picks the same way."""
 
-    def __init__(self, fn: Callable, rows: Callable[..., int], mesh=None, **jit_kwargs):
+    def __init__(self, fn: Callable, rows: Callable[..., int], mesh=None, *, module: nn.Module, **jit_kwargs):
         self._rows = rows
-
-        def traced(few: bool):
-            @functools.wraps(fn)
-            def f(*args, **kwargs):
-                with _weight_lhs(few):
-                    return fn(*args, **kwargs)
-            return f
-
-        self._jits = {False: program.jit(traced(False), mesh, **jit_kwargs),
-                      True: program.jit(traced(True), mesh, **jit_kwargs)}
+        self._platform = module.execution.platform
+        self._jits = {few: program.jit(functools.partial(fn, variant), mesh, **jit_kwargs)
+                      for few, variant in variants(module).items()}
 
     def pick(self, *args, **kwargs):
-        return self._jits[few_rows(self._rows(*args, **kwargs))]
+        return self._jits[few_rows(self._rows(*args, **kwargs), self._platform)]
 
     def __call__(self, *args, **kwargs):
         return self.pick(*args, **kwargs)(*args, **kwargs)

@@ -167,8 +167,8 @@ class Programs:
 
         # a prompt of rows.MIN_ROWS to rows.MAX_ROWS tokens prefills as a few-row program (see rows.py)
         @functools.partial(rows.ByRows, rows=lambda params, state, input_ids, *a: input_ids.size, mesh=mesh,
-                           donate_argnames=("state",), **out)
-        def insert(params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
+                           module=module, donate_argnames=("state",), **out)
+        def insert(module, params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``
             -> (state, the first token)."""
@@ -186,8 +186,8 @@ class Programs:
         module, mesh, slots, chunk, out = self.module, self.mesh, self.slots, self.chunk, self._out
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, active: active, mesh=mesh,
-                           donate_argnames=("state",), static_argnames=("active",), **out)
-        def decode(params, state: Slots, live, active: int):
+                           module=module, donate_argnames=("state",), static_argnames=("active",), **out)
+        def decode(module, params, state: Slots, live, active: int):
             """``chunk`` steps of the first ``active`` slots (static; the others are left as they are)
             -> (state, tokens [active, C]). ``live`` [S]: slots whose tokens are used (an idle slot never makes
             the chunk take the sampling branch)."""
@@ -208,9 +208,9 @@ class Programs:
         module, mesh, slots, out = self.module, self.mesh, self.slots, self._out
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, chunk_ids, *a: slots + chunk_ids.shape[0],
-                           mesh=mesh, donate_argnames=("state",), **out)
-        def mix(params, state: Slots, live, chunk_ids, chunk_positions, chunk_len, slot, start, last, temperature,
-                top_k, top_p, seed):
+                           mesh=mesh, module=module, donate_argnames=("state",), **out)
+        def mix(module, params, state: Slots, live, chunk_ids, chunk_positions, chunk_len, slot, start, last,
+                temperature, top_k, top_p, seed):
             """One decode step of every slot plus the next chunk [P] of ``slot``'s text prompt
             -> (state, (tokens [S], the prompt's first token)). ``last``: the chunk ends the prompt, so
             ``slot`` starts decoding from its first token (chosen as ``insert`` does)."""

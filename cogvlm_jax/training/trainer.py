@@ -27,8 +27,8 @@ tensor, as inference), and each micro-batch is split over the batch axes (``data
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Mapping, Optional
@@ -43,8 +43,8 @@ import orbax.checkpoint as ocp
 from cogvlm_jax.convert import checkpoint, mapping
 from cogvlm_jax.convert.checkpoint import CheckpointError, LazyArray, flatten_tree, saver, unflatten_tree, write_json
 from cogvlm_jax.inputs.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
-from cogvlm_jax.models.cogvlm import CogVLM, logical_axes
-from cogvlm_jax.models.layers import widened_weights, widens_on_cpu
+from cogvlm_jax.models.cogvlm import CogVLM, abstract_params, logical_axes
+from cogvlm_jax.models.layers import widens_on_cpu
 from cogvlm_jax.parallel import axes, program
 from cogvlm_jax.parallel.multihost import atomic_directory, is_main_process, to_global
 from cogvlm_jax.parallel.sharding import param_shardings, replicated
@@ -218,14 +218,15 @@ class TrainState:
     rng: Any
 
 
-_STEPS: dict = {}  # (config, TrainConfig, dtype, mesh, vit_query_chunk) -> jitted step
-
-
 class Trainer:
     """A model (config + flax module), a :class:`TrainConfig` and optionally a mesh; pure in the state.
 
     ``init(params, seed)`` -> (state, frozen); ``step(state, frozen, batch)`` -> (state, metrics);
     ``params(state, frozen)`` -> the full parameter tree (LoRA merged), e.g. for export.
+
+    ``module`` is the model as any caller applies it, built for the mesh (``program.execution``);
+    ``step_module`` is the one the step applies: on CPU a 16-bit run's, whose float32 kernels are the
+    frozen ones ``init`` widened (``Execution.widened_kernels``), else ``module`` itself.
     """
 
     def __init__(self, config, train_config: TrainConfig, dtype=jnp.float32, mesh=None, vit_query_chunk=None):
@@ -237,10 +238,14 @@ class Trainer:
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         self._key = (config, train_config, self.dtype.name, mesh, vit_query_chunk)
-        self.module = CogVLM(config, self.dtype, vit_query_chunk, remat=train_config.remat)
+        execution = program.execution(mesh)
+        self.module = CogVLM(config, self.dtype, vit_query_chunk, remat=train_config.remat, execution=execution)
         # XLA:CPU multiplies 16-bit weights by widening them to float32: frozen kernels are widened once, at
-        # init, not in every step (``layers.widened_weights``); same numbers, twice their memory
-        self.widen_frozen = widens_on_cpu(self.dtype)
+        # init, not in every step; same numbers, twice their memory. The step's module takes float32 kernels
+        # as widened already (``Execution.widened_kernels``).
+        self.widen_frozen = widens_on_cpu(self.dtype, execution.platform)
+        self.step_module = (self.module.clone(execution=execution.replace(widened_kernels=True))
+                            if self.widen_frozen else self.module)
         self.optimizer = make_optimizer(train_config)
         self.schedule = lr_schedule(train_config)
         self._step = None
@@ -250,16 +255,15 @@ class Trainer:
         """(summed cross-entropy, labelled tokens) of one micro-batch."""
         rngs = {"dropout": rng}
         args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch.get("pixel_values"))
-        with widened_weights() if self.widen_frozen else contextlib.nullcontext():
-            if self.tc.trainable == "lora":
-                with lora_lib.applied(self.tc.lora_scale):
-                    logits = self.module.apply({"params": frozen, lora_lib.COLLECTION: trainable}, *args,
-                                               rngs=rngs)[0]
-            else:
-                # float32 kernels count as widened in that context: the trained ones enter rounded to the dtype
-                # (the same converts as the module's own rounding, so the same values and gradients)
-                params = combine(self._kernels_as(trainable, self.dtype) if self.widen_frozen else trainable, frozen)
-                logits = self.module.apply({"params": params}, *args, rngs=rngs)[0]
+        if self.tc.trainable == "lora":
+            with lora_lib.applied(self.tc.lora_scale):
+                logits = self.step_module.apply({"params": frozen, lora_lib.COLLECTION: trainable}, *args,
+                                                rngs=rngs)[0]
+        else:
+            # float32 kernels count as widened in the step's module: the trained ones enter rounded to the
+            # dtype (the same converts as the module's own rounding, so the same values and gradients)
+            params = combine(self._kernels_as(trainable, self.dtype) if self.widen_frozen else trainable, frozen)
+            logits = self.step_module.apply({"params": params}, *args, rngs=rngs)[0]
         return next_token_nll(logits, batch["labels"])
 
     @staticmethod
@@ -322,6 +326,14 @@ class Trainer:
             opt_state = jax.jit(self.optimizer.init, out_shardings=self._opt_shardings(trainable))(trainable)
         state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=opt_state, rng=rng)
         return jax.device_put(state, device if self.mesh is None else self.state_shardings(state)), frozen
+
+    def _abstract_trainable(self):
+        """The tree of trainable leaves :meth:`init` makes, as float32 shapes, from the config alone."""
+        params = abstract_params(self.config)
+        if self.tc.trainable == "lora":
+            return jax.eval_shape(lambda: lora_lib.init(params, self.tc.lora_targets, self.tc.lora_rank,
+                                                        jax.random.PRNGKey(0)))
+        return split(params, trainable_mask(params, self.tc.trainable))[0]
 
     def _set_shardings(self, trainable):
         if self.mesh is None:
@@ -394,14 +406,7 @@ class Trainer:
         """One optimizer update on a batch from :meth:`place_batch`. ``state`` is donated (do not reuse it).
         Returns (new state, metrics: loss, tokens, grad_norm, lr of this step)."""
         if self._step is None:
-            # Trainers with the same model, settings and mesh share one jitted step (compiled once).
-            if self._key not in _STEPS:
-                # metrics replicated: every process can read them (several processes: each holds a copy)
-                out = None if self.mesh is None else (self.state_shardings(state), replicated(self.mesh))
-                if len(_STEPS) >= 8:
-                    _STEPS.pop(next(iter(_STEPS)))
-                _STEPS[self._key] = program.jit(self._step_fn, self.mesh, donate_argnums=0, out_shardings=out)
-            self._step = _STEPS[self._key]
+            self._step = _jitted_step(*self._key)
         return self._step(state, frozen, batch)
 
     def params(self, state: TrainState, frozen) -> dict:
@@ -412,6 +417,22 @@ class Trainer:
         if self.tc.trainable == "lora":
             return lora_lib.merge(frozen, state.trainable, self.tc.lora_scale)
         return combine(state.trainable, frozen)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_step(config, train_config: TrainConfig, dtype: str, mesh, vit_query_chunk):
+    """The jitted step of a :class:`Trainer` built with these arguments.
+
+    A function of them alone: it builds its own Trainer and takes the shardings from the parameter shapes
+    the config gives, so Trainers with the same model, settings and mesh run one compiled step."""
+    tr = Trainer(config, train_config, dtype, mesh, vit_query_chunk)
+    out = None
+    if mesh is not None:
+        trainable = tr._abstract_trainable()
+        tr._set_shardings(trainable)
+        # metrics replicated: every process can read them (several processes: each holds a copy)
+        out = (tr.state_shardings(TrainState(None, trainable, None, None)), replicated(mesh))
+    return program.jit(tr._step_fn, mesh, donate_argnums=0, out_shardings=out)
 
 
 # =========================================================================== checkpoints of the state
