@@ -282,9 +282,9 @@ def mesh_from_flag(mesh: str | Sequence[int], cpu: bool = False):
             pass
     devices = jax.devices("cpu") if cpu else jax.devices()
     if n > len(devices):
-        raise ValueError(f"--mesh {name} needs {n} {'CPU ' if cpu else ''}devices, {len(devices)} available")
+        raise ValueError(f"mesh {name} needs {n} {'CPU ' if cpu else ''}devices, {len(devices)} available")
     if jax.process_count() > 1 and n != len(devices):
-        raise ValueError(f"--mesh {name} covers {n} of the {len(devices)} devices of {jax.process_count()} "
+        raise ValueError(f"mesh {name} covers {n} of the {len(devices)} devices of {jax.process_count()} "
                          "processes; a mesh across processes uses them all")
     return make_mesh(*shape, devices=devices[:n])
 
@@ -300,6 +300,5 @@ def init_from_args(args: argparse.Namespace):
 __all__: Sequence[str] = [
     "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory", "broadcast_bytes",
     "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process", "mesh_from_flag",
-    "parse_mesh", "sync",
-    "to_global", "to_host",
+    "parse_mesh", "sync", "to_global", "to_host",
 ]
