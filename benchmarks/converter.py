@@ -1,8 +1,8 @@
 """Converter throughput and memory: HF safetensors -> our checkpoint -> HF, each in a child process.
 
-The benchmark writes its own multi-GB sharded bfloat16 HF checkpoint (many layers, a Llama-3 sized
-vocabulary, a tiny width: the shape of the problem, parameters by the gigabyte, without needing a
-real 40 GB download), runs ``python -m cogvlm_jax.cli convert SRC DST`` as a child, then the export
+The benchmark writes its own multi-GB sharded bfloat16 HF checkpoint of random tensors (many layers, a
+Llama-3 sized vocabulary, a tiny width: the shape of the problem, parameters by the gigabyte, without
+needing a real 40 GB download), runs ``python -m cogvlm_jax.cli convert SRC DST`` as a child, then the export
 ``convert DST BACK --to hf``, and reports for each (``convert_*``, ``export_*``):
 
 * ``*_throughput``: checkpoint MB / child wall time (python start and imports included),
@@ -17,7 +17,6 @@ Everything is written under a temporary directory in /tmp and deleted afterwards
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -56,63 +55,28 @@ def _random_bf16(rng: np.random.Generator, n: int) -> np.ndarray:
     return bits
 
 
-def _natural(name: str):
-    import re
-
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
-
-
-def _write_shard(path: str, tensors: list[tuple[str, tuple, str]], rng: np.random.Generator, inv_freq) -> int:
-    """One .safetensors file (8-byte header length, JSON header, data), one tensor in memory at a time."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, code in tensors:
-        n = int(np.prod(shape, dtype=np.int64)) * (4 if code == "F32" else 2)
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name, shape, code in tensors:
-            if code == "F32":  # the rotary inv_freq buffers, stored as the reference stores them
-                f.write(np.asarray(inv_freq, np.float32).tobytes())
-            else:
-                f.write(_random_bf16(rng, int(np.prod(shape, dtype=np.int64))).tobytes())
-    return offset
-
-
 def make_hf_checkpoint(out_dir: str, layers: int, shard_bytes: int = 512 * 2**20, seed: int = 0, **dims) -> int:
-    """Write a complete sharded bfloat16 HF checkpoint of ``checkpoint_config(layers, **dims)``; -> bytes."""
-    from cogvlm_jax.convert import mapping
+    """Write a complete sharded bfloat16 HF checkpoint of ``checkpoint_config(layers, **dims)`` with the
+    converter's own writer (random tensors, made a run at a time as it writes them); -> bytes of tensor data."""
+    import ml_dtypes
+    from cogvlm_jax.convert import convert_hf, mapping
 
     from cogvlm_jax.config import CogVLMConfig
 
-    hf = checkpoint_config(layers, **dims)
-    config = CogVLMConfig.from_hf_dict(hf)
-    buffers = set(mapping.buffer_hf_keys(config))
-    keys = sorted(mapping.expected_hf_keys(config).items(), key=lambda kv: _natural(kv[0]))
-    tensors = [(k, shape, "F32" if k in buffers else "BF16") for k, shape in keys]
-    # Greedy shards in key order, as the HF writer does.
-    shards, size = [[]], 0
-    for t in tensors:
-        n = int(np.prod(t[1], dtype=np.int64)) * (4 if t[2] == "F32" else 2)
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += n
-    os.makedirs(out_dir, exist_ok=True)
+    config = CogVLMConfig.from_hf_dict(checkpoint_config(layers, **dims))
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    shapes = mapping.expected_params_shapes(config)
     rng = np.random.default_rng(seed)
-    inv_freq = mapping.rotary_inv_freq(config)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    total = sum(_write_shard(os.path.join(out_dir, n), s, rng, inv_freq) for n, s in zip(names, shards))
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total},
-                   "weight_map": {t[0]: n for n, s in zip(names, shards) for t in s}}, f)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    return total
+
+    def fetch(paths):
+        return {p: _random_bf16(rng, int(np.prod(shapes[p], dtype=np.int64))).view(bf16).reshape(shapes[p])
+                for p in paths}
+
+    source = convert_hf.Source({p: (tuple(s), bf16) for p, s in shapes.items()}, fetch)
+    convert_hf.write_hf(source, config, out_dir, shard_bytes, None, None, None, False, (), False)
+    buffers = set(mapping.buffer_hf_keys(config))  # the rotary inv_freq buffers, float32 as the reference's
+    return sum(int(np.prod(s, dtype=np.int64)) * (4 if k in buffers else 2)
+               for k, s in mapping.expected_hf_keys(config).items())
 
 
 def _vm_hwm(pid: int) -> int | None:

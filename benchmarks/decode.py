@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import best_time, last_level_cache_bytes, load_bench_config, record, tree_bytes
+from cogvlm_jax.dtypes import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NEVER_EOS = -1  # no token id is negative: the loop always runs its N steps
 PAIRED_PASSES = 3  # probe passes before each timed repetition (a single pass can land in a dip)
 

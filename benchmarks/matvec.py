@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import best_time, load_bench_config, record
-from benchmarks.decode import DTYPES
+from cogvlm_jax.dtypes import DTYPES
 
 VARIANTS = ("dot", "dot_t", "dot_inloop", "mulsum", "mulsum_t")
 TRANSPOSED = ("dot_t", "mulsum_t")  # weights stored [out, in]

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import best_time, record
-from benchmarks.decode import DTYPES, DecodeBench, image_prompt
+from benchmarks.decode import DecodeBench, image_prompt
+from cogvlm_jax.dtypes import DTYPES
 
 
 # --------------------------------------------------------------------------- the limit

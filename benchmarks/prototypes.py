@@ -52,7 +52,8 @@ def vit_kernel_layouts(quick: bool = False, dtypes=("float32", "bfloat16"), roun
     """
     import time
 
-    from benchmarks.decode import DTYPES, image_prompt, load_bench_config, make_params
+    from benchmarks.decode import image_prompt, load_bench_config, make_params
+    from cogvlm_jax.dtypes import DTYPES
     from cogvlm_jax.models.cogvlm import CogVLM
     from cogvlm_jax.parallel import program
 

@@ -21,6 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
+from cogvlm_jax.dtypes import DTYPES
 
 BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving")
 DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")  # prototypes: on request (minutes)
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller arrays, fewer steps and repeats")
     p.add_argument("--tiny", action="store_true", help="decode/prefill on the tiny fixture configs only")
     p.add_argument("--configs", type=_csv(str, CONFIG_NAMES), help=f"decode configs (default: all of {CONFIG_NAMES})")
-    p.add_argument("--dtypes", type=_csv(str, ("float32", "bfloat16")), default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", type=_csv(str, tuple(DTYPES)), default=["float32", "bfloat16"])
     p.add_argument("--batches", type=_csv(int), default=[1, 8], help="decode batch sizes")
     p.add_argument("--steps", type=int, help="decode steps timed per repetition (default: by size)")
     p.add_argument("--streams", type=_csv(int), default=[1, 4, 16],

@@ -14,6 +14,7 @@ import numpy as np
 
 from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.convert.params import read_params
+from cogvlm_jax.dtypes import model_dtype
 from cogvlm_jax.generation import sampling
 from cogvlm_jax.generation.buckets import bucket_length, round_up
 from cogvlm_jax.generation.errors import InputError
@@ -25,7 +26,6 @@ from cogvlm_jax.parallel import program
 from cogvlm_jax.parallel.multihost import to_global, to_host
 from cogvlm_jax.parallel.sharding import batch_sharding, param_shardings
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The small model shipped in the package (``recipes/default_model.py`` made it): ``load()`` with no path.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
@@ -71,8 +71,7 @@ class Model:
 
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
                  mesh=None):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(_DTYPES)}")
+        want = model_dtype(dtype)
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -80,9 +79,8 @@ class Model:
         if mesh is not None:  # place (or re-place) every parameter in its sharded layout
             params = jax.device_put(params, param_shardings(config, mesh))
         execution = program.execution(mesh)  # the mesh's (or the default device's) platform, the rules
-        self.params = weights_for_compute(params, _DTYPES[dtype], execution.platform)
-        self.module = CogVLM(config, compute_dtype(_DTYPES[dtype], execution.platform), vit_query_chunk,
-                             execution=execution)
+        self.params = weights_for_compute(params, want, execution.platform)
+        self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution)
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
                                     mesh)
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
@@ -267,8 +265,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
     On a mesh over several processes (after ``jax.distributed.initialize``) every process calls this.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} unknown; expected one of {sorted(_DTYPES)}")
+    want = model_dtype(dtype)
     if path is None:
         path = DEFAULT_MODEL
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -277,7 +274,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
-    params = read_params(path, config, _DTYPES[dtype], mesh=mesh, progress=progress)
+    params = read_params(path, config, want, mesh=mesh, progress=progress)
     tok = find_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")

@@ -13,6 +13,7 @@ import os
 import sys
 
 from cogvlm_jax.api import DEFAULT_MODEL_NAME
+from cogvlm_jax.dtypes import DTYPES
 from cogvlm_jax.parallel import multihost
 
 TEMPLATES = ("chat", "vqa", "base")
@@ -23,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
                    "model shipped in the package (coloured shapes only, see the README)")
     p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: beside the model)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"default {DEFAULT_MAX_NEW_TOKENS}, or half the model's context if that is shorter")
@@ -153,28 +154,10 @@ def cmd_chat(args) -> int:
         history.append((query, "".join(answer)))
 
 
-def _cpu_mesh(text: str):
-    """A mesh of this shape over CPU devices (made up to the count needed): it sets the stored chunk layout."""
-    import jax
-
-    from cogvlm_jax.parallel.axes import make_mesh
-
-    shape = multihost.parse_mesh(text)
-    n = shape[0] * shape[1] * shape[2]
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:  # backends already up: use the CPU devices there are
-        pass
-    devices = jax.devices("cpu")
-    if len(devices) < n:
-        raise ValueError(f"--mesh {text} needs {n} CPU devices; this process has {len(devices)}")
-    return make_mesh(*shape, devices=devices[:n])
-
-
 def cmd_convert(args) -> int:
     from cogvlm_jax.training.export import main_convert
 
-    mesh = _cpu_mesh(args.mesh) if args.mesh else None
+    mesh = multihost.mesh_from_flag(args.mesh, cpu=True) if args.mesh else None
     return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh) or 0
 
 
@@ -342,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (nothing allocated)")
     pl.add_argument("--config", required=True, help="config.json, checkpoint directory or preset name")
     pl.add_argument("--mesh", default="1,1,1", help="DATA,FSDP,TENSOR")
-    pl.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    pl.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--context", type=int, help="KV cache length (default: the model's context)")
     pl.set_defaults(func=cmd_plan)
@@ -374,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     t.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
     t.add_argument("--seed", type=int, help="data order and LoRA initialisation (default 0)")
-    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    t.add_argument("--dtype", choices=tuple(DTYPES),
                    help="compute dtype, frozen weights and export (trainable weights stay float32; default float32)")
     t.add_argument("--mesh", help="DATA,FSDP,TENSOR devices (default 1,1,1; with several processes "
                                   "1,PROCESSES,DEVICES-PER-PROCESS)")
@@ -387,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
                     "model shipped in the package (coloured shapes only, see the README)")
     sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
-    sv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    sv.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name, "
                     f"or {DEFAULT_MODEL_NAME!r} for the shipped model)")
     sv.add_argument("--host", default="127.0.0.1")

@@ -29,14 +29,23 @@ import json
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
+from flax.traverse_util import flatten_dict, unflatten_dict
 from orbax.checkpoint import future
 
-from cogvlm_jax.files import (  # noqa: F401 - the checkpoint helpers callers import from here
-    CheckpointError, atomic_directory, check_destination, copy_files, write_json)
+# the checkpoint helpers callers import from here
+from cogvlm_jax.files import (  # noqa: F401
+    CheckpointError,
+    atomic_directory,
+    check_destination,
+    copy_files,
+    write_json,
+)
 
 FORMAT_FILE = "checkpoint.json"
 PARAMS_DIR = "params"
@@ -140,7 +149,7 @@ def save_params(out_dir: str, params: Mapping, config, overwrite: bool = False, 
                    {"format": FORMAT_NAME, "version": FORMAT_VERSION, **dict(meta or {})})
         copy_files(extra_files, tmp)
         with saver(compress) as save:
-            save(os.path.join(tmp, PARAMS_DIR), _plain_dict(params))
+            save(os.path.join(tmp, PARAMS_DIR), plain_params(params))
     return out_dir
 
 
@@ -242,8 +251,6 @@ def _streaming_handler():
     alone, written in runs of tiles of at most ``STREAM_BYTES`` (the next run made while one is written):
     each write fills whole chunks, so tensorstore never holds a partial chunk, nor the tensor.
     """
-    from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
-
     def made(group):
         return [leaf.made() for leaf, _, _ in group]
 
@@ -279,17 +286,17 @@ def _streaming_handler():
             """The leaf's zarr array, created with Orbax's spec chunked in ``leaf.tile`` (None off process 0)."""
             await info.await_path_creation()
             ocdbt = info.is_ocdbt_checkpoint
-            spec = orbax_handlers.ts_utils.build_array_write_spec(
+            # the process index an OCDBT write goes under, as the numpy handler chooses it
+            process = (self._override_ocdbt_process_id or ocp.multihost.process_index()) if ocdbt else None
+            spec = ocp.type_handlers.get_json_tspec_write(
                 info=info, arg=arg, global_shape=leaf.shape, local_shape=leaf.shape, dtype=np.dtype(leaf.dtype),
-                use_ocdbt=ocdbt, metadata_key=self._metadata_key,
-                process_index=orbax_handlers.ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=ocdbt, override_ocdbt_process_id=self._override_ocdbt_process_id)).json
+                use_ocdbt=ocdbt, metadata_key=self._metadata_key, process_index=process)
             array_spec = spec["base"] if spec.get("driver") == "cast" else spec
             if leaf.tile != tuple(leaf.shape):
                 if "chunks" not in array_spec.get("metadata", {}):
                     raise CheckpointError(f"{info.name}: chunked writes need Orbax's zarr v2 arrays")
                 array_spec["metadata"]["chunks"] = list(leaf.tile)
-            if orbax_handlers.multihost.process_index() != 0:  # as the numpy handler: process 0 writes
+            if ocp.multihost.process_index() != 0:  # as the numpy handler: process 0 writes
                 return None
             return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
 
@@ -313,35 +320,12 @@ def _streaming_handler():
     return StreamingHandler(deepcopy_host_arrays=False)
 
 
-def flatten_tree(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    """Nested mappings -> {path tuple: leaf} (a lone top-level "params" collection is unwrapped)."""
-    if not prefix and set(tree) == {"params"} and isinstance(tree["params"], Mapping):
+def plain_params(tree: Mapping) -> dict:
+    """``tree`` as nested plain dicts (FrozenDicts unfrozen), a lone top-level "params" collection unwrapped."""
+    tree = flax.core.unfreeze(tree)
+    if set(tree) == {"params"} and isinstance(tree["params"], dict):
         tree = tree["params"]
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten_tree(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten_tree(flat: Mapping[tuple, Any]) -> dict:
-    """{path tuple: leaf} -> nested plain dicts."""
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = leaf
     return tree
-
-
-def _plain_dict(tree: Mapping) -> dict:
-    """A nested plain ``dict`` (FrozenDicts unfrozen, a lone top-level "params" collection unwrapped)."""
-    if set(tree) == {"params"} and isinstance(tree["params"], Mapping):
-        tree = tree["params"]
-    return {k: _plain_dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
 def _params_dir(path: str) -> str:
@@ -359,11 +343,17 @@ def _params_dir(path: str) -> str:
                           "convert a Hugging Face checkpoint with `cogvlm-jax convert SRC DST`")
 
 
+def tree_metadata(directory: str) -> dict:
+    """The tree an Orbax PyTree checkpoint directory holds, its leaves Orbax's array metadata (``shape``,
+    ``dtype``, ``storage.chunk_shape``): read without reading any data."""
+    meta = ocp.StandardCheckpointer().metadata(directory)
+    item = getattr(meta, "item_metadata", meta)  # newer Orbax wraps the tree in a StepMetadata
+    return getattr(item, "tree", item)
+
+
 def params_metadata(path: str) -> dict:
     """The stored tree as ``jax.ShapeDtypeStruct`` leaves (no sharding): shapes/dtypes without reading data."""
-    meta = ocp.StandardCheckpointer().metadata(_params_dir(path))
-    item = getattr(meta, "item_metadata", meta)  # newer Orbax wraps the tree in a StepMetadata
-    tree = getattr(item, "tree", item)
+    tree = tree_metadata(_params_dir(path))
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree,
                         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
@@ -376,7 +366,7 @@ def subset_reader(path: str) -> tuple[dict[tuple, Any], Callable[[Iterable[tuple
     0.12) keeps about 80 kB per leaf alive each time it is made, which an export in pieces would pile up.
     """
     pdir = _params_dir(path)
-    flat = flatten_tree(params_metadata(path))
+    flat = flatten_dict(params_metadata(path))
 
     def read(subset: Iterable[tuple]) -> dict:
         subset = list(subset)
@@ -385,7 +375,7 @@ def subset_reader(path: str) -> tuple[dict[tuple, Any], Callable[[Iterable[tuple
         unknown = [p for p in subset if p not in flat]
         if unknown:
             raise CheckpointError(f"checkpoint {pdir} has no parameter(s) " + ", ".join("/".join(p) for p in unknown))
-        item = unflatten_tree({p: flat[p] for p in subset})
+        item = unflatten_dict({p: flat[p] for p in subset})
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
             pdir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
@@ -403,20 +393,20 @@ def block_reader(path: str) -> tuple[Callable[[tuple, int], int | None], Callabl
     from memory), where reading a block would decode whole chunks: read such a leaf whole. ``read``:
     ``leaf[index]`` as a host numpy array in the stored dtype.
     """
-    from orbax.checkpoint._src.serialization import type_handlers as orbax_handlers
-
     pdir = _params_dir(path)
     with open(os.path.join(pdir, "_METADATA")) as f:
         meta = json.load(f)
+    ocdbt = meta.get("use_ocdbt", True)
     # Orbax's context: its OCDBT index-node cache; tensorstore's data cache pool is empty by default
-    context = orbax_handlers.ts_utils.get_ts_context(use_ocdbt=meta.get("use_ocdbt", True))
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
     opened: dict[tuple, Any] = {}
 
     def array(leaf: tuple):
         if leaf not in opened:
             opened.clear()  # one leaf at a time
-            spec = orbax_handlers.ts_utils.ArrayReadSpec(pdir, ".".join(map(str, leaf)), meta.get("use_zarr3", False),
-                                                         use_ocdbt=meta.get("use_ocdbt", True)).json
+            info = ocp.type_handlers.ParamInfo(name=".".join(map(str, leaf)), parent_dir=epath.Path(pdir),
+                                               use_zarr3=meta.get("use_zarr3", False))
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
             opened[leaf] = ts.open(ts.Spec(spec), open=True, context=context).result()
         return opened[leaf]
 
@@ -452,18 +442,19 @@ def restore_params(path: str, target: Any = None, *, subset: Iterable[tuple] | N
     if target is None:
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
         return ocp.PyTreeCheckpointer().restore(pdir, restore_args=args)
+    target = plain_params(target)
     _check_target(stored, target, pdir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda t: t if getattr(t, "sharding", None) is not None
-        else jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), _plain_dict(target))
+        else jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), target)
     return ocp.StandardCheckpointer().restore(pdir, target)
 
 
 def _check_target(stored, target, where: str) -> None:
     """Name every path the target lacks, adds or shapes differently from the checkpoint."""
-    have = {"/".join(p): v for p, v in flatten_tree(stored).items()}
-    want = {"/".join(p): v for p, v in flatten_tree(target).items()}
+    have = flatten_dict(stored, sep="/")
+    want = flatten_dict(target, sep="/")
     problems = [f"missing in target: {k}" for k in sorted(set(have) - set(want))]
     problems += [f"not in checkpoint: {k}" for k in sorted(set(want) - set(have))]
     problems += [f"{k}: expected shape {tuple(want[k].shape)}, got {tuple(have[k].shape)}"

@@ -12,10 +12,9 @@ and writes one tensor (or row block) at a time into shards laid out byte for byt
 directions are atomic (temp directory + rename). Peak memory is thus bounded by the budgets, not by the
 largest tensor (the real CogVLM2's embedding and lm_head are 1.05 GB each).
 
-The safetensors container is parsed here rather than through ``safe_open``: numpy cannot represent
-bfloat16 in older ``safetensors`` releases, and our own parser can say precisely which file is
-truncated. Format: 8-byte little-endian header length N, N bytes of JSON header (padded with spaces),
-then the tensor data, each tensor at ``data_offsets`` relative to the end of the header.
+Files are read with the ``safetensors`` library (``safe_open``), which validates each header against
+its file; they are written by :func:`write_safetensors`, because the library writes a file only from
+tensors that are all in memory at once.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import itertools
 import json
 import os
 import re
-import struct
 from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
@@ -41,19 +38,22 @@ from cogvlm_jax.convert.checkpoint import (
     block_rows,
     check_destination,
     copy_files,
-    flatten_tree,
     is_our_checkpoint,
+    plain_params,
     read_meta,
     save_params,
     subset_reader,
     tiles,
     trim_heap,
-    unflatten_tree,
     write_json,
 )
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from cogvlm_jax import dtypes
 from cogvlm_jax.config import CogVLMConfig, load_config
+from cogvlm_jax.inputs.tokenizer import tokenizer_files
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.multihost import to_host
 from cogvlm_jax.parallel.sharding import param_shardings
@@ -67,17 +67,14 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 FETCH_BYTES = 128 * 2**20  # an export reads at most this much of an Orbax checkpoint at once (or one tensor)
-# Files carried through a conversion unchanged (either direction): tokenizer, generation settings and
-# the reference's remote code, which HF's ``trust_remote_code`` loading needs beside the weights.
-CARRIED_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "generation_config.json", "configuration_cogvlm.py", "modeling_cogvlm.py", "visual.py", "util.py",
-)
+# Files carried through a conversion unchanged (either direction), besides the tokenizer's: generation
+# settings and the reference's remote code, which HF's ``trust_remote_code`` loading needs beside the weights.
+CARRIED_FILES = ("generation_config.json", "configuration_cogvlm.py", "modeling_cogvlm.py", "visual.py", "util.py")
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
-_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 _MAX_LISTED = 30  # problems listed in one error message
 
-# safetensors dtype code -> numpy dtype (little endian), and its rank in the library's data order.
+# safetensors dtype code -> numpy dtype (little endian), in the library's order of dtypes: a file it writes
+# holds its tensors sorted by this order, descending, then by name (:func:`_write_order`).
 DTYPES = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -85,21 +82,18 @@ DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"),
     "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "U64": np.dtype("<u8"),
 }
-_RANK = {code: i for i, code in enumerate(DTYPES)}  # the library sorts tensors by this, descending
+_RANK = {code: i for i, code in enumerate(DTYPES)}
 _CODE = {dt: code for code, dt in DTYPES.items()}
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 
 
 def as_dtype(dtype: Any) -> np.dtype | None:
-    """``None``, a numpy/jax dtype or a name ("bfloat16", "bf16", "float32", ...) -> numpy dtype."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
-        return np.dtype(ml_dtypes.bfloat16)
+    """:func:`cogvlm_jax.dtypes.as_dtype`, an unknown dtype raised as a :class:`CheckpointError` (as every
+    converter error is)."""
     try:
-        return np.dtype(dtype)
-    except TypeError:
-        raise CheckpointError(f"unknown dtype {dtype!r}") from None
+        return dtypes.as_dtype(dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _code(dtype: np.dtype, what: str) -> str:
@@ -113,6 +107,10 @@ def _listing(problems: list[str]) -> str:
     shown = problems[:_MAX_LISTED]
     more = len(problems) - len(shown)
     return "\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+
+
+def _nbytes(code: str, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
 
 
 # =========================================================================== safetensors files
@@ -137,103 +135,66 @@ READS = ReadCounter()  # every SafetensorsFile read goes through this one counte
 class TensorInfo:
     code: str            # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
-    start: int           # absolute byte offsets in the file
-    end: int
+    index: int           # its place in the file's data, first = 0
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.code, self.shape)
 
 
 class SafetensorsFile:
-    """The header of one .safetensors file, validated against the file size; tensors read on demand."""
+    """One .safetensors file: its tensors' dtypes and shapes, validated against the file when it is opened;
+    tensors and regions of them read on demand, each through the ``safetensors`` library.
+
+    The file is opened anew for every read: the library maps it into memory, and pages read through a
+    mapping kept open would stay in this process's resident set (a conversion would grow to the size of
+    the checkpoint).
+    """
 
     def __init__(self, path: str):
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise self._corrupt(f"it has {size} bytes, fewer than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER_BYTES or 8 + n > size:
-                raise self._corrupt(f"its header length field says {n} bytes but the file has {size}")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._corrupt(f"its JSON header does not parse ({e})") from None
-        if not isinstance(header, dict):
-            raise self._corrupt("its header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        self.tensors: dict[str, TensorInfo] = {}
-        data_end = 0
-        for name, entry in header.items():
-            try:
-                code, shape, (a, b) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise self._corrupt(f"header entry {name} is malformed: {entry!r}") from None
-            if code not in DTYPES:
-                raise self._corrupt(f"tensor {name} has unknown dtype {code}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
-            if b - a != nbytes or a < 0:
-                raise self._corrupt(f"tensor {name} {code}{list(shape)} needs {nbytes} bytes but its offsets "
-                                    f"[{a}, {b}] span {b - a}")
-            self.tensors[name] = TensorInfo(code, shape, base + a, base + b)
-            data_end = max(data_end, b)
-        if base + data_end != size:
-            raise self._corrupt(
-                f"its header describes {base + data_end} bytes ({data_end} of tensor data) but the file has "
-                f"{size}" + (" (truncated)" if size < base + data_end else " (trailing bytes)"))
+        with self._open() as f:
+            self.metadata = f.metadata() or {}
+            self.tensors: dict[str, TensorInfo] = {}
+            for i, name in enumerate(f.offset_keys()):
+                s = f.get_slice(name)
+                code = s.get_dtype()
+                if code not in DTYPES:
+                    raise self._corrupt(f"tensor {name} has dtype {code}, which numpy cannot hold")
+                self.tensors[name] = TensorInfo(code, tuple(s.get_shape()), i)
 
     def _corrupt(self, why: str) -> CheckpointError:
         return CheckpointError(f"{self.path} is truncated or not a valid safetensors file: {why}; "
                                "re-download or re-convert it")
 
+    def _open(self):
+        try:
+            return safe_open(self.path, framework="numpy")
+        except SafetensorError as e:
+            raise self._corrupt(str(e)) from None
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as a new numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
-        info = self.tensors[name]
-        buf = np.empty(info.end - info.start, np.uint8)
-        with open(self.path, "rb", buffering=0) as f:
-            self._read_into(f, info.start, memoryview(buf), name)
-        return buf.view(DTYPES[info.code]).reshape(info.shape)
-
-    def read_region(self, name: str, index) -> np.ndarray:
-        """``read(name)[index]`` (``index``: one step-1 slice per axis) reading only the bytes it needs.
-
-        The region's innermost partial axis and the whole axes after it are contiguous in the file: one
-        read each (a row block of a matrix is one read; a column block is one read per row).
-        """
-        info = self.tensors[name]
-        dtype = DTYPES[info.code]
-        shape = info.shape
-        if len(index) != len(shape):
-            raise ValueError(f"{name}: region {index} does not match shape {shape}")
-        bounds = []
-        for s, n in zip(index, shape):
-            start, stop, step = s.indices(n)
-            if step != 1:
-                raise ValueError(f"{name}: region {index} has a step; only contiguous slices can be read")
-            bounds.append((start, max(start, stop)))
-        out = np.empty([b - a for a, b in bounds], dtype)
-        if out.size == 0:
-            return out
-        k = len(shape)  # axes k.. are read whole
-        while k > 0 and bounds[k - 1] == (0, shape[k - 1]):
-            k -= 1
-        strides = [dtype.itemsize * int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
-        lead = max(k - 1, 0)  # the run axis; the axes before it: one read per index combination
-        first = sum(a * st for (a, _), st in zip(bounds[lead:], strides[lead:]))
-        flat = memoryview(out.reshape(-1).view(np.uint8))
-        run = out.nbytes // int(np.prod(out.shape[:lead], dtype=np.int64))
-        with open(self.path, "rb", buffering=0) as f:
-            for i, idx in enumerate(itertools.product(*[range(a, b) for a, b in bounds[:lead]])):
-                offset = info.start + first + sum(j * st for j, st in zip(idx, strides))
-                self._read_into(f, offset, flat[i * run:(i + 1) * run], name)
+        with self._open() as f:
+            out = f.get_tensor(name)
+        READS.add(out.nbytes)
         return out
 
-    def _read_into(self, f, offset: int, buf: memoryview, name: str) -> None:
-        f.seek(offset)
-        if f.readinto(buf) != len(buf):
-            raise self._corrupt(f"reading tensor {name} ran past the end of the file")
-        READS.add(len(buf))
+    def read_region(self, name: str, index) -> np.ndarray:
+        """``read(name)[index]`` (``index``: one step-1 slice per axis), reading only the bytes it needs."""
+        info = self.tensors[name]
+        if len(index) != len(info.shape):
+            raise ValueError(f"{name}: region {index} does not match shape {info.shape}")
+        bounds = [s.indices(n) for s, n in zip(index, info.shape)]
+        if any(step != 1 for _, _, step in bounds):
+            raise ValueError(f"{name}: region {index} has a step; only contiguous slices can be read")
+        index = tuple(slice(a, max(a, b)) for a, b, _ in bounds)
+        if any(s.start == s.stop for s in index):  # nothing to read (the library refuses empty axes)
+            return np.empty([s.stop - s.start for s in index], DTYPES[info.code])
+        with self._open() as f:
+            out = f.get_slice(name)[index]
+        READS.add(out.nbytes)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +207,7 @@ class _OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.code].itemsize
+        return _nbytes(self.code, self.shape)
 
 
 def _write_order(tensors: list[_OutTensor]) -> list[_OutTensor]:
@@ -261,9 +222,9 @@ def write_safetensors(path: str, tensors: list[_OutTensor],
     """Write one .safetensors file; ``produce(t)`` makes each tensor's data just before it is written: an
     array, or an iterable of consecutive row blocks (slices along the first axis) written as they come.
 
-    Layout as the ``safetensors`` library writes it (so files compare byte for byte): tensors sorted by
-    dtype rank descending, then name; compact JSON header, metadata first, padded with spaces to a
-    multiple of 8 bytes.
+    Laid out as the ``safetensors`` library lays out a file (so files compare byte for byte): 8-byte
+    little-endian header length, the compact JSON header (metadata first, then each tensor's dtype, shape
+    and data offsets) padded with spaces to a multiple of 8 bytes, then the data, in :func:`_write_order`.
     """
     order = _write_order(tensors)
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -274,24 +235,23 @@ def write_safetensors(path: str, tensors: list[_OutTensor],
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
+        f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for t in order:
             data = produce(t)
+            want = t.shape or (1,)  # a scalar is written as one row
             rows = 0
             for arr in [data] if isinstance(data, np.ndarray) else data:
-                arr = np.ascontiguousarray(arr)
-                if t.shape:
-                    bad = arr.shape[1:] != t.shape[1:] or arr.ndim != len(t.shape) or rows + len(arr) > t.shape[0]
-                else:
-                    bad = arr.shape != ()
-                if bad or _code(arr.dtype, t.name) != t.code:
+                arr = np.asarray(arr)
+                block = np.ascontiguousarray(arr if t.shape else arr[None])
+                if block.ndim != len(want) or block.shape[1:] != want[1:] or rows + len(block) > want[0] or \
+                        block.dtype != DTYPES[t.code]:
                     raise CheckpointError(f"{t.name}: produced {arr.dtype}{arr.shape} at row {rows}, planned "
                                           f"{t.code}{t.shape}")
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                rows += len(arr) if arr.ndim else 1
-                del arr
-            if rows != (t.shape[0] if t.shape else 1):
+                f.write(memoryview(block.reshape(-1).view(np.uint8)))
+                rows += len(block)
+                del arr, block  # before the next block is made
+            if rows != want[0]:
                 raise CheckpointError(f"{t.name}: produced {rows} rows, planned {t.code}{t.shape}")
             if progress:
                 progress(1)
@@ -431,7 +391,7 @@ def load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool,
     flat: dict[tuple, Any] = {}
     facts: dict[str, Any] = {}
     # Read file by file in data order: sequential I/O on large shards.
-    order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].start))
+    order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].index))
     bar = tqdm(total=len(order), desc="converting" if lazy else "reading", unit="tensor", disable=not progress)
 
     def read(key: str) -> np.ndarray:
@@ -457,15 +417,15 @@ def load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool,
         elif lazy:
             shape = mapping.ours_shape(info.shape, transform)
             flat[path_ours] = LazyArray(shape, dtype or DTYPES[info.code], functools.partial(read, key),
-                                        (st.path, info.start), functools.partial(read_region, key, transform, shape),
+                                        (st.path, info.index), functools.partial(read_region, key, transform, shape),
                                         mapping.rows_axis(transform, len(shape)), (chunks or {}).get(path_ours))
         else:
             array = read(key)
             flat[path_ours] = array if place is None else place(path_ours, array)
     if lazy:
-        return config, unflatten_tree(flat), facts, bar
+        return config, unflatten_dict(flat), facts, bar
     bar.close()
-    return config, unflatten_tree(flat), facts
+    return config, unflatten_dict(flat), facts
 
 
 def read_hf_checkpoint(path: str, config: CogVLMConfig | str | None = None, dtype=None,
@@ -522,7 +482,7 @@ class Source:
 
 
 def tree_source(params: Mapping) -> Source:
-    flat = flatten_tree(params)
+    flat = flatten_dict(plain_params(params))
     # to_host: a parameter sharded over several processes' devices is gathered (all processes fetch the same
     # paths in the same order, see write_hf)
     return Source({p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()},
@@ -533,13 +493,13 @@ def orbax_source(ckpt_dir: str) -> Source:
     stored, read = subset_reader(ckpt_dir)
     rows, read_block = block_reader(ckpt_dir)
     return Source({p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in stored.items()},
-                   lambda paths: flatten_tree(read(paths)), rows, read_block)
+                   lambda paths: flatten_dict(read(paths)), rows, read_block)
 
 
 def lazy_source(params: Mapping) -> Source:
     """A source over a tree of :class:`LazyArray` leaves (an HF checkpoint read lazily): each made when
     fetched, one that can make regions of itself read in blocks along its ``block_axis``."""
-    flat = flatten_tree(params)
+    flat = flatten_dict(params)
 
     def rows(leaf: tuple, axis: int) -> int | None:
         a = flat[leaf]
@@ -730,14 +690,9 @@ def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes
 
 # =========================================================================== conversions
 def carried_files(src: str) -> list[str]:
-    """Tokenizer / generation / remote-code files in ``src`` or ``src/tokenizer/`` (first found wins)."""
-    found = {}
-    for d in (src, os.path.join(src, "tokenizer")):
-        for name in CARRIED_FILES:
-            p = os.path.join(d, name)
-            if name not in found and os.path.isfile(p):
-                found[name] = p
-    return list(found.values())
+    """The files a conversion copies from ``src``: its tokenizer's (see ``inputs.tokenizer.tokenizer_files``),
+    and those of ``CARRIED_FILES`` it holds."""
+    return tokenizer_files(src) + [p for p in (os.path.join(src, n) for n in CARRIED_FILES) if os.path.isfile(p)]
 
 
 def check_not_same(src: str, dst: str) -> None:
@@ -763,7 +718,7 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
     if mesh is not None:
         config = load_config(src)
         shapes = mapping.expected_params_shapes(config)
-        chunks = {p: tuple(s.shard_shape(shapes[p])) for p, s in flatten_tree(param_shardings(config, mesh)).items()}
+        chunks = {p: tuple(s.shard_shape(shapes[p])) for p, s in flatten_dict(param_shardings(config, mesh)).items()}
     config, params, facts, bar = load_hf(src, config, dtype, progress, lazy=True, chunks=chunks)
     if dtype is not None:
         config = config.replace(torch_dtype=as_dtype(dtype).name)

@@ -18,8 +18,8 @@ from typing import Mapping
 import jax
 import numpy as np
 from cogvlm_jax.convert import mapping
-from cogvlm_jax.convert.checkpoint import unflatten_tree
 from cogvlm_jax.convert.convert_hf import DTYPES, check_keys, note_inv_freq, open_tensors
+from flax.traverse_util import unflatten_dict
 from tqdm.auto import tqdm
 
 from cogvlm_jax.config import CogVLMConfig
@@ -42,7 +42,7 @@ def read_hf_sharded(path: str, config: CogVLMConfig, shardings: Mapping[tuple, j
     check_keys(entries, config, path)
     dtype = None if dtype is None else np.dtype(dtype)
     flat = {}
-    order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].start))
+    order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].index))
     desc = "reading" if jax.process_count() == 1 else f"reading (process {jax.process_index()})"
     for key in tqdm(order, desc=desc, unit="tensor", disable=not progress):
         st, info = entries[key]
@@ -63,4 +63,4 @@ def read_hf_sharded(path: str, config: CogVLMConfig, shardings: Mapping[tuple, j
 
         flat[ours] = jax.make_array_from_callback(shape, shardings[ours], read, dtype=want)
         del regions
-    return unflatten_tree(flat)
+    return unflatten_dict(flat)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from cogvlm_jax.convert import checkpoint
 from cogvlm_jax.convert.convert_hf import read_hf_checkpoint
 from cogvlm_jax.convert.hf_sharded import read_hf_sharded
+from flax.traverse_util import flatten_dict
 
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.parallel.sharding import abstract_sharded_params, param_shardings
@@ -29,5 +30,5 @@ def read_params(path: str, config: CogVLMConfig, dtype, *, mesh=None, progress: 
         return read_hf_checkpoint(path, config, progress=progress, place=place)
     if ours:
         return checkpoint.restore_params(path, abstract_sharded_params(config, mesh, dtype))
-    shardings = checkpoint.flatten_tree(param_shardings(config, mesh))
+    shardings = flatten_dict(param_shardings(config, mesh))
     return read_hf_sharded(path, config, shardings, dtype, progress=progress)

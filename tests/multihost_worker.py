@@ -26,15 +26,15 @@ import numpy as np  # noqa: E402
 def share_bytes(path, config, mesh) -> tuple[int, int]:
     """(bytes of the HF checkpoint behind this process's distinct regions, bytes of its largest tensor)."""
     from cogvlm_jax.convert import mapping
-    from cogvlm_jax.convert.checkpoint import flatten_tree
     from cogvlm_jax.convert.convert_hf import open_tensors
+    from flax.traverse_util import flatten_dict
 
     from cogvlm_jax.parallel.sharding import param_shardings
 
-    shardings = flatten_tree(param_shardings(config, mesh))
+    shardings = flatten_dict(param_shardings(config, mesh))
     total = largest = 0
     for key, (_, info) in open_tensors(path).items():
-        nbytes = info.end - info.start
+        nbytes = info.nbytes
         largest = max(largest, nbytes)
         ours, transform = mapping.hf_to_ours_key(key)
         if ours is None:  # rotary buffer: read whole for its check

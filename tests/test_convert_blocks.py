@@ -163,8 +163,7 @@ def test_convert_with_a_mesh_streams_a_tile_at_a_time(tmp_path, monkeypatch):
     """convert --mesh: every tensor stored in chunks that tile its shard, those larger than the budget read and
     written a tile at a time; the values are those of the whole-tensor reader. On the CogVLM1 fixture (float32,
     tensors up to 150 kB) with a 16 kB budget."""
-    import orbax.checkpoint as ocp
-    from cogvlm_jax.convert.checkpoint import flatten_tree
+    from flax.traverse_util import flatten_dict
 
     from cogvlm_jax.parallel.axes import make_mesh
     from cogvlm_jax.parallel.sharding import param_shardings
@@ -180,11 +179,10 @@ def test_convert_with_a_mesh_streams_a_tile_at_a_time(tmp_path, monkeypatch):
     assert stored.keys() == direct.keys()
     for k, v in stored.items():
         assert v.dtype == direct[k].dtype and v.tobytes() == direct[k].tobytes(), k
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(dst, checkpoint.PARAMS_DIR))
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
-    shardings = flatten_tree(param_shardings(load_config(src), mesh))
+    tree = checkpoint.tree_metadata(os.path.join(dst, checkpoint.PARAMS_DIR))
+    shardings = flatten_dict(param_shardings(load_config(src), mesh))
     sharded = 0
-    for key, m in flatten_tree(tree).items():
+    for key, m in flatten_dict(tree).items():
         shard, chunk = shardings[key].shard_shape(tuple(m.shape)), tuple(m.storage.chunk_shape)
         assert all(s % c == 0 for s, c in zip(shard, chunk)), (key, shard, chunk)
         too_big = np.prod(shard) * np.dtype(m.dtype).itemsize > budget

@@ -16,8 +16,8 @@ import os
 import jax
 import numpy as np
 import pytest
-from cogvlm_jax.convert.checkpoint import flatten_tree
 from conftest import LINEAR_TRAIN, fixture_dir, write_train_data
+from flax.traverse_util import flatten_dict
 from processes import ROOT, finish, free_port, python, start
 
 DEADLINE_S = 300  # hard limit for each child; measured well under it (see the test output)
@@ -151,7 +151,7 @@ def test_export_is_the_trained_parameters(runs):
 
     work, _, (_, _, like) = runs
     state = _checkpoint(work / "first", STEPS, like)
-    exported = flatten_tree(jax.device_get(cogvlm_jax.load(str(work / "first" / "model"), progress=False).params))
+    exported = flatten_dict(jax.device_get(cogvlm_jax.load(str(work / "first" / "model"), progress=False).params))
     trained = {k: v for k, v in state.items() if k.startswith(".trainable")}
     assert len(trained) == len(exported)
     for path, value in exported.items():

@@ -132,7 +132,7 @@ def test_image_unreadable_at_batch_time_names_the_line(env):
     path = _write(d / "late.jsonl", [{"image": "imgs/late.png", "query": "q", "answer": "a"}])
     batches = Batches(read_jsonl(path, tok, cfg), tok, cfg, batch_size=1)
     img.write_bytes(b"gone bad")
-    with pytest.raises(DataError, match=rf"late.jsonl:1: cannot read image"):
+    with pytest.raises(DataError, match=r"late.jsonl:1: cannot read image"):
         batches.batch(0)
 
 

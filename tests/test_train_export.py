@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 from cogvlm_jax.convert import checkpoint, mapping
-from cogvlm_jax.convert.checkpoint import CheckpointError, block_reader, flatten_tree
+from cogvlm_jax.convert.checkpoint import CheckpointError, block_reader
 from cogvlm_jax.convert.convert_hf import read_hf_checkpoint
 from conftest import fixture_dir
+from flax.traverse_util import flatten_dict
 from test_convert import hf_dir
 from test_convert_blocks import Reads, weight_files
 
@@ -40,7 +41,7 @@ def _trainer(mode: str, mesh_shape):
 
 def _leaves(state) -> dict:
     return {"/".join(map(str, p)): np.asarray(v) for p, v in
-            flatten_tree(jax.device_get(train._state_tree(state))).items()}
+            flatten_dict(jax.device_get(train._state_tree(state))).items()}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -66,7 +67,7 @@ def saved(request, tmp_path_factory):
 def test_large_trained_parameters_are_stored_and_exported_in_row_blocks(saved):
     case, root, ckpt, state, reads = saved
     rows, _ = block_reader(os.path.join(ckpt, train.STATE_DIR))
-    big = {p: a for p, a in flatten_tree(state.trainable).items() if a.nbytes > BUDGET}
+    big = {p: a for p, a in flatten_dict(state.trainable).items() if a.nbytes > BUDGET}
     expect = {"full": 7, "vision-expert": 2}[CASES[case][0]]  # embedding, lm_head, patch embedding, 4 / 2 QKV
     assert len(big) == expect, sorted(big)
     for p, a in big.items():

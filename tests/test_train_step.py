@@ -19,8 +19,8 @@ import os
 import jax
 import numpy as np
 import pytest
-from cogvlm_jax.convert.checkpoint import flatten_tree
 from conftest import LINEAR_TRAIN, write_train_data
+from flax.traverse_util import flatten_dict
 
 from cogvlm_jax.training import lora
 from cogvlm_jax.training import trainer as train
@@ -40,7 +40,7 @@ def env(tmp_path_factory, f32_models):
 
 
 def _host(tree):
-    return flatten_tree(jax.device_get(tree))
+    return flatten_dict(jax.device_get(tree))
 
 
 def _steps(trainer, state, frozen, batches, ks):
@@ -101,7 +101,7 @@ def test_schedule_warmup_then_cosine():
 # ------------------------------------------------------------------------------------------ masks
 def test_vision_expert_mask_names(env):
     _, model, _ = env
-    mask = {"/".join(p) for p, v in flatten_tree(train.trainable_mask(model.params, "vision-expert")).items() if v}
+    mask = {"/".join(p) for p, v in flatten_dict(train.trainable_mask(model.params, "vision-expert")).items() if v}
     for name in ("layers_0/self_attn/vision_expert_query_key_value/kernel",
                  "layers_1/self_attn/vision_expert_dense/kernel",
                  "layers_0/mlp/vision_mlp/gate_proj/kernel", "layers_1/mlp/vision_mlp/down_proj/kernel",
@@ -116,10 +116,10 @@ def test_vision_expert_mask_names(env):
 def test_vision_expert_mask_cogvlm2(f32_models):
     """CogVLM2 adds the 2x2 conv to the adapter and a bias to the vision expert's QKV."""
     params = f32_models["cogvlm2"].params
-    mask = {"/".join(p) for p, v in flatten_tree(train.trainable_mask(params, "vision-expert")).items() if v}
+    mask = {"/".join(p) for p, v in flatten_dict(train.trainable_mask(params, "vision-expert")).items() if v}
     assert {"vision/conv/kernel", "vision/conv/bias", "layers_1/self_attn/vision_expert_query_key_value/bias"} <= mask
-    full = flatten_tree(train.trainable_mask(params, "full"))
-    assert all(full.values()) and len(full) == len(flatten_tree(params))
+    full = flatten_dict(train.trainable_mask(params, "full"))
+    assert all(full.values()) and len(full) == len(flatten_dict(params))
 
 
 def test_lora_targets_by_pattern(env):
@@ -201,7 +201,7 @@ def test_lora_trains_factors_only_and_merges_exactly(env, reference):
     for p, v in _host(frozen).items():  # the frozen base is the same, bit for bit
         assert np.array_equal(v, base[p]), p
     factors = jax.device_get(state.trainable)
-    moved = [p for p, v in flatten_tree(factors).items() if p[-1] == lora.B and np.abs(v).max() > 0]
+    moved = [p for p, v in flatten_dict(factors).items() if p[-1] == lora.B and np.abs(v).max() > 0]
     # all but the last layer's vision_expert_dense, whose outputs (image positions) no label reads
     assert len(moved) == len(lora.target_paths(model.params, cfg.lora_targets)) - 1
     # Merged on export == the unmerged low-rank path, on a batch with images and text.

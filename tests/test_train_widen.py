@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cogvlm_jax.convert.checkpoint import flatten_tree
 from conftest import LINEAR_TRAIN, write_train_data
+from flax.traverse_util import flatten_dict
 
 from cogvlm_jax.training import lora
 from cogvlm_jax.training import trainer as train
@@ -65,8 +65,8 @@ def test_the_same_numbers(env):
     for bit those of the old step. Frozen kernels are float32 holding bfloat16 values, the rest bfloat16."""
     model, batches = env
     tr, state, frozen, frozen16 = _trainer(model, "vision-expert")
-    start = flatten_tree(model.params)
-    for p, a in flatten_tree(frozen).items():
+    start = flatten_dict(model.params)
+    for p, a in flatten_dict(frozen).items():
         assert a.dtype == (jnp.float32 if p[-1] == "kernel" else jnp.bfloat16), p
         np.testing.assert_array_equal(np.asarray(a), np.asarray(
             jnp.asarray(start[p]).astype(jnp.bfloat16).astype(a.dtype)), err_msg=str(p))
@@ -75,13 +75,13 @@ def test_the_same_numbers(env):
     loss, _, grads = jax.jit(tr.loss_and_grads)(state.trainable, frozen, batch)
     old_loss, old_grads = jax.jit(lambda t, f, b: _old_loss_and_grads(tr, t, f, b))(state.trainable, frozen16, batch)
     assert float(loss) == float(old_loss) and np.isfinite(float(loss))
-    new, old = flatten_tree(grads), flatten_tree(old_grads)
+    new, old = flatten_dict(grads), flatten_dict(old_grads)
     assert new.keys() == old.keys() and sum(np.any(np.asarray(g) != 0) for g in new.values()) > len(new) // 2
     for p in new:
         np.testing.assert_array_equal(np.asarray(new[p]), np.asarray(old[p]), err_msg=str(p))
     # the exported tree has the frozen weights back in bfloat16, bit for bit
-    exported = flatten_tree(tr.params(state, frozen))
-    for p, a in flatten_tree(frozen16).items():
+    exported = flatten_dict(tr.params(state, frozen))
+    for p, a in flatten_dict(frozen16).items():
         assert exported[p].dtype == jnp.bfloat16 and np.array_equal(np.asarray(exported[p]), np.asarray(a)), p
 
 
@@ -93,7 +93,7 @@ def test_no_frozen_kernel_is_converted_in_the_step(env, mode):
     tr, state, frozen, frozen16 = _trainer(model, mode)
     batch = tr.place_batch(batches.batch(0))
     trained = {tuple(a.shape) for a in jax.tree.leaves(state.trainable)}
-    only_frozen = {tuple(a.shape) for p, a in flatten_tree(frozen).items() if p[-1] == "kernel"} - trained
+    only_frozen = {tuple(a.shape) for p, a in flatten_dict(frozen).items() if p[-1] == "kernel"} - trained
     assert len(only_frozen) >= 4
     step = _converted_shapes(jax.jit(tr._step_fn).lower(state, frozen, batch).as_text())
     before = _converted_shapes(jax.jit(lambda t, f, b: _old_loss_and_grads(tr, t, f, b)).lower(

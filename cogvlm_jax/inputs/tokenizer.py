@@ -24,7 +24,8 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from tokenizers import Tokenizer as _HFTokenizer
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # the vocabularies, the first preferred where both are
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # read or carried beside them
 REPLACEMENT_CHAR = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
 
@@ -32,12 +33,36 @@ class TokenizerError(ValueError):
     """No usable tokenizer at a path; the message names the path."""
 
 
+def tokenizer_dir(path: str | os.PathLike | None) -> str | None:
+    """Where the tokenizer of the directory ``path`` (a checkpoint's or a tokenizer's) is: ``path`` itself
+    if it holds ``tokenizer.model`` or ``tokenizer.json``, else its ``tokenizer/`` subdirectory if that
+    does, else None (also for a ``path`` that is None or not a directory)."""
+    if path is None:
+        return None
+    for folder in (os.fspath(path), os.path.join(path, "tokenizer")):
+        if any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+            return folder
+    return None
+
+
+def tokenizer_files(path: str | os.PathLike | None) -> list[str]:
+    """The files of the tokenizer at ``path``, to copy it: a tokenizer file, or those of the folder
+    :func:`tokenizer_dir` finds, with the ``TOKENIZER_CONFIG_FILES`` beside them."""
+    if path is not None and os.path.isfile(path):
+        folder, names = os.path.dirname(path), (os.path.basename(path),) + TOKENIZER_CONFIG_FILES
+    else:
+        folder, names = tokenizer_dir(path), TOKENIZER_FILES + TOKENIZER_CONFIG_FILES
+    if folder is None:
+        return []
+    return [p for p in (os.path.join(folder, name) for name in names) if os.path.isfile(p)]
+
+
 def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     """A tokenizer from a ``tokenizer.model``/``tokenizer.json`` file or a directory holding one.
 
     A directory is searched for the files themselves, then for a ``tokenizer/`` subdirectory (the
-    layout of a checkpoint folder). ``tokenizer_config.json`` beside the file, if present, supplies
-    the bos/eos/pad tokens.
+    layout of a checkpoint folder, see :func:`tokenizer_dir`). ``tokenizer_config.json`` beside the
+    file, if present, supplies the bos/eos/pad tokens.
     """
     path = os.fspath(path)
     file = _find_tokenizer_file(path)
@@ -48,15 +73,10 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
 
 
 def find_tokenizer(path: str | os.PathLike | None) -> "Tokenizer | None":
-    """The tokenizer in directory ``path`` or its ``tokenizer/`` subdirectory (``tokenizer.json`` or
-    ``tokenizer.model``), or None when there is none (or ``path`` is None)."""
-    if path is None:
-        return None
-    for cand in (path, os.path.join(path, "tokenizer")):
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if os.path.isfile(os.path.join(cand, name)):
-                return load_tokenizer(cand)
-    return None
+    """The tokenizer of the directory ``path`` (see :func:`tokenizer_dir`), or None when it has none (or
+    ``path`` is None)."""
+    folder = tokenizer_dir(path)
+    return None if folder is None else load_tokenizer(folder)
 
 
 def _find_tokenizer_file(path: str) -> str:
@@ -65,14 +85,12 @@ def _find_tokenizer_file(path: str) -> str:
             return path
         raise TokenizerError(f"{path} is not a tokenizer file (expected one of {', '.join(TOKENIZER_FILES)})")
     if os.path.isdir(path):
-        for folder in (path, os.path.join(path, "tokenizer")):
-            for name in TOKENIZER_FILES:
-                candidate = os.path.join(folder, name)
-                if os.path.isfile(candidate):
-                    return candidate
-        raise TokenizerError(
-            f"no tokenizer found in {path}: expected {' or '.join(TOKENIZER_FILES)} "
-            "in it or in its tokenizer/ subdirectory")
+        folder = tokenizer_dir(path)
+        if folder is None:
+            raise TokenizerError(
+                f"no tokenizer found in {path}: expected {' or '.join(TOKENIZER_FILES)} "
+                "in it or in its tokenizer/ subdirectory")
+        return next(p for p in (os.path.join(folder, name) for name in TOKENIZER_FILES) if os.path.isfile(p))
     raise TokenizerError(f"tokenizer path {path} does not exist")
 
 

@@ -11,7 +11,8 @@ Files every process writes into together (an Orbax checkpoint: each process its 
 :func:`atomic_directory`; :class:`Barriers` are barriers.
 
 The CLI flags (``--coordinator HOST:PORT --num-processes N --process-id I``, ``--mesh``) are
-:func:`add_cli_args` / :func:`init_from_args`, shared by every command that runs a model.
+:func:`add_cli_args` / :func:`init_from_args`, shared by every command that runs a model; every command
+that takes ``--mesh`` builds it with :func:`mesh_from_flag`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ClusterError(ValueError):
     """Bad multi-process settings; the message says which."""
 
 
+# JAX has no public API for the two questions below (jax.distributed offers initialize, shutdown and
+# is_initialized), so they ask its private modules; each answers "unknown" if those have moved.
 def _cluster_detected() -> bool:
     """True where ``jax.distributed.initialize()`` can find its settings by itself (TPU pods, SLURM, Open MPI,
     Kubernetes with the ``kubernetes`` package). Asks the same detectors JAX does; False if they moved."""
@@ -48,6 +51,15 @@ def _cluster_detected() -> bool:
     except ImportError:
         return False
     return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
+
+
+def _detected_coordinator() -> Optional[str]:
+    """The coordinator address ``jax.distributed.initialize()`` is joining, or None if JAX does not say."""
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return None
+    return getattr(distributed.global_state, "coordinator_address", None)
 
 
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
@@ -85,9 +97,7 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     def watchdog():
         if joined.wait(timeout):
             return
-        from jax._src import distributed
-
-        where = coordinator or getattr(distributed.global_state, "coordinator_address", None) or "(auto-detected)"
+        where = coordinator or _detected_coordinator() or "(auto-detected)"
         sys.stderr.write(f"cogvlm-jax: error: {who} could not join the JAX cluster at coordinator {where} within "
                          f"{timeout:g} s: is process 0 running there with the same --num-processes, is the port "
                          f"reachable, and have all processes been started?\n")
@@ -270,16 +280,40 @@ def default_mesh_shape() -> Optional[tuple[int, int, int]]:
     return None
 
 
+def mesh_from_flag(mesh: str | Sequence[int], cpu: bool = False):
+    """The mesh of a ``--mesh DATA,FSDP,TENSOR`` value (the text or its three sizes) over the first
+    DATA x FSDP x TENSOR devices; across several processes it must take all of them.
+
+    ``cpu``: over this process's CPU devices, made up to the count needed where the backends are not up yet
+    (``convert --mesh``: only the mesh's shape matters there, it sets the stored chunk layout).
+    """
+    shape = parse_mesh(mesh) if isinstance(mesh, str) else tuple(mesh)
+    n = shape[0] * shape[1] * shape[2]
+    name = ",".join(map(str, shape))
+    if cpu:
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # backends already up: use the CPU devices there are
+            pass
+    devices = jax.devices("cpu") if cpu else jax.devices()
+    if n > len(devices):
+        raise ValueError(f"mesh {name} needs {n} {'CPU ' if cpu else ''}devices, {len(devices)} available")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ValueError(f"mesh {name} covers {n} of the {len(devices)} devices of {jax.process_count()} "
+                         "processes; a mesh across processes uses them all")
+    return make_mesh(*shape, devices=devices[:n])
+
+
 def init_from_args(args: argparse.Namespace):
     """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None."""
     initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
 
-    shape = parse_mesh(args.mesh) if args.mesh else default_mesh_shape()
-    return None if shape is None else make_mesh(*shape)
+    shape = args.mesh or default_mesh_shape()
+    return None if shape is None else mesh_from_flag(shape)
 
 
 __all__: Sequence[str] = [
     "Barriers", "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory",
     "broadcast_bytes", "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process",
-    "parse_mesh", "to_global", "to_host",
+    "mesh_from_flag", "parse_mesh", "to_global", "to_host",
 ]

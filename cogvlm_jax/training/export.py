@@ -40,7 +40,7 @@ def training_source(ckpt_dir: str):
             bar.close()
             base = convert_hf.lazy_source(params)
         parts.append((base, {p: p for p in base.specs if p not in parts[0][1]}))
-    return convert_hf.union_source(parts), config, run.dtype, finetune.tokenizer_files(run)
+    return convert_hf.union_source(parts), config, run.dtype, finetune.export_files(run)
 
 
 def to_hf(src: str, dst: str, max_shard_bytes: int = convert_hf.DEFAULT_MAX_SHARD_BYTES, dtype=None, *,

@@ -24,8 +24,8 @@ from typing import Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from cogvlm_jax.convert.checkpoint import flatten_tree, unflatten_tree
 from cogvlm_jax.models.layers import Dense, precision_for
 
 COLLECTION = "lora"
@@ -49,7 +49,7 @@ def target_paths(params: Mapping, patterns: Sequence[str]) -> list[tuple]:
     """
     if not patterns:
         raise ValueError("LoRA needs at least one target pattern")
-    modules = ["/".join(p[:-1]) for p, leaf in flatten_tree(params).items()
+    modules = ["/".join(p[:-1]) for p, leaf in flatten_dict(params).items()
                if p[-1] == "kernel" and len(leaf.shape) == 2]
     unused = [pat for pat in patterns if not any(fnmatch.fnmatchcase(m, pat) for m in modules)]
     if unused:
@@ -69,16 +69,16 @@ def init(params: Mapping, patterns: Sequence[str], rank: int, rng) -> dict:
         bound = 1.0 / d_in ** 0.5
         flat[path + (A,)] = jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound)
         flat[path + (B,)] = jnp.zeros((rank, d_out), jnp.float32)
-    return unflatten_tree(flat)
+    return unflatten_dict(flat)
 
 
 def axes_of(lora: Mapping, kernel_axes: Mapping) -> dict:
     """Logical axes of every factor from its kernel's ``(in, out)`` axes: a ``(in, None)``, b ``(None, out)``."""
     out = {}
-    for path in flatten_tree(lora):
+    for path in flatten_dict(lora):
         k_in, k_out = tuple(_leaf(kernel_axes, path[:-1] + ("kernel",)))[::-1 if _out_in(path[:-1]) else 1]
         out[path] = (k_in, None) if path[-1] == A else (None, k_out)
-    return unflatten_tree(out)
+    return unflatten_dict(out)
 
 
 def _interceptor(scale: float):
@@ -110,8 +110,8 @@ def applied(scale: float) -> Iterator[None]:
 def merge(params: Mapping, lora: Mapping, scale: float) -> dict:
     """``params`` with each target kernel replaced by ``kernel + scale * lora_a @ lora_b`` (float32 product,
     cast back to the kernel's dtype); every other leaf is the same object."""
-    flat = flatten_tree(params)
-    factors = flatten_tree(lora)
+    flat = flatten_dict(params)
+    factors = flatten_dict(lora)
     for path in {p[:-1] for p in factors}:
         k = path + ("kernel",)
         if k not in flat:
@@ -122,7 +122,7 @@ def merge(params: Mapping, lora: Mapping, scale: float) -> dict:
         if _out_in(path):
             delta = delta.T
         flat[k] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
-    return unflatten_tree(flat)
+    return unflatten_dict(flat)
 
 
 def _leaf(tree, path):

@@ -38,18 +38,17 @@ import time
 from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from cogvlm_jax import files
 from cogvlm_jax.config import load_config
 from cogvlm_jax.convert.checkpoint import CheckpointError
-from cogvlm_jax.convert.convert_hf import carried_files, write_hf_checkpoint
+from cogvlm_jax.convert.convert_hf import write_hf_checkpoint
 from cogvlm_jax.convert.params import read_params
-from cogvlm_jax.inputs.tokenizer import find_tokenizer
+from cogvlm_jax.inputs.tokenizer import find_tokenizer, tokenizer_files
 from cogvlm_jax.parallel import multihost
-from cogvlm_jax.parallel.axes import make_mesh
 from cogvlm_jax.training import trainer as train
 from cogvlm_jax.training.data import Batches, DataError, read_jsonl
 
@@ -154,12 +153,7 @@ def _check_same_data(out: str, path: str, saved: Optional[dict]) -> None:
 
 def differences(a: RunConfig, b: RunConfig) -> list[str]:
     """``name: a -> b`` for every setting that differs between two runs."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    fa, fb = flatten_dict(a.to_dict(), sep="."), flatten_dict(b.to_dict(), sep=".")
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
@@ -178,31 +172,11 @@ def _truncate_log(path: str, step: int) -> None:
     files.write_text(path, "".join(kept))
 
 
-def _mesh(shape):
-    if tuple(shape) == (1, 1, 1):
-        return None
-
-    n = math.prod(shape)
-    if n > len(jax.devices()):
-        raise ValueError(f"mesh {','.join(map(str, shape))} needs {n} devices, {len(jax.devices())} available")
-    if jax.process_count() > 1 and n != len(jax.devices()):
-        raise ValueError(f"mesh {','.join(map(str, shape))} covers {n} of the {len(jax.devices())} devices of "
-                         f"{jax.process_count()} processes; a run across processes uses them all")
-    return make_mesh(*shape, devices=jax.devices()[:n])
-
-
-def tokenizer_files(run: RunConfig) -> list[str]:
-    """Tokenizer and generation files to ship with the export (from --tokenizer first, then the model)."""
-
-    keep = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-            "generation_config.json")
-    found: dict[str, str] = {}
-    places = [] if run.tokenizer is None else [run.tokenizer if os.path.isdir(run.tokenizer)
-                                               else os.path.dirname(run.tokenizer)]
-    for place in places + [run.model]:
-        for p in carried_files(place):
-            found.setdefault(os.path.basename(p), p)
-    return [p for name, p in found.items() if name in keep]
+def export_files(run: RunConfig) -> list[str]:
+    """Files to ship with the export: those of the tokenizer the run trained with (``--tokenizer``, or the
+    model's), and the model's generation settings."""
+    generation = os.path.join(run.model, "generation_config.json")
+    return tokenizer_files(run.tokenizer or run.model) + ([generation] if os.path.isfile(generation) else [])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -256,8 +230,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         files.write_text(os.path.join(out, RUN_FILE),
                       json.dumps({**run.to_dict(), FINGERPRINT: fingerprint}, indent=2, sort_keys=True) + "\n")
 
-    mesh = _mesh(run.mesh)
-    params = read_params(run.model, config, jnp.float32, mesh=mesh, progress=progress)
+    mesh = None if tuple(run.mesh) == (1, 1, 1) else multihost.mesh_from_flag(run.mesh)  # (1, 1, 1): one device
+    params = read_params(run.model, config, np.float32, mesh=mesh, progress=progress)
     trainer = train.Trainer(config, run.train, dtype=run.dtype, mesh=mesh)
     state, frozen = trainer.init(params, seed=run.seed)
     del params  # the parameters now live in (state, frozen)
@@ -295,7 +269,7 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     if not export:
         return out
     return export_model(trainer, state, frozen, config, os.path.join(out, EXPORT), run.dtype,
-                        tokenizer_files(run), progress)
+                        export_files(run), progress)
 
 
 def export_model(trainer: train.Trainer, state: train.TrainState, frozen: Any, config, out_dir: str,

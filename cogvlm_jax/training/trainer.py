@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.convert import checkpoint, mapping
-from cogvlm_jax.convert.checkpoint import CheckpointError, LazyArray, flatten_tree, saver, unflatten_tree, write_json
+from cogvlm_jax.convert.checkpoint import CheckpointError, LazyArray, saver, tree_metadata, write_json
 from cogvlm_jax.inputs.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
 from cogvlm_jax.models.cogvlm import CogVLM, abstract_params, logical_axes
 from cogvlm_jax.models.layers import widens_on_cpu
@@ -166,7 +167,7 @@ def _decays(path: tuple) -> bool:
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with :func:`lr_schedule` (decay on matrices, not norms/biases)."""
     def decay_mask(tree):
-        return unflatten_tree({p: _decays(p) for p in flatten_tree(tree)})
+        return unflatten_dict({p: _decays(p) for p in flatten_dict(tree)})
     adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm > 0 else adamw
@@ -184,25 +185,25 @@ def trainable_mask(params: Mapping, mode: str) -> dict:
     """Nested dict of bools like ``params``: True where ``mode`` (full | vision-expert) trains the leaf."""
     if mode not in ("full", "vision-expert"):
         raise ValueError(f"trainable_mask covers full and vision-expert; {mode!r} has its own parameters")
-    return unflatten_tree({p: mode == "full" or is_vision_expert(p) for p in flatten_tree(params)})
+    return unflatten_dict({p: mode == "full" or is_vision_expert(p) for p in flatten_dict(params)})
 
 
 def split(tree: Mapping, mask: Mapping) -> tuple[dict, dict]:
     """(leaves where ``mask`` is True, the others), each a nested dict with only its leaves."""
-    m = flatten_tree(mask)
-    flat = flatten_tree(tree)
-    return (unflatten_tree({p: v for p, v in flat.items() if m[p]}),
-            unflatten_tree({p: v for p, v in flat.items() if not m[p]}))
+    m = flatten_dict(mask)
+    flat = flatten_dict(tree)
+    return (unflatten_dict({p: v for p, v in flat.items() if m[p]}),
+            unflatten_dict({p: v for p, v in flat.items() if not m[p]}))
 
 
 def combine(a: Mapping, b: Mapping) -> dict:
     """The union of two nested dicts with disjoint leaves (the inverse of :func:`split`)."""
-    flat = flatten_tree(a)
-    for p, v in flatten_tree(b).items():
+    flat = flatten_dict(a)
+    for p, v in flatten_dict(b).items():
         if p in flat:
             raise ValueError(f"parameter {'/'.join(p)} is in both trees")
         flat[p] = v
-    return unflatten_tree(flat)
+    return unflatten_dict(flat)
 
 
 # =========================================================================== state and step
@@ -269,7 +270,7 @@ class Trainer:
     @staticmethod
     def _kernels_as(tree, dtype):
         """``tree`` with its ``kernel`` leaves (the weights of ``Dense`` / ``PatchConv``) cast to ``dtype``."""
-        return unflatten_tree({p: a.astype(dtype) if p[-1] == "kernel" else a for p, a in flatten_tree(tree).items()})
+        return unflatten_dict({p: a.astype(dtype) if p[-1] == "kernel" else a for p, a in flatten_dict(tree).items()})
 
     def loss_and_grads(self, trainable, frozen, batch, rng=None):
         """Loss and gradient (w.r.t. ``trainable``) of a whole ``[accum, micro, ...]`` batch: the micro-batches'
@@ -346,12 +347,12 @@ class Trainer:
                 lambda a, n: axes.named_sharding(tuple(n), a.shape, self.mesh), trainable, names,
                 is_leaf=lambda x: isinstance(x, tuple))
         else:
-            every = flatten_tree(param_shardings(self.config, self.mesh))
-            self._trainable_shardings = unflatten_tree({p: every[p] for p in flatten_tree(trainable)})
+            every = flatten_dict(param_shardings(self.config, self.mesh))
+            self._trainable_shardings = unflatten_dict({p: every[p] for p in flatten_dict(trainable)})
 
     def _frozen_shardings(self, frozen):
-        every = flatten_tree(param_shardings(self.config, self.mesh))
-        return unflatten_tree({p: every[p] for p in flatten_tree(frozen)})
+        every = flatten_dict(param_shardings(self.config, self.mesh))
+        return unflatten_dict({p: every[p] for p in flatten_dict(frozen)})
 
     def _opt_shardings(self, trainable):
         if self.mesh is None:
@@ -477,7 +478,7 @@ def _in_row_blocks(params: Mapping) -> dict:
                          region=lambda index: np.asarray(a[index]), block_axis=axis,
                          chunks=None if chunks is None else tuple(chunks))
 
-    return unflatten_tree({p: leaf(p, a) for p, a in flatten_tree(params).items()})
+    return unflatten_dict({p: leaf(p, a) for p, a in flatten_dict(params).items()})
 
 
 def save_state(path: str, state: TrainState, meta: Optional[Mapping] = None, overwrite: bool = False) -> str:
@@ -521,10 +522,8 @@ def restore_state(path: str, like: TrainState) -> TrainState:
 
     target = jax.tree.map(abstract, _state_tree(like))
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(where)
-        stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
-        have = {"/".join(p): tuple(v.shape) for p, v in flatten_tree(stored).items()}
-        want = {"/".join(p): tuple(v.shape) for p, v in flatten_tree(target).items()}
+        have = {k: tuple(v.shape) for k, v in flatten_dict(tree_metadata(where), sep="/").items()}
+        want = {k: tuple(v.shape) for k, v in flatten_dict(target, sep="/").items()}
         if have != want:
             diff = sorted(set(have) ^ set(want)) + sorted(k for k in set(have) & set(want) if have[k] != want[k])
             raise CheckpointError(f"training checkpoint {path} does not match this model and these settings "
