@@ -66,14 +66,10 @@ def mixed_step(model, tokens, token_positions, cache: kv_cache.KVCache, chunk_id
 
     x = model.embed(jnp.concatenate([tokens, chunk_ids])[None])  # [1, S + C, D]
     pos = jnp.concatenate([token_positions, chunk_positions])[None]
-    new_k, new_v = [], []
-    for i, layer in enumerate(model.layers):
-        x, (k, v) = layer(x, None, pos, None, (cache.k[i], cache.v[i]), core=core)
-        new_k.append(k)
-        new_v.append(v)
+    x, (new_k, new_v), _ = model.run_layers(x, None, pos, None, cache, core=core)
     x = model.norm(x[0])
     last = jax.lax.dynamic_index_in_dim(x[s:], jnp.maximum(chunk_len - 1, 0), keepdims=True)
     logits = model.lm_head(jnp.concatenate([x[:s], last]))  # [S + 1, V]: the chunk's last real token only
-    cache = kv_cache.advance(cache.replace(k=tuple(new_k), v=tuple(new_v), index=index), new_valid)
+    cache = kv_cache.advance(cache.replace(k=new_k, v=new_v, index=index), new_valid)
     cache = cache.replace(valid=cache.valid.at[slot].set(row), index=cache.index.at[slot].set(start + chunk_len))
     return logits[:s], logits[s], cache

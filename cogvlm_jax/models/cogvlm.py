@@ -82,21 +82,28 @@ class CogVLM(nn.Module):
             route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1)
         pos = positions.position_ids(token_type_ids, attention_mask)
         mask = positions.causal_mask(attention_mask)
-        hidden = [x]
-        new_k, new_v = [], []
+        x, kv, hidden = self.run_layers(x, route, pos, mask, cache)
+        x = self.norm(x)
+        hidden = hidden[:-1] + (x,)
+        if cache is not None:
+            cache = kv_cache.advance(cache.replace(k=kv[0], v=kv[1]), attention_mask.astype(bool))
+        logits = self.lm_head(x[:, -1] if last_only else x)
+        return logits, cache, (hidden if return_hidden else None)
+
+    def run_layers(self, x, route, pos, mask, cache=None, **layer_kw):
+        """``x`` [B, L, D] through every decoder layer, each writing its keys/values into its own buffers of
+        ``cache`` (at ``cache.index``; None: no cache) -> (x, (keys, values) per layer or None, the hidden
+        states: the input and every layer's output). ``layer_kw``: ``attend_cache`` or ``core`` (see
+        ``DecoderLayer``). The cache's bookkeeping (``valid``, ``index``) is the caller's to advance."""
+        hidden, new_k, new_v = [x], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, route, pos, mask, kv, None if cache is None else cache.index)
+            x, kv = layer(x, route, pos, mask, kv, None if cache is None else cache.index, **layer_kw)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
             hidden.append(x)
-        x = self.norm(x)
-        hidden[-1] = x
-        if cache is not None:
-            cache = kv_cache.advance(cache.replace(k=tuple(new_k), v=tuple(new_v)), attention_mask.astype(bool))
-        logits = self.lm_head(x[:, -1] if last_only else x)
-        return logits, cache, (tuple(hidden) if return_hidden else None)
+        return x, (None if cache is None else (tuple(new_k), tuple(new_v))), tuple(hidden)
 
     def decode_step(self, tokens, token_positions, cache):
         """One text token per row: tokens [B], token_positions [B] -> (logits [B, V] float32, cache).
@@ -107,12 +114,8 @@ class CogVLM(nn.Module):
         new_valid = jnp.ones((tokens.shape[0], 1), bool)
         mask = kv_cache.read_mask(cache, new_valid)
         pos = token_positions[:, None]
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, None, pos, mask, (cache.k[i], cache.v[i]), cache.index, attend_cache=True)
-            new_k.append(k)
-            new_v.append(v)
-        cache = kv_cache.advance(cache.replace(k=tuple(new_k), v=tuple(new_v)), new_valid)
+        x, (k, v), _ = self.run_layers(x, None, pos, mask, cache, attend_cache=True)
+        cache = kv_cache.advance(cache.replace(k=k, v=v), new_valid)
         return self.lm_head(self.norm(x))[:, 0], cache
 
 
