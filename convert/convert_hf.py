@@ -114,23 +114,6 @@ def _nbytes(code: str, shape: tuple[int, ...]) -> int:
 
 
 # =========================================================================== safetensors files
-@dataclasses.dataclass
-class ReadCounter:
-    """Bytes and read calls this process has read from safetensors files (tests assert on it)."""
-    bytes: int = 0
-    reads: int = 0
-
-    def add(self, nbytes: int) -> None:
-        self.bytes += nbytes
-        self.reads += 1
-
-    def reset(self) -> None:
-        self.bytes = self.reads = 0
-
-
-READS = ReadCounter()  # every SafetensorsFile read goes through this one counter
-
-
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     code: str            # safetensors dtype code, e.g. "BF16"
@@ -177,7 +160,6 @@ class SafetensorsFile:
         """The tensor as a new numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
         with self._open() as f:
             out = f.get_tensor(name)
-        READS.add(out.nbytes)
         return out
 
     def read_region(self, name: str, index) -> np.ndarray:
@@ -193,7 +175,6 @@ class SafetensorsFile:
             return np.empty([s.stop - s.start for s in index], DTYPES[info.code])
         with self._open() as f:
             out = f.get_slice(name)[index]
-        READS.add(out.nbytes)
         return out
 
 

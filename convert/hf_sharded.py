@@ -6,7 +6,7 @@ of the stored (HF) layout behind it, and only those bytes are read (``Safetensor
 and re-laid out (``mapping.relayout``). Devices of this process that hold the same region (a dimension
 replicated over a mesh axis) share one read, so a replicated tensor is read once per process. Other
 processes' devices are never asked for: on a multi-host mesh each process reads its share of the
-checkpoint, plus the small rotary buffers it checks. ``convert_hf.READS`` counts the bytes.
+checkpoint, plus the small rotary buffers it checks.
 
 The host holds at most the distinct regions of one tensor at a time (this process's share of it).
 """

@@ -20,6 +20,30 @@ FIXTURES64 = os.path.join(os.path.dirname(__file__), "fixtures64")  # the offici
 FAMILIES = ("cogvlm1", "cogvlm2")
 
 
+class SafetensorsReads:
+    """Counts the bytes read from safetensors files while it is installed (``install(setattr)``, with
+    ``monkeypatch.setattr`` or a plain ``setattr``): every tensor and region read goes through
+    ``SafetensorsFile.read`` / ``read_region``."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def install(self, setattr_=setattr):
+        from cogvlm_jax.convert.convert_hf import SafetensorsFile
+
+        read, region = SafetensorsFile.read, SafetensorsFile.read_region
+
+        def counted(fn):
+            def wrapped(*args):
+                out = fn(*args)
+                self.bytes += out.nbytes
+                return out
+            return wrapped
+        setattr_(SafetensorsFile, "read", counted(read))
+        setattr_(SafetensorsFile, "read_region", counted(region))
+        return self
+
+
 def fixture_dir(family: str) -> str:
     return os.path.join(FIXTURES, family)
 

@@ -62,9 +62,11 @@ def main(coordinator: str, process_id: int, workdir: str) -> None:
     print(f"process {process_id}: joined in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     assert jax.process_count() == 2 and len(jax.devices()) == 8 and jax.local_device_count() == 4
 
-    from cogvlm_jax.convert import convert_hf
+    from conftest import SafetensorsReads
 
     import cogvlm_jax
+
+    reads = SafetensorsReads().install()
 
     with open(os.path.join(workdir, "job.json")) as f:
         job = json.load(f)
@@ -77,9 +79,9 @@ def main(coordinator: str, process_id: int, workdir: str) -> None:
             batch = dict(np.load(os.path.join(workdir, f"batch_{fam}.npz")))
             batch = [batch[k] if k in batch else None for k in ("ids", "tt", "am", "pix")]
             t = time.time()
-            convert_hf.READS.reset()
+            reads.bytes = 0
             model = cogvlm_jax.load(spec["hf"], mesh=mesh, progress=False)
-            out[f"{fam}/{tag}/bytes_read"] = convert_hf.READS.bytes
+            out[f"{fam}/{tag}/bytes_read"] = reads.bytes
             out[f"{fam}/{tag}/share"], out[f"{fam}/{tag}/largest"] = share_bytes(spec["hf"], model.config, mesh)
             t1 = time.time()
             out[f"{fam}/{tag}/logits"] = model.forward(*batch)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cogvlm_jax.convert import convert_hf, mapping
 from cogvlm_jax.convert.hf_sharded import read_hf_sharded
-from conftest import FAMILIES, fixture_dir
+from conftest import FAMILIES, SafetensorsReads, fixture_dir
 from flax.traverse_util import flatten_dict
 
 from cogvlm_jax.config import load_config
@@ -30,7 +30,7 @@ def _random_region(shape, rng):
     return tuple(out)
 
 
-def test_read_region_reads_exactly_the_region(tmp_path):
+def test_read_region_reads_exactly_the_region(tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
     gen = np.random.default_rng(0)
@@ -38,15 +38,16 @@ def test_read_region_reads_exactly_the_region(tmp_path):
               "m": gen.standard_normal((9, 8)).astype(np.float32), "s": np.array(3.0, np.float32),
               "h": gen.standard_normal((5, 4)).astype(ml_dtypes.bfloat16).view(np.uint16)}
     save_file(arrays, str(tmp_path / "x.safetensors"))
+    reads = SafetensorsReads().install(monkeypatch.setattr)
     st = convert_hf.SafetensorsFile(str(tmp_path / "x.safetensors"))
     rng = random.Random(0)
     for name, a in arrays.items():
         for _ in range(100):
             index = _random_region(a.shape, rng)
-            convert_hf.READS.reset()
+            reads.bytes = 0
             got = st.read_region(name, index)
             assert got.dtype == a.dtype and np.array_equal(got, a[index]), (name, index)
-            assert convert_hf.READS.bytes == a[index].nbytes, (name, index)
+            assert reads.bytes == a[index].nbytes, (name, index)
     with pytest.raises(ValueError, match="step"):
         st.read_region("m", (slice(0, 9, 2), slice(None)))
 
@@ -76,17 +77,18 @@ def _stored_bytes(path):
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_slice_reads_equal_whole_reads_and_read_each_byte_once(shape, whole_reads):
+def test_slice_reads_equal_whole_reads_and_read_each_byte_once(shape, whole_reads, monkeypatch):
     mesh = make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+    reads = SafetensorsReads().install(monkeypatch.setattr)
     for fam in FAMILIES:
         path = os.path.join(fixture_dir(fam), "checkpoint")
         config = load_config(path)
         shardings = flatten_dict(param_shardings(config, mesh))
-        convert_hf.READS.reset()
+        reads.bytes = 0
         params = flatten_dict(read_hf_sharded(path, config, shardings, None, progress=False))
         # One process holds every device: each stored byte is read once, however often devices repeat a
         # region (data=8 replicates everything 8 times; (2,2,2) twice).
-        assert convert_hf.READS.bytes == _stored_bytes(path), (fam, shape)
+        assert reads.bytes == _stored_bytes(path), (fam, shape)
         assert params.keys() == whole_reads[fam].keys()
         for key, leaf in params.items():
             assert leaf.sharding == shardings[key], key
