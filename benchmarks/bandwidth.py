@@ -68,8 +68,8 @@ def probe(size_gb: float = 1.0, repeats: int = 10) -> dict[str, float]:
 class PairedProbe:
     """The probe's fastest kernel, kept ready to time one pass at a time between the repetitions of another
     measurement: its fraction is then taken against the bandwidth of the same minutes. On a shared VM the
-    probe itself moves by 20% between runs minutes apart (29.9-36.2 GB/s in one session), more than the
-    difference a decode fix makes.
+    probe itself moves by a fifth between runs minutes apart (docs/benchmarks.md, "The machine"), more
+    than the difference a decode fix makes.
     """
 
     def __init__(self, size_gb: float, kernel: str):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 GB = 1e9
 
-# The representative mid-size CogVLM2-style model of issue 6 (an HF config.json, built through
+# The representative mid-size CogVLM2-style model (an HF config.json, built through
 # CogVLMConfig.from_hf_dict like a published checkpoint): 1024 wide, 8 layers, GQA 16/4, vocab 32000;
 # a 4-layer 512-wide ViT on 224 px images (16x16 patches, 2x2 downsampled to 64 image tokens).
 MID_HF_CONFIG: dict[str, Any] = {

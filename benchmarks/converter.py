@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.common import record
 
 MB = 1e6
-TARGET_RSS_BYTES = 1 << 30  # issue 6: the conversion's peak RSS must stay under 1 GB whatever the size
+TARGET_RSS_BYTES = 1 << 30  # the conversion's peak RSS must stay under 1 GB whatever the size
 
 
 def checkpoint_config(layers: int, hidden: int = 256, intermediate: int = 2048, vocab: int = 128256,

@@ -3,7 +3,7 @@
     python -m benchmarks.default_model [--model DIR] [--n 600] [--seed 424242]
 
 One JSON line per kind and one overall (exact match, as ``synthetic.score`` counts it), then the most
-common mistakes. The README's default-model scores come from this with its defaults.
+common mistakes. The scores in docs/default-model.md come from this with its defaults.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which one-row matmul (the operation a batch-1 decode step is made of) reaches the bandwidth?
 
-A model-free experiment behind the decode findings: a chain of ``pairs`` x ([D, F] then [F, D])
+A model-free experiment behind the decode layout choices: a chain of ``pairs`` x ([D, F] then [F, D])
 weights, applied to one row inside a ``lax.fori_loop`` (weights loop-invariant, as in the decode
 loop), timed per step and reported as GB/s of the weights *as stored*. Variants:
 
@@ -21,7 +21,7 @@ loop), timed per step and reported as GB/s of the weights *as stored*. Variants:
 ``run_rows`` (records ``matvec_rows_*``, ``batch`` = M): the same question for M = 1..16 rows, a batched
 decode step, on the mid config's lm_head and on its 8 decoder layers' language expert (40 products,
 361 MB), for each formulation in ``ROW_VARIANTS`` (a product plus the XLA:CPU options it is compiled
-with); ``vs_one_row`` is the time over the same variant's one-row time. Behind ``cogvlm_jax/rows.py``.
+with); ``vs_one_row`` is the time over the same variant's one-row time. Behind ``cogvlm_jax/parallel/rows.py``.
 
 Axis legend: D model width, F mlp width.
 """
@@ -96,7 +96,7 @@ def run(probe_gb_s: float, quick: bool = False) -> list[dict]:
 
 # --------------------------------------------------------------------------- a few rows (batched decode)
 # Which product of M = 1..16 rows (a batched decode step: one row per slot) reaches the bandwidth? Each
-# variant is one formulation plus the XLA:CPU options it is compiled with. By default (jax 0.10.2) XLA:CPU
+# variant is one formulation plus the XLA:CPU options it is compiled with. By default XLA:CPU
 # hands every float32 dot of two or more rows, and most reductions, to a YNNPACK fusion (``__ynn_fusion`` in
 # the optimised HLO); a one-row dot stays an XLA dot (the matrix-vector path). ``NO_YNN`` turns YNNPACK off
 # for one compilation, so the dots go to Eigen and reductions to XLA's own loop emitter.
@@ -104,23 +104,23 @@ NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 HIGHEST = jax.lax.Precision.HIGHEST
 ROW_COUNTS = (1, 2, 4, 8, 16)
 COLSUM_CHUNK = 16  # XLA:CPU splits a reduction over more than 32 elements into a tree, unfused from its product
-COLSUM_MAX_ROWS = 4  # beyond this the column sums measured 5-40x slower than any dot: not worth the time
-# (and on the lm_head only: over the decoder layers' 40 products, hundreds of chunk fusions took minutes
-# to compile and ran 2-3x slower than any dot at 1-2 rows)
+COLSUM_MAX_ROWS = 4  # beyond this the column sums are many times slower than any dot: not worth the time
+# (and on the lm_head only: over the decoder layers' 40 products, hundreds of chunk fusions take minutes
+# to compile and run slower than any dot even at 1-2 rows)
 
 
 def _ynn_out_in(x, w):  # as shipped for one row and past 64 rows: kernel [out, in] (decoder, lm_head)
     return jnp.einsum("md,nd->mn", x, w, precision=HIGHEST)
 
 
-def _in_out(x, w):  # kernel [in, out] (the ViT / adapter layout; the lm_head's before session 7)
+def _in_out(x, w):  # kernel [in, out] (the ViT / adapter layout)
     return jnp.einsum("md,dn->mn", x, w, precision=HIGHEST)
 
 
 def _out_in_lhs(x, w):
     """``(W @ x.T).T`` with the [out, in] weight as the left operand (as shipped for 2-64 rows, with
     YNNPACK: it packs only the rows); the barrier keeps XLA from folding the transpose back into
-    ``x @ W.T`` (which packs the whole weight, or in Eigen runs 15-40x slower)."""
+    ``x @ W.T`` (which packs the whole weight, or in Eigen runs many times slower)."""
     return jax.lax.optimization_barrier(jnp.einsum("nd,md->nm", w, x, precision=HIGHEST)).T
 
 

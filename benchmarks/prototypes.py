@@ -2,14 +2,14 @@
 re-implements a piece inside this process only).
 
 * ``vit_kernel_layouts``: the ViT's and the adapter's ``Dense`` kernels stored ``[out, in]``
-  (``layers.Dense(out_in=True)``, as the decoder's are since it measured faster for one-row decode
-  products) instead of ``[in, out]``, timed on the image encoder (ViT + adapter), which only prefill
-  runs. Implemented by swapping the ``Dense`` that ``cogvlm_jax.models.vision`` and ``cogvlm_jax.models.adapter``
-  use for ``Dense(out_in=True)``. Measured equal within noise (float32 68 vs 72 ms, bfloat16 100 vs
-  98 ms on the 2-core VM), so they stay ``[in, out]``.
+  (``layers.Dense(out_in=True)``, as the decoder's are, which is faster for one-row decode products)
+  instead of ``[in, out]``, timed on the image encoder (ViT + adapter), which only prefill runs.
+  Implemented by swapping the ``Dense`` that ``cogvlm_jax.models.vision`` and ``cogvlm_jax.models.adapter``
+  use for ``Dense(out_in=True)``. The two layouts time equal within noise (docs/benchmarks.md), so the
+  encoder keeps ``[in, out]``.
 
-The earlier prototypes (decoder kernels ``[out, in]``, a heads-major KV cache) are in the model now;
-``decode_long`` in ``benchmarks.decode`` measures the cache read directly.
+The decoder's ``[out, in]`` kernels and the heads-major KV cache are in the model itself; ``decode_long``
+in ``benchmarks.decode`` measures the cache read directly.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ client threads each stream ``per_stream`` chat completions back to back (a close
 ``max_tokens`` new tokens, greedy. Two workloads (``WORKLOADS``):
 
 * ``image``: every request an image and a question. Each prefill runs the ViT and the image tokens alone
-  (compute-bound, about as long as 16 one-row decode steps on the mid config), so at 64 new tokens the
-  prefills are a large share of the work and batching the decode cannot make them cheaper.
+  (compute-bound, as long as many one-row decode steps), so at 64 new tokens the prefills are a large
+  share of the work and batching the decode cannot make them cheaper.
 * ``text``: text-only conversations of different lengths: short prefills, the run is decode-bound, which is
-  what continuous batching speeds up (issue 9's "decode is bandwidth-bound, so batching is nearly free").
+  what continuous batching speeds up (where decode is bandwidth-bound, batching is nearly free).
 
 Measured per C: aggregate completion tokens per second
 (the sum of every request's ``usage.completion_tokens`` over the wall time of the whole run) and the
@@ -17,8 +17,8 @@ and for the prefills of the requests admitted before it).
 
 The C streams share a server of ``slots`` slots (the most C); the one-stream baseline that the
 speedup is taken against runs on a 1-slot server, so it pays for no idle slot. Both servers are up
-together and the runs alternate, ``rounds`` times: the baseline, then each C. This machine's speed
-drifts by a fifth within minutes, so a ratio is taken within a round, and the record holds the median
+together and the runs alternate, ``rounds`` times: the baseline, then each C. A shared machine's speed
+drifts within minutes, so a ratio is taken within a round, and the record holds the median
 of the rounds (tok/s and speedup; TTFT over every request of every round). The model never stops
 early: its eos is set to an id no token has, so every request generates exactly ``max_tokens``.
 

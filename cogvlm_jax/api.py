@@ -48,13 +48,12 @@ def weights_for_compute(params, dtype, platform: Optional[str] = None):
     computes in float32. XLA:CPU has no 16-bit matmul (without AVX512-BF16 or AMX): given 16-bit weights
     it widens them to float32 inside every jitted call, and in the decode loop that widening is
     loop-invariant and hoisted, so every call first converts the whole model and every step then reads
-    the float32 copies (4 bytes per weight) anyway. Measured on the benchmarks' mid config, batch 1:
-    90 ms per step for calls of 8 steps and 36 ms for 64 (about 0.49 s of conversion per call), against
-    30 ms either way with the weights widened once here; at batch 8, 186 / 108 ms against 59 ms. Widening
-    every step instead (no hoisting) measured 2.5x slower than reading float32. The rounding keeps the
-    part of a 16-bit run's error that matters, the weights' (see tests/test_model_parity.py). Other
-    backends multiply 16-bit operands natively: there the weights are ``params`` as given. ``platform``:
-    the one the model runs on (default: the default device's).
+    the float32 copies (4 bytes per weight) anyway: short calls pay the conversion again and again.
+    Widened once here, a step costs what a float32 step costs whatever the call length; widening inside
+    every step instead (no hoisting) is slower still than reading float32 (docs/benchmarks.md, "Weights
+    in bfloat16 on CPU"). The rounding keeps the part of a 16-bit run's error that matters, the weights'
+    (see tests/test_model_parity.py). Other backends multiply 16-bit operands natively: there the weights
+    are ``params`` as given. ``platform``: the one the model runs on (default: the default device's).
     """
     if compute_dtype(dtype, platform) == jnp.dtype(dtype):
         return params
@@ -255,7 +254,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
 
     Without ``path``: the small default model shipped in the package (trained from scratch on the
-    coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see the README), with its tokenizer.
+    coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see docs/default-model.md), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
     rounded to it and kept in float32, see :func:`weights_for_compute`).
     ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its

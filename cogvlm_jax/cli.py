@@ -22,7 +22,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
-                   "model shipped in the package (coloured shapes only, see the README)")
+                   "model shipped in the package (coloured shapes only, see docs/default-model.md)")
     p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: beside the model)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a chat page at /")
     sv.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
-                    "model shipped in the package (coloured shapes only, see the README)")
+                    "model shipped in the package (coloured shapes only, see docs/default-model.md)")
     sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
     sv.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name, "

@@ -192,8 +192,8 @@ def trim_heap() -> None:
     """Give the memory of freed arrays back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
 
     Tensors made and dropped one after another in several threads (ours and tensorstore's) leave
-    glibc's heaps fragmented: freed but never returned, the resident set grows with every tensor
-    (an export in pieces reached 1.6 GB for a 2 GB checkpoint). Trimming after each piece keeps it flat.
+    glibc's heaps fragmented: freed but never returned, the resident set grows with every tensor (in an
+    export in pieces, to most of the checkpoint's size). Trimming after each piece keeps it flat.
     """
     trim = _malloc_trim()
     if trim is not None:

@@ -87,7 +87,7 @@ def test_hf_to_ours_reads_big_tensors_in_row_blocks(blocked, dtype):
         sizes = [n for name, n in r.regions if name == key]
         assert len(sizes) > 10 and sum(sizes) == 128256 * 64 * 2, (key, len(sizes), sum(sizes))
         assert max(sizes) * (2 if dtype else 1) <= BUDGET
-    assert len(r.whole) == len(raw_tensors(SRC)) - len(BIG)  # everything else whole, as before
+    assert len(r.whole) == len(raw_tensors(SRC)) - len(BIG)  # every smaller tensor is read whole
     # the same values as the whole-tensor reader gives, in the same dtypes
     direct = flat(read_hf_checkpoint(SRC, dtype=dtype, progress=False))
     stored = flat(restore_params(paths["ours" if dtype is None else "ours32"]))

@@ -24,7 +24,7 @@ import pytest
 from conftest import cases, fixture_dir
 from processes import finish, free_port, python, start
 
-DEADLINE_S = 240  # hard limit for each child; measured well under it (see the test output)
+DEADLINE_S = 240  # hard limit for each child, well above what the children need
 NAME = "tiny-two-processes"
 # fixture cases (chat template, greedy): two slots, and a third request that waits for one
 REQUESTS = ["chat_image", "chat_text_only", "chat_image"]

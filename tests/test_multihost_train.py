@@ -20,7 +20,7 @@ from conftest import LINEAR_TRAIN, fixture_dir, write_train_data
 from flax.traverse_util import flatten_dict
 from processes import ROOT, finish, free_port, python, start
 
-DEADLINE_S = 300  # hard limit for each child; measured well under it (see the test output)
+DEADLINE_S = 300  # hard limit for each child, well above what the children need
 STEPS = 2
 # AdamW with eps=1, no clipping, a constant learning rate (tests/test_train_step.py's LINEAR): the first update
 # is lr * g / (|g| + 1), 1-Lipschitz in g, so parameters that agree bound how far the gradients differ (with

@@ -1,11 +1,12 @@
-"""Expert routing, position ids and masks (DESIGN facts 3 and 4)."""
+"""Expert routing, position ids and masks: boi and the patches go to the vision expert, eoi and the text to
+the language expert; boi and eoi take a position each, the patches between them share one."""
 
 import numpy as np
 
 from cogvlm_jax.models.positions import causal_mask, expert_route, position_ids, vision_expert_mask
 
 
-def test_design_example_positions():
+def test_image_patches_share_one_position():
     tt = np.array([[0, 1, 1, 1, 1, 1, 0, 0]])
     np.testing.assert_array_equal(position_ids(tt, np.ones_like(tt)), [[0, 1, 2, 2, 2, 3, 4, 5]])
 

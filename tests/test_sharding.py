@@ -40,7 +40,7 @@ def test_mesh_gives_single_device_numbers(shape, f32_models, reference):
 def test_one_device_numbers_do_not_depend_on_the_batch(fam, f32_models):
     """A data-sharded mesh gives each device fewer rows; a row's numbers must not change with that beyond
     float32 rounding. Compiled as every model program is (``program.jit``: on CPU without XLA's YNNPACK
-    reduce fusion, whose ``exp`` differs from XLA's own by an ulp and was used only for big enough arrays),
+    reduce fusion, whose ``exp`` differs from XLA's own by an ulp and is used only for big enough arrays),
     a row's image features and last hidden state alone and in a batch of all the cases (image and
     text-only rows) differ by no more than two correct float32 runs may: the row's own distance from the
     float64 references (fixtures64), measured in this run, plus the official float32 code's. Which dot
@@ -152,8 +152,8 @@ def test_sharded_load_places_each_tensor_with_bounded_host_memory(fmt, tmp_path,
     print(f"\n{fmt}: transient host memory {transient / 2**20:.1f} MiB while loading (peak {peak / 2**20:.1f}, "
           f"retained {retained / 2**20:.1f}); largest tensor {largest / 2**20:.1f} MiB, model {total / 2**20:.1f} MiB")
     # One tensor in flight at a time, never a whole-model host copy. That tensor exists at most as read
-    # (bf16), transposed, cast to float32 and handed to the device: measured 2.5x the largest float32
-    # tensor for HF (77.7 MiB vs 31.3 MiB), 1.6x for ours, whatever the number of tensors.
+    # (bf16), transposed, cast to float32 and handed to the device: under 3x the largest float32 tensor,
+    # whatever the number of tensors.
     assert transient < 3 * largest
     batch, logits, _, bound = reference[fam]
     assert float(np.abs(model.forward(*batch) - logits).max()) <= bound

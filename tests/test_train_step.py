@@ -90,8 +90,8 @@ def test_schedule_warmup_then_cosine():
                                2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi / 14)), rtol=1e-6)
     with pytest.raises(ValueError, match="warmup_steps"):
         train.TrainConfig(warmup_steps=5, total_steps=4)
-    # Settings that would train silently wrong: negative decay grows the weights, a negative clip norm was
-    # taken as "off" (0 is), a zero epsilon divides by zero, b1/b2 outside [0, 1) never forget or diverge.
+    # Settings that would train silently wrong: negative decay grows the weights, a negative clip norm would
+    # pass for "off" (0 is), a zero epsilon divides by zero, b1/b2 outside [0, 1) never forget or diverge.
     for bad in (dict(weight_decay=-0.1), dict(max_grad_norm=-1.0), dict(eps=0.0), dict(b1=1.0), dict(b2=-0.5),
                 dict(lora_rank=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -1,10 +1,10 @@
 """bfloat16 training on CPU widens the frozen kernels once, at init, not inside every step: same numbers.
 
-XLA:CPU has no bfloat16 matmul; the module rounds each operand to bfloat16 and multiplies in float32. The
-step used to get the frozen kernels in bfloat16 and convert every one of them to float32 on every call;
-``Trainer.init`` now keeps them rounded to bfloat16 but stored in float32 (the step's module is built with
+XLA:CPU has no bfloat16 matmul; the module rounds each operand to bfloat16 and multiplies in float32.
+Given the frozen kernels in bfloat16, a step would convert every one of them to float32 on every call;
+``Trainer.init`` keeps them rounded to bfloat16 but stored in float32 (the step's module is built with
 ``Execution(widened_kernels=True)``).
-The reference below is the step as it was: frozen kernels in bfloat16, the trained ones rounded inside
+The reference below is the step given the frozen kernels in bfloat16, the trained ones rounded inside
 the module.
 """
 
@@ -34,8 +34,8 @@ def env(tmp_path_factory, f32_models):
     return model, Batches(recs, model.tokenizer, model.config, batch_size=4, seed=0)
 
 
-def _old_loss_and_grads(tr: train.Trainer, trainable, frozen16, batch):
-    """The step's loss and gradient as computed before: frozen kernels given in bfloat16 (one micro-batch)."""
+def _reference_loss_and_grads(tr: train.Trainer, trainable, frozen16, batch):
+    """The step's loss and gradient with the frozen kernels given in bfloat16 (one micro-batch)."""
     mb = {k: v[0] for k, v in batch.items()}
     denom = jnp.maximum((mb["labels"][:, 1:] != train.IGNORE).sum(), 1).astype(jnp.float32)
     args = (mb["input_ids"], mb["token_type_ids"], mb["attention_mask"], mb.get("pixel_values"))
@@ -62,7 +62,8 @@ def _trainer(model, mode):
 
 def test_the_same_numbers(env):
     """Vision-expert training (frozen ViT and language weights, trained vision expert): loss and gradient bit
-    for bit those of the old step. Frozen kernels are float32 holding bfloat16 values, the rest bfloat16."""
+    for bit those of the reference step. Frozen kernels are float32 holding bfloat16 values, the rest
+    bfloat16."""
     model, batches = env
     tr, state, frozen, frozen16 = _trainer(model, "vision-expert")
     start = flatten_dict(model.params)
@@ -73,12 +74,13 @@ def test_the_same_numbers(env):
     batch = tr.place_batch(batches.batch(0))
     assert "pixel_values" in batch  # the frozen ViT runs
     loss, _, grads = jax.jit(tr.loss_and_grads)(state.trainable, frozen, batch)
-    old_loss, old_grads = jax.jit(lambda t, f, b: _old_loss_and_grads(tr, t, f, b))(state.trainable, frozen16, batch)
-    assert float(loss) == float(old_loss) and np.isfinite(float(loss))
-    new, old = flatten_dict(grads), flatten_dict(old_grads)
-    assert new.keys() == old.keys() and sum(np.any(np.asarray(g) != 0) for g in new.values()) > len(new) // 2
-    for p in new:
-        np.testing.assert_array_equal(np.asarray(new[p]), np.asarray(old[p]), err_msg=str(p))
+    reference = jax.jit(lambda t, f, b: _reference_loss_and_grads(tr, t, f, b))
+    ref_loss, ref_grads = reference(state.trainable, frozen16, batch)
+    assert float(loss) == float(ref_loss) and np.isfinite(float(loss))
+    got, ref = flatten_dict(grads), flatten_dict(ref_grads)
+    assert got.keys() == ref.keys() and sum(np.any(np.asarray(g) != 0) for g in got.values()) > len(got) // 2
+    for p in got:
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(ref[p]), err_msg=str(p))
     # the exported tree has the frozen weights back in bfloat16, bit for bit
     exported = flatten_dict(tr.params(state, frozen))
     for p, a in flatten_dict(frozen16).items():
@@ -88,7 +90,7 @@ def test_the_same_numbers(env):
 @pytest.mark.parametrize("mode", ["vision-expert", "lora"])
 def test_no_frozen_kernel_is_converted_in_the_step(env, mode):
     """In the lowered step no convert touches a frozen kernel (shapes no trained leaf has, so unambiguous);
-    the old step converted every one of them."""
+    the reference step, given them in bfloat16, converts every one of them."""
     model, batches = env
     tr, state, frozen, frozen16 = _trainer(model, mode)
     batch = tr.place_batch(batches.batch(0))
@@ -96,7 +98,7 @@ def test_no_frozen_kernel_is_converted_in_the_step(env, mode):
     only_frozen = {tuple(a.shape) for p, a in flatten_dict(frozen).items() if p[-1] == "kernel"} - trained
     assert len(only_frozen) >= 4
     step = _converted_shapes(jax.jit(tr._step_fn).lower(state, frozen, batch).as_text())
-    before = _converted_shapes(jax.jit(lambda t, f, b: _old_loss_and_grads(tr, t, f, b)).lower(
+    reference = _converted_shapes(jax.jit(lambda t, f, b: _reference_loss_and_grads(tr, t, f, b)).lower(
         state.trainable, frozen16, batch).as_text())
-    assert only_frozen <= set(before)
+    assert only_frozen <= set(reference)
     assert not only_frozen & set(step), sorted(only_frozen & set(step))

@@ -36,8 +36,8 @@ def _attend_block(q, k, v, mask, scale, heads_major: bool, platform: str):
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, _MASKED)
     p = jax.nn.softmax(s, axis=-1)
-    # "->bkgqe", then the transpose: asked for "bqkge" directly, XLA:CPU swapped the operands into a
-    # batched V.T @ p that Eigen ran 5x slower (16-row decode: 1.1 of the layer's 1.3 ms attention)
+    # "->bkgqe", then the transpose: asked for "bqkge" directly, XLA:CPU swaps the operands into a
+    # batched V.T @ p that Eigen runs several times slower (most of a few-row decode step's attention)
     o = jnp.einsum(f"bkgqs,{kv_spec}->bkgqe", *operands(v.dtype, p, v, platform=platform), precision=prec,
                    preferred_element_type=jnp.float32)
     return jnp.moveaxis(o, 3, 1).reshape(b, nq, h, e).astype(q.dtype)

@@ -38,10 +38,10 @@ def operands(dtype, *arrays, platform: str):
     """``arrays`` rounded to ``dtype``, as the operands of a product accumulated in float32, on ``platform``.
 
     XLA:CPU has no native bfloat16 / float16 dot (without AVX512-BF16 or AMX): it widens the operands to
-    float32 itself, but not for every shape (jax 0.10.2: the batched attention dot over a short bfloat16
-    KV cache at batch 8 fails at run time with "Unsupported element type for DotThunk::Execute: BF16 x
-    BF16 = F32"). On CPU we widen them here: the same numbers, operands rounded to ``dtype``, products
-    and sums in float32. Other platforms multiply 16-bit operands natively and get them as they are.
+    float32 itself, but not for every shape (the batched attention dot over a short bfloat16 KV cache at
+    batch 8 fails at run time with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+    On CPU we widen them here: the same numbers, operands rounded to ``dtype``, products and sums in
+    float32. Other platforms multiply 16-bit operands natively and get them as they are.
     """
     out = [a.astype(dtype) for a in arrays]
     return [a.astype(jnp.float32) for a in out] if widens_on_cpu(dtype, platform) else out
@@ -70,7 +70,7 @@ class Dense(nn.Module):
     match) and the product is ``x @ kernel.T``. On XLA:CPU a one-row product then reads each output's
     weights as one contiguous row: the decoder's linears and the lm_head use it (batch-1 decode is a chain
     of such products; ``benchmarks/matvec.py`` ``dot_t``). The prefill-only ViT/adapter keep ``[in, out]``,
-    which measured as fast or faster there (``benchmarks/prototypes.py``). In a few-row program
+    which is as fast there (``benchmarks/prototypes.py``). In a few-row program
     (``execution.weight_lhs``, set by ``parallel/rows.py`` ``ByRows``: a batched decode step, a prefill of up
     to 64 tokens, a chunked-prefill step) the product is ``(kernel @ x.T).T``: with the weight as the left
     operand XLA:CPU does not re-pack it on every call.
@@ -78,7 +78,7 @@ class Dense(nn.Module):
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
     stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
-    own bfloat16 error (measured in tests/test_model_parity.py).
+    own bfloat16 error (tests/test_model_parity.py).
     """
 
     features: int

@@ -6,10 +6,10 @@
   platform of the mesh's devices. A program compiled for TPU or GPU devices from a CPU host is then the
   TPU or GPU program.
 * ``jit(fn, mesh)`` is ``jax.jit`` compiled with ``compiler_options(platform_of(mesh))``. On CPU, XLA:CPU's
-  YNNPACK reduce fusion is off (``CPU_OPTIONS``). XLA:CPU (jax 0.10.2) hands a reduction, and the
-  elementwise ops fused around it, to YNNPACK only when one of its arrays has at least 4096 elements;
-  below that its own loop emitter computes it, and the two compute ``exp`` one ulp apart. A softmax then
-  changed with how many rows or heads shared the program: the CogVLM2 fixture's ViT score
+  YNNPACK reduce fusion is off (``CPU_OPTIONS``). XLA:CPU hands a reduction, and the elementwise ops
+  fused around it, to YNNPACK only when one of its arrays has at least 4096 elements; below that its own
+  loop emitter computes it, and the two compute ``exp`` one ulp apart. With the fusion on, a softmax
+  would change with how many rows or heads share the program: the CogVLM2 fixture's ViT score
   ``[B, 4, 1, 17, 17]`` crosses the threshold between batch 2 and 4, and a mesh gives each device fewer
   rows or heads. Without it, every reduction runs through XLA's emitter whatever the shape (dots and
   convolutions keep YNNPACK, as by default). A jaxlib that does not know the option gets none.

@@ -1,13 +1,13 @@
 """Products of a few rows (batched decode, short prefills) on XLA:CPU: the weight as the left operand.
 
-XLA:CPU (jax 0.10.2) gives every float32 dot of two or more rows to YNNPACK, which packs its right operand
-before multiplying. Written ``x @ W.T`` (the decoder's ``[out, in]`` kernels on the right) that packs the
-whole weight on every call: on the mid config a step's 40 layer products cost 29 ms at 2 rows and 41 ms
-at 16 against 12 ms at one row. Written ``(W @ x.T).T`` the weight is the left operand and is read as it
-is, only the few rows are packed: 18 ms at 2 rows and 23 ms at 16 (125 GFLOP/s of the machine's ~158),
-and the ``[32000, 1024]`` lm_head takes 11 ms at 16 rows against 21 (``[in, out]``, right operand) or 12
-(Eigen, YNNPACK off, the former choice here). From about 64 rows on the packing pays for itself and the
-usual order is as fast or faster (prefill). Measured in ``benchmarks/matvec.py`` (``run_rows``).
+XLA:CPU gives every float32 dot of two or more rows to YNNPACK, which packs its right operand before
+multiplying. Written ``x @ W.T`` (the decoder's ``[out, in]`` kernels on the right) that packs the whole
+weight on every call, so a few rows cost several times what one row costs. Written ``(W @ x.T).T`` the
+weight is the left operand and is read as it is, only the few rows are packed: faster than ``x @ W.T``,
+than an ``[in, out]`` kernel on the right, and than Eigen (YNNPACK off), for the layer products and the
+lm_head alike. From about 64 rows on the packing pays for itself and the usual order is as fast or
+faster (prefill). ``benchmarks/matvec.py`` (``run_rows``) times the variants; docs/benchmarks.md has
+the numbers.
 
 ``ByRows`` jits a function of a module twice, with two variants of the module, and picks per call, by a
 static row count, the default compilation or the few-row one (the module's ``execution.weight_lhs`` set:

@@ -2,7 +2,7 @@
 
     python -m cogvlm_jax.recipes.default_model --out cogvlm_jax/default_model --overwrite
 
-(the shipped model: these defaults, seed 0, 1700 steps, 1068 s on the 2-core CPU; ``training.json`` beside it)
+(the shipped model: these defaults, seed 0, 1700 steps; ``training.json`` beside it records the run)
 
 Steps: train a byte-level BPE tokenizer on the task's text (pad, bos, eos and the image placeholder are
 ids 0-3); build the config (CogVLM2's GQA and 2x2 conv downsample, small sizes, that vocabulary, its
@@ -12,28 +12,18 @@ different seed through batched ``Model.generate``; write an HF-format checkpoint
 config.json + generation_config.json + tokenizer), an example picture and ``training.json`` (command,
 seed, wall time, accuracy), atomically.
 
-How the shipped model was made and what was measured on the way (2-core CPU, batch 32, lr 1e-3):
-- patch size decides shape learning: shape questions only, one object, 300 steps: patch 14 (3x3 image
-  tokens) 59%, patch 7 (6x6 tokens) 96%; patch 7 costs ~4x per step.
-- several questions per picture (``--turns 3``) hurt: only a third of the labelled answers end in eos, and
-  the model ran on past its answer ('centercenter'). Default 1.
-- all four kinds mixed from the first step learn shape far slower than shape alone (300 steps: 31-38% vs
-  96%); the best run without a curriculum reached 72% after 1400 steps. A shape-only first stage fixes
-  it: after 300 shape steps, colour and count follow within 300 mixed steps.
-- "where" sat at its "center" prior (49%) in every run with random position embeddings. With the 2-D
-  sine-cosine init of the ViT's position table (``sincos_2d``; a where-only run: 73% vs 68% at 200 steps)
-  and a where weight of 0.4 in the mixed stage it leaves the prior in some runs and not in others: the
-  recipe's seed 0 reached 61% after 50 mixed steps and 78% at step 700; the same schedule with another
-  data seed and init stayed at 49% to step 900. A where-only stage first did not help.
-- the where-heavy stage, seed 0, scored on 600 fresh questions (seed 424242): with it (1400 steps, 943 s)
-  91.3% (where 75%, count 94%, shape 97%, colour 99%); without it, mixed to the end (1650 steps, 1072 s)
-  86.5% (where 63%, count 90%). Right after the stage the other kinds dip (held-out 90% at both 700 and
-  1050) and recover by the end. The shipped run is the same schedule with 1700 steps (1068 s): 93.5% on
-  its 200 held-out questions, 90.2% on the 600 (colour 100%, count 98%, shape 97%, where 68%). The
-  1400-step run scored higher on those 600 but failed the test's fixed 50 questions (88%); the 1700-step
-  run passes them (96%). Both sit near 90%: "where" (left/right objects called "center") is what is left.
-- two or three objects per picture: 33-55% after 600 steps (session 4); the shipped model sees one object.
-- init: embeddings N(0, 1), branch outputs / sqrt(2L) (``scaled_init``); lr 3e-3 breaks shape learning.
+Why the recipe is what it is (the training runs behind each choice: docs/default-model.md):
+- patches of 7 pixels (6 x 6 image tokens): patches of 14 (3 x 3 tokens) cost a quarter per step but
+  learn shapes far more slowly.
+- one question per picture (``--turns 1``): with several, only part of the labelled answers end in eos,
+  and the model runs on past its answer.
+- a curriculum (``STAGES``): mixed with the other kinds from the first step, shape learning stalls; after
+  a shape-only stage, colour and count follow within a few hundred mixed steps. A where-heavy stage
+  lifts "where" and the other kinds recover from it by the end.
+- the ViT's position table starts as a 2-D sine-cosine table (``sincos_2d``): with random position
+  embeddings "where" stays at its "center" prior.
+- one object per picture (``MAX_SHAPES``): two or three are far from learned at this size.
+- init for this small width (``scaled_init``); a learning rate of 3e-3 breaks shape learning.
 """
 
 from __future__ import annotations
@@ -70,13 +60,12 @@ MAX_SHAPES = 1  # objects per picture the shipped model is trained and scored on
 # The curriculum: (steps, question-kind weights) stages, then ``KIND_WEIGHTS`` for the remaining steps.
 # Shape alone first (mixed with the other kinds from the start it stalls), then all kinds (colour and
 # count follow within 300 steps; "where", weighted most, is the last to leave its "center" prior), a
-# where-heavy stage, and all kinds again to the end. See the module docstring for the measurements.
+# where-heavy stage, and all kinds again to the end. docs/default-model.md has the runs behind it.
 KIND_WEIGHTS = {"color": 0.3, "shape": 0.2, "count": 0.1, "where": 0.4}
 STAGES = ((300, {"shape": 1.0}), (300, KIND_WEIGHTS), (200, {"color": 0.1, "shape": 0.1, "count": 0.1, "where": 0.7}))
 
-# Sizes (see the README's "Default model" section for why these). 84 / 7 = 12 x 12 patches, 6 x 6 image
-# tokens after the 2x2 conv. Patches of 14 (3 x 3 tokens) were 4x cheaper but learned shapes far slower
-# (shape questions only, one object, 300 steps: 59% vs 96%).
+# Sizes (docs/default-model.md says why these). 84 / 7 = 12 x 12 patches, 6 x 6 image tokens after the
+# 2x2 conv. Patches of 14 (3 x 3 tokens) are 4x cheaper per step but learn shapes far more slowly.
 VISION = {"hidden_size": 96, "intermediate_size": 256, "num_heads": 4, "num_hidden_layers": 3,
           "image_size": 84, "patch_size": 7}
 TEXT = {"hidden_size": 128, "intermediate_size": 320, "num_attention_heads": 4, "num_multi_query_heads": 2,
@@ -205,8 +194,7 @@ def scaled_init(params, key, num_layers: int):
     so a token's own identity is as strong in the residual stream as what the layers add, and the
     decoder's residual-branch outputs (attention ``dense``, MLP ``down_proj``) shrunk by
     ``1 / sqrt(2 * num_layers)``. With normal(0.02) embeddings under unit-gain layers, the question
-    words were drowned after the first layer and the model sat at the answer prior (29.5% exact match
-    after 1000 steps)."""
+    words drown after the first layer and the model stays at the answer prior."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(key, len(leaves))
     out = []

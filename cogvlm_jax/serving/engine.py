@@ -11,7 +11,7 @@ mix), the requests and events it serves are ``requests.py``. A request takes a f
   beyond its last chunk (``buckets.prefill_sizes``), and no prompt length compiles anything new. Prompts
   are prefilled first come, first served, one chunk per step; after its last chunk the request decodes
   with the others. On CPU it does not pay: a decode step of many slots is already compute-bound, so the
-  prompt's rows cost what they cost alone (README, Serving).
+  prompt's rows cost what they cost alone (docs/benchmarks.md, Serving).
 
 Without a prompt to prefill, a ``decode`` call runs ``chunk`` decode steps on device; the host reads the
 new tokens once per call (no host round trip per token). It decodes the slots up to the last busy one,

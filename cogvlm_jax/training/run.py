@@ -107,7 +107,7 @@ def checkpoint_dir(out: str, step: int) -> str:
 
 
 def _read_run_file(out: str) -> tuple[RunConfig, Optional[dict]]:
-    """(the settings, the data fingerprint or None for a run from before it was recorded) of ``out``'s run."""
+    """(the settings, the data fingerprint or None for a run file that records none) of ``out``'s run."""
     path = os.path.join(out, RUN_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{out} holds no training run ({RUN_FILE} missing); start one without --resume")
@@ -141,7 +141,7 @@ def data_fingerprint(path: str) -> dict:
 def _check_same_data(out: str, path: str, saved: Optional[dict]) -> None:
     """Refuse to resume on a data file other than the one the run started with (other records: other batches)."""
 
-    if saved is None:  # a run started before fingerprints were recorded: nothing to compare with
+    if saved is None:  # the run file records no fingerprint: nothing to compare with
         return
     now = data_fingerprint(path)
     if now != saved:

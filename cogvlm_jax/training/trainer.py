@@ -1,4 +1,5 @@
-"""Training: the loss (DESIGN fact 15), what is trained, AdamW with warmup + cosine, and one jitted step.
+"""Training: the loss (mean cross-entropy over the answer tokens and eos), what is trained, AdamW with
+warmup + cosine, and one jitted step.
 
 The training signal is prompt + answer + eos, labels -100 on the prompt (``preprocess.build_inputs(...,
 answer=...)`` makes them), and the mean next-token cross-entropy over the labelled positions: position
