@@ -246,12 +246,15 @@ class _Programs:
             return Slots(cache=new_cache(slots), token=zeros, position=zeros, step=zeros, sampling=sp)
 
         shapes = jax.eval_shape(abstract)
-        out = {}
+        out, state_shardings = {}, None
         if mesh is not None:  # the cache sharded like generate's; the rest, and the outputs, replicated
             rep = replicated(mesh)
             state_shardings = jax.tree_util.tree_map(lambda _: rep, shapes).replace(
                 cache=cache_shardings(shapes.cache, mesh))
             out = {"out_shardings": (state_shardings, rep)}
+        # the slots' shapes and (on a mesh) shardings: what ``empty`` makes, and what ahead-of-time
+        # compilation (``cogvlm_jax.aot``) lowers the programs with
+        self.shapes, self.state_shardings = shapes, state_shardings
 
         def empty():
             """All-zero slots, made on the host from the traced shapes: nothing to compile."""

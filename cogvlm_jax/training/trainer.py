@@ -323,6 +323,17 @@ class Trainer:
         state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=opt_state, rng=rng)
         return jax.device_put(state, device if self.mesh is None else self.state_shardings(state)), frozen
 
+    def abstract_init(self, params: Mapping, seed: int = 0) -> tuple[TrainState, dict]:
+        """What :meth:`init` returns, as ``jax.ShapeDtypeStruct`` s carrying the shardings it places them with
+        (a mesh is needed): ``params`` may be abstract too. Nothing is allocated; ahead-of-time compilation
+        (``cogvlm_jax.aot``) lowers :meth:`step_program` with these."""
+        if self.mesh is None:
+            raise ValueError("abstract_init needs a Trainer with a mesh")
+        state, frozen = jax.eval_shape(lambda p: self.init(p, seed), params)
+        with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
+        return (jax.tree.map(with_sharding, state, self.state_shardings(state)),
+                jax.tree.map(with_sharding, frozen, self._frozen_shardings(frozen)))
+
     def _set_shardings(self, trainable):
         if self.mesh is None:
             self._trainable_shardings = None
@@ -377,9 +388,13 @@ class Trainer:
             if self.mesh is None:
                 out[key] = jax.device_put(value, jax.devices()[0])
             else:
-                sharding = axes.named_sharding((None, "batch") + (None,) * (value.ndim - 2), value.shape, self.mesh)
-                out[key] = to_global(value, sharding)  # each process puts its own devices' rows
+                out[key] = to_global(value, self.batch_sharding(value.shape))  # each process puts its own devices' rows
         return out
+
+    def batch_sharding(self, shape):
+        """The sharding of a placed ``[accum, micro, ...]`` batch array (a mesh is needed): each micro-batch
+        split over the mesh's batch axes."""
+        return axes.named_sharding((None, "batch") + (None,) * (len(shape) - 2), tuple(shape), self.mesh)
 
     def _step_fn(self, state: TrainState, frozen, batch):
         rng, key = jax.random.split(state.rng)
@@ -393,6 +408,10 @@ class Trainer:
     def step(self, state: TrainState, frozen, batch: Mapping):
         """One optimizer update on a batch from :meth:`place_batch`. ``state`` is donated (do not reuse it).
         Returns (new state, metrics: loss, tokens, grad_norm, lr of this step)."""
+        return self.step_program(state)(state, frozen, batch)
+
+    def step_program(self, state: TrainState):
+        """The jitted step :meth:`step` runs (its output shardings follow ``state``'s structure)."""
         if self._step is None:
             # Trainers with the same model, settings and mesh share one jitted step (compiled once).
             if self._key not in _STEPS:
@@ -402,7 +421,7 @@ class Trainer:
                     _STEPS.pop(next(iter(_STEPS)))
                 _STEPS[self._key] = program.jit(self._step_fn, self.mesh, donate_argnums=0, out_shardings=out)
             self._step = _STEPS[self._key]
-        return self._step(state, frozen, batch)
+        return self._step
 
     def params(self, state: TrainState, frozen) -> dict:
         """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels), frozen
