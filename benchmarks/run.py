@@ -47,7 +47,7 @@ def serving_workloads() -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(DEFAULT),
-                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes)")
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes and aot)")
     p.add_argument("--quick", action="store_true", help="smaller arrays, fewer steps and repeats")
     p.add_argument("--tiny", action="store_true", help="decode/prefill on the tiny fixture configs only")
     p.add_argument("--configs", type=_csv(str, CONFIG_NAMES), help=f"decode configs (default: all of {CONFIG_NAMES})")
