@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 from cogvlm_jax.dtypes import DTYPES
 
-BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving")
-DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")  # prototypes: on request (minutes)
+BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot")
+# on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long)
+DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")
 
 
 def _csv(kind, choices=None):
@@ -47,7 +48,7 @@ def serving_workloads() -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(DEFAULT),
-                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes)")
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes and aot)")
     p.add_argument("--quick", action="store_true", help="smaller arrays, fewer steps and repeats")
     p.add_argument("--tiny", action="store_true", help="decode/prefill on the tiny fixture configs only")
     p.add_argument("--configs", type=_csv(str, CONFIG_NAMES), help=f"decode configs (default: all of {CONFIG_NAMES})")
@@ -96,6 +97,13 @@ def _notes(r: dict) -> str:
                 f"{e['rounds']} rounds: {', '.join(f'{x:.2f}' for x in e['speedup_rounds'])})")
     if r["name"].startswith("bandwidth"):
         return f"{e['array_gb']:.2f} GB array" + (f", best kernel {e['kernel']}" if "kernel" in e else "")
+    if r["name"].startswith("aot_"):
+        if "error" in e:
+            return f"{e['target']}: does not fit (XLA refused it)"
+        fit = "" if e["fits"] else " (does not fit)"
+        return (f"{e['target']} mesh {'x'.join(map(str, e['mesh']))}: peak {e['peak_gib']:.2f} of {e['hbm_gib']:.0f} "
+                f"GiB{fit}, floor {e['floor_ms']:.2f} ms, compile {e['compile_s']:.0f} s, "
+                + " ".join(f"{k} {v}" for k, v in e["collectives"].items() if v))
     if r["name"] == "matmul_peak":
         return f"{e['n']}^3 matmul"
     return ""
@@ -165,6 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         serve_config = "mid" if "mid" in configs else configs[0]
         out(serving.run(args.quick, config_name=serve_config, dtype=args.dtypes[0], streams=args.streams,
                         workloads=args.workloads, rounds=args.rounds, prefill_chunk=args.prefill_chunk))
+    if "aot" in only:  # the published configs (--tiny / --quick: the tiny fixtures) on every target
+        from benchmarks import aot
+
+        out(aot.run(configs=list(TINY_NAMES) if args.tiny or args.quick else list(aot.CONFIGS)))
     if not args.no_table:
         info["loadavg_1m_end"] = machine().get("loadavg_1m")
         print()

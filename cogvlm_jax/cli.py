@@ -1,4 +1,5 @@
-"""``cogvlm-jax convert|generate|chat|train|serve|plan|bench``: bad input is one clear line on stderr and a non-zero exit.
+"""``cogvlm-jax convert|generate|chat|train|serve|plan|compile|bench``: bad input is one clear line on stderr
+and a non-zero exit.
 
 ``generate``, ``chat``, ``train`` and ``serve`` run on one device, on a mesh (``--mesh``), or as one of
 several processes (``--coordinator/--num-processes/--process-id``, see ``multihost.py``): then process 0
@@ -173,6 +174,31 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    """Compile one program for a TPU slice or GPU host on this machine (``cogvlm_jax.aot``) and print its report."""
+    from cogvlm_jax import aot
+
+    aot.compile_only_process()  # this process runs nothing itself: libtpu / the CUDA plugin only compile
+    train_config = None
+    if args.program == "train":
+        from cogvlm_jax.training.trainer import TrainConfig
+
+        train_config = TrainConfig(trainable=args.trainable, remat=args.remat)
+    kw = dict(batch=args.batch, cache_length=args.cache_length, prompt_length=args.prompt_length, image=args.image,
+              dtype=args.dtype, max_new_tokens=args.max_new_tokens, chunk=args.chunk, train_config=train_config)
+    mesh = multihost.parse_mesh(args.mesh) if args.mesh else None
+    compiled = aot.compile_for(args.config, target=args.target, mesh=mesh, program=args.program,
+                               check_fit=not args.no_fit_check, **kw)
+    print(aot.report(compiled).format())
+    if args.per_layer:
+        per = aot.layer_collectives(args.config, args.target, mesh, args.program, **kw)
+        print("  collectives per decoder layer: " + (", ".join(f"{k} {v}" for k, v in per.items() if v) or "none"))
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(compiled.as_text() or "")
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Runs ``python -m benchmarks.run`` in the source checkout this package was installed from: the
     benchmarks are not installed with the package (they read the test fixtures)."""
@@ -329,6 +355,30 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--context", type=int, help="KV cache length (default: the model's context)")
     pl.set_defaults(func=cmd_plan)
+
+    co = sub.add_parser("compile", help="compile a program for a TPU slice or GPU host here (no accelerator needed) "
+                        "and print its memory, cost and collectives")
+    co.add_argument("--config", required=True, help="config.json, checkpoint directory or preset name")
+    co.add_argument("--target", default="v5e-8", help="v5e-8, v6e-8, v4-8, v5p-8 or h100-8 (default v5e-8)")
+    co.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", help="default: every device on tensor")
+    co.add_argument("--program", default="decode",
+                    choices=("prefill", "decode", "decode_step", "insert", "decode_chunk", "train"))
+    co.add_argument("--batch", type=int, default=1, help="rows (insert / decode_chunk: the server's slots)")
+    co.add_argument("--cache-length", type=int, help="KV slots per row (default: the model's context; prefill: "
+                    "the prompt plus --max-new-tokens)")
+    co.add_argument("--prompt-length", type=int, help="prefill / insert / train: tokens per row")
+    co.add_argument("--image", action="store_true", help="prefill / insert / train: one image per row")
+    co.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    co.add_argument("--max-new-tokens", type=int, default=256)
+    co.add_argument("--chunk", type=int, help="decode_chunk: decode steps per call (default the server's, 4)")
+    co.add_argument("--trainable", default="full", choices=("full", "vision-expert", "lora"))
+    co.add_argument("--remat", action="store_true", help="train: recompute each layer in the backward pass")
+    co.add_argument("--per-layer", action="store_true",
+                    help="also the collectives one decoder layer adds (two more compiles, of 1 and 2 layers)")
+    co.add_argument("--no-fit-check", action="store_true", help="report a program that does not fit instead of "
+                    "failing")
+    co.add_argument("--hlo", metavar="FILE", help="write the compiled HLO text here")
+    co.set_defaults(func=cmd_compile)
 
     t = sub.add_parser("train", help="fine-tune on a JSONL file (full, vision-expert or LoRA), with checkpoints, "
                                      "--resume and an exported model in OUT/model")

@@ -11,6 +11,11 @@ import zlib
 # Eight fake CPU devices for the mesh tests; must be set before jax is first imported.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The tests run on those CPU devices (and so do the processes they start). With the [aot] extra installed,
+# JAX would otherwise also start libtpu and the CUDA plugin as local backends, which fail on a machine without
+# a TPU or GPU and print their tracebacks to stderr; tests/test_aot.py reaches them as compile-only
+# topologies, which this does not affect.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest

@@ -139,28 +139,30 @@ def decode_step(model: CogVLM, params, token, position, cache):
     return model.apply({"params": params}, token, position, cache, method=CogVLM.decode_step)
 
 
+def decode_one(model: CogVLM, params, s: DecodeState, eos_ids, pad_id, do_sample: bool) -> DecodeState:
+    """One step of the decode loop: choose every row's next token from ``s.logits``, record it, and run it
+    through the model (the new logits and the cache with its keys and values)."""
+    tok = choose(s.logits, s.sampling, s.step, do_sample)
+    tok = jnp.where(s.done, pad_id, tok)
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[:, None], s.step, axis=1)
+    chosen = s.chosen_logits
+    if chosen is not None:
+        chosen = jax.lax.dynamic_update_slice_in_dim(chosen, s.logits[:, None], s.step, axis=1)
+    done = s.done | jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
+    logits, cache = decode_step(model, params, tok, s.position, s.cache)
+    return s.replace(tokens=tokens, logits=logits, step=s.step + 1, done=done, position=s.position + 1,
+                     cache=cache, chosen_logits=chosen)
+
+
 def decode_loop(model: CogVLM, params, state: DecodeState, stop_at, eos_ids, pad_id, do_sample: bool):
     """Generate until ``state.step == stop_at`` or every row is done (eos or ``N`` tokens)."""
-    eos = jnp.asarray(eos_ids, jnp.int32)
     n = state.tokens.shape[1]
     limit = jnp.minimum(stop_at, n)
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
 
-    def body(s: DecodeState):
-        tok = choose(s.logits, s.sampling, s.step, do_sample)
-        tok = jnp.where(s.done, pad_id, tok)
-        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, tok[:, None], s.step, axis=1)
-        chosen = s.chosen_logits
-        if chosen is not None:
-            chosen = jax.lax.dynamic_update_slice_in_dim(chosen, s.logits[:, None], s.step, axis=1)
-        done = s.done | jnp.isin(tok, eos)
-        logits, cache = decode_step(model, params, tok, s.position, s.cache)
-        return s.replace(tokens=tokens, logits=logits, step=s.step + 1, done=done, position=s.position + 1,
-                         cache=cache, chosen_logits=chosen)
-
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, lambda s: decode_one(model, params, s, eos_ids, pad_id, do_sample), state)
 
 
 def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_tokens: int, pad_id: int,

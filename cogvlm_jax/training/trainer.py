@@ -337,6 +337,17 @@ class Trainer:
                                                         jax.random.PRNGKey(0)))
         return split(params, trainable_mask(params, self.tc.trainable))[0]
 
+    def abstract_init(self, params: Mapping, seed: int = 0) -> tuple[TrainState, dict]:
+        """What :meth:`init` returns, as ``jax.ShapeDtypeStruct`` s carrying the shardings it places them with
+        (a mesh is needed): ``params`` may be abstract too. Nothing is allocated; ahead-of-time compilation
+        (``cogvlm_jax.aot``) lowers :meth:`step_program` with these."""
+        if self.mesh is None:
+            raise ValueError("abstract_init needs a Trainer with a mesh")
+        state, frozen = jax.eval_shape(lambda p: self.init(p, seed), params)
+        with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
+        return (jax.tree.map(with_sharding, state, self.state_shardings(state)),
+                jax.tree.map(with_sharding, frozen, self._frozen_shardings(frozen)))
+
     def _set_shardings(self, trainable):
         if self.mesh is None:
             self._trainable_shardings = None
@@ -391,9 +402,13 @@ class Trainer:
             if self.mesh is None:
                 out[key] = jax.device_put(value, jax.devices()[0])
             else:
-                sharding = axes.named_sharding((None, "batch") + (None,) * (value.ndim - 2), value.shape, self.mesh)
-                out[key] = to_global(value, sharding)  # each process puts its own devices' rows
+                out[key] = to_global(value, self.batch_sharding(value.shape))  # each process puts its own devices' rows
         return out
+
+    def batch_sharding(self, shape):
+        """The sharding of a placed ``[accum, micro, ...]`` batch array (a mesh is needed): each micro-batch
+        split over the mesh's batch axes."""
+        return axes.named_sharding((None, "batch") + (None,) * (len(shape) - 2), tuple(shape), self.mesh)
 
     def _step_fn(self, state: TrainState, frozen, batch):
         rng, key = jax.random.split(state.rng)
@@ -407,9 +422,13 @@ class Trainer:
     def step(self, state: TrainState, frozen, batch: Mapping):
         """One optimizer update on a batch from :meth:`place_batch`. ``state`` is donated (do not reuse it).
         Returns (new state, metrics: loss, tokens, grad_norm, lr of this step)."""
+        return self.step_program(state)(state, frozen, batch)
+
+    def step_program(self, state: TrainState):
+        """The jitted step :meth:`step` runs (its output shardings follow ``state``'s structure)."""
         if self._step is None:
             self._step = _jitted_step(*self._key)
-        return self._step(state, frozen, batch)
+        return self._step
 
     def params(self, state: TrainState, frozen) -> dict:
         """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels), frozen

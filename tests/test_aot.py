@@ -1,0 +1,125 @@
+"""Ahead-of-time compilation (``cogvlm_jax.aot``) for TPU and GPU targets on a machine with neither: the
+programs compile for the target's devices with the target's choices (bfloat16 products, no XLA:CPU option),
+their collectives are counted, and a program too big for the chips is refused by name.
+
+The model is the published CogVLM2-19B's layer structure at small widths (compiles take seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("libtpu", reason="the TPU targets need libtpu: pip install 'cogvlm-jax[aot]'")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from cogvlm_jax import aot  # noqa: E402
+from cogvlm_jax.config import preset  # noqa: E402
+
+
+def tiny(layers: int = 2):
+    """CogVLM2-19B's structure, small: 16 query heads on 8 kv heads (tensor=8 splits the kv heads as it
+    does the published 32 on 8), head dim 8, a one-block ViT on 56 px images (4 image tokens)."""
+    base = preset("cogvlm2-llama3-chat-19B")
+    return base.replace(
+        name="tiny-cogvlm2",
+        text=dataclasses.replace(base.text, hidden_size=128, intermediate_size=256, num_heads=16, num_kv_heads=8,
+                                 num_layers=layers, vocab_size=1024, max_position_embeddings=512),
+        vision=dataclasses.replace(base.vision, hidden_size=64, intermediate_size=128, num_heads=4, num_layers=1,
+                                   image_size=56, num_positions=17))
+
+
+# batch 4: a row count XLA:CPU would compile the few-row way (rows.py), which a TPU program must not
+DECODE = dict(target="v5e-8", mesh=(1, 1, 8), program="decode_step", batch=4, cache_length=512, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def decode_v5e():
+    return aot.compile_for(tiny(), **DECODE)
+
+
+def test_the_decode_step_compiles_for_the_tpu_devices(decode_v5e):
+    devices = {d for s in jax.tree.leaves(decode_v5e.input_shardings) for d in s.device_set}
+    assert len(devices) == 8 and {d.platform for d in devices} == {"tpu"}, devices
+    assert {d.device_kind for d in devices} == {"TPU v5 lite"}
+    r = aot.report(decode_v5e)
+    assert (r.platform, r.devices, r.target) == ("tpu", 8, "v5e-8")
+    assert r.fits and 0 < r.peak_bytes < r.hbm_bytes == 16 * 2 ** 30
+    assert r.flops > 0 and r.bytes_accessed > 0 and r.hbm_ms > 0 and r.compile_seconds > 0
+    assert "collectives" in r.format() and "v5e-8" in r.format()
+
+
+def test_the_tpu_program_makes_the_tpu_choices(decode_v5e):
+    """No XLA:CPU compiler option, bfloat16 KV cache and products (no float32 widening), no few-row barrier."""
+    r = aot.report(decode_v5e)
+    assert not any(k.startswith("xla_cpu") for k in r.compiler_options), r.compiler_options
+    assert r.compiler_options == {}
+    cache = decode_v5e.out_info.cache
+    assert {x.dtype for x in cache.k + cache.v} == {jnp.dtype(jnp.bfloat16)}
+    assert "opt-barrier" not in decode_v5e.as_text()
+
+
+def test_collectives_per_decoder_layer(record_property):
+    per = aot.layer_collectives(tiny(), **DECODE)
+    record_property("collectives_per_layer", json.dumps(per))
+    print("decode step, v5e-8 mesh (1, 1, 8), collectives per decoder layer:", per)
+    assert set(per) == set(aot.COLLECTIVES) and min(per.values()) >= 0
+    assert sum(per.values()) > 0  # a tensor-parallel layer moves activations between devices
+
+
+def test_a_program_too_big_for_the_chips_is_refused_by_name():
+    # 32 GiB of KV cache per device against v5e's 16 GiB (XLA refuses it)
+    with pytest.raises(aot.DoesNotFitError, match="does not fit v5e-8"):
+        aot.compile_for(tiny(), **{**DECODE, "batch": 4096, "cache_length": 131072})
+
+
+def test_a_mesh_that_does_not_cover_the_target_is_refused():
+    with pytest.raises(aot.AotError, match="4 devices"):
+        aot.compile_for(tiny(), target="v4-8", mesh=(1, 1, 8), program="decode_step")
+
+
+def test_the_compile_verb_prints_the_report(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny().to_hf_dict()))
+    r = subprocess.run([sys.executable, "-m", "cogvlm_jax.cli", "compile", "--config", str(config), "--target",
+                        "v5e-8", "--mesh", "1,1,8", "--program", "decode_step", "--batch", "1", "--cache-length",
+                        "512"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "v5e-8: 8 x TPU v5 lite" in r.stdout and "peak" in r.stdout and "collectives" in r.stdout, r.stdout
+
+
+def test_h100_compiles_without_a_gpu():
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="h100-8 needs the CUDA plugin: pip install 'cogvlm-jax[aot]'")
+    compiled = aot.compile_for(tiny(), **{**DECODE, "target": "h100-8"})
+    devices = {d for s in jax.tree.leaves(compiled.input_shardings) for d in s.device_set}
+    assert len(devices) == 8 and {d.platform for d in devices} == {"gpu"}
+    r = aot.report(compiled)
+    assert r.fits and r.flops is None and r.floor_ms > 0  # XLA:GPU gives no cost analysis
+    assert sum(r.collectives.values()) > 0 and r.compiler_options == {}
+    with pytest.raises(aot.DoesNotFitError, match="does not fit h100-8"):  # 128 GiB of KV cache per device
+        aot.compile_for(tiny(), **{**DECODE, "target": "h100-8", "batch": 16384, "cache_length": 131072})
+
+
+def test_a_missing_backend_names_the_extra(monkeypatch):
+    monkeypatch.setattr(aot, "_installed", lambda platform: False)
+    missing = dataclasses.replace(aot.TARGETS["v6e-8"], name="v6e-8-without-libtpu")
+    with pytest.raises(aot.TargetUnavailableError, match=r"libtpu .*pip install 'cogvlm-jax\[aot\]'"):
+        aot.devices(missing)
+    assert not aot.available(missing)
+
+
+def test_the_benchmark_row(capsys):
+    from benchmarks import aot as bench
+
+    recs = bench.run(configs=["tiny-cogvlm2"], targets=["v5e-8"], programs=["decode"], batches=[1])
+    (rec,) = recs
+    e = rec["extra"]
+    assert (rec["name"], rec["unit"], e["target"], e["mesh"]) == ("aot_decode", "ms", "v5e-8", [1, 1, 8])
+    assert rec["value"] == e["floor_ms"] > 0 and e["fits"] and 0 < rec["fraction_of_limit"] < 1
+    assert e["gb_accessed"] > 0 and e["compile_s"] > 0 and sum(e["collectives"].values()) > 0
+    assert "| tiny-cogvlm2 | v5e-8 | 1x1x8 | decode | 1 |" in bench.table(recs)
