@@ -9,7 +9,7 @@
 the TPUs; for the H100 the CUDA PJRT plugin with the XLA ``GpuTargetConfigProto`` in ``targets/``; both
 come with ``pip install 'cogvlm-jax[aot]'``). ``make_mesh`` lays the (data, fsdp, tensor) mesh over them;
 each program is built by the project's own code (``Generator`` in ``generation/sampling.py``, the serving
-engine's ``_Programs``, ``Trainer.step_program``) and lowered with ``jax.ShapeDtypeStruct`` inputs that
+engine's ``serving.programs.Programs``, ``Trainer.step_program``) and lowered with ``jax.ShapeDtypeStruct`` inputs that
 carry the shardings of ``parallel/sharding.py``, as the running code places them. ``.compile()`` then
 runs XLA for the target; :func:`report` reads its per-device memory analysis, its cost analysis (TPU only:
 XLA:GPU gives none) and the collectives in its HLO.
