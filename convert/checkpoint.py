@@ -38,14 +38,7 @@ from etils import epath
 from flax.traverse_util import flatten_dict, unflatten_dict
 from orbax.checkpoint import future
 
-# the checkpoint helpers callers import from here
-from cogvlm_jax.files import (  # noqa: F401
-    CheckpointError,
-    atomic_directory,
-    check_destination,
-    copy_files,
-    write_json,
-)
+from cogvlm_jax.files import CheckpointError, atomic_directory, copy_files, write_json
 
 FORMAT_FILE = "checkpoint.json"
 PARAMS_DIR = "params"

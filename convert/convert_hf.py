@@ -29,15 +29,18 @@ from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from cogvlm_jax import dtypes
+from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.convert import checkpoint, mapping
 from cogvlm_jax.convert.checkpoint import (
     CheckpointError,
     LazyArray,
-    atomic_directory,
     block_reader,
     block_rows,
-    check_destination,
-    copy_files,
     is_our_checkpoint,
     plain_params,
     read_meta,
@@ -45,14 +48,8 @@ from cogvlm_jax.convert.checkpoint import (
     subset_reader,
     tiles,
     trim_heap,
-    write_json,
 )
-from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
-
-from cogvlm_jax import dtypes
-from cogvlm_jax.config import CogVLMConfig, load_config
+from cogvlm_jax.files import atomic_directory, check_destination, copy_files, write_json
 from cogvlm_jax.inputs.tokenizer import tokenizer_files
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.multihost import to_host

@@ -22,9 +22,9 @@ import re
 from typing import Iterator, Sequence
 
 import numpy as np
-from cogvlm_jax.convert.checkpoint import CheckpointError
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.convert.checkpoint import CheckpointError
 
 TRANSPOSE, CONV, NONE, BUFFER = "transpose", "conv", "none", "buffer"
 

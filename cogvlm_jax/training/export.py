@@ -14,6 +14,7 @@ import os
 from cogvlm_jax.config import load_config
 from cogvlm_jax.convert import convert_hf
 from cogvlm_jax.convert.checkpoint import CheckpointError, is_our_checkpoint
+from cogvlm_jax.files import check_destination
 from cogvlm_jax.training import run as finetune
 from cogvlm_jax.training import trainer as train
 
@@ -50,7 +51,7 @@ def to_hf(src: str, dst: str, max_shard_bytes: int = convert_hf.DEFAULT_MAX_SHAR
         return convert_hf.convert_ours_to_hf(src, dst, max_shard_bytes, dtype, overwrite=overwrite,
                                              progress=progress)
     convert_hf.check_not_same(src, dst)
-    convert_hf.check_destination(dst, overwrite)
+    check_destination(dst, overwrite)
     source, config, run_dtype, extra = training_source(src)
     return convert_hf.write_hf(source, config, dst, max_shard_bytes, run_dtype if dtype is None else dtype, None,
                                None, overwrite, extra, progress)

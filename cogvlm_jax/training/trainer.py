@@ -43,7 +43,8 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.convert import checkpoint, mapping
-from cogvlm_jax.convert.checkpoint import CheckpointError, LazyArray, saver, tree_metadata, write_json
+from cogvlm_jax.convert.checkpoint import CheckpointError, LazyArray, saver, tree_metadata
+from cogvlm_jax.files import write_json
 from cogvlm_jax.inputs.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
 from cogvlm_jax.models.cogvlm import CogVLM, abstract_params, logical_axes
 from cogvlm_jax.models.layers import widens_on_cpu
