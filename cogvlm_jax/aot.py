@@ -201,13 +201,13 @@ def compile_only_process() -> None:
 # XLA:CPU compiler option) comes from the mesh's devices: the module is built with
 # ``program.execution(mesh)`` and ``program.jit`` picks the compiler options by the same platform, so a
 # program compiled here for TPU or GPU devices is that platform's program, not this host's.
-def _module(config: CogVLMConfig, mesh, dtype, vit_query_chunk=None):
-    """The flax module as ``api.Model`` makes it on ``mesh``."""
+def _module(config: CogVLMConfig, mesh, dtype, vit_query_chunk=None, layout=None):
+    """The flax module as ``api.Model`` makes it on ``mesh`` in ``layout`` (None: the platform's default)."""
     from cogvlm_jax.api import compute_dtype
     from cogvlm_jax.models.cogvlm import CogVLM
     from cogvlm_jax.parallel import program
 
-    execution = program.execution(mesh)
+    execution = program.execution(mesh, layout)
     return CogVLM(config, compute_dtype(dtype, execution.platform), vit_query_chunk, execution=execution)
 
 
@@ -269,14 +269,15 @@ class _Spec:
     image: bool
     layers: int
     detail: str = ""
+    layout: str = "exact"
 
 
 def _build_generate(program, config, mesh, params, dtype, batch, cache_length, prompt_length, image,
-                    max_new_tokens, do_sample, vit_query_chunk):
+                    max_new_tokens, do_sample, vit_query_chunk, layout):
     from cogvlm_jax.generation import sampling
     from cogvlm_jax.parallel import rows
 
-    module = _module(config, mesh, dtype, vit_query_chunk)
+    module = _module(config, mesh, dtype, vit_query_chunk, layout)
     gen = sampling.Generator(module, config.eos_token_ids, config.pad_token_id, mesh)
     if program == "prefill":
         args = (params, *_prompt(config, functools.partial(_rows, mesh), batch, prompt_length, image),
@@ -302,10 +303,10 @@ def _build_generate(program, config, mesh, params, dtype, batch, cache_length, p
 
 
 def _build_engine(program, config, mesh, params, dtype, slots, cache_length, prompt_length, image, chunk,
-                  vit_query_chunk):
+                  vit_query_chunk, layout):
     from cogvlm_jax.serving.programs import Programs
 
-    programs = Programs(_module(config, mesh, dtype, vit_query_chunk), slots, cache_length, chunk, mesh)
+    programs = Programs(_module(config, mesh, dtype, vit_query_chunk, layout), slots, cache_length, chunk, mesh)
     state = jax.tree.map(lambda s, sh: _sds(s.shape, s.dtype, sh), programs.shapes, programs.shardings)
     rep = functools.partial(_replicated, mesh)  # the engine's host inputs are replicated
     if program == "insert":
@@ -355,7 +356,8 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
                 program: str = "decode", *, batch: int = 1, cache_length: Optional[int] = None,
                 prompt_length: Optional[int] = None, image: bool = False, dtype: str = "bfloat16",
                 max_new_tokens: int = 256, do_sample: bool = False, chunk: Optional[int] = None, train_config=None,
-                vit_query_chunk: Optional[int] = None, check_fit: bool = True) -> jax.stages.Compiled:
+                vit_query_chunk: Optional[int] = None, check_fit: bool = True,
+                layout: Optional[str] = None) -> jax.stages.Compiled:
     """Compile ``program`` of ``config`` (a preset name, a checkpoint directory / config.json, or a
     ``CogVLMConfig``) for ``target`` on ``mesh`` (data, fsdp, tensor; default all devices on tensor).
 
@@ -364,7 +366,9 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     to 16, as ``generate`` does; else the model's context). ``prompt_length``: prefill / insert / train
     tokens per row (needed there; with ``image`` at least the image's tokens plus one). ``dtype``: of the
     weights (and, on the target, the products and KV cache). ``chunk``: the engine's decode steps per call.
-    ``train_config``: a ``TrainConfig`` (default: its defaults, full fine-tuning).
+    ``train_config``: a ``TrainConfig`` (default: its defaults, full fine-tuning). ``layout``: ``"exact"``
+    or ``"megatron"`` (``models/execution.py``; default: the target platform's, Megatron on TPU and GPU;
+    ``train`` always compiles the trainer's, exact).
 
     Returns the ``jax.stages.Compiled``; :func:`report` reads it. Raises :class:`DoesNotFitError` when the
     per-device peak passes the chip's HBM (``check_fit=False``: returned anyway, unless XLA refuses it).
@@ -398,19 +402,23 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
 
     m = mesh_for(t, mesh)
     np_dtype = _DTYPES[dtype]
+    from cogvlm_jax.parallel import program as program_lib
+
+    layout = "exact" if program == "train" else (program_lib.default_layout(m) if layout is None else layout)
     spec = _Spec(name, t.name, tuple(m.devices.shape), program, dtype, batch,
                  None if program == "train" else cache_length, prompt_length, bool(image), cfg.text.num_layers,
                  detail=(f"chunk {chunk}" if program == "decode_chunk" else
                          f"trainable {(train_config.trainable if train_config else 'full')}" if program == "train"
-                         else f"{max_new_tokens} new tokens" if program == "decode" else ""))
+                         else f"{max_new_tokens} new tokens" if program == "decode" else ""), layout=layout)
     t0 = time.perf_counter()
-    params = abstract_sharded_params(cfg, m, np_dtype)
+    params = abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules)
     if program in ("prefill", "decode", "decode_step"):
         fn, args, kwargs = _build_generate(program, cfg, m, params, np_dtype, batch, cache_length,
-                                           prompt_length, image, max_new_tokens, do_sample, vit_query_chunk)
+                                           prompt_length, image, max_new_tokens, do_sample, vit_query_chunk,
+                                           layout)
     elif program in ("insert", "decode_chunk"):
         fn, args, kwargs = _build_engine(program, cfg, m, params, np_dtype, batch, cache_length, prompt_length,
-                                         image, chunk, vit_query_chunk)
+                                         image, chunk, vit_query_chunk, layout)
     else:
         fn, args, kwargs = _build_train(cfg, m, params, np_dtype, batch, prompt_length, image, train_config,
                                         vit_query_chunk)
@@ -446,7 +454,7 @@ def _describe(s: _Spec) -> str:
         parts.append(f"cache {s.cache_length}")
     if s.detail:
         parts.append(s.detail)
-    return ", ".join(parts) + f" on mesh data={s.mesh[0]} fsdp={s.mesh[1]} tensor={s.mesh[2]}"
+    return ", ".join(parts) + f" on mesh data={s.mesh[0]} fsdp={s.mesh[1]} tensor={s.mesh[2]} ({s.layout} layout)"
 
 
 # =========================================================================== the report

@@ -23,6 +23,7 @@ from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.models.layers import widens_on_cpu
 from cogvlm_jax.parallel import program
+from cogvlm_jax.parallel.layout import to_program
 from cogvlm_jax.parallel.multihost import to_global, to_host
 from cogvlm_jax.parallel.sharding import batch_sharding, param_shardings
 
@@ -64,21 +65,31 @@ def weights_for_compute(params, dtype, platform: Optional[str] = None):
 class Model:
     """A loaded CogVLM / CogVLM2: ``config``, ``params`` (a pytree), ``tokenizer`` (or None).
 
+    ``layout``: how the programs split over ``mesh`` (``"exact"`` or ``"megatron"``, see
+    ``models/execution.py``; default: exact on CPU and one device, Megatron on a TPU / GPU mesh).
+    ``params`` is given in checkpoint order; ``self.params`` is what the programs read (in the Megatron
+    layout the fused QKV rows are head-grouped: ``parallel.layout.to_checkpoint`` gives them back).
+
     ``dtype``: the weights' precision. On CPU a bfloat16 / float16 model keeps its weights rounded to it
     but stored, and multiplied, in float32 (``weights_for_compute``: XLA:CPU has no 16-bit matmul).
     """
 
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
-                 mesh=None):
+                 mesh=None, layout=None):
         want = model_dtype(dtype)
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.mesh = mesh
+        # the mesh's (or the default device's) platform; the layout (default: exact on CPU and one device,
+        # Megatron on a TPU / GPU mesh) and its sharding rules
+        execution = program.execution(mesh, layout)
+        self.layout = execution.layout
         if mesh is not None:  # place (or re-place) every parameter in its sharded layout
-            params = jax.device_put(params, param_shardings(config, mesh))
-        execution = program.execution(mesh)  # the mesh's (or the default device's) platform, the rules
-        self.params = weights_for_compute(params, want, execution.platform)
+            params = jax.device_put(params, param_shardings(config, mesh, execution.rules))
+        # ``params`` are in checkpoint order; the programs of the Megatron layout read the fused QKV
+        # rows head-grouped (``parallel/layout.py``)
+        self.params = weights_for_compute(to_program(params, config, execution.layout), want, execution.platform)
         self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution)
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
                                     mesh)
@@ -250,7 +261,7 @@ class Model:
 
 
 def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
-         progress: bool = True) -> Model:
+         progress: bool = True, layout: Optional[str] = None) -> Model:
     """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
 
     Without ``path``: the small default model shipped in the package (trained from scratch on the
@@ -263,6 +274,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     reads only the slices its own devices hold: from HF safetensors region by region
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
     On a mesh over several processes (after ``jax.distributed.initialize``) every process calls this.
+    ``layout``: how the programs split over the mesh (``Model``); the weights are read straight into it.
     """
     want = model_dtype(dtype)
     if path is None:
@@ -273,8 +285,9 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
-    params = read_params(path, config, want, mesh=mesh, progress=progress)
+    execution = program.execution(mesh, layout)
+    params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None)
     tok = find_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
-    return Model(config, params, tok, dtype, mesh=mesh)
+    return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout)

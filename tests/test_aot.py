@@ -65,11 +65,29 @@ def test_the_tpu_program_makes_the_tpu_choices(decode_v5e):
 
 
 def test_collectives_per_decoder_layer(record_property):
+    """The TPU default, Megatron: one all-reduce per attention and per MLP, nothing else per layer (the fused
+    QKV is head-grouped, so no activation moves between devices)."""
     per = aot.layer_collectives(tiny(), **DECODE)
     record_property("collectives_per_layer", json.dumps(per))
-    print("decode step, v5e-8 mesh (1, 1, 8), collectives per decoder layer:", per)
-    assert set(per) == set(aot.COLLECTIVES) and min(per.values()) >= 0
-    assert sum(per.values()) > 0  # a tensor-parallel layer moves activations between devices
+    print("decode step, v5e-8 mesh (1, 1, 8), megatron, collectives per decoder layer:", per)
+    assert set(per) == set(aot.COLLECTIVES)
+    assert per == {**dict.fromkeys(aot.COLLECTIVES, 0), "all-reduce": 2}, per
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 4, 1)])
+def test_fsdp_gathers_weights_and_never_adds_partial_sums(mesh):
+    """fsdp shards every weight; a product gathers it whole first, in both layouts: no all-reduce per layer."""
+    for layout in ("megatron", "exact"):
+        per = aot.layer_collectives(tiny(), **{**DECODE, "mesh": mesh, "layout": layout})
+        print(f"decode step, v5e-8 mesh {mesh}, {layout}, collectives per decoder layer:", per)
+        assert per["all-reduce"] == 0 and per["all-gather"] > 0, (layout, per)
+
+
+def test_the_exact_layout_stays_selectable():
+    """The exact layout splits no contraction (no all-reduce of partial sums), on the TPU target too."""
+    per = aot.layer_collectives(tiny(), **{**DECODE, "layout": "exact"})
+    print("decode step, v5e-8 mesh (1, 1, 8), exact, collectives per decoder layer:", per)
+    assert per["all-reduce"] == 0 and per["all-gather"] > 0, per
 
 
 def test_a_program_too_big_for_the_chips_is_refused_by_name():

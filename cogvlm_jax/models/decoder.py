@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cogvlm_jax.config import TextConfig
-from cogvlm_jax.models import attention, kv_cache
+from cogvlm_jax.models import attention, kv_cache, qkv_layout
 from cogvlm_jax.models.execution import Execution
-from cogvlm_jax.models.layers import Dense, RMSNorm, apply_rope, split_sizes
+from cogvlm_jax.models.layers import Dense, RMSNorm, apply_rope
 from cogvlm_jax.models.positions import ExpertRoute
 
 Dtype = jnp.dtype
@@ -113,10 +113,9 @@ class VisionExpertAttention(nn.Module):
                                    out_in=True, execution=ex, name="vision_expert_query_key_value"),
                      lambda: Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True, execution=ex,
                                    name="language_expert_query_key_value"), x)
-        q, k, v = split_sizes(qkv, (h * e, kh * e, kh * e))
-        q = apply_rope(q.reshape(b, n, h, e), positions, c.rope_theta)
-        k = apply_rope(k.reshape(b, n, kh, e), positions, c.rope_theta)
-        v = v.reshape(b, n, kh, e)
+        q, k, v = qkv_layout.split(qkv, h, kh, e, grouped=ex.megatron)
+        q = apply_rope(q, positions, c.rope_theta)
+        k = apply_rope(k, positions, c.rope_theta)
         if core is None:
             o, kv = _write_and_attend(q, k, v, mask, kv, write_index, attend_cache, ex.platform)
         else:

@@ -11,7 +11,7 @@ Axis legend: B batch, L length, D model width, F mlp width.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,9 +62,12 @@ class Dense(nn.Module):
     ``execution`` (``execution.py``) is all the module reads besides its arrays and its other fields: the
     mesh, the platform, the few-row product and pre-widened kernels are decided where the module is built.
 
-    On a mesh (``execution.mesh``) the input arrives whole on every device (``Execution.whole_rows``: no
-    device sums a part of the contraction); ``gather``: so does the output (a projection back to the model
-    width, split over ``tensor`` by its outputs, see ``parallel/axes.py``).
+    On a mesh (``execution.mesh``), in the exact layout the input arrives whole on every device
+    (``Execution.whole_rows``: no device sums a part of the contraction); ``gather``: so does the output (a
+    projection back to the model width, split over ``tensor`` by its outputs, see ``parallel/axes.py``).
+    In the Megatron layout a ``gather`` projection is row-parallel instead: its input stays split over
+    ``tensor`` by features, and the partial sums of its output are all-reduced into whole rows. In both, the
+    kernel is gathered over ``fsdp`` before the product (``Execution.weight``).
 
     ``out_in``: the kernel is stored ``[out, in]`` (PyTorch's layout; its logical axes reversed to
     match) and the product is ``x @ kernel.T``. On XLA:CPU a one-row product then reads each output's
@@ -91,15 +94,17 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = self.execution.whole_rows(x)
-        d = x.shape[-1]
-        if self.out_in:
-            kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes[::-1]), (self.features, d))
-            spec = "...d,fd->...f"
+        ex = self.execution
+        if ex.megatron and self.gather:  # row-parallel: the input's features stay split as they came
+            x = ex.constrain(x, ("batch",) + (None,) * (x.ndim - 2) + (self.axes[0],))
         else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes), (d, self.features))
-            spec = "...d,df->...f"
-        xs, ks = weight_operands(self.dtype, x, kernel, self.execution)
+            x = ex.whole_rows(x)
+        d = x.shape[-1]
+        logical = self.axes[::-1] if self.out_in else self.axes
+        shape = (self.features, d) if self.out_in else (d, self.features)
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init, logical), shape)
+        spec = "...d,fd->...f" if self.out_in else "...d,df->...f"
+        xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
         if self.out_in and self.execution.weight_lhs:  # a few-row program: see parallel/rows.py
             y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
                            preferred_element_type=jnp.float32)
@@ -170,15 +175,6 @@ def apply_rope(x, positions, theta: float):
     half = e // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos + rotated * sin).astype(x.dtype)
-
-
-def split_sizes(x, sizes: Sequence[int], axis: int = -1):
-    """Split ``x`` along ``axis`` into consecutive pieces of the given sizes."""
-    idx, out = 0, []
-    for s in sizes:
-        out.append(jax.lax.slice_in_dim(x, idx, idx + s, axis=axis % x.ndim))
-        idx += s
-    return out
 
 
 class PatchConv(nn.Module):

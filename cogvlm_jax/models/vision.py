@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cogvlm_jax.config import VisionConfig
+from cogvlm_jax.models import qkv_layout
 from cogvlm_jax.models.attention import attend
 from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, LayerNorm, PatchConv, _init, gelu
@@ -52,9 +53,8 @@ class ViTAttention(nn.Module):
         ex = self.execution
         qkv = Dense(3 * w, ("vit_embed", "vit_qkv"), use_bias=True, dtype=self.dtype, execution=ex,
                     name="query_key_value")(x)
-        qkv = qkv.reshape(b, n, 3, h, w // h)
-        o = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, query_chunk=self.query_chunk,
-                   platform=ex.platform)
+        q, k, v = qkv_layout.split(qkv, h, h, w // h, grouped=ex.megatron)
+        o = attend(q, k, v, None, query_chunk=self.query_chunk, platform=ex.platform)
         return Dense(w, ("vit_proj_in", "vit_proj_out"), use_bias=True, dtype=self.dtype, gather=True,
                      execution=ex, name="dense")(o.reshape(b, n, w))
 

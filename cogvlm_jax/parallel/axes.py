@@ -1,18 +1,24 @@
-"""Logical axis names, the one table that maps them onto mesh axes, and ``make_mesh``.
+"""Logical axis names, the tables that map them onto mesh axes, and ``make_mesh``.
 
 Every parameter declares logical names where it is created (``layers.py``, ``vision.py`` ...); the KV
-cache and the inputs use the names below too. Changing the parallelism is editing ``RULES``.
+cache and the inputs use the names below too. Changing the parallelism is editing these tables.
 
-No product splits its contraction across devices: the inputs of every ``layers.Dense`` are constrained to
-whole feature rows on each device (``Execution.whole_rows`` in ``models/execution.py``, with the mesh and
-the rules the module was built with: ``program.execution(mesh)``), and the projections back to the model
-width (attention output, MLP down, their ViT and adapter twins: ``proj_in`` -> ``proj_out``) are split
-over ``tensor`` by their *outputs*, whose pieces are then gathered, instead of by their inputs, whose
-partial sums would be added across devices in another order than one device adds them. A tensor-parallel
-layer thus moves an all-gather of its input and one of its output where Megatron's layout moves one
-all-reduce (the same bytes for attention; for the MLP the gathered input is the mlp width), and
-fsdp-sharded weights are gathered before use. The numbers are then those of one device, up to how XLA's
-dot kernels block a narrower output (``tests/test_sharding.py``).
+Two tables, one per layout (``models/execution.py`` ``Execution.layout``; ``rules_for``):
+
+* ``RULES`` (``"exact"``): no product splits its contraction across devices. The inputs of every
+  ``layers.Dense`` are constrained to whole feature rows on each device (``Execution.whole_rows``), and the
+  projections back to the model width (attention output, MLP down, their ViT and adapter twins:
+  ``proj_in`` -> ``proj_out``) are split over ``tensor`` by their *outputs*, whose pieces are then
+  gathered, instead of by their inputs, whose partial sums would be added across devices in another order
+  than one device adds them. A tensor-parallel layer thus moves an all-gather of its input and one of its
+  output where Megatron's layout moves one all-reduce. The numbers are those of one device, up to how
+  XLA's dot kernels block a narrower output (``tests/test_sharding.py``). The default on CPU.
+* ``MEGATRON_RULES`` (``"megatron"``): the projections back to the model width are split over ``tensor``
+  by their inputs (``proj_in``), and their partial sums are all-reduced: one collective per attention and
+  per MLP. The default on TPU and GPU (``parallel/program.py`` ``execution``).
+
+In both, fsdp shards one dimension of every weight and the weight is gathered before use
+(``Execution.weight``): no partial sums over ``fsdp``.
 
 Fallback rule (stated, never an XLA error; applied by ``models/partitioning.py``): a dimension is sharded
 over its mesh axes only if its size is divisible by the product of their sizes; otherwise that dimension
@@ -56,6 +62,20 @@ RULES: dict[str, tuple[str, ...]] = {
     "vit_proj_out": ("tensor",),
     "vit_channels": (),
 }
+
+
+# Megatron-LM's tensor parallelism: a projection back to the model width is split by its input features.
+MEGATRON_RULES: dict[str, tuple[str, ...]] = dict(
+    RULES, proj_in=("tensor",), proj_out=("fsdp",), vit_proj_in=("tensor",), vit_proj_out=("fsdp",))
+
+LAYOUT_RULES = {"exact": RULES, "megatron": MEGATRON_RULES}
+
+
+def rules_for(layout: str) -> dict[str, tuple[str, ...]]:
+    """The rules table of a layout (``"exact"`` or ``"megatron"``)."""
+    if layout not in LAYOUT_RULES:
+        raise ValueError(f"layout must be one of {tuple(LAYOUT_RULES)}, got {layout!r}")
+    return LAYOUT_RULES[layout]
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:

@@ -1,9 +1,10 @@
 """How every model program is built and jitted: what its module is traced for, and the XLA options.
 
 * ``execution(mesh)``: the ``models.execution.Execution`` a module whose programs run on ``mesh`` (None:
-  the default device) is built with: the mesh, the rules of ``axes.py`` (so the activation constraints in
-  the model, ``Execution.whole_rows``, hold: no product splits its contraction across devices), and the
-  platform of the mesh's devices. A program compiled for TPU or GPU devices from a CPU host is then the
+  the default device) is built with: the mesh, the layout and its rules table (``axes.rules_for``), and
+  the platform of the mesh's devices. The layout defaults by that platform: ``"exact"`` on CPU (a sharded
+  program adds as one device does: the parity tests' layout), ``"megatron"`` on a TPU or GPU mesh (one
+  all-reduce per attention and MLP). A program compiled for TPU or GPU devices from a CPU host is then the
   TPU or GPU program.
 * ``jit(fn, mesh)`` is ``jax.jit`` compiled with ``compiler_options(platform_of(mesh))``. On CPU, XLA:CPU's
   YNNPACK reduce fusion is off (``CPU_OPTIONS``). XLA:CPU hands a reduction, and the elementwise ops
@@ -40,11 +41,19 @@ def platform_of(mesh: Optional[Mesh] = None) -> str:
     return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
 
 
-def execution(mesh: Optional[Mesh] = None, rules=axes.RULES, **fields) -> Execution:
+def default_layout(mesh: Optional[Mesh] = None) -> str:
+    """The layout a program on ``mesh`` gets unless one is asked for: Megatron on a TPU or GPU mesh, exact
+    on CPU and on one device (where the two differ only in how the fused QKV rows are held)."""
+    return "exact" if mesh is None or platform_of(mesh) == "cpu" else "megatron"
+
+
+def execution(mesh: Optional[Mesh] = None, layout: Optional[str] = None, **fields) -> Execution:
     """The execution of a module whose programs run on ``mesh`` (None: the default device), with the
-    sharding ``rules`` (default ``axes.RULES``; unused without a mesh) and the platform of its devices.
+    platform of its devices, ``layout`` (default: :func:`default_layout`) and that layout's rules table.
     ``fields``: the other ``Execution`` fields (``weight_lhs``, ``widened_kernels``)."""
-    return Execution(mesh=mesh, rules=() if mesh is None else rules, platform=platform_of(mesh), **fields)
+    layout = default_layout(mesh) if layout is None else layout
+    rules = () if mesh is None else axes.rules_for(layout)
+    return Execution(mesh=mesh, rules=rules, platform=platform_of(mesh), layout=layout, **fields)
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,15 +15,17 @@ from cogvlm_jax.models.cogvlm import abstract_params, logical_axes
 from cogvlm_jax.parallel import axes
 
 
-def param_shardings(config: CogVLMConfig, mesh: Mesh, rules=axes.RULES):
-    """Nested dict of NamedSharding, one per parameter."""
+def param_shardings(config: CogVLMConfig, mesh: Mesh, rules=None):
+    """Nested dict of NamedSharding, one per parameter, by ``rules`` (default ``axes.RULES``; a module's
+    are its ``execution.rules``)."""
+    rules = axes.RULES if rules is None else rules
     shapes = abstract_params(config)
     names = logical_axes(config)
     return jax.tree_util.tree_map(lambda s, p: axes.named_sharding(tuple(p), s.shape, mesh, rules), shapes, names,
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def abstract_sharded_params(config: CogVLMConfig, mesh: Mesh, dtype, rules=axes.RULES):
+def abstract_sharded_params(config: CogVLMConfig, mesh: Mesh, dtype, rules=None):
     """ShapeDtypeStructs carrying their sharding: the target of a sharded restore."""
     shapes = abstract_params(config, dtype)
     shard = param_shardings(config, mesh, rules)

@@ -227,7 +227,8 @@ class Trainer:
     ``init(params, seed)`` -> (state, frozen); ``step(state, frozen, batch)`` -> (state, metrics);
     ``params(state, frozen)`` -> the full parameter tree (LoRA merged), e.g. for export.
 
-    ``module`` is the model as any caller applies it, built for the mesh (``program.execution``);
+    ``module`` is the model as any caller applies it, built for the mesh (``program.execution``, in the
+    exact layout);
     ``step_module`` is the one the step applies: on CPU a 16-bit run's, whose float32 kernels are the
     frozen ones ``init`` widened (``Execution.widened_kernels``), else ``module`` itself.
     """
@@ -241,7 +242,10 @@ class Trainer:
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         self._key = (config, train_config, self.dtype.name, mesh, vit_query_chunk)
-        execution = program.execution(mesh)
+        # the exact layout on every platform: the trained parameters, LoRA factors and optimizer state are
+        # then in checkpoint order, as saved, exported and resumed (the Megatron layout holds the fused
+        # QKV rows head-grouped, parallel/layout.py)
+        execution = program.execution(mesh, "exact")
         self.module = CogVLM(config, self.dtype, vit_query_chunk, remat=train_config.remat, execution=execution)
         # XLA:CPU multiplies 16-bit weights by widening them to float32: frozen kernels are widened once, at
         # init, not in every step; same numbers, twice their memory. The step's module takes float32 kernels
