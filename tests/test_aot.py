@@ -141,3 +141,15 @@ def test_the_benchmark_row(capsys):
     assert rec["value"] == e["floor_ms"] > 0 and e["fits"] and 0 < rec["fraction_of_limit"] < 1
     assert e["gb_accessed"] > 0 and e["compile_s"] > 0 and sum(e["collectives"].values()) > 0
     assert "| tiny-cogvlm2 | v5e-8 | 1x1x8 | decode | 1 |" in bench.table(recs)
+
+
+def test_the_image_prefill_attends_without_the_vit_scores():
+    """On TPU the ViT attention is the Pallas flash kernel inside shard_map (heads over ``tensor``): no
+    ``[.., N, N]`` score array of the ViT's N tokens appears in the program."""
+    cfg = tiny()
+    n = cfg.vision.grid ** 2 + 1
+    compiled = aot.compile_for(cfg, target="v5e-8", mesh=(1, 1, 8), program="prefill", batch=1,
+                               prompt_length=cfg.num_image_tokens + 8, image=True, dtype="bfloat16")
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text
+    assert f",{n},{n}]" not in text and f"[{n},{n}]" not in text, "a ViT score array is materialised"
