@@ -48,7 +48,7 @@ def _load(args, mesh):
     import cogvlm_jax
 
     return cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
-                           progress=multihost.is_main_process())
+                           progress=multihost.is_main_process(), layout=args.layout)
 
 
 def _image(path):
@@ -187,6 +187,7 @@ def cmd_compile(args) -> int:
     kw = dict(batch=args.batch, cache_length=args.cache_length, prompt_length=args.prompt_length, image=args.image,
               dtype=args.dtype, max_new_tokens=args.max_new_tokens, chunk=args.chunk, train_config=train_config)
     mesh = multihost.parse_mesh(args.mesh) if args.mesh else None
+    kw["layout"] = args.layout
     compiled = aot.compile_for(args.config, target=args.target, mesh=mesh, program=args.program,
                                check_fit=not args.no_fit_check, **kw)
     print(aot.report(compiled).format())
@@ -293,7 +294,8 @@ def load_engine_and_config(args, mesh=None) -> tuple:
         raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
-    kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process())
+    kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process(),
+              layout=getattr(args, "layout", None))
     model = cogvlm_jax.load(args.model, **kw)
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
@@ -373,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--chunk", type=int, help="decode_chunk: decode steps per call (default the server's, 4)")
     co.add_argument("--trainable", default="full", choices=("full", "vision-expert", "lora"))
     co.add_argument("--remat", action="store_true", help="train: recompute each layer in the backward pass")
+    co.add_argument("--layout", choices=("exact", "megatron"),
+                    help="how the programs split over the mesh (default: the target's, megatron; train: exact)")
     co.add_argument("--per-layer", action="store_true",
                     help="also the collectives one decoder layer adds (two more compiles, of 1 and 2 layers)")
     co.add_argument("--no-fit-check", action="store_true", help="report a program that does not fit instead of "

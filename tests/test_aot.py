@@ -74,6 +74,19 @@ def test_collectives_per_decoder_layer(record_property):
     assert per == {**dict.fromkeys(aot.COLLECTIVES, 0), "all-reduce": 2}, per
 
 
+@pytest.mark.parametrize("program,extra,per_layer", [
+    ("decode", {}, 2),  # generate's decode loop
+    ("decode_chunk", {}, 2),  # the serving engine's decode
+    ("insert", dict(prompt_length=64), 2),  # the engine's prefill of a text prompt into a slot
+    ("insert", dict(prompt_length=64, image=True), 4),  # image prompts: each expert's attention and MLP
+    ("prefill", dict(prompt_length=64, image=True), 4),
+], ids=["decode", "decode_chunk", "insert_text", "insert_image", "prefill_image"])
+def test_generate_and_serving_programs_keep_the_layout_bounds(program, extra, per_layer):
+    per = aot.layer_collectives(tiny(), **{**DECODE, "program": program, **extra})
+    print(f"{program} {extra}, v5e-8 mesh (1, 1, 8), megatron, collectives per decoder layer:", per)
+    assert per == {**dict.fromkeys(aot.COLLECTIVES, 0), "all-reduce": per_layer}, per
+
+
 @pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 4, 1)])
 def test_fsdp_gathers_weights_and_never_adds_partial_sums(mesh):
     """fsdp shards every weight; a product gathers it whole first, in both layouts: no all-reduce per layer."""

@@ -262,6 +262,10 @@ def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
         g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                        help="shard the model over this mesh of all (global) devices; default: one device, or "
                             "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
+        g.add_argument("--layout", choices=("exact", "megatron"),
+                       help="how the programs split over the mesh: exact (no split contraction: one device's "
+                            "numbers) or megatron (one all-reduce per attention and MLP); default: exact on "
+                            "CPU, megatron on TPU and GPU")
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help="multi-process: the address of process 0 (omit on clusters JAX detects: TPU pods, SLURM, "
                         "Open MPI)")
