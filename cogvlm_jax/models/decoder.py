@@ -114,8 +114,11 @@ class VisionExpertAttention(nn.Module):
                      lambda: Dense(c.qkv_size, ("embed", "qkv"), dtype=self.dtype, out_in=True, execution=ex,
                                    name="language_expert_query_key_value"), x)
         q, k, v = qkv_layout.split(qkv, h, kh, e, grouped=ex.megatron)
-        q = apply_rope(q, positions, c.rope_theta)
-        k = apply_rope(k, positions, c.rope_theta)
+        # the attention's operands in the compute dtype, as every other product's (a float32 score dot of
+        # a 16-bit model would be a full-precision, several-pass product on TPU); scores stay float32
+        q = apply_rope(q, positions, c.rope_theta).astype(self.dtype)
+        k = apply_rope(k, positions, c.rope_theta).astype(self.dtype)
+        v = v.astype(self.dtype)
         if core is None:
             o, kv = _write_and_attend(q, k, v, mask, kv, write_index, attend_cache, ex.platform)
         else:

@@ -64,7 +64,8 @@ class ViTAttention(nn.Module):
         ex = self.execution
         qkv = Dense(3 * w, ("vit_embed", "vit_qkv"), use_bias=True, dtype=self.dtype, execution=ex,
                     name="query_key_value")(x)
-        q, k, v = qkv_layout.split(qkv, h, h, w // h, grouped=ex.megatron)
+        # the attention's operands in the compute dtype (the Dense output is float32), as in the decoder
+        q, k, v = (x.astype(self.dtype) for x in qkv_layout.split(qkv, h, h, w // h, grouped=ex.megatron))
         chunk = self.query_chunk if self.query_chunk is not None else default_query_chunk(n)
         o = attend_long(q, k, v, ex, query_chunk=chunk)  # a fused kernel on TPU / GPU, else chunked
         return Dense(w, ("vit_proj_in", "vit_proj_out"), use_bias=True, dtype=self.dtype, gather=True,
