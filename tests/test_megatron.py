@@ -91,3 +91,22 @@ def test_load_reads_straight_into_the_megatron_layout(reference):
     assert down.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # split by its inputs
     batch, logits, ids, _ = reference[fam]
     assert float(np.abs(model.forward(*batch) - logits).max()) <= MEGATRON_BOUND
+
+
+def test_the_serving_engine_runs_the_megatron_layout(f32_models):
+    """The engine's insert / decode programs read the head-grouped parameters the Megatron model holds: the
+    same greedy answers as on one device, for an image prompt and a text one."""
+    from cogvlm_jax.serving.engine import Engine
+
+    base = f32_models["cogvlm2"]
+    sharded = cogvlm_jax.Model(base.config, base.params, base.tokenizer, mesh=mesh_of((1, 1, 2)), layout="megatron")
+    image = os.path.join(fixture_dir("cogvlm2"), "images", "img0.png")
+    prompts = [base.build_inputs("What is in the picture?", image=image), base.build_inputs("Say something.")]
+    answers = {}
+    for name, model in (("one device", base), ("megatron", sharded)):
+        eng = Engine(model, slots=2, max_length=128, max_queue=4).start()
+        try:
+            answers[name] = [eng.complete(p, max_tokens=8)[0] for p in prompts]
+        finally:
+            eng.shutdown()
+    assert answers["megatron"] == answers["one device"] and all(answers["one device"]), answers
