@@ -16,6 +16,7 @@ text token by token. Decoding never applies Hugging Face's ``clean_up_tokenizati
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -143,6 +144,12 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         raise NotImplementedError
 
+    @property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for (the longest piece or special
+        token): a text of C characters that the tokenizer keeps takes at least C / this many tokens."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------- shared
     def _config_token_id(self, key: str) -> int | None:
         """The id of the token tokenizer_config.json names under ``key`` (bos_token, ...), or None."""
@@ -214,6 +221,11 @@ class SentencePieceTokenizer(Tokenizer):
     def special_ids(self) -> frozenset[int]:
         return self._special
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        # A piece is the text it stands for ("\u2581" for a space); a byte-fallback piece (<0x41>) stands for less.
+        return max(len(self._sp.id_to_piece(i)) for i in range(self._sp.get_piece_size()))
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = []
         if add_special_tokens and self.config.get("add_bos_token", True) and self.bos_id is not None:
@@ -284,6 +296,11 @@ class FastTokenizer(Tokenizer):
     @property
     def special_ids(self) -> frozenset[int]:
         return self._special
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        # Byte-level tokens are spelt one character per byte: at least as long as the text they stand for.
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
