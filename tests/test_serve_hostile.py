@@ -32,6 +32,7 @@ from cogvlm_jax.generation.sampling import INT32_MAX, SamplingParams, choose, fi
 from cogvlm_jax.serving import engine as engine_module
 from cogvlm_jax.serving.engine import Engine
 from cogvlm_jax.serving.protocol import ChatRequest
+from cogvlm_jax.serving.requests import TextOutput
 from cogvlm_jax.serving.server import BackgroundServer, ServerConfig, _Routes
 
 NAME = "tiny-cogvlm2"
@@ -181,6 +182,18 @@ def test_a_request_that_raises_inside_the_engine_fails_alone(model, engine, solo
     assert engine.failure is None
     assert engine.complete(x, LONG_TOKENS, temperature=0)[0] == solo
     assert engine.stats()["busy"] == 0
+
+
+def test_stop_strings_of_any_length_cost_what_the_text_costs(model, server, solo):
+    """16 stop strings of 200k characters each: the long answer streams as without them (checking every
+    prefix of each stop string against each token's text would stall the engine thread for hours)."""
+    out = TextOutput(model.tokenizer, stop=("hello wor" + "x" * 10**6,))
+    text = "".join(out.add(i)[0] for i in model.tokenizer.encode("hello world"))
+    assert text + out.flush()[0] == "hello world"
+    stops = ["x" * 200_000 + str(k) for k in range(16)]
+    body = {"model": NAME, "messages": messages(LONG), "max_tokens": LONG_TOKENS, "temperature": 0, "stream": True,
+            "stop": stops}
+    assert streamed_text(_sse_events(server, body)) == solo
 
 
 def _fds() -> int:
