@@ -28,6 +28,7 @@ from conftest import fixture_dir, huge_png
 from PIL import Image
 from test_serve import _read_line, _sse_events, assert_error, messages, post
 
+from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.generation.sampling import INT32_MAX, SamplingParams, choose, filter_logits
 from cogvlm_jax.serving import engine as engine_module
 from cogvlm_jax.serving.engine import Engine
@@ -269,6 +270,18 @@ def test_tiny_top_p_and_tiny_temperature_answer_what_greedy_answers(model, serve
                {"temperature": 1e-40}):
         status, body = post(url, {**OK, "messages": messages("hi"), "max_tokens": 6, "seed": 7, **kw})
         assert status == 200 and body["choices"][0]["message"]["content"] == greedy, (kw, body)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1),
+                                dict(temperature=True), dict(top_k=10**12), dict(top_k=-1), dict(top_k=True),
+                                dict(top_k=2.0), dict(top_p=0.0), dict(top_p=float("nan")), dict(top_p=1.5),
+                                dict(seed=2**63), dict(seed=1.5), dict(seed=True)])
+def test_the_python_api_and_the_engine_refuse_what_the_device_cannot_represent(model, engine, kw):
+    with pytest.raises(InputError, match="bad sampling settings"):
+        model.chat(None, "hi", max_new_tokens=2, **{"temperature": 1.0, **kw})
+    with pytest.raises(InputError, match="bad sampling settings"):
+        engine.submit(engine_module.Request(model.build_inputs("hi"), 2, lambda ev: None, **{"temperature": 1.0,
+                                                                                              **kw}))
 
 
 def test_decompression_bombs_are_our_image_too_large(server):
