@@ -304,11 +304,12 @@ def test_decompression_bombs_are_our_image_too_large(server):
 
 def test_a_huge_prompt_is_refused_before_it_is_tokenized_and_tokenizing_is_off_the_loop(model, server, solo,
                                                                                          monkeypatch):
-    """A prompt past the bound (characters besides whitespace > tokens a prompt may have x the longest
-    token's characters) is a 400 ``context_length_exceeded`` that never reaches the tokenizer; one within it
-    is tokenized on a worker thread, never the event loop's (``cogvlm-http``)."""
+    """A prompt past the bound (``Tokenizer.min_tokens`` over the tokens a prompt may have; byte-level BPE keeps
+    whitespace, so spaces count) is a 400 ``context_length_exceeded`` that never reaches the tokenizer; one
+    within it is tokenized on a worker thread, never the event loop's (``cogvlm-http``)."""
     url = server.url + "/v1/chat/completions"
     tok = model.tokenizer
+    assert not tok.drops_whitespace
     bound = (min(model.config.context_length, 128) - 1) * tok.max_token_chars
     threads, encode = [], tok.encode
     monkeypatch.setattr(tok, "encode", lambda *a, **k: (threads.append(threading.current_thread().name),
@@ -317,18 +318,56 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized_and_tokenizing_is_off_t
     while not threads:  # the long stream's own prompt
         time.sleep(0.005)
     threads.clear()
-    for content in ("x" * (bound + 1), "word " * bound, "y" * 30_000_000):
+    for content in ("x" * (bound + 1), "word " * bound, " " * (bound + 1) + "hi", "y" * 30_000_000,
+                    " " * 40_000_000):
         assert_error(post(url, {**OK, "messages": [{"role": "user", "content": content}]}), 400,
-                     "context_length_exceeded", "messages", "characters besides whitespace")
+                     "context_length_exceeded", "messages", "the messages need at least")
     split = [{"role": "user", "content": "z" * (bound // 2)}, {"role": "assistant", "content": "z" * (bound // 2)},
              {"role": "user", "content": "z" * 10}]
     assert_error(post(url, {**OK, "messages": split}), 400, "context_length_exceeded")
     assert threads == []
-    # Whitespace does not count against the bound (a tokenizer may drop it): tokenized, then refused exactly.
-    assert_error(post(url, {**OK, "messages": [{"role": "user", "content": " " * (bound + 1) + "hi"}]}), 400,
+    # Within the bound: tokenized (on a worker thread), then checked exactly.
+    assert_error(post(url, {**OK, "messages": [{"role": "user", "content": "x" * (bound - 30)}]}), 400,
                  "context_length_exceeded", match="tokens plus max_tokens")
     assert threads and "cogvlm-http" not in threads, threads
     assert streamed_text(running.result(timeout=300)) == solo
+
+
+@pytest.mark.parametrize("family", ["cogvlm1", "cogvlm2"])
+def test_min_tokens_is_a_lower_bound_on_the_tokens(f32_models, family):
+    """Random texts of words, runs of whitespace, special tokens, long words and non-ASCII: never more than
+    ``encode`` gives (cogvlm1's sentencepiece drops extra whitespace; cogvlm2's byte-level BPE keeps it)."""
+    tok = f32_models[family].tokenizer
+    assert tok.drops_whitespace == (family == "cogvlm1")
+    rng = np.random.default_rng(0)
+    specials = ["<s>", "</s>", "<|reserved_special_token_250|>", "<|begin_of_text|>"]
+    parts = ["hello", " ", "   ", "\n\n\t", "x" * 50, "é", "汉字", "🙂", "=" * 30, "the", " world"] + specials
+    for _ in range(200):
+        text = "".join(rng.choice(parts, size=int(rng.integers(1, 60))))
+        assert tok.min_tokens(text) <= len(tok.encode(text)), text
+    assert tok.min_tokens(" " * 1000) == (0 if tok.drops_whitespace else -(-1000 // tok.max_token_chars))
+
+
+def test_a_tokenizer_panic_is_the_requests_400(model, server, monkeypatch):
+    """The Rust tokenizer panics (its regex engine gives up on some very long runs of whitespace: 40 MB of
+    spaces take it 7 s here): a 400 naming the messages, and the server serves on."""
+    class PanicException(BaseException):  # what pyo3 raises: no Exception
+        pass
+
+    real = model.tokenizer._tok
+
+    class Panics:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode_batch(self, *a, **k):
+            raise PanicException("Onig: Regex search error: retry-limit-in-match over")
+
+    monkeypatch.setattr(model.tokenizer, "_tok", Panics())
+    assert_error(post(server.url + "/v1/chat/completions", OK), 400, param="messages", match="retry-limit")
+    monkeypatch.setattr(model.tokenizer, "_tok", real)
+    status, body = post(server.url + "/v1/chat/completions", OK)
+    assert status == 200, body
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain; charset=utf-8",

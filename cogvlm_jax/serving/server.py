@@ -145,7 +145,7 @@ class _Routes:
         self.model = engine.model
         self.max_body = 2 * config.max_image_bytes + 4 * MiB  # base64 is 4/3 the bytes; room for the text
         # A prompt whose text alone needs more tokens than a request may have is refused before it is
-        # tokenized: it has at least (its characters the tokenizer keeps) / max_token_chars tokens.
+        # tokenized: it has at least (the characters the tokenizer keeps) / max_token_chars tokens.
         self.max_tokens_in = min(self.model.config.context_length, engine.max_length) - 1
         self.max_prompt_chars = self.max_tokens_in * self.model.tokenizer.max_token_chars
         self.live: weakref.WeakSet = weakref.WeakSet()  # the _Completions in flight, ended by ``cut``
@@ -238,16 +238,15 @@ class _Routes:
             raise APIError(400, f"the messages cannot be tokenized: {type(e).__name__}: {e}", "messages") from None
 
     def check_prompt_chars(self, req: ChatRequest) -> None:
-        """Refuse, before tokenizing it, a prompt whose text needs more tokens than the context holds (a
-        tokenizer may drop whitespace: only the rest counts, and it is counted only past the plain bound),
-        or that is not Unicode text."""
+        """Refuse, before tokenizing it, a prompt whose text needs more tokens than the context holds
+        (``Tokenizer.min_tokens``, worked out only past the plain bound on characters), or that is not
+        Unicode text."""
         texts = [req.query, *(t for turn in req.history for t in turn)]
-        chars = sum(map(len, texts))
-        if chars > self.max_prompt_chars:
-            kept = sum(len(word) for t in texts for word in t.split())
-            if kept > self.max_prompt_chars:
-                raise APIError(400, f"the messages hold {kept} characters besides whitespace: at least "
-                                    f"{-(-kept // self.model.tokenizer.max_token_chars)} tokens, over the "
+        if sum(map(len, texts)) > self.max_prompt_chars:
+            need = self.model.tokenizer.min_tokens("".join(texts))  # the template only adds to the prompt
+            if need > self.max_tokens_in:
+                raise APIError(400, f"the messages need at least {need} tokens (more than "
+                                    f"{self.model.tokenizer.max_token_chars} characters a token), over the "
                                     f"{self.max_tokens_in} a prompt may have here (context length "
                                     f"{self.model.config.context_length}, --max-length {self.engine.max_length})",
                                "messages", "context_length_exceeded")
