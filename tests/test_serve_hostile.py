@@ -222,14 +222,16 @@ def test_file_urls_to_what_is_not_a_regular_file_are_400_and_leak_no_descriptor(
 
 
 def test_input_the_json_layer_or_the_tokenizer_chokes_on_is_400(model, engine, server):
-    """Lone surrogates (escaped), invalid UTF-8, nesting 10**5 deep and 40 deep, integers of 5000 digits:
-    each a 400 ``invalid_json`` (type invalid_request_error); text the tokenizer cannot take is a 400 too."""
+    """Lone surrogates (escaped, or spelt in UTF-8's bytes), invalid UTF-8, nesting 10**5 deep and 40 deep,
+    integers of 5000 digits: each a 400 ``invalid_json`` (type invalid_request_error); text the tokenizer
+    cannot take is a 400 too."""
     nested = []
     for _ in range(40):
         nested = [nested]
     msg = lambda content: json.dumps({**OK, "messages": [{"role": "user", "content": content}]})  # noqa: E731
     bodies = [msg("\ud800"), msg("a\udfffb"), msg(["x"]).replace('"x"', '{"type": "text", "text": "\\udbff"}'),
               json.dumps({**OK, "metadata": {"\udc80": "key"}}),
+              json.dumps({**OK, "messages": [{"role": "user", "content": "é\ud800"}]}, ensure_ascii=False),
               "[" * 100_000 + "]" * 100_000, json.dumps({**OK, "metadata": {"a": nested}}),
               json.dumps(OK)[:-1] + ', "seed": ' + "9" * 5000 + "}"]
     for body in bodies:

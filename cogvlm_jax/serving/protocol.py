@@ -210,9 +210,11 @@ def _finite_float(text: str) -> float:
     return v
 
 
-def _check_tree(value) -> None:
+def _check_tree(value, escaped: bool) -> None:
     """Refuse nesting deeper than ``MAX_JSON_DEPTH`` and strings with lone surrogates (escapes like
-    \\ud800 that name no character: no tokenizer or encoder can take them). Iterative: no recursion limit."""
+    \\ud800 that name no character: no tokenizer or encoder can take them). Iterative: no recursion limit.
+    ``escaped``: whether the body has a \\u escape at all (strict UTF-8 cannot spell a surrogate, so only an
+    escape makes one); an ASCII string (``isascii`` reads a flag) has none either."""
     todo = [(value, 1)]
     while todo:
         v, depth = todo.pop()
@@ -224,23 +226,26 @@ def _check_tree(value) -> None:
                 if isinstance(k, str):
                     todo.append((k, depth))
                 todo.append((x, depth + 1))
-        elif isinstance(v, str) and LONE_SURROGATE.search(v):
+        elif escaped and isinstance(v, str) and not v.isascii() and LONE_SURROGATE.search(v):
             raise _invalid_json("a string holds a lone UTF-16 surrogate (an invalid \\u escape): not a character")
 
 
 def parse_json(raw: bytes):
-    """A request body's JSON or a 400 ``invalid_json``: NaN, Infinity and numbers a double cannot hold,
-    integers of more digits than Python converts, nesting deeper than ``MAX_JSON_DEPTH`` and lone
-    surrogates are refused with the rest of what is not JSON."""
+    """A request body's JSON or a 400 ``invalid_json``: the body must be UTF-8 (strict: Python's json
+    reads bytes with ``surrogatepass``), and NaN, Infinity and numbers a double cannot hold, integers of
+    more digits than Python converts, nesting deeper than ``MAX_JSON_DEPTH`` and lone surrogates are
+    refused with the rest of what is not JSON."""
     try:
-        value = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float)
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
     except UnicodeDecodeError as e:
         raise _invalid_json(f"not UTF-8: {e}") from None
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except RecursionError:
         raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:  # json.JSONDecodeError, and int()'s limit on the digits of an integer literal
         raise _invalid_json(str(e)) from None
-    _check_tree(value)
+    _check_tree(value, "\\u" in text)
     return value
 
 
