@@ -185,6 +185,28 @@ def test_a_request_that_raises_inside_the_engine_fails_alone(model, engine, solo
     assert engine.stats()["busy"] == 0
 
 
+def test_with_chunked_prefill_a_request_that_raises_inside_the_engine_fails_alone(f32_models, monkeypatch):
+    """The same with text prompts prefilled 8 tokens per step (the ``mix`` program's inputs): the overflowing
+    request ends with an error event, the one decoding beside it is not disturbed."""
+    model = f32_models["cogvlm1"]
+    eng = Engine(model, slots=2, max_length=96, max_queue=4, prefill_chunk=8).start()
+    try:
+        x = model.build_inputs("Tell me a long story about the sea.")
+        want = eng.complete(x, 48, temperature=0)[0]
+        monkeypatch.setattr(engine_module, "check_sampling", lambda *a, **k: None)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(eng.complete, x, 48, temperature=0)
+            while eng.stats()["busy"] == 0 and not running.done():
+                time.sleep(0.005)
+            overflow = list(eng.stream(model.build_inputs("hello there, a prompt of some tokens"), 4,
+                                       temperature=1.0, top_k=10**12))
+            text, last = running.result(timeout=300)
+        assert overflow[-1].finish_reason == "error" and "OverflowError" in overflow[-1].error, overflow
+        assert (text, last.finish_reason) == (want, "length") and eng.failure is None
+    finally:
+        eng.shutdown()
+
+
 def test_stop_strings_of_any_length_cost_what_the_text_costs(model, server, solo):
     """16 stop strings of 200k characters each: the long answer streams as without them (checking every
     prefix of each stop string against each token's text would stall the engine thread for hours)."""
