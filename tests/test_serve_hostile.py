@@ -130,6 +130,7 @@ BAD_NUMBERS = {
     "logprobs": [True, 0, 1, "false"],
     "top_logprobs": [1, 10**12, False, 0.0, "0"],
     "parallel_tool_calls": [1, 0, "true"],
+    "stream_options": [{"include_usage": 1}, {"include_usage": "yes"}],
 }
 
 
@@ -141,7 +142,7 @@ def test_every_bad_number_is_a_400_naming_it_and_a_live_stream_goes_on(model, en
     for name, values in BAD_NUMBERS.items():
         for v in values:
             too_long = name in ("max_tokens", "max_completion_tokens") and isinstance(v, int) and v > 1
-            got = post(url, {**OK, name: v})
+            got = post(url, {**OK, name: v, **({"stream": True} if name == "stream_options" else {})})
             assert_error(got, 400, *(("context_length_exceeded", "messages") if too_long else (None, name)))
     # Literals Python's json reads as something else: NaN/Infinity, a double overflowing to inf, a huge integer.
     for literal in ("NaN", "Infinity", "-Infinity", "1e400", "-1e999", "1" + "0" * 5000):

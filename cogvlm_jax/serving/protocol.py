@@ -1,7 +1,9 @@
 """OpenAI's chat-completions shapes: the request read from JSON, the response and stream chunks, the error object.
 
 ``parse_chat_request`` turns a request body into a ``ChatRequest`` or raises an ``APIError`` (a 400 that
-names the parameter; 404 for another model). A parameter we do not implement is refused, unless it has its
+names the parameter; 404 for another model). Every number is checked for its JSON type (``true`` is no
+number) and its range, within what the device programs hold (``sampling.check_sampling``); ``parse_json``
+refuses what Python's json would read but JSON is not, and what no later layer could take. A parameter we do not implement is refused, unless it has its
 neutral value (``NEUTRAL``). A conversation maps onto the model's template: earlier user/assistant turns
 become the history, the last user message the query, the latest image in any user message the image (none
 is fine); system messages are put before the first question.
@@ -176,6 +178,8 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "'stream_options' supports only include_usage", "stream_options")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "'stream_options.include_usage' must be true or false", "stream_options")
     if options and not stream:  # as OpenAI: usage would silently never come
         raise APIError(400, "'stream_options' is allowed only with 'stream': true", "stream_options")
     seed = _number(body, "seed", None, SEED_RANGE[0], SEED_RANGE[1], integer=True)

@@ -6,7 +6,9 @@ engine's thread dies (a device failure it cannot recover from), every request, r
 ``/health`` get a 503 ``engine_failed`` error: the process must be restarted.
 
 Every error is an OpenAI error object ``{"error": {"message", "type", "param", "code"}}`` with its HTTP
-status; a parameter we do not support is a 400 that names it. Images come inline as ``data:`` URLs (any
+status; a parameter we do not support is a 400 that names it, a body not sent as ``application/json`` a
+415, a prompt too long for the context a 400 before it is tokenized (tokenizing runs off the event loop).
+At the drain deadline of a shutdown the requests still running end with a 503 ``shutting_down`` error. Images come inline as ``data:`` URLs (any
 format PIL reads), or as ``file://`` URLs under ``--image-root`` only (``images.py``); the server never
 fetches ``http(s)://`` URLs.
 """
