@@ -161,7 +161,7 @@ class Model:
         if longest + max_new_tokens > self.config.context_length:
             raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
                              f"{self.config.context_length}")
-        sampling.check_sampling(temperature, top_k, top_p)
+        sampling.check_sampling(temperature, top_k, top_p, seed)
         b, n = ids.shape
         length = bucket_length(n, self.config.context_length - max_new_tokens)
         pad = length - n

@@ -321,7 +321,8 @@ def cmd_serve(args) -> int:
         out.write(line + "\n")
         out.flush()
 
-    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level, announce=announce)
+    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level, announce=announce,
+                 exit_after=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,11 +13,13 @@ Axis legend: B batch, L prompt length, N max new tokens, V vocab.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.models import kv_cache, positions
@@ -26,10 +28,34 @@ from cogvlm_jax.parallel import rows
 from cogvlm_jax.parallel.sharding import cache_shardings
 
 
-def check_sampling(temperature, top_k=None, top_p=None) -> None:
-    """Raise ``InputError`` unless temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (None: off)."""
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
-        raise InputError(f"bad sampling settings: temperature {temperature}, top_k {top_k}, top_p {top_p}")
+INT32_MAX = 2**31 - 1  # top_k is an int32 on device
+FLOAT32_MAX = 3.4028234663852886e38  # the largest temperature a float32 holds
+SEED_RANGE = (-2**63, 2**63 - 1)  # seeds are int64 (jax.random.PRNGKey, OpenAI's seed)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def check_sampling(temperature, top_k=None, top_p=None, seed=None) -> None:
+    """Raise ``InputError`` unless the settings are what the device programs can represent: temperature a
+    finite number in [0, float32 max], top_k an integer in [0, 2**31 - 1], top_p a number in (0, 1] and
+    seed an integer in int64's range (None: off / not given). Booleans, strings, NaN and inf are refused."""
+    bad = []
+    if temperature is not None and not (_is_real(temperature) and 0 <= temperature <= FLOAT32_MAX):
+        bad.append(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and not (_is_int(top_k) and 0 <= top_k <= INT32_MAX):
+        bad.append(f"top_k must be an integer in [0, {INT32_MAX}], got {top_k!r}")
+    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
+        bad.append(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        bad.append(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed!r}")
+    if bad:
+        raise InputError("bad sampling settings: " + "; ".join(bad))
 
 
 @flax.struct.dataclass
@@ -68,12 +94,13 @@ TOP_CANDIDATES = 256  # tokens lax.top_k pre-selects per row before top-k / top-
 def _keep_ranked(ranked, top_k, top_p, log_total):
     """Keep mask [B, C] over logits sorted descending (``ranked`` [B, C], a prefix of the whole sorted row
     or all of it): rank < top_k (0: off), then the probability ranked strictly above < top_p (>= 1: off).
-    ``log_total`` [B]: log of the softmax denominator of what top-k keeps (over the whole row)."""
+    ``log_total`` [B]: log of the softmax denominator of what top-k keeps (over the whole row). The most
+    likely token is always kept: a top_p that is 0 in float32 (any p below 1.4e-45) keeps it alone."""
     rank = jnp.arange(ranked.shape[-1])[None, :]
     keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
     probs = jnp.where(keep, jnp.exp(ranked - log_total[:, None]), 0.0)
     above = jnp.cumsum(probs, axis=-1) - probs
-    return keep & ((top_p[:, None] >= 1.0) | (above < top_p[:, None]))
+    return keep & ((top_p[:, None] >= 1.0) | (above < top_p[:, None]) | (rank == 0))
 
 
 def _filter_by_sort(logits, top_k, top_p):
@@ -119,7 +146,10 @@ def choose(logits, sp: SamplingParams, step, do_sample: bool):
     if not do_sample:
         return greedy
     t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
-    filtered = filter_logits(logits / t[:, None], sp.top_k, sp.top_p)
+    # Shifted so that the largest is 0 before dividing: a tiny temperature (a float32 subnormal) sends the
+    # rest to -inf, never to +inf or NaN, and the draw is the argmax (the softmax is shift-invariant).
+    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t[:, None]
+    filtered = filter_logits(scaled, sp.top_k, sp.top_p)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(sp.key)
     drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
     return jnp.where(sp.temperature > 0, drawn, greedy)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Sequence, Union
 
 import numpy as np
@@ -77,8 +78,23 @@ def load_image(image: ImageLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> I
             return rgb.copy() if rgb is img else rgb  # a copy that outlives the closed file
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: where it is an error
+        raise _bomb(name, e, max_pixels) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot read image {name}: {e}") from None
+
+
+def _bomb(name: str, e: Exception, max_pixels: int | None) -> ImageTooLargeError:
+    """PIL's decompression-bomb check (which ``Image.open`` runs before ours, on the same declared size),
+    worded as :func:`check_image_pixels`: the pixels declared and the limit they exceed."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    pixels = int(found.group(1)) if found else None
+    what = f"image {name} is {pixels / 1e6:.1f} megapixels" if pixels else f"image {name} declares too many pixels"
+    if max_pixels is not None and (pixels is None or pixels > max_pixels):
+        return ImageTooLargeError(f"{what}, over the limit of {max_pixels / 1e6:g} megapixels ({max_pixels} pixels)")
+    pil = Image.MAX_IMAGE_PIXELS
+    limit = (2 * pil if isinstance(e, Image.DecompressionBombError) else pil) if pil else None
+    return ImageTooLargeError(f"{what}, over PIL's decompression-bomb limit" + (f" of {limit} pixels" if limit else ""))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -16,6 +16,7 @@ text token by token. Decoding never applies Hugging Face's ``clean_up_tokenizati
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -143,6 +144,23 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         raise NotImplementedError
 
+    @property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for (the longest piece or special
+        token): a text of C characters that the tokenizer keeps takes at least C / this many tokens."""
+        raise NotImplementedError
+
+    @property
+    def drops_whitespace(self) -> bool:
+        """Whether encoding may drop whitespace (a normalizer that collapses runs of spaces)."""
+        raise NotImplementedError
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))`` found without tokenizing, in time linear in the text:
+        the characters the tokenizer keeps (all, or all but whitespace) over ``max_token_chars``."""
+        kept = sum(map(len, text.split())) if self.drops_whitespace else len(text)
+        return -(-kept // self.max_token_chars)
+
     # ---------------------------------------------------------------- shared
     def _config_token_id(self, key: str) -> int | None:
         """The id of the token tokenizer_config.json names under ``key`` (bos_token, ...), or None."""
@@ -213,6 +231,16 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def special_ids(self) -> frozenset[int]:
         return self._special
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        # A piece is the text it stands for ("\u2581" for a space); a byte-fallback piece (<0x41>) stands for less.
+        return max(len(self._sp.id_to_piece(i)) for i in range(self._sp.get_piece_size()))
+
+    @functools.cached_property
+    def drops_whitespace(self) -> bool:
+        # sentencepiece's remove_extra_whitespaces (on in many models) collapses runs of spaces
+        return self._sp.encode("a" + " " * 8 + "a") == self._sp.encode("a a")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = []
@@ -285,8 +313,27 @@ class FastTokenizer(Tokenizer):
     def special_ids(self) -> frozenset[int]:
         return self._special
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        # Byte-level tokens are spelt one character per byte: at least as long as the text they stand for.
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)))
+
+    @functools.cached_property
+    def drops_whitespace(self) -> bool:
+        return self._tok.normalizer is not None  # none (Llama-3's): every character is kept
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it: a long text would stall every
+        # other thread, the serving engine's included). A panic of the Rust code (its regex engine gives
+        # up on some very long runs of whitespace) is this text's error, not the process's.
+        try:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except Exception:
+            raise
+        except BaseException as e:  # pyo3's PanicException derives from BaseException
+            if type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"the tokenizer cannot take this text ({len(text)} characters): {e}") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

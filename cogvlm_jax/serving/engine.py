@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import numbers
 import queue
 import sys
 import threading
@@ -140,8 +141,8 @@ class Engine:
     # ------------------------------------------------------------------ admission
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``ContextLengthError`` if a prompt of ``prompt_tokens`` plus ``max_tokens`` cannot be served."""
-        if max_tokens < 1:
-            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         ctx = self.config.context_length
         if prompt_tokens + max_tokens > ctx:
             raise ContextLengthError(f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the "
@@ -163,7 +164,7 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue a request (checked first); its events arrive through ``request.on_event``."""
         self.check(request.prompt_tokens, request.max_tokens)
-        check_sampling(request.temperature, request.top_k, request.top_p)
+        check_sampling(request.temperature, request.top_k, request.top_p, request.seed)
         with self._cv:
             if self.failure is not None:
                 raise EngineFailedError(self.failure_message())
@@ -316,7 +317,9 @@ class Engine:
                 busy = self._wait_for_work()
                 if self._stop:
                     break
-                admit = self._admit() if busy else []
+                admit, refused = self._admit() if busy else ([], [])
+            for req, message in refused:
+                self._fail_one(None, req, message)
             if not busy:
                 self._device("noop")
                 continue
@@ -336,21 +339,24 @@ class Engine:
                 return False
         return True
 
-    def _admit(self) -> list[tuple[int, Request]]:
+    def _admit(self) -> tuple[list[tuple[int, Request]], list[tuple[Request, str]]]:
         """Give the free slots, lowest first, to the waiting requests, first come first served (``self._cv``
-        held) -> (slot, request) for each."""
-        admit = []
+        held) -> ((slot, request) for each, (request, why) for each that could not be set up: it alone fails)."""
+        admit, refused = [], []
         self._drop_cancelled()
         for s in range(self.slots):
-            if self._live[s] is None:
-                if not self._waiting:
-                    break
+            while self._live[s] is None and self._waiting:
                 req = self._waiting.popleft()
+                try:
+                    live = _Live(req, TextOutput(self.model.tokenizer, req.stop), prompt=self._chunked_prompt(req))
+                except Exception as e:
+                    refused.append((req, f"{type(e).__name__}: {e}"))
+                    continue
                 admit.append((s, req))
                 self._admitted += 1
-                self._live[s] = _Live(req, TextOutput(self.model.tokenizer, req.stop),
-                                      prompt=self._chunked_prompt(req), order=self._admitted)
-        return admit
+                live.order = self._admitted
+                self._live[s] = live
+        return admit, refused
 
     def _step(self, admit: list[tuple[int, Request]]) -> None:
         """Prefill the admitted prompts that go alone, then one step: the next chunk of a chunked prompt
@@ -365,6 +371,31 @@ class Engine:
         elif any(x is not None for x in self._live):
             self._decode()
 
+    def _alone(self, slot: int, req: Request, fn: Callable, *args):
+        """``fn(*args)``: host work for one request (its program inputs, its text, its callback) -> its
+        result, or None if it raised: then that request alone ends with an error event, and the others go
+        on. (A device program that fails is not one request's: ``_recover`` fails every request.)"""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._fail_one(slot, req, f"{type(e).__name__}: {e}")
+            return None
+
+    def _fail_one(self, slot: Optional[int], req: Request, message: str) -> None:
+        """End ``req`` (in ``slot``, or None: not admitted) with an error event; free its slot."""
+        print(f"cogvlm-jax engine: a request failed alone: {message}", file=sys.stderr, flush=True)
+        with self._cv:
+            if slot is not None and self._live[slot] is not None and self._live[slot].request is req:
+                self._live[slot] = None
+                self.completed += 1
+        cancelled, req.cancelled = req.cancelled, True  # nothing more reaches it
+        if not cancelled:
+            try:
+                req.on_event(Event("", "error", 0, message))
+            except Exception as e:
+                print(f"cogvlm-jax engine: a request's on_event failed: {type(e).__name__}: {e}", file=sys.stderr,
+                      flush=True)
+
     def _recover(self, message: str) -> None:
         """After a device failure (``message``): empty slots again and fail every request. If the slots
         cannot be rebuilt either, raise: the thread dies (``_die``)."""
@@ -376,13 +407,18 @@ class Engine:
         self._fail_all(message)
 
     def _insert(self, slot: int, req: Request) -> None:
+        args = self._alone(slot, req, self._insert_args, slot, req)
+        if args is None:
+            return
+        self.prefill_shapes.add((args[0].shape[1], args[3] is not None))
+        first = self._device("insert", *args)
+        self._alone(slot, req, self._take, slot, [int(first)])
+
+    def _insert_args(self, slot: int, req: Request) -> tuple:
+        """The ``insert`` program's host inputs for ``req`` in ``slot``: its prompt padded to its bucket."""
         x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens, req.max_tokens))  # [1, L]
-        pv = x["pixel_values"]
-        self.prefill_shapes.add((x["input_ids"].shape[1], pv is not None))
-        first = self._device("insert", x["input_ids"], x["token_type_ids"], x["attention_mask"], pv, np.int32(slot),
-                             np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
-                             np.uint32(req.seed % 2**32))
-        self._take(slot, [int(first)])
+        return (x["input_ids"], x["token_type_ids"], x["attention_mask"], x["pixel_values"], np.int32(slot),
+                np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
 
     def _chunked_prompt(self, req: Request) -> Optional[np.ndarray]:
         """A text prompt's ids if it is to be prefilled in chunks, else None (prefilled alone: ``insert``)."""
@@ -410,7 +446,10 @@ class Engine:
     def _mix(self, slot: int) -> None:
         """One decode step of the decoding slots plus the next chunk of ``slot``'s prompt."""
         live = self._live[slot]
-        args, n, last = self._mix_args(slot, live.prompt, live.prefilled, live.request)
+        made = self._alone(slot, live.request, self._mix_args, slot, live.prompt, live.prefilled, live.request)
+        if made is None:
+            return
+        args, n, last = made
         decoding = args[0]
         tokens, first = self._device("mix", *args)
         tokens = np.asarray(tokens)
@@ -418,9 +457,9 @@ class Engine:
         if last:
             live.prompt = None
         for s in np.flatnonzero(decoding):
-            self._take(int(s), [int(tokens[s])])
+            self._alone(int(s), self._live[s].request, self._take, int(s), [int(tokens[s])])
         if last:
-            self._take(slot, [int(first)])
+            self._alone(slot, live.request, self._take, slot, [int(first)])
 
     def _decoding_mask(self) -> np.ndarray:
         return np.array([x is not None and x.decoding for x in self._live])
@@ -431,7 +470,7 @@ class Engine:
         active = min(n for n in self.decode_sizes if n > last)
         out = np.asarray(self._device("decode", live, np.int32(active)))
         for s in np.flatnonzero(live):
-            self._take(int(s), out[s].tolist())
+            self._alone(int(s), self._live[s].request, self._take, int(s), out[s].tolist())
 
     def _take(self, slot: int, tokens: list[int]) -> None:
         """Hand a slot's new tokens to its request; free the slot when the request stops."""

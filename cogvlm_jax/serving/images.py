@@ -1,8 +1,9 @@
 """Image URLs in chat messages: inline ``data:`` URLs, and ``file://`` URLs under the server's image root.
 
 The server never fetches ``http(s)://`` URLs. A ``file://`` URL is read only if the file it opens is a
-regular file under ``--image-root`` (links followed, then checked again on the opened file), and no
-image may exceed ``--max-image-bytes``. Every refusal is an ``APIError`` (400, or 413 for the size).
+regular file under ``--image-root`` (links followed, then checked again on the opened file; a directory,
+FIFO, device or socket is refused, and every descriptor opened is closed), and no image may exceed
+``--max-image-bytes``. Every refusal is an ``APIError`` (400, or 413 for the size).
 """
 
 from __future__ import annotations
@@ -74,14 +75,19 @@ def _read_file_under(asked: str, image_root: str, max_bytes: int) -> bytes:
         raise outside
     try:  # O_NONBLOCK: a FIFO swapped in does not hang the thread in open (fstat refuses it below)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        raise missing from None
-    with os.fdopen(fd, "rb") as f:
+    except OSError as e:  # missing, a socket (ENXIO), no permission
+        try:
+            there = os.stat(path)
+        except OSError:
+            raise missing from None
+        if not stat.S_ISREG(there.st_mode):
+            raise _bad_url(f"image path {asked} is not a regular file") from None
+        raise _bad_url(f"image file {asked} cannot be opened: {e.strerror or e}") from None
+    try:  # the descriptor is closed on every path, the refusals included
         # Between the check and the open a link may have been swapped in (anywhere on the path) and followed.
-        # What counts is the file opened: it must be the one that now sits at the checked path, under the root.
-        opened = os.fstat(f.fileno())
-        if not stat.S_ISREG(opened.st_mode):
-            raise missing
+        # What counts is the file opened: it must be a regular file (not a directory, FIFO, device or
+        # socket), the one that now sits at the checked path, under the root.
+        opened = os.fstat(fd)
         try:
             there = os.path.realpath(path)
             inside = os.path.commonpath([root, there]) == root and os.path.samestat(opened, os.stat(there))
@@ -89,9 +95,16 @@ def _read_file_under(asked: str, image_root: str, max_bytes: int) -> bytes:
             inside = False
         if not inside:
             raise outside
+        if not stat.S_ISREG(opened.st_mode):
+            raise _bad_url(f"image path {asked} is not a regular file")
         if opened.st_size > max_bytes:
             raise _too_big(opened.st_size, max_bytes)
-        raw = f.read(max_bytes + 1)  # the file may have grown since
-        if len(raw) > max_bytes:
-            raise _too_big(len(raw), max_bytes)
-        return raw
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(max_bytes + 1)  # the file may have grown since
+    except OSError as e:  # a read error (EIO, a file truncated under us): the URL's problem, not the server's
+        raise _bad_url(f"image file {asked} cannot be read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > max_bytes:
+        raise _too_big(len(raw), max_bytes)
+    return raw

@@ -1,7 +1,9 @@
 """OpenAI's chat-completions shapes: the request read from JSON, the response and stream chunks, the error object.
 
 ``parse_chat_request`` turns a request body into a ``ChatRequest`` or raises an ``APIError`` (a 400 that
-names the parameter; 404 for another model). A parameter we do not implement is refused, unless it has its
+names the parameter; 404 for another model). Every number is checked for its JSON type (``true`` is no
+number) and its range, within what the device programs hold (``sampling.check_sampling``); ``parse_json``
+refuses what Python's json would read but JSON is not, and what no later layer could take. A parameter we do not implement is refused, unless it has its
 neutral value (``NEUTRAL``). A conversation maps onto the model's template: earlier user/assistant turns
 become the history, the last user message the query, the latest image in any user message the image (none
 is fine); system messages are put before the first question.
@@ -13,8 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import secrets
 from typing import Optional
+
+from cogvlm_jax.generation.sampling import INT32_MAX, SEED_RANGE
 
 
 class APIError(Exception):
@@ -67,6 +73,11 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
         rng = f"{'(' if lo_open else '['}{lo}, {'inf)' if hi is None else f'{hi}]'}"
         raise APIError(400, f"'{name}' must be in {rng}, got {v}", name)
     return v
+
+
+def _neutral(value, options) -> bool:
+    """Whether ``value`` is one of a parameter's neutral ``options``, of the same JSON type (false is not 0)."""
+    return any(type(value) is type(o) and value == o for o in options)
 
 
 def _content(message: dict, index: int) -> tuple[str, Optional[str]]:
@@ -141,7 +152,7 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
     for key, value in body.items():
         if key in SUPPORTED or value is None:
             continue
-        if key in NEUTRAL and value in NEUTRAL[key]:
+        if key in NEUTRAL and _neutral(value, NEUTRAL[key]):
             continue
         what = "is not supported" if key in NEUTRAL else "is not a parameter this server knows"
         raise APIError(400, f"'{key}' {what} (got {json.dumps(value)[:80]})", key, "unsupported_parameter")
@@ -167,32 +178,79 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "'stream_options' supports only include_usage", "stream_options")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, "'stream_options.include_usage' must be true or false", "stream_options")
     if options and not stream:  # as OpenAI: usage would silently never come
         raise APIError(400, "'stream_options' is allowed only with 'stream': true", "stream_options")
-    seed = body.get("seed")
+    seed = _number(body, "seed", None, SEED_RANGE[0], SEED_RANGE[1], integer=True)
     if seed is None:
         seed = secrets.randbits(31)
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise APIError(400, f"'seed' must be an integer, got {json.dumps(seed)}", "seed")
     return ChatRequest(
         query=query, history=history, image_url=image, max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1, lo_open=True)),
-        top_k=int(_number(body, "top_k", 0, 0, None, integer=True)), seed=seed,
+        top_k=int(_number(body, "top_k", 0, 0, INT32_MAX, integer=True)), seed=seed,
         stop=tuple(stop or ()), stream=stream, include_usage=bool(options.get("include_usage")))
+
+
+MAX_JSON_DEPTH = 32  # nesting a request body may have (an image part of a message is 6 deep)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holding one is no Unicode text
+
+
+def _invalid_json(message: str) -> APIError:
+    return APIError(400, f"request body is not valid JSON: {message}", code="invalid_json")
 
 
 def _not_json(name: str):
     """Python's json reads NaN and Infinity, which JSON has not (a NaN temperature passed every range check)."""
-    raise APIError(400, f"request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
+    raise _invalid_json(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent; one too large for a double (1e400) is refused, not inf."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise _invalid_json(f"the number {text[:40]} is out of range")
+    return v
+
+
+def _check_tree(value, escaped: bool) -> None:
+    """Refuse nesting deeper than ``MAX_JSON_DEPTH`` and strings with lone surrogates (escapes like
+    \\ud800 that name no character: no tokenizer or encoder can take them). Iterative: no recursion limit.
+    ``escaped``: whether the body has a \\u escape at all (strict UTF-8 cannot spell a surrogate, so only an
+    escape makes one); an ASCII string (``isascii`` reads a flag) has none either."""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, x in items:
+                if isinstance(k, str):
+                    todo.append((k, depth))
+                todo.append((x, depth + 1))
+        elif escaped and isinstance(v, str) and not v.isascii() and LONE_SURROGATE.search(v):
+            raise _invalid_json("a string holds a lone UTF-16 surrogate (an invalid \\u escape): not a character")
 
 
 def parse_json(raw: bytes):
-    """A request body's JSON (NaN and Infinity refused) or a 400 ``invalid_json``."""
+    """A request body's JSON or a 400 ``invalid_json``: the body must be UTF-8 (strict: Python's json
+    reads bytes with ``surrogatepass``), and NaN, Infinity and numbers a double cannot hold, integers of
+    more digits than Python converts, nesting deeper than ``MAX_JSON_DEPTH`` and lone surrogates are
+    refused with the rest of what is not JSON."""
     try:
-        return json.loads(raw, parse_constant=_not_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
+    except UnicodeDecodeError as e:
+        raise _invalid_json(f"not UTF-8: {e}") from None
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+    except RecursionError:
+        raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # json.JSONDecodeError, and int()'s limit on the digits of an integer literal
+        raise _invalid_json(str(e)) from None
+    _check_tree(value, "\\u" in text)
+    return value
 
 
 # ------------------------------------------------------------------------------------- the response

@@ -85,7 +85,9 @@ class TextOutput:
             return text[:min(hits)], True
         if final:
             return text, False
-        keep = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        # Only prefixes up to the text's length can end it: a stop string of any length costs what the text does.
+        keep = max((k for s in self.stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
         if keep:
             text, self.held = text[:-keep], text[-keep:]
         return text, False

@@ -6,7 +6,9 @@ engine's thread dies (a device failure it cannot recover from), every request, r
 ``/health`` get a 503 ``engine_failed`` error: the process must be restarted.
 
 Every error is an OpenAI error object ``{"error": {"message", "type", "param", "code"}}`` with its HTTP
-status; a parameter we do not support is a 400 that names it. Images come inline as ``data:`` URLs (any
+status; a parameter we do not support is a 400 that names it, a body not sent as ``application/json`` a
+415, a prompt too long for the context a 400 before it is tokenized (tokenizing runs off the event loop).
+At the drain deadline of a shutdown the requests still running end with a 503 ``shutting_down`` error. Images come inline as ``data:`` URLs (any
 format PIL reads), or as ``file://`` URLs under ``--image-root`` only (``images.py``); the server never
 fetches ``http(s)://`` URLs.
 """
@@ -24,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Optional
 
 import uvicorn
@@ -39,6 +42,7 @@ from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooL
 from cogvlm_jax.serving.engine import Engine
 from cogvlm_jax.serving.images import read_image_url
 from cogvlm_jax.serving.protocol import (
+    LONE_SURROGATE,
     SSE_DONE,
     APIError,
     ChatRequest,
@@ -54,12 +58,14 @@ from cogvlm_jax.serving.requests import (
     ContextLengthError,
     EngineFailedError,
     EngineStoppedError,
+    Event,
     QueueFullError,
     Request,
 )
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 MiB = 1 << 20
+FLUSH_SECONDS = 5.0  # after the drain deadline: for the cut requests' last events to reach their clients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +127,7 @@ class _BearerAuth:
 
 
 # ------------------------------------------------------------------------------------- the routes
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: held in _Routes.live
 class _Completion:
     """One chat completion in flight: the parsed request, the engine's request, and its events in this loop."""
 
@@ -140,6 +146,12 @@ class _Routes:
         self.engine, self.config, self.manage_engine = engine, config, manage_engine
         self.model = engine.model
         self.max_body = 2 * config.max_image_bytes + 4 * MiB  # base64 is 4/3 the bytes; room for the text
+        # A prompt whose text alone needs more tokens than a request may have is refused before it is
+        # tokenized: it has at least (the characters the tokenizer keeps) / max_token_chars tokens.
+        self.max_tokens_in = min(self.model.config.context_length, engine.max_length) - 1
+        self.max_prompt_chars = self.max_tokens_in * self.model.tokenizer.max_token_chars
+        self.live: weakref.WeakSet = weakref.WeakSet()  # the _Completions in flight, ended by ``cut``
+        self.draining = False
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app):
@@ -149,10 +161,21 @@ class _Routes:
             await run_in_threadpool(self.engine.shutdown, 0.0)
 
     def failed_request(self, message: str) -> APIError:
-        """A request the engine ended with an error: 503 when the engine died of it, else 500 (it serves on)."""
+        """A request the engine ended with an error: 503 when the engine died of it or the server is shutting
+        down, else 500 (it serves on)."""
         if self.engine.failure is not None:
             return engine_failed(message)
+        if self.draining:
+            return APIError(503, message, code="shutting_down", type="server_error")
         return APIError(500, message, type="server_error")
+
+    def cut(self, message: str) -> None:
+        """End every request still in flight (the drain deadline): each gets an error event (a stream: an
+        error object, then [DONE]) and its engine request is cancelled."""
+        self.draining = True
+        for c in list(self.live):
+            c.job.cancel()
+            c.events.put_nowait(Event("", "error", 0, message))
 
     # ------------------------------------------------------------------ pages and metadata
     async def page(self):
@@ -179,9 +202,11 @@ class _Routes:
 
     # ------------------------------------------------------------------ chat completions
     async def chat_completions(self, request: HTTPRequest):
+        check_json_content_type(request)
         req = parse_chat_request(await self.read_json(request), self.config.model_name)
         inputs = await run_in_threadpool(self.build, req)
         c = self.submit(req, inputs)
+        self.live.add(c)
         if req.stream:
             return StreamingResponse(self.stream(c), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -200,7 +225,8 @@ class _Routes:
         return parse_json(b"".join(chunks))
 
     def build(self, req: ChatRequest) -> dict:
-        """The model's inputs for ``req`` (its image read and decoded)."""
+        """The model's inputs for ``req`` (its image read and decoded); run off the event loop."""
+        self.check_prompt_chars(req)
         image = None
         if req.image_url is not None:
             image = read_image_url(req.image_url, self.config.image_root, self.config.max_image_bytes)
@@ -210,6 +236,24 @@ class _Routes:
             raise APIError(400, f"{e} (--max-image-pixels)", "messages", "image_too_large") from None
         except ImageError as e:
             raise APIError(400, f"the image cannot be decoded: {e}", "messages", "invalid_image") from None
+        except (UnicodeError, ValueError) as e:  # text the tokenizer cannot take
+            raise APIError(400, f"the messages cannot be tokenized: {type(e).__name__}: {e}", "messages") from None
+
+    def check_prompt_chars(self, req: ChatRequest) -> None:
+        """Refuse, before tokenizing it, a prompt whose text needs more tokens than the context holds
+        (``Tokenizer.min_tokens``, worked out only past the plain bound on characters), or that is not
+        Unicode text."""
+        texts = [req.query, *(t for turn in req.history for t in turn)]
+        if sum(map(len, texts)) > self.max_prompt_chars:
+            need = self.model.tokenizer.min_tokens("".join(texts))  # the template only adds to the prompt
+            if need > self.max_tokens_in:
+                raise APIError(400, f"the messages need at least {need} tokens (more than "
+                                    f"{self.model.tokenizer.max_token_chars} characters a token), over the "
+                                    f"{self.max_tokens_in} a prompt may have here (context length "
+                                    f"{self.model.config.context_length}, --max-length {self.engine.max_length})",
+                               "messages", "context_length_exceeded")
+        if any(LONE_SURROGATE.search(t) for t in texts):  # no encoder takes it (parse_json refuses it too)
+            raise APIError(400, "the messages hold a lone UTF-16 surrogate: not Unicode text", "messages")
 
     def submit(self, req: ChatRequest, inputs: dict) -> _Completion:
         """Queue ``req`` on the engine (run in the event loop: its events come back to it)."""
@@ -261,6 +305,7 @@ class _Routes:
             yield SSE_DONE
         finally:
             c.job.cancel()  # a no-op when finished; frees the slot when the client went away
+            self.live.discard(c)
 
     async def whole(self, request: HTTPRequest, c: _Completion):
         """The whole answer as one ``chat.completion``; a 499 if the client hangs up first."""
@@ -279,8 +324,18 @@ class _Routes:
         finally:
             watcher.cancel()
             c.job.cancel()
+            self.live.discard(c)
         return completion(c.id, c.created, self.config.model_name, "".join(parts), ev.finish_reason, c.prompt_tokens,
                           ev.completion_tokens)
+
+
+def check_json_content_type(request: HTTPRequest) -> None:
+    """A 415 unless the body is declared ``application/json``: a web page may POST text/plain (or a typeless
+    body) to any origin without a CORS preflight, and must not drive a server on this machine that way."""
+    declared = request.headers.get("content-type", "")
+    if declared.split(";", 1)[0].strip().lower() != "application/json":
+        raise APIError(415, f"the request body must be sent as Content-Type: application/json, got "
+                            f"{json.dumps(declared[:80]) if declared else 'none'}", code="unsupported_media_type")
 
 
 async def _hang_up(request: HTTPRequest, events: asyncio.Queue) -> None:
@@ -296,6 +351,7 @@ def create_app(engine: Engine, config: ServerConfig, manage_engine: bool = True)
     down at the end. Several apps may share one engine with ``manage_engine=False``."""
     routes = _Routes(engine, config, manage_engine)
     app = FastAPI(title="cogvlm-jax", lifespan=routes.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.routes = routes
     for kind, handler in ERROR_HANDLERS:
         app.add_exception_handler(kind, handler)
     if config.api_key is not None:
@@ -320,30 +376,54 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown ends the requests still running at the drain deadline itself
+    (``_Routes.cut``: an error event, and a stream's [DONE]) before uvicorn would cut their connections."""
+
+    def __init__(self, config: uvicorn.Config, routes: "_Routes", drain_seconds: float):
+        super().__init__(config)
+        self.routes, self.drain_seconds = routes, max(float(drain_seconds), 0.0)
+
+    async def shutdown(self, sockets=None) -> None:
+        message = f"the server shut down before this request finished (--drain-seconds {self.drain_seconds:g})"
+        deadline = asyncio.get_running_loop().call_later(self.drain_seconds, self.routes.cut, message)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+
 def _uvicorn_server(app, drain_seconds: float, log_level: str):
-    cfg = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(int(round(drain_seconds)), 0),
+    cfg = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(drain_seconds, 0.0) + FLUSH_SECONDS,
                          lifespan="on", access_log=log_level in ("info", "debug", "trace"))
-    return uvicorn.Server(cfg)
+    return _Server(cfg, app.state.routes, drain_seconds)
 
 
 def serve(engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "warning", announce=print) -> int:
+          log_level: str = "warning", announce=print, exit_after: bool = False) -> int:
     """Serve until SIGINT/SIGTERM; then stop accepting, let running requests finish for up to
-    ``config.drain_seconds``, and return 0."""
+    ``config.drain_seconds`` (then end the rest with an error event), and return 0. More signals while it
+    stops change nothing. ``exit_after`` (the CLI: the process exits next): SIGINT and SIGTERM stay ignored
+    after serving, so that a repeated signal cannot turn the clean exit into a kill (143) or 130."""
     sock = bind(host, port)
     engine.start()  # compile the decode step before the first request
     server = _uvicorn_server(create_app(engine, config), config.drain_seconds, log_level)
-    shown = f"[{host}]" if ":" in host else host
-    announce(f"cogvlm-jax serve: {config.model_name} on http://{shown}:{sock.getsockname()[1]} "
-             f"({engine.slots} slots, {engine.max_length} tokens each)")
+
     # uvicorn handles SIGINT/SIGTERM while it serves (stop accepting, drain), then re-raises the signal to
-    # the handler that was there before: make that one a no-op so a drained shutdown exits 0.
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # the handler that was there before. That one only asks the server to stop: a signal before uvicorn
+    # takes over (right after the start line, say) is not lost, and a drained shutdown exits 0.
+    def stop(*_):
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        shown = f"[{host}]" if ":" in host else host
+        announce(f"cogvlm-jax serve: {config.model_name} on http://{shown}:{sock.getsockname()[1]} "
+                 f"({engine.slots} slots, {engine.max_length} tokens each)")
         server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if exit_after else handler)
     return 0
 
 
