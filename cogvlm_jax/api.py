@@ -13,18 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from cogvlm_jax.config import CogVLMConfig, load_config
+from cogvlm_jax.convert.checkpoint import stored_quantization
 from cogvlm_jax.convert.params import read_params
 from cogvlm_jax.dtypes import model_dtype
+from cogvlm_jax.files import CheckpointError
 from cogvlm_jax.generation import sampling
 from cogvlm_jax.generation.buckets import bucket_length, round_up
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
 from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer
 from cogvlm_jax.models.cogvlm import CogVLM
+from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.layers import widens_on_cpu
 from cogvlm_jax.parallel import program
 from cogvlm_jax.parallel.layout import to_program
 from cogvlm_jax.parallel.multihost import to_global, to_host
+from cogvlm_jax.parallel.quantized import quantize_params
 from cogvlm_jax.parallel.sharding import batch_sharding, param_shardings
 
 # The small model shipped in the package (``recipes/default_model.py`` made it): ``load()`` with no path.
@@ -59,7 +63,13 @@ def weights_for_compute(params, dtype, platform: Optional[str] = None):
     if compute_dtype(dtype, platform) == jnp.dtype(dtype):
         return params
     rounded = jax.jit(lambda a: a.astype(dtype).astype(jnp.float32))
-    return jax.tree_util.tree_map(rounded, params)
+    # a quantized model's integer kernels and float32 scales (``models/quantize.py``) are held as they are
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a if _held_as_is(path, a) else rounded(a), params)
+
+
+def _held_as_is(path, a) -> bool:
+    return not jnp.issubdtype(a.dtype, jnp.floating) or getattr(path[-1], "key", None) == quant_lib.SCALE
 
 
 class Model:
@@ -72,10 +82,14 @@ class Model:
 
     ``dtype``: the weights' precision. On CPU a bfloat16 / float16 model keeps its weights rounded to it
     but stored, and multiplied, in float32 (``weights_for_compute``: XLA:CPU has no 16-bit matmul).
+
+    ``quantize`` (``"int8"``, ``"int4"`` or None) and ``quantize_vision``: the model holds its decoder,
+    lm_head and adapter kernels (and the ViT's with ``quantize_vision``) quantized (``models/quantize.py``);
+    float kernels in ``params`` are quantized here, kernels already quantized are kept.
     """
 
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
-                 mesh=None, layout=None):
+                 mesh=None, layout=None, quantize=None, quantize_vision=False):
         want = model_dtype(dtype)
         self.config = config
         self.dtype = dtype
@@ -84,12 +98,18 @@ class Model:
         # the mesh's (or the default device's) platform; the layout (default: exact on CPU and one device,
         # Megatron on a TPU / GPU mesh) and its sharding rules
         execution = program.execution(mesh, layout)
+        quant = quant_lib.make(quantize, quantize_vision, execution.platform)
+        execution = execution.replace(quant=quant)
         self.layout = execution.layout
+        self.quantize = quantize
+        if quant is not None:  # each float kernel quantized, into its own sharding on a mesh
+            params = quantize_params(params, config, quant, mesh, execution.rules)
         if mesh is not None:  # place (or re-place) every parameter in its sharded layout
-            params = jax.device_put(params, param_shardings(config, mesh, execution.rules))
+            params = jax.device_put(params, param_shardings(config, mesh, execution.rules, quant))
         # ``params`` are in checkpoint order; the programs of the Megatron layout read the fused QKV
         # rows head-grouped (``parallel/layout.py``)
-        self.params = weights_for_compute(to_program(params, config, execution.layout), want, execution.platform)
+        self.params = weights_for_compute(to_program(params, config, execution.layout, quant), want,
+                                          execution.platform)
         self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution)
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
                                     mesh)
@@ -261,7 +281,8 @@ class Model:
 
 
 def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
-         progress: bool = True, layout: Optional[str] = None) -> Model:
+         progress: bool = True, layout: Optional[str] = None, quantize: Optional[str] = None,
+         quantize_vision: bool = False) -> Model:
     """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
 
     Without ``path``: the small default model shipped in the package (trained from scratch on the
@@ -275,6 +296,9 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
     On a mesh over several processes (after ``jax.distributed.initialize``) every process calls this.
     ``layout``: how the programs split over the mesh (``Model``); the weights are read straight into it.
+    ``quantize`` ("int8" | "int4" | None) and ``quantize_vision``: hold the kernels quantized (``Model``;
+    ``models/quantize.py``), each quantized as it is read. A checkpoint written by ``cogvlm-jax convert
+    --quantize`` is read back as it is stored; ``quantize`` then defaults to its format and must match it.
     """
     want = model_dtype(dtype)
     if path is None:
@@ -286,8 +310,23 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
     execution = program.execution(mesh, layout)
-    params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None)
+    stored = stored_quantization(path)
+    if stored is not None:
+        quantize, quantize_vision = _stored_quantize(path, stored, quantize, quantize_vision)
+    quant = quant_lib.make(quantize, quantize_vision, execution.platform)
+    params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None,
+                         quant=quant)
     tok = find_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
-    return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout)
+    return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout, quantize=quantize,
+                 quantize_vision=quantize_vision)
+
+
+def _stored_quantize(path, stored, quantize, quantize_vision):
+    """The (quantize, quantize_vision) of a load of a quantized checkpoint: its own; asking for others fails."""
+    if quantize is not None and quantize != stored.format or quantize_vision and not stored.vision:
+        raise CheckpointError(f"{path} holds {stored.format} weights (quantize_vision={stored.vision}); it cannot be "
+                              f"loaded with quantize={quantize!r}, quantize_vision={quantize_vision}: load it "
+                              "without quantize, or convert the original checkpoint again")
+    return stored.format, stored.vision

@@ -46,7 +46,26 @@ FORMAT_NAME = "cogvlm-jax"
 FORMAT_VERSION = 2  # 2: the lm_head kernel is [vocab, hidden] (HF's layout); version 1 stored it transposed
 
 
+QUANTIZE_KEY = "quantize"  # checkpoint.json: {"format": "int8" | "int4", "vision": bool} of a quantized checkpoint
+
+
 # --------------------------------------------------------------------------- our format
+def stored_quantization(path: str):
+    """The ``models.quantize.Quantization`` the parameters of our checkpoint at ``path`` are stored in
+    (int4 packed, as checkpoints store it), or None: not quantized (or not one of ours)."""
+    from cogvlm_jax.models.quantize import FORMATS, Quantization
+
+    if not is_our_checkpoint(path):
+        return None
+    q = read_meta(path).get(QUANTIZE_KEY)
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("format") not in FORMATS:
+        raise CheckpointError(f"{os.path.join(path, FORMAT_FILE)}: {QUANTIZE_KEY!r} must be "
+                              f"{{'format': one of {FORMATS}, 'vision': bool}}, got {q!r}")
+    return Quantization(q["format"], bool(q.get("vision", False)), packed=q["format"] == "int4")
+
+
 def is_our_checkpoint(path: str) -> bool:
     """True for a directory holding ``config.json`` and an Orbax ``params/`` directory."""
     return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, PARAMS_DIR))

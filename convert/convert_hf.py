@@ -49,6 +49,7 @@ from cogvlm_jax.convert.checkpoint import (
     tiles,
     trim_heap,
 )
+from cogvlm_jax.convert import quantized
 from cogvlm_jax.files import atomic_directory, check_destination, copy_files, write_json
 from cogvlm_jax.inputs.tokenizer import tokenizer_files
 from cogvlm_jax.parallel import multihost
@@ -679,7 +680,7 @@ def check_not_same(src: str, dst: str) -> None:
 
 
 def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = False, progress: bool = True,
-                       mesh=None) -> str:
+                       mesh=None, quantize=None, quantize_vision: bool = False) -> str:
     """HF safetensors checkpoint directory ``src`` -> our checkpoint at ``dst`` (see cogvlm_jax.convert.checkpoint).
 
     Streamed: each tensor is read just before it is written, a tensor larger than ``BLOCK_BYTES`` a row
@@ -688,7 +689,9 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
     later load on a mesh whose per-process slices are unions of those shards (the same mesh, one process
     or several) reads only what each process holds. Without a mesh a tensor of at most ``BLOCK_BYTES``
     is one chunk, which every loading process reads whole. Only the mesh's shape matters here: nothing
-    is placed on its devices.
+    is placed on its devices. ``quantize`` ("int8" | "int4") and ``quantize_vision``: the kernels
+    ``load(..., quantize=)`` quantizes are stored quantized (``convert/quantized.py``), each one chunk;
+    ``load`` reads them back as they are.
     """
     check_not_same(src, dst)
     check_destination(dst, overwrite)  # fail before reading gigabytes
@@ -697,11 +700,16 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
         config = load_config(src)
         shapes = mapping.expected_params_shapes(config)
         chunks = {p: tuple(s.shard_shape(shapes[p])) for p, s in flatten_dict(param_shardings(config, mesh)).items()}
+    quant = None if quantize is None else quantized.storage(quantize, quantize_vision)
     config, params, facts, bar = load_hf(src, config, dtype, progress, lazy=True, chunks=chunks)
     if dtype is not None:
         config = config.replace(torch_dtype=as_dtype(dtype).name)
+    meta = {"hf": facts}
+    if quant is not None:
+        params = quantized.quantized_leaves(params, config, quant)
+        meta.update(quantized.meta(quant))
     try:
-        save_params(dst, params, config, overwrite=overwrite, meta={"hf": facts}, extra_files=carried_files(src))
+        save_params(dst, params, config, overwrite=overwrite, meta=meta, extra_files=carried_files(src))
     finally:
         bar.close()
     return dst
@@ -723,13 +731,18 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
 
 def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                 progress: bool = True, mesh=None) -> int:
-    """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError."""
+                 progress: bool = True, mesh=None, quantize=None, quantize_vision: bool = False) -> int:
+    """The ``cogvlm-jax convert SRC DST [--to hf] [--quantize int8|int4]`` command. Returns 0; raises
+    CheckpointError/ConfigError."""
     if to == "ours":
         if is_our_checkpoint(src):
             raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")
-        convert_hf_to_ours(src, dst, dtype, overwrite=overwrite, progress=progress, mesh=mesh)
+        convert_hf_to_ours(src, dst, dtype, overwrite=overwrite, progress=progress, mesh=mesh, quantize=quantize,
+                           quantize_vision=quantize_vision)
     elif to == "hf":
+        if quantize is not None:
+            raise CheckpointError("--quantize writes a checkpoint of ours; the Hugging Face export (--to hf) "
+                                  "holds the float weights")
         convert_ours_to_hf(src, dst, max_shard_bytes, dtype, overwrite=overwrite, progress=progress)
     else:
         raise CheckpointError(f"unknown conversion target {to!r}; expected 'ours' or 'hf'")

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from cogvlm_jax.convert import checkpoint
 from cogvlm_jax.convert.convert_hf import read_hf_checkpoint
 from cogvlm_jax.convert.hf_sharded import read_hf_sharded
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.models import quantize as quant_lib
+from cogvlm_jax.models.cogvlm import abstract_params
 from cogvlm_jax.parallel.sharding import abstract_sharded_params, param_shardings
 
 
-def read_params(path: str, config: CogVLMConfig, dtype, *, mesh=None, progress: bool = True, rules=None):
+def read_params(path: str, config: CogVLMConfig, dtype, *, mesh=None, progress: bool = True, rules=None,
+                quant=None):
     """The parameter tree of the checkpoint at ``path`` (an HF directory or ours), as ``dtype`` arrays, in
     checkpoint order.
 
     ``mesh``: every parameter goes straight into its sharded layout (by ``rules``, default
     ``axes.RULES``) and each process reads only the slices its own devices hold: from HF safetensors
     region by region (``hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
+    ``quant``: how a quantized checkpoint of ours (``checkpoint.stored_quantization``) is held
+    (``models/quantize.py``): its integer kernels and float32 scales are read as they are stored, then
+    given the held form (int4 unpacked into ``jnp.int4`` where the platform holds it so).
     """
     ours = checkpoint.is_our_checkpoint(path)
+    stored_quant = checkpoint.stored_quantization(path) if ours else None
+    if stored_quant is not None:
+        return _read_quantized(path, config, dtype, stored_quant, quant or stored_quant, mesh, rules)
     if mesh is None:
         def place(_path, a):
             return jnp.asarray(a, dtype=dtype)
@@ -33,3 +44,26 @@ def read_params(path: str, config: CogVLMConfig, dtype, *, mesh=None, progress: 
         return checkpoint.restore_params(path, abstract_sharded_params(config, mesh, dtype, rules))
     shardings = flatten_dict(param_shardings(config, mesh, rules))
     return read_hf_sharded(path, config, shardings, dtype, progress=progress)
+
+
+def _read_quantized(path, config, dtype, stored_quant, quant, mesh, rules):
+    """A quantized checkpoint of ours: restored into the stored tree (float leaves in ``dtype``), then each
+    stored kernel given ``quant``'s held form."""
+    if mesh is None:
+        target = abstract_params(config, dtype, stored_quant)
+    else:
+        target = abstract_sharded_params(config, mesh, dtype, rules, stored_quant)
+    params = flatten_dict(checkpoint.restore_params(path, target))
+    if quant.packed == stored_quant.packed:
+        return unflatten_dict(params)
+    held = None if mesh is None else flatten_dict(param_shardings(config, mesh, rules, quant))
+    for p in quantized_kernel_paths(params):
+        fn = jax.jit(functools.partial(quant_lib.from_stored, in_axis=quant_lib.in_axis_of(p), quant=quant),
+                     out_shardings=None if held is None else held[p])
+        params[p] = fn(params[p])
+    return unflatten_dict(params)
+
+
+def quantized_kernel_paths(flat) -> list[tuple]:
+    """The kernels of a flattened tree that have a ``kernel_scale`` beside them."""
+    return [p[:-1] + ("kernel",) for p in flat if p[-1] == quant_lib.SCALE]

@@ -51,8 +51,10 @@ class VisionModel(nn.Module):
     def __call__(self, pixels):
         v = self.cfg.vision
         ex = self.execution
-        x = PatchEmbedding(v, self.dtype, ex, name="patch_embedding")(pixels)
-        x = Transformer(v, self.dtype, self.query_chunk, self.remat, ex, name="transformer")(x)
+        # the ViT's linears are quantized only when asked (``Quantization.vision``); the adapter's always
+        vit = ex if ex.quant is None or ex.quant.vision else ex.replace(quant=None)
+        x = PatchEmbedding(v, self.dtype, vit, name="patch_embedding")(pixels)
+        x = Transformer(v, self.dtype, self.query_chunk, self.remat, vit, name="transformer")(x)
         x = x[:, 1:]  # drop cls
         b = x.shape[0]
         if v.downsample:

@@ -14,6 +14,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.models import kv_cache, positions
@@ -21,6 +22,7 @@ from cogvlm_jax.models.adapter import VisionModel
 from cogvlm_jax.models.decoder import DecoderLayer
 from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, RMSNorm, _init
+from cogvlm_jax.models.quantize import SCALE, Quantization
 
 Dtype = jnp.dtype
 
@@ -135,26 +137,32 @@ def init_params(config: CogVLMConfig, rng, dtype=jnp.float32):
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_boxed_params(config: CogVLMConfig, dtype=jnp.float32):
+def abstract_boxed_params(config: CogVLMConfig, dtype=jnp.float32, quant: Optional[Quantization] = None):
     """Parameter shapes with their ``nn.LogicallyPartitioned`` boxes, without allocating anything.
 
-    Cached per (config, dtype): tracing the published 19B init takes seconds."""
+    ``quant``: the tree of a quantized model (``models/quantize.py``): its quantized kernels are integers,
+    their ``kernel_scale`` float32, whatever ``dtype``. Cached per (config, dtype, quant): tracing the
+    published 19B init takes seconds."""
     dtype = jnp.dtype(dtype)
-    model = CogVLM(config, dtype)
+    model = CogVLM(config, dtype, execution=Execution(quant=quant))
     tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(config))["params"])
-    return jax.tree_util.tree_map(
-        lambda b: b.replace_boxed(jax.ShapeDtypeStruct(b.value.shape, dtype)), tree,
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    flat = flatten_dict(tree, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
+
+    def held(path, b):
+        keep = path[-1] == SCALE or not jnp.issubdtype(b.value.dtype, jnp.floating)
+        return b.replace_boxed(jax.ShapeDtypeStruct(b.value.shape, b.value.dtype if keep else dtype))
+
+    return unflatten_dict({p: held(p, b) for p, b in flat.items()})
 
 
-def abstract_params(config: CogVLMConfig, dtype=jnp.float32):
+def abstract_params(config: CogVLMConfig, dtype=jnp.float32, quant: Optional[Quantization] = None):
     """Nested dict of ``jax.ShapeDtypeStruct``: every parameter's shape and dtype, nothing allocated."""
-    return nn.unbox(abstract_boxed_params(config, dtype))
+    return nn.unbox(abstract_boxed_params(config, dtype, quant))
 
 
-def logical_axes(config: CogVLMConfig):
+def logical_axes(config: CogVLMConfig, quant: Optional[Quantization] = None):
     """Nested dict of tuples: every parameter's logical axis names (see ``axes.py``)."""
-    return nn.get_partition_spec(abstract_boxed_params(config))
+    return nn.get_partition_spec(abstract_boxed_params(config, quant=quant))
 
 
 def count_params(config: CogVLMConfig) -> int:

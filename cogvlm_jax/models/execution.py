@@ -16,6 +16,7 @@ import jax
 from jax.sharding import Mesh
 
 from cogvlm_jax.models import partitioning
+from cogvlm_jax.models.quantize import Quantization
 
 LAYOUTS = ("exact", "megatron")
 
@@ -55,6 +56,9 @@ class Execution:
     ``widened_kernels``: a float32 ``kernel`` of a 16-bit ``Dense`` / ``PatchConv`` that widens on this
     platform is taken as already rounded to the module's dtype and widened, and multiplied as it is
     (training widens its frozen kernels once, outside the step); a 16-bit kernel is widened as always.
+
+    ``quant``: the ``Dense`` kernels are held quantized (``models/quantize.py``); the vision tower's
+    ViT is built without it unless ``quant.vision`` (``adapter.VisionModel``).
     """
 
     mesh: Optional[Mesh] = None
@@ -63,6 +67,7 @@ class Execution:
     layout: str = "exact"
     weight_lhs: bool = False
     widened_kernels: bool = False
+    quant: Optional[Quantization] = None
 
     def __post_init__(self):
         object.__setattr__(self, "rules", partitioning.as_rules(self.rules))

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.execution import Execution
 
 Dtype = Any
@@ -102,20 +103,43 @@ class Dense(nn.Module):
         d = x.shape[-1]
         logical = self.axes[::-1] if self.out_in else self.axes
         shape = (self.features, d) if self.out_in else (d, self.features)
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init, logical), shape)
         spec = "...d,fd->...f" if self.out_in else "...d,df->...f"
-        xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
+        out_scale = None
+        if ex.quant is None:
+            kernel = self.param("kernel", nn.with_logical_partitioning(_init, logical), shape)
+            xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
+        else:
+            xs, ks, out_scale = self._quantized(x, shape, logical)
         if self.out_in and self.execution.weight_lhs:  # a few-row program: see parallel/rows.py
             y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
                            preferred_element_type=jnp.float32)
             y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
         else:
             y = jnp.einsum(spec, xs, ks, precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
+        if out_scale is not None:  # int8: one scale per output channel, applied to the product
+            y = y * out_scale.astype(jnp.float32)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,))
             y = y + bias.astype(y.dtype)
         return self.execution.whole_rows(y) if self.gather else y
+
+    def _quantized(self, x, shape, logical):
+        """The operands of a quantized kernel's product (``models/quantize.py``): (x, the kernel in the
+        compute dtype, the output channels' scales or None). ``shape`` is the float kernel's."""
+        ex, q = self.execution, self.execution.quant
+        in_axis = 1 if self.out_in else 0
+        held_shape = tuple(n // 2 if q.packed and a == in_axis else n for a, n in enumerate(shape))
+        held_dtype = q.held_dtype()
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            lambda key, s: jnp.zeros(s, held_dtype), logical), held_shape)
+        scale_logical = tuple(None if a == in_axis and not q.grouped else n for a, n in enumerate(logical))
+        scale = self.param(quant_lib.SCALE, nn.with_logical_partitioning(
+            lambda key, s: jnp.ones(s, jnp.float32), scale_logical), quant_lib.scale_shape(shape, in_axis, q.format))
+        compute = jnp.float32 if widens_on_cpu(self.dtype, ex.platform) else self.dtype
+        ks, out_scale, x = quant_lib.product_kernel(ex.weight(kernel, logical), ex.weight(scale, scale_logical), x,
+                                                   in_axis, q, compute)
+        return x.astype(self.dtype).astype(compute), ks, out_scale
 
 
 class RMSNorm(nn.Module):

@@ -33,10 +33,11 @@ def _orders(config: CogVLMConfig, inverse: bool):
             "vision": fn(v.num_heads, v.num_heads, v.hidden_size // v.num_heads)}
 
 
-def fused_qkv_axes(config: CogVLMConfig) -> dict[tuple[str, ...], tuple[int, str]]:
-    """Flattened parameter path -> (its fused QKV feature axis, its tower), for every leaf that has one."""
+def fused_qkv_axes(config: CogVLMConfig, quant=None) -> dict[tuple[str, ...], tuple[int, str]]:
+    """Flattened parameter path -> (its fused QKV feature axis, its tower), for every leaf that has one.
+    ``quant``: of the quantized tree (``models/quantize.py``), whose kernel scales are reordered too."""
     out = {}
-    for path, names in flatten_dict(logical_axes(config)).items():
+    for path, names in flatten_dict(logical_axes(config, quant)).items():
         for axis, name in enumerate(tuple(names)):
             if name in _QKV_AXES:
                 out[path] = (axis, _QKV_AXES[name])
@@ -51,14 +52,14 @@ def _permute(axis: int, order: tuple[int, ...], sharding):
     return jax.jit(lambda w: w.take(index, axis=axis), out_shardings=sharding)
 
 
-def _reorder(params, config: CogVLMConfig, layout: str, inverse: bool):
+def _reorder(params, config: CogVLMConfig, layout: str, inverse: bool, quant):
     if layout == "exact":
         return params
     if layout != "megatron":
         raise ValueError(f"layout must be 'exact' or 'megatron', got {layout!r}")
     orders = _orders(config, inverse)
     flat = flatten_dict(params)
-    for path, (axis, tower) in fused_qkv_axes(config).items():
+    for path, (axis, tower) in fused_qkv_axes(config, quant).items():
         if path not in flat:  # a partial tree (a trainable subset): only what it holds
             continue
         w = flat[path]
@@ -71,11 +72,12 @@ def _reorder(params, config: CogVLMConfig, layout: str, inverse: bool):
     return unflatten_dict(flat)
 
 
-def to_program(params, config: CogVLMConfig, layout: str):
-    """Checkpoint-ordered ``params`` as the programs of ``layout`` read them."""
-    return _reorder(params, config, layout, inverse=False)
+def to_program(params, config: CogVLMConfig, layout: str, quant=None):
+    """Checkpoint-ordered ``params`` as the programs of ``layout`` read them. ``quant``: ``params`` is the
+    tree of a model quantized so (``models/quantize.py``): a fused QKV's scales are reordered with its rows."""
+    return _reorder(params, config, layout, inverse=False, quant=quant)
 
 
-def to_checkpoint(params, config: CogVLMConfig, layout: str):
+def to_checkpoint(params, config: CogVLMConfig, layout: str, quant=None):
     """Parameters the programs of ``layout`` hold, in checkpoint order: the inverse of :func:`to_program`."""
-    return _reorder(params, config, layout, inverse=True)
+    return _reorder(params, config, layout, inverse=True, quant=quant)

@@ -15,20 +15,21 @@ from cogvlm_jax.models.cogvlm import abstract_params, logical_axes
 from cogvlm_jax.parallel import axes
 
 
-def param_shardings(config: CogVLMConfig, mesh: Mesh, rules=None):
+def param_shardings(config: CogVLMConfig, mesh: Mesh, rules=None, quant=None):
     """Nested dict of NamedSharding, one per parameter, by ``rules`` (default ``axes.RULES``; a module's
-    are its ``execution.rules``)."""
+    are its ``execution.rules``). ``quant``: the tree of a quantized model (``models/quantize.py``), each
+    ``kernel_scale`` sharded like its kernel."""
     rules = axes.RULES if rules is None else rules
-    shapes = abstract_params(config)
-    names = logical_axes(config)
+    shapes = abstract_params(config, quant=quant)
+    names = logical_axes(config, quant)
     return jax.tree_util.tree_map(lambda s, p: axes.named_sharding(tuple(p), s.shape, mesh, rules), shapes, names,
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def abstract_sharded_params(config: CogVLMConfig, mesh: Mesh, dtype, rules=None):
+def abstract_sharded_params(config: CogVLMConfig, mesh: Mesh, dtype, rules=None, quant=None):
     """ShapeDtypeStructs carrying their sharding: the target of a sharded restore."""
-    shapes = abstract_params(config, dtype)
-    shard = param_shardings(config, mesh, rules)
+    shapes = abstract_params(config, dtype, quant)
+    shard = param_shardings(config, mesh, rules, quant)
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shard)
 
 
