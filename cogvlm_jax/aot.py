@@ -201,13 +201,14 @@ def compile_only_process() -> None:
 # XLA:CPU compiler option) comes from the mesh's devices: the module is built with
 # ``program.execution(mesh)`` and ``program.jit`` picks the compiler options by the same platform, so a
 # program compiled here for TPU or GPU devices is that platform's program, not this host's.
-def _module(config: CogVLMConfig, mesh, dtype, vit_query_chunk=None, layout=None):
-    """The flax module as ``api.Model`` makes it on ``mesh`` in ``layout`` (None: the platform's default)."""
+def _module(config: CogVLMConfig, mesh, dtype, vit_query_chunk=None, layout=None, quant=None):
+    """The flax module as ``api.Model`` makes it on ``mesh`` in ``layout`` (None: the platform's default),
+    its kernels quantized as ``quant`` says (``models/quantize.py``; None: not)."""
     from cogvlm_jax.api import compute_dtype
     from cogvlm_jax.models.cogvlm import CogVLM
     from cogvlm_jax.parallel import program
 
-    execution = program.execution(mesh, layout)
+    execution = program.execution(mesh, layout).replace(quant=quant)
     return CogVLM(config, compute_dtype(dtype, execution.platform), vit_query_chunk, execution=execution)
 
 
@@ -270,14 +271,15 @@ class _Spec:
     layers: int
     detail: str = ""
     layout: str = "exact"
+    quantize: Optional[str] = None
 
 
 def _build_generate(program, config, mesh, params, dtype, batch, cache_length, prompt_length, image,
-                    max_new_tokens, do_sample, vit_query_chunk, layout):
+                    max_new_tokens, do_sample, vit_query_chunk, layout, quant):
     from cogvlm_jax.generation import sampling
     from cogvlm_jax.parallel import rows
 
-    module = _module(config, mesh, dtype, vit_query_chunk, layout)
+    module = _module(config, mesh, dtype, vit_query_chunk, layout, quant)
     gen = sampling.Generator(module, config.eos_token_ids, config.pad_token_id, mesh)
     if program == "prefill":
         args = (params, *_prompt(config, functools.partial(_rows, mesh), batch, prompt_length, image),
@@ -303,10 +305,11 @@ def _build_generate(program, config, mesh, params, dtype, batch, cache_length, p
 
 
 def _build_engine(program, config, mesh, params, dtype, slots, cache_length, prompt_length, image, chunk,
-                  vit_query_chunk, layout):
+                  vit_query_chunk, layout, quant):
     from cogvlm_jax.serving.programs import Programs
 
-    programs = Programs(_module(config, mesh, dtype, vit_query_chunk, layout), slots, cache_length, chunk, mesh)
+    programs = Programs(_module(config, mesh, dtype, vit_query_chunk, layout, quant), slots, cache_length, chunk,
+                        mesh)
     state = jax.tree.map(lambda s, sh: _sds(s.shape, s.dtype, sh), programs.shapes, programs.shardings)
     rep = functools.partial(_replicated, mesh)  # the engine's host inputs are replicated
     if program == "insert":
@@ -346,7 +349,12 @@ class _Record:
 def _per_device_bytes(tree) -> int:
     """Bytes one device holds of the abstract arrays in ``tree`` (its shard of each)."""
     leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)]
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * _bits(x.dtype) // 8 for x in leaves)
+
+
+def _bits(dtype) -> int:
+    """Bits per value as a device holds it: ``jnp.int4`` reports an itemsize of 1 but packs two per byte."""
+    return 4 if jnp.dtype(dtype) == jnp.dtype(jnp.int4) else 8 * jnp.dtype(dtype).itemsize
 
 
 _RECORDS: "weakref.WeakKeyDictionary[Any, _Record]" = weakref.WeakKeyDictionary()
@@ -357,7 +365,8 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
                 prompt_length: Optional[int] = None, image: bool = False, dtype: str = "bfloat16",
                 max_new_tokens: int = 256, do_sample: bool = False, chunk: Optional[int] = None, train_config=None,
                 vit_query_chunk: Optional[int] = None, check_fit: bool = True,
-                layout: Optional[str] = None) -> jax.stages.Compiled:
+                layout: Optional[str] = None, quantize: Optional[str] = None,
+                quantize_vision: bool = False) -> jax.stages.Compiled:
     """Compile ``program`` of ``config`` (a preset name, a checkpoint directory / config.json, or a
     ``CogVLMConfig``) for ``target`` on ``mesh`` (data, fsdp, tensor; default all devices on tensor).
 
@@ -368,7 +377,9 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     weights (and, on the target, the products and KV cache). ``chunk``: the engine's decode steps per call.
     ``train_config``: a ``TrainConfig`` (default: its defaults, full fine-tuning). ``layout``: ``"exact"``
     or ``"megatron"`` (``models/execution.py``; default: the target platform's, Megatron on TPU and GPU;
-    ``train`` always compiles the trainer's, exact).
+    ``train`` always compiles the trainer's, exact). ``quantize`` (``"int8"`` / ``"int4"``) and
+    ``quantize_vision``: the program of a model loaded with them (``cogvlm_jax.load``): its parameters are
+    the quantized tree (``models/quantize.py``; int4 as the target holds it). Not for ``train``.
 
     Returns the ``jax.stages.Compiled``; :func:`report` reads it. Raises :class:`DoesNotFitError` when the
     per-device peak passes the chip's HBM (``check_fit=False``: returned anyway, unless XLA refuses it).
@@ -402,23 +413,32 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
 
     m = mesh_for(t, mesh)
     np_dtype = _DTYPES[dtype]
+    from cogvlm_jax.models import quantize as quant_lib
     from cogvlm_jax.parallel import program as program_lib
+
+    if quantize is not None and program == "train":
+        raise AotError("quantize compiles inference programs; the trainer trains float weights")
+    try:
+        quant = quant_lib.make(quantize, quantize_vision, program_lib.platform_of(m))
+    except ValueError as e:
+        raise AotError(str(e)) from None
 
     layout = "exact" if program == "train" else (program_lib.default_layout(m) if layout is None else layout)
     spec = _Spec(name, t.name, tuple(m.devices.shape), program, dtype, batch,
                  None if program == "train" else cache_length, prompt_length, bool(image), cfg.text.num_layers,
                  detail=(f"chunk {chunk}" if program == "decode_chunk" else
                          f"trainable {(train_config.trainable if train_config else 'full')}" if program == "train"
-                         else f"{max_new_tokens} new tokens" if program == "decode" else ""), layout=layout)
+                         else f"{max_new_tokens} new tokens" if program == "decode" else ""), layout=layout,
+                 quantize=quantize)
     t0 = time.perf_counter()
-    params = abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules)
+    params = abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules, quant)
     if program in ("prefill", "decode", "decode_step"):
         fn, args, kwargs = _build_generate(program, cfg, m, params, np_dtype, batch, cache_length,
                                            prompt_length, image, max_new_tokens, do_sample, vit_query_chunk,
-                                           layout)
+                                           layout, quant)
     elif program in ("insert", "decode_chunk"):
         fn, args, kwargs = _build_engine(program, cfg, m, params, np_dtype, batch, cache_length, prompt_length,
-                                         image, chunk, vit_query_chunk, layout)
+                                         image, chunk, vit_query_chunk, layout, quant)
     else:
         fn, args, kwargs = _build_train(cfg, m, params, np_dtype, batch, prompt_length, image, train_config,
                                         vit_query_chunk)
@@ -447,7 +467,7 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
 
 
 def _describe(s: _Spec) -> str:
-    parts = [f"{s.config_name} {s.program}", s.dtype, f"batch {s.batch}"]
+    parts = [f"{s.config_name} {s.program}", s.dtype + (f" {s.quantize}" if s.quantize else ""), f"batch {s.batch}"]
     if s.prompt_length is not None:
         parts.append(f"prompt {s.prompt_length}" + (" with image" if s.image else ""))
     if s.cache_length is not None:

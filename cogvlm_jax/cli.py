@@ -26,6 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "model shipped in the package (coloured shapes only, see docs/default-model.md)")
     p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: beside the model)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    _add_quantize_args(p)
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"default {DEFAULT_MAX_NEW_TOKENS}, or half the model's context if that is shorter")
@@ -34,6 +35,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     multihost.add_cli_args(p)
+
+
+def _add_quantize_args(p: argparse.ArgumentParser, what: str = "hold") -> None:
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help=f"{what} the decoder, lm_head and adapter weights as int8 (per output channel) or int4 "
+                        "(groups of 128 inputs); a checkpoint converted with --quantize loads as it is stored")
+    p.add_argument("--quantize-vision", action="store_true", help="with --quantize: the ViT's linears too")
+
+
+def _quantize_kw(args) -> dict:
+    return dict(quantize=args.quantize, quantize_vision=args.quantize_vision)
 
 
 def _sampling(args, model) -> dict:
@@ -48,7 +60,7 @@ def _load(args, mesh):
     import cogvlm_jax
 
     return cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
-                           progress=multihost.is_main_process(), layout=args.layout)
+                           progress=multihost.is_main_process(), layout=args.layout, **_quantize_kw(args))
 
 
 def _image(path):
@@ -159,7 +171,10 @@ def cmd_convert(args) -> int:
     from cogvlm_jax.training.export import main_convert
 
     mesh = multihost.mesh_from_flag(args.mesh, cpu=True) if args.mesh else None
-    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh) or 0
+    kw = _quantize_kw(args) if args.quantize else {}
+    if args.quantize_vision and not args.quantize:
+        raise ValueError("--quantize-vision needs --quantize int8 or int4")
+    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh, **kw) or 0
 
 
 def cmd_plan(args) -> int:
@@ -169,8 +184,11 @@ def cmd_plan(args) -> int:
     data, fsdp, tensor = multihost.parse_mesh(args.mesh)
     cfg = load_config(args.config)
     context = args.context or cfg.context_length
-    p = plan(cfg, data, fsdp, tensor, args.dtype, args.batch, context)
-    print(format_plan(cfg.name or args.config, p, args.dtype, args.batch, context))
+    from cogvlm_jax.models.quantize import make
+
+    p = plan(cfg, data, fsdp, tensor, args.dtype, args.batch, context,
+             quant=make(args.quantize, args.quantize_vision, "tpu"))
+    print(format_plan(cfg.name or args.config, p, args.dtype, args.batch, context, args.quantize))
     return 0
 
 
@@ -185,7 +203,8 @@ def cmd_compile(args) -> int:
 
         train_config = TrainConfig(trainable=args.trainable, remat=args.remat)
     kw = dict(batch=args.batch, cache_length=args.cache_length, prompt_length=args.prompt_length, image=args.image,
-              dtype=args.dtype, max_new_tokens=args.max_new_tokens, chunk=args.chunk, train_config=train_config)
+              dtype=args.dtype, max_new_tokens=args.max_new_tokens, chunk=args.chunk, train_config=train_config,
+              **_quantize_kw(args))
     mesh = multihost.parse_mesh(args.mesh) if args.mesh else None
     kw["layout"] = args.layout
     compiled = aot.compile_for(args.config, target=args.target, mesh=mesh, program=args.program,
@@ -295,7 +314,7 @@ def load_engine_and_config(args, mesh=None) -> tuple:
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process(),
-              layout=getattr(args, "layout", None))
+              layout=getattr(args, "layout", None), **_quantize_kw(args))
     model = cogvlm_jax.load(args.model, **kw)
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
@@ -349,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                     help="store each tensor in chunks of its shard on this mesh (made of CPU devices), so that "
                          "loading on it, in one process or several, reads only each process's slices")
+    _add_quantize_args(cv, "store")
     cv.set_defaults(func=cmd_convert)
 
     pl = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (nothing allocated)")
@@ -357,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--context", type=int, help="KV cache length (default: the model's context)")
+    _add_quantize_args(pl, "count")
     pl.set_defaults(func=cmd_plan)
 
     co = sub.add_parser("compile", help="compile a program for a TPU slice or GPU host here (no accelerator needed) "
@@ -378,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--remat", action="store_true", help="train: recompute each layer in the backward pass")
     co.add_argument("--layout", choices=("exact", "megatron"),
                     help="how the programs split over the mesh (default: the target's, megatron; train: exact)")
+    _add_quantize_args(co, "compile with")
     co.add_argument("--per-layer", action="store_true",
                     help="also the collectives one decoder layer adds (two more compiles, of 1 and 2 layers)")
     co.add_argument("--no-fit-check", action="store_true", help="report a program that does not fit instead of "
@@ -426,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "model shipped in the package (coloured shapes only, see docs/default-model.md)")
     sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
     sv.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    _add_quantize_args(sv)
     sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name, "
                     f"or {DEFAULT_MODEL_NAME!r} for the shipped model)")
     sv.add_argument("--host", default="127.0.0.1")

@@ -166,3 +166,31 @@ def test_the_image_prefill_attends_without_the_vit_scores():
     text = compiled.as_text()
     assert "tpu_custom_call" in text
     assert f",{n},{n}]" not in text and f"[{n},{n}]" not in text, "a ViT score array is materialised"
+
+
+def test_a_quantized_decode_step_reads_the_quantized_weights():
+    """``compile_for(..., quantize=)``: the decode step's arguments are the integer kernels (int8, and int4
+    as ``s4``, which the TPU holds two per byte) and their scales: int8 reads at most 0.55x the bfloat16
+    bytes, int4 less again, and no temporary holds a dequantized copy of the weights."""
+    kw = dict(DECODE, batch=1, cache_length=16)
+    t = tiny().text  # wide enough that the weights, not the embedding table and cache, are most of the bytes
+    cfg = tiny().replace(text=dataclasses.replace(t, hidden_size=512, intermediate_size=1024, vocab_size=512))
+    reports, texts = {}, {}
+    for q in (None, "int8", "int4"):
+        c = aot.compile_for(cfg, quantize=q, **kw)
+        reports[q], texts[q] = aot.report(c), c.as_text()
+    bf16, int8, int4 = (reports[q].argument_bytes for q in (None, "int8", "int4"))
+    print(f"\ntiny 19B-structure decode step argument bytes: bf16 {bf16}, int8 {int8} ({int8 / bf16:.3f}x), "
+          f"int4 {int4} ({int4 / bf16:.3f}x)")
+    assert int8 <= 0.55 * bf16 and int4 < 0.75 * int8
+    assert "s8[" in texts["int8"] and "s4[" in texts["int4"] and "s8[" not in texts[None]
+    for q in ("int8", "int4"):  # a dequantized copy of every weight would add about the bfloat16 arguments
+        extra = reports[q].temp_bytes - reports[None].temp_bytes
+        print(f"{q}: temporaries {reports[q].temp_bytes} bytes, bfloat16 {reports[None].temp_bytes}")
+        assert extra < 0.5 * bf16
+    assert "int8" in reports["int8"].format()
+    with pytest.raises(aot.AotError, match="quantize must be one of"):
+        aot.compile_for(cfg, quantize="int2", **kw)
+    with pytest.raises(aot.AotError, match="trainer trains float weights"):
+        aot.compile_for(cfg, target="v5e-8", mesh=(1, 1, 8), program="train", batch=8, prompt_length=16,
+                        quantize="int8")

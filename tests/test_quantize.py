@@ -258,3 +258,31 @@ def test_sharded_int8_equals_one_device_int8(layout, shape, quantized, batches):
         print(f"\n{fam} {layout} {shape} int8: max |sharded - one device| = {err:.2e}")
         assert err <= 1e-4
         np.testing.assert_array_equal(m.generate(*batch, max_new_tokens=8), one.generate(*batch, max_new_tokens=8))
+
+
+# --------------------------------------------------------------------------- the CLI
+def test_cli_convert_generate_and_plan_with_quantize(tmp_path, capsys):
+    from cogvlm_jax import cli
+
+    ck, tok = _paths("cogvlm1")
+    dst = str(tmp_path / "q8")
+    assert cli.main(["convert", ck, dst, "--quantize", "int8"]) == 0
+    gen = ["generate", "--tokenizer", tok, "--prompt", "hi there", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert cli.main(gen + ["--model", dst]) == 0
+    stored = capsys.readouterr().out
+    assert cli.main(gen + ["--model", ck, "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out == stored and stored.strip()
+    assert cli.main(gen + ["--model", dst, "--quantize", "int4"]) == 2
+    assert "holds int8 weights" in capsys.readouterr().err
+    assert cli.main(["convert", ck, str(tmp_path / "v"), "--quantize-vision"]) == 2
+    assert "--quantize-vision needs --quantize" in capsys.readouterr().err
+
+    def total_gib(*extra):
+        assert cli.main(["plan", "--config", "cogvlm2-llama3-chat-19B", "--mesh", "1,1,8", *extra]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if "parameters:" in x)
+        return float(line.split()[1])
+
+    bf16, int8, int4 = total_gib(), total_gib("--quantize", "int8"), total_gib("--quantize", "int4")
+    print(f"\n19B parameters: bfloat16 {bf16} GiB, int8 {int8} GiB, int4 {int4} GiB")
+    assert int4 < int8 < 0.65 * bf16

@@ -47,19 +47,26 @@ class Plan:
         return self.params_per_device_bytes + self.kv_per_device_bytes
 
 
+def _bits(dtype) -> int:
+    """Bits per value as a device holds it (``jnp.int4`` packs two per byte though its itemsize says 1)."""
+    return 4 if jnp.dtype(dtype) == jnp.dtype(jnp.int4) else 8 * jnp.dtype(dtype).itemsize
+
+
 def plan(config: CogVLMConfig, data: int = 1, fsdp: int = 1, tensor: int = 1, dtype="bfloat16", batch: int = 1,
-         context: int | None = None, rules=axes.RULES) -> Plan:
+         context: int | None = None, rules=axes.RULES, quant=None) -> Plan:
+    """``quant``: the parameters of a model quantized so (``models/quantize.py``): integer kernels and
+    their float32 scales, the other parameters in ``dtype``."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     mesh = _SizesOnly(sizes)
     itemsize = jnp.dtype(dtype).itemsize
-    shapes = abstract_params(config, dtype)
-    names = logical_axes(config)
+    shapes = abstract_params(config, dtype, quant)
+    names = logical_axes(config, quant)
     leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-        lambda s, p: (s.shape, axes.spec_for(tuple(p), s.shape, mesh, rules)), shapes, names,
-        is_leaf=lambda x: isinstance(x, PartitionSpec)), is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+        lambda s, p: (s.shape, axes.spec_for(tuple(p), s.shape, mesh, rules), _bits(s.dtype)), shapes, names,
+        is_leaf=lambda x: isinstance(x, PartitionSpec)), is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3
         and isinstance(x[1], PartitionSpec))
-    p_total = sum(math.prod(s) for s, _ in leaves) * itemsize
-    p_dev = sum(_shard_elems(s, spec, sizes) for s, spec in leaves) * itemsize
+    p_total = sum(math.prod(s) * bits for s, _, bits in leaves) // 8
+    p_dev = sum(_shard_elems(s, spec, sizes) * bits for s, spec, bits in leaves) // 8
     t = config.text
     kv_shape = kv_cache.kv_shape(batch, context or config.context_length, t.num_kv_heads, t.head_dim)
     kv_spec = axes.spec_for(kv_cache.KV_AXES, kv_shape, mesh, rules)
@@ -69,8 +76,9 @@ def plan(config: CogVLMConfig, data: int = 1, fsdp: int = 1, tensor: int = 1, dt
     return Plan(data * fsdp * tensor, p_total, p_dev, kv_total, kv_dev)
 
 
-def format_plan(name: str, p: Plan, dtype: str, batch: int, context: int) -> str:
+def format_plan(name: str, p: Plan, dtype: str, batch: int, context: int, quantize: str | None = None) -> str:
     gib = 2 ** 30
+    dtype = dtype + (f" {quantize}" if quantize else "")
     return (f"{name} {dtype} on {p.devices} device(s), batch {batch}, context {context}\n"
             f"  parameters: {p.params_total_bytes / gib:8.2f} GiB total, {p.params_per_device_bytes / gib:8.2f} GiB per device\n"
             f"  KV cache:   {p.kv_total_bytes / gib:8.2f} GiB total, {p.kv_per_device_bytes / gib:8.2f} GiB per device\n"
