@@ -139,19 +139,26 @@ class DecodeCase:
 class DecodeBench:
     """A model, its random params and its generator, reused across the cases of one (config, dtype)."""
 
-    def __init__(self, config_name: str, dtype: str, params=None):
+    def __init__(self, config_name: str, dtype: str, params=None, quantize: Optional[str] = None):
         from cogvlm_jax.api import compute_dtype, weights_for_compute
         from cogvlm_jax.generation.sampling import Generator
+        from cogvlm_jax.models import quantize as quant_lib
         from cogvlm_jax.models.cogvlm import CogVLM
         from cogvlm_jax.parallel import program
+        from cogvlm_jax.parallel.quantized import quantize_params
 
-        self.config_name, self.dtype = config_name, dtype
+        self.config_name, self.dtype, self.quantize = config_name, dtype, quantize
         self.config = load_bench_config(config_name)
-        # as cogvlm_jax.load(dtype=...) keeps them: on CPU, bfloat16 weights widened to float32 once
-        self.params = weights_for_compute(make_params(self.config, dtype) if params is None else params,
-                                          DTYPES[dtype])
+        params = make_params(self.config, dtype) if params is None else params
+        # as cogvlm_jax.load(dtype=..., quantize=...) keeps them: on CPU, bfloat16 weights widened to float32
+        # once; quantized kernels held as integers (``models/quantize.py``)
+        execution = program.execution()
+        quant = quant_lib.make(quantize, platform=execution.platform)
+        if quant is not None:
+            params = quantize_params(params, self.config, quant)
+        self.params = weights_for_compute(params, DTYPES[dtype])
         self.compute_dtype = compute_dtype(DTYPES[dtype]).name
-        self.model = CogVLM(self.config, DTYPES[self.compute_dtype], execution=program.execution())
+        self.model = CogVLM(self.config, DTYPES[self.compute_dtype], execution=execution.replace(quant=quant))
         self.gen = Generator(self.model, (NEVER_EOS,), self.config.pad_token_id)
 
     def cache_length(self, case: DecodeCase) -> int:

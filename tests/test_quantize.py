@@ -286,3 +286,56 @@ def test_cli_convert_generate_and_plan_with_quantize(tmp_path, capsys):
     bf16, int8, int4 = total_gib(), total_gib("--quantize", "int8"), total_gib("--quantize", "int4")
     print(f"\n19B parameters: bfloat16 {bf16} GiB, int8 {int8} GiB, int4 {int4} GiB")
     assert int4 < int8 < 0.65 * bf16
+
+
+# --------------------------------------------------------------------------- serving
+def test_a_live_server_on_int8_weights_answers_as_the_model_does(quantized):
+    """The serving engine on a quantized model: concurrent requests (batched decode), streamed and not, each
+    answer the quantized model's own greedy chat; a bad request fails alone with an OpenAI error."""
+    import concurrent.futures
+    import json
+    import urllib.error
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    from cogvlm_jax.serving.engine import Engine
+    from cogvlm_jax.serving.server import BackgroundServer, ServerConfig
+
+    model = quantized["cogvlm2", "int8"]
+    img = os.path.join(fixture_dir("cogvlm2"), "images", "img0.png")
+    with open(img, "rb") as f:
+        import base64
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    queries = [("Describe the image.", img), ("What is it?", None), ("Hello there", None), ("Colours?", img)]
+    want = [model.chat(im, q, max_new_tokens=8) for q, im in queries]
+    eng = Engine(model, slots=4, max_length=256, max_queue=16).start()
+    srv = BackgroundServer(eng, ServerConfig("q8"), manage_engine=False).start()
+    try:
+        cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(i, stream):
+            q, im = queries[i]
+            content = q if im is None else [{"type": "image_url", "image_url": {"url": url}},
+                                            {"type": "text", "text": q}]
+            kw = dict(model="q8", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0)
+            if stream:
+                return "".join(c.choices[0].delta.content or "" for c in cl.chat.completions.create(stream=True, **kw)
+                               if c.choices)
+            return cl.chat.completions.create(**kw).choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda a: ask(*a), [(i, s) for s in (False, True) for i in range(len(queries))]))
+        assert got == want + want
+        req = urllib.request.Request(srv.url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"model": "q8", "messages": [{"role": "user", "content": "hi"}],
+                                                      "temperature": -1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 400
+        err = json.loads(e.value.read())["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"] == "temperature"
+        assert ask(1, False) == want[1]  # still serving
+    finally:
+        srv.stop()
+        eng.shutdown()

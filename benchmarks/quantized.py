@@ -1,0 +1,70 @@
+"""Quantized decode on this CPU: the bytes a model holds and the decode tokens/s, float32 against int8 (and
+int4) weights (``cogvlm_jax.load(..., quantize=)``, ``models/quantize.py``).
+
+    python -m benchmarks.quantized                        # the mid config, batch 1, float32 / int8 / int4
+    python -m benchmarks.quantized --formats none,int8 --batches 1,8
+
+Each row is one ``benchmarks.decode.DecodeBench`` case (the timed ``Generator.decode`` loop, best of the
+repetitions) on random weights, quantized as a quantizing load does. ``held_bytes``: every parameter the
+model holds; ``decode_weight_bytes``: those a decode step reads (the language expert of every layer, the
+final norm, the lm_head), at the bytes they are held in. XLA:CPU has no integer-by-float dot: it
+converts an int8 kernel to float32 inside the product, so what a step saves is the bytes read from
+memory, not the arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Optional, Sequence
+
+from benchmarks.common import emit, record
+
+_DECODE_LEAF = re.compile(r"^(layers_\d+/(?!.*vision)|lm_head/|norm/)")
+
+
+def _bytes(params, pattern=None) -> int:
+    import jax
+    from flax.traverse_util import flatten_dict
+
+    from cogvlm_jax.parallel.quantized import held_bytes
+
+    flat = {"/".join(k): v for k, v in flatten_dict(jax.device_get(params)).items()}
+    return held_bytes([v for k, v in flat.items() if pattern is None or pattern.match(k)])
+
+
+def run(config: str = "mid", formats: Sequence[Optional[str]] = (None, "int8", "int4"), batches=(1,),
+        steps: int = 32, repeats: int = 3, prompt_length: int = 150, out=None) -> list[dict]:
+    from benchmarks.decode import DecodeBench, DecodeCase
+
+    recs = []
+    for q in formats:
+        bench = DecodeBench(config, "float32", quantize=q)
+        held, read = _bytes(bench.params), _bytes(bench.params, _DECODE_LEAF)
+        for b in batches:
+            m = bench.measure(DecodeCase(config, "float32", b, steps, prompt_length, repeats))
+            rec = record("quantized_decode", m["tok_s"], "tok/s", config=config, dtype="float32", batch=b,
+                         quantize=q or "none", step_ms=m["step_s"] * 1e3, held_bytes=held, decode_weight_bytes=read,
+                         weight_gb_s=read / m["step_s"] / 1e9)
+            recs.append(rec)
+            if out is not None:
+                out(rec)
+        del bench
+    return recs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="mid")
+    p.add_argument("--formats", default="none,int8,int4", help="comma-separated: none, int8, int4")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    formats = [None if f == "none" else f for f in a.formats.split(",")]
+    run(a.config, formats, [int(b) for b in a.batches.split(",")], a.steps, a.repeats, out=emit)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
