@@ -339,3 +339,25 @@ def test_a_live_server_on_int8_weights_answers_as_the_model_does(quantized):
     finally:
         srv.stop()
         eng.shutdown()
+
+
+def test_int4_held_as_jnp_int4_computes_what_packed_pairs_do(quantized, batches):
+    """The form TPU and GPU hold (``jnp.int4``, ``Quantization.packed`` False), run here on CPU: the same
+    integers unpacked from the packed pairs give the same logits (within float32 summation order)."""
+    from cogvlm_jax.models.cogvlm import CogVLM
+
+    packed = quantized["cogvlm2", "int4"]
+    q = packed.module.execution.quant
+    assert q.packed
+    unpacked_q = ql.Quantization("int4", q.vision, packed=False)
+    flat = flatten_dict(packed.params)
+    held = {p: (ql.from_stored(a, ql.in_axis_of(p), unpacked_q)
+                if p[-1] == "kernel" and p[:-1] + (ql.SCALE,) in flat else a) for p, a in flat.items()}
+    k = held[("lm_head", "kernel")]
+    assert k.dtype == jnp.int4 and k.shape == flatten_dict(quantized["cogvlm2", "int8"].params)[("lm_head", "kernel")].shape
+    module = CogVLM(packed.config, packed.module.dtype, execution=packed.module.execution.replace(quant=unpacked_q))
+    batch = batches["cogvlm2"][0]
+    got = jax.jit(lambda p, *b: module.apply({"params": p}, *b)[0])(unflatten_dict(held), *batch)
+    np.testing.assert_allclose(np.asarray(got), packed.forward(*batch), rtol=0, atol=DEQUANT_BOUND)  # float32 sums
+    back = ql.stored(held[("lm_head", "kernel")], 1, unpacked_q)
+    assert np.asarray(back).tobytes() == np.asarray(flat[("lm_head", "kernel")]).tobytes()
