@@ -724,6 +724,10 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
     check_destination(dst, overwrite)
     if not is_our_checkpoint(src):
         raise CheckpointError(f"{src} is not a cogvlm-jax checkpoint (needs config.json and params/)")
+    stored = checkpoint.stored_quantization(src)
+    if stored is not None:
+        raise CheckpointError(f"{src} holds {stored.format}-quantized weights; a Hugging Face export needs the "
+                              "float weights: export the checkpoint it was converted from")
     facts = read_meta(src).get("hf", {})
     return write_hf(orbax_source(src), load_config(src), dst, max_shard_bytes, dtype, facts.get("inv_freq_dtype"),
                      facts.get("inv_freq"), overwrite, carried_files(src), progress)

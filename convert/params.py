@@ -32,6 +32,10 @@ def read_params(path: str, config: CogVLMConfig, dtype, *, mesh=None, progress: 
     ours = checkpoint.is_our_checkpoint(path)
     stored_quant = checkpoint.stored_quantization(path) if ours else None
     if stored_quant is not None:
+        if quant is None:
+            raise checkpoint.CheckpointError(
+                f"{path} holds {stored_quant.format}-quantized weights (convert --quantize); this reads float "
+                "weights (training, export): use the checkpoint it was converted from, or cogvlm_jax.load it")
         return _read_quantized(path, config, dtype, stored_quant, quant or stored_quant, mesh, rules)
     if mesh is None:
         def place(_path, a):

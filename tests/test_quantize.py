@@ -225,6 +225,12 @@ def test_quantized_checkpoint_loads_byte_identical(fmt, tmp_path, quantized):
         cogvlm_jax.load(dst, quantize=other, progress=False)
     with pytest.raises(CheckpointError, match="--to hf"):
         main_convert(dst, str(tmp_path / "hf"), to="hf", quantize=fmt, progress=False)
+    with pytest.raises(CheckpointError, match="a Hugging Face export needs the float weights"):
+        main_convert(dst, str(tmp_path / "hf"), to="hf", progress=False)
+    from cogvlm_jax.convert.params import read_params
+    with pytest.raises(CheckpointError, match=f"holds {fmt}-quantized weights .* this reads float weights"):
+        read_params(dst, back.config, np.float32)  # what training reads
+    assert not os.path.exists(tmp_path / "hf")
 
 
 def test_quantized_checkpoint_on_a_mesh(tmp_path, quantized):
