@@ -18,6 +18,7 @@ from cogvlm_jax.dtypes import model_dtype
 from cogvlm_jax.generation import sampling
 from cogvlm_jax.generation.buckets import bucket_length, round_up
 from cogvlm_jax.generation.errors import InputError
+from cogvlm_jax.hub import resolve
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
 from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer
 from cogvlm_jax.models.cogvlm import CogVLM
@@ -209,7 +210,8 @@ class Model:
     def _need_tokenizer(self, what: str):
         if self.tokenizer is None:
             raise InputError(f"{what} needs a tokenizer: none was found beside the checkpoint; pass "
-                             "cogvlm_jax.load(path, tokenizer=PATH) with a tokenizer.model or tokenizer.json")
+                             "cogvlm_jax.load(path, tokenizer=PATH) with a tokenizer.model or tokenizer.json, or a "
+                             "Hub id (CogVLM1 uses Vicuna's: tokenizer=\"lmsys/vicuna-7b-v1.5\")")
         return self.tokenizer
 
     def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS):
@@ -261,15 +263,19 @@ class Model:
 
 
 def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
-         progress: bool = True, layout: Optional[str] = None) -> Model:
-    """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
+         progress: bool = True, layout: Optional[str] = None, revision: Optional[str] = None) -> Model:
+    """Load a CogVLM checkpoint: an HF directory (safetensors), one written by ``cogvlm-jax convert``, or a
+    Hugging Face Hub id such as ``"THUDM/cogvlm2-llama3-chat-19B"`` (``revision``: its branch, tag or
+    commit), read from the Hugging Face cache or downloaded into it (``cogvlm_jax.hub``; a local directory
+    of the same spelling wins).
 
     Without ``path``: the small default model shipped in the package (trained from scratch on the
     coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see docs/default-model.md), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
     rounded to it and kept in float32, see :func:`weights_for_compute`).
-    ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
-    ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
+    ``tokenizer``: a tokenizer file, directory or Hub id (CogVLM1 checkpoints ship none: they use
+    ``"lmsys/vicuna-7b-v1.5"``'s); by default the checkpoint directory (or its ``tokenizer/``) is searched.
+    Without one, ``forward``/``generate`` on ids still work.
     ``mesh`` (``make_mesh``): every parameter goes straight into its sharded layout and each process
     reads only the slices its own devices hold: from HF safetensors region by region
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
@@ -277,6 +283,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     ``layout``: how the programs split over the mesh (``Model``); the weights are read straight into it.
     """
     want = model_dtype(dtype)
+    path = resolve(path, revision, progress=progress)
+    tokenizer = resolve(tokenizer, kind="tokenizer", progress=progress)
     if path is None:
         path = DEFAULT_MODEL
         if not os.path.isfile(os.path.join(path, "config.json")):

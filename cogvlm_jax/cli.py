@@ -21,10 +21,16 @@ TEMPLATES = ("chat", "vqa", "base")
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
+def _add_revision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face Hub id (default: main)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
-                   "model shipped in the package (coloured shapes only, see docs/default-model.md)")
-    p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: beside the model)")
+    p.add_argument("--model", help="checkpoint directory (HF safetensors or converted) or Hugging Face Hub id; "
+                   "default: the small model shipped in the package (coloured shapes only, see docs/default-model.md)")
+    _add_revision_arg(p)
+    p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json, its directory or a Hub id (default: beside "
+                   "the model)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int,
@@ -48,7 +54,7 @@ def _load(args, mesh):
     import cogvlm_jax
 
     return cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
-                           progress=multihost.is_main_process(), layout=args.layout)
+                           progress=multihost.is_main_process(), layout=args.layout, revision=args.revision)
 
 
 def _image(path):
@@ -159,15 +165,17 @@ def cmd_convert(args) -> int:
     from cogvlm_jax.training.export import main_convert
 
     mesh = multihost.mesh_from_flag(args.mesh, cpu=True) if args.mesh else None
-    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh) or 0
+    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh,
+                        revision=args.revision) or 0
 
 
 def cmd_plan(args) -> int:
     from cogvlm_jax.config import load_config
+    from cogvlm_jax.hub import resolve
     from cogvlm_jax.parallel.planner import format_plan, plan
 
     data, fsdp, tensor = multihost.parse_mesh(args.mesh)
-    cfg = load_config(args.config)
+    cfg = load_config(resolve(args.config, args.revision, kind="config"))
     context = args.context or cfg.context_length
     p = plan(cfg, data, fsdp, tensor, args.dtype, args.batch, context)
     print(format_plan(cfg.name or args.config, p, args.dtype, args.batch, context))
@@ -177,7 +185,9 @@ def cmd_plan(args) -> int:
 def cmd_compile(args) -> int:
     """Compile one program for a TPU slice or GPU host on this machine (``cogvlm_jax.aot``) and print its report."""
     from cogvlm_jax import aot
+    from cogvlm_jax.hub import resolve
 
+    args.config = resolve(args.config, args.revision, kind="config")
     aot.compile_only_process()  # this process runs nothing itself: libtpu / the CUDA plugin only compile
     train_config = None
     if args.program == "train":
@@ -232,9 +242,12 @@ def _run_config(args, base=None):
     import dataclasses
     import os
 
+    from cogvlm_jax.hub import resolve
     from cogvlm_jax.training.run import RunConfig
     from cogvlm_jax.training.trainer import TrainConfig
 
+    if args.revision is not None and args.model is None:
+        raise ValueError("--revision is the revision of --model's Hub id: give --model too")
     top, tc = {}, {}
     for opt, (field, default) in _TRAIN_OPTIONS.items():
         value = getattr(args, opt)
@@ -244,6 +257,8 @@ def _run_config(args, base=None):
             value = default
         if value is None:
             continue
+        if opt in ("model", "tokenizer"):  # a Hub id: its snapshot in the cache, recorded as a directory
+            value = resolve(value, args.revision if opt == "model" else None, kind=opt, progress=not args.quiet)
         if opt in ("data", "model", "tokenizer"):
             value = os.path.abspath(value)
         elif opt == "mesh":
@@ -295,7 +310,7 @@ def load_engine_and_config(args, mesh=None) -> tuple:
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process(),
-              layout=getattr(args, "layout", None))
+              layout=getattr(args, "layout", None), revision=getattr(args, "revision", None))
     model = cogvlm_jax.load(args.model, **kw)
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
@@ -346,13 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=("ours", "hf"), default="ours",
                     help="hf: export ours, or a training checkpoint OUT/checkpoints/step_N (full or vision-expert)")
     cv.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
+    _add_revision_arg(cv)
     cv.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                     help="store each tensor in chunks of its shard on this mesh (made of CPU devices), so that "
                          "loading on it, in one process or several, reads only each process's slices")
     cv.set_defaults(func=cmd_convert)
 
     pl = sub.add_parser("plan", help="per-device memory of parameters and KV cache on a mesh (nothing allocated)")
-    pl.add_argument("--config", required=True, help="config.json, checkpoint directory or preset name")
+    pl.add_argument("--config", required=True, help="config.json, checkpoint directory, Hub id or preset name")
+    _add_revision_arg(pl)
     pl.add_argument("--mesh", default="1,1,1", help="DATA,FSDP,TENSOR")
     pl.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     pl.add_argument("--batch", type=int, default=1)
@@ -361,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("compile", help="compile a program for a TPU slice or GPU host here (no accelerator needed) "
                         "and print its memory, cost and collectives")
-    co.add_argument("--config", required=True, help="config.json, checkpoint directory or preset name")
+    co.add_argument("--config", required=True, help="config.json, checkpoint directory, Hub id or preset name")
+    _add_revision_arg(co)
     co.add_argument("--target", default="v5e-8", help="v5e-8, v6e-8, v4-8, v5p-8 or h100-8 (default v5e-8)")
     co.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", help="default: every device on tensor")
     co.add_argument("--program", default="decode",
@@ -388,9 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune on a JSONL file (full, vision-expert or LoRA), with checkpoints, "
                                      "--resume and an exported model in OUT/model")
     t.add_argument("--data", help='JSONL: {"image": path, "query": str, "answer": str, "history": [[q, a], ...]}')
-    t.add_argument("--model", help="checkpoint to start from (HF safetensors or converted)")
+    t.add_argument("--model", help="checkpoint to start from (HF safetensors or converted, or a Hub id)")
+    _add_revision_arg(t)
     t.add_argument("--out", required=True, help="run directory: run.json, log.jsonl, checkpoints/, model/")
-    t.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
+    t.add_argument("--tokenizer", help="tokenizer file, directory or Hub id (default: beside the model)")
     t.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the model's)")
     t.add_argument("--trainable", choices=("full", "vision-expert", "lora"), help="what to train (default full)")
     t.add_argument("--steps", type=int, help="optimizer steps (default: --epochs 1)")
@@ -422,9 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching, and a chat page at /")
-    sv.add_argument("--model", help="checkpoint directory (HF safetensors or converted); default: the small "
-                    "model shipped in the package (coloured shapes only, see docs/default-model.md)")
-    sv.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
+    sv.add_argument("--model", help="checkpoint directory (HF safetensors or converted) or Hugging Face Hub id; "
+                    "default: the small model shipped in the package (coloured shapes only, see docs/default-model.md)")
+    _add_revision_arg(sv)
+    sv.add_argument("--tokenizer", help="tokenizer file, directory or Hub id (default: beside the model)")
     sv.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     sv.add_argument("--model-name", help="the id clients send as 'model' (default: the checkpoint's directory name, "
                     f"or {DEFAULT_MODEL_NAME!r} for the shipped model)")

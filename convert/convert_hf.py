@@ -50,6 +50,7 @@ from cogvlm_jax.convert.checkpoint import (
     trim_heap,
 )
 from cogvlm_jax.files import atomic_directory, check_destination, copy_files, write_json
+from cogvlm_jax.hub import resolve
 from cogvlm_jax.inputs.tokenizer import tokenizer_files
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.multihost import to_host
@@ -723,8 +724,12 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
 
 def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                 progress: bool = True, mesh=None) -> int:
-    """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError."""
+                 progress: bool = True, mesh=None, revision: str | None = None) -> int:
+    """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError.
+
+    ``src``: a directory or a Hugging Face Hub id (``revision``: its branch, tag or commit; ``cogvlm_jax.hub``).
+    """
+    src = resolve(src, revision, progress=progress)
     if to == "ours":
         if is_our_checkpoint(src):
             raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")

@@ -15,6 +15,7 @@ from cogvlm_jax.config import load_config
 from cogvlm_jax.convert import convert_hf
 from cogvlm_jax.convert.checkpoint import CheckpointError, is_our_checkpoint
 from cogvlm_jax.files import check_destination
+from cogvlm_jax.hub import resolve
 from cogvlm_jax.training import run as finetune
 from cogvlm_jax.training import trainer as train
 
@@ -57,8 +58,10 @@ def to_hf(src: str, dst: str, max_shard_bytes: int = convert_hf.DEFAULT_MAX_SHAR
                                None, overwrite, extra, progress)
 
 
-def main_convert(src: str, dst: str, to: str = "ours", **kw) -> int:
-    """``cogvlm-jax convert``: ``convert_hf.main_convert``, with training checkpoints exported by ``to_hf``."""
+def main_convert(src: str, dst: str, to: str = "ours", revision=None, **kw) -> int:
+    """``cogvlm-jax convert``: ``convert_hf.main_convert``, with training checkpoints exported by ``to_hf``.
+    ``src``: a directory or a Hugging Face Hub id (``revision``: its branch, tag or commit)."""
+    src = resolve(src, revision, progress=kw.get("progress", True))
     if train.is_training_checkpoint(src):
         if to == "ours":
             raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")
