@@ -244,3 +244,83 @@ def test_the_patterns_fetch_every_file_we_read_and_no_pickle():
     for name in ("pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "model.pt", "x.pth", "y.ckpt",
                  "training_args.bin", "optimizer.pt", "README.md", "images/demo.png"):
         assert not fetched(name), name
+
+
+# --------------------------------------------------------------------------- downloading (a Hub on 127.0.0.1)
+DOWNLOAD_SCRIPT = """
+import json, os, sys
+from cogvlm_jax import cli, hub
+
+out = {"convert": cli.main(["convert", sys.argv[1], sys.argv[2]]), "errors": {}}
+for case, repo, revision in [("missing", "nobody/none", None), ("gated", "test-org/gated", None),
+                             ("revision", sys.argv[1], "v9"), ("pickled", "test-org/pickled", None),
+                             ("down", "test-org/down", None)]:
+    try:
+        hub.resolve(repo, revision, progress=False)
+        out["errors"][case] = None
+    except hub.HubError as e:
+        out["errors"][case] = str(e)
+os.environ["HF_TOKEN"] = "hf_test"  # a token: the gated repo answers
+out["gated_with_token"] = os.path.basename(hub.resolve("test-org/gated", progress=False))
+print(json.dumps(out))
+"""
+
+
+def test_an_id_not_cached_is_downloaded_with_only_the_files_we_read(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    import jax
+    from cogvlm_jax.convert.checkpoint import restore_params
+    from fake_hub import FakeHub
+
+    from cogvlm_jax import cli
+
+    files = {name: open(path, "rb").read() for name, path in {**folder_files(CHECKPOINT),
+                                                              **folder_files(TOKENIZER)}.items()}
+    pickle = {"pytorch_model.bin": b"PK\x03\x04 never fetched"}
+    extra = {"README.md": b"# tiny", "modeling_cogvlm.py": b"# the published remote code", **pickle}
+    refs = {"main": COMMIT_A}
+    fake = FakeHub({MODEL_ID: {"files": {**files, **extra}, "refs": refs},
+                    "test-org/gated": {"files": files, "refs": refs, "gated": True},
+                    "test-org/pickled": {"files": {"config.json": files["config.json"], **pickle}, "refs": refs},
+                    "test-org/down": {"files": files, "refs": refs, "down": True}})
+    cache = tmp_path / "hf-cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(cache),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    try:
+        r = subprocess.run([sys.executable, "-c", DOWNLOAD_SCRIPT, MODEL_ID, str(tmp_path / "by-id")], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=os.path.dirname(__file__))
+    finally:
+        fake.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["convert"] == 0, r.stderr[-3000:]
+    # only what we read, from every repo: never the pickle weights, nor files we do not use
+    assert fake.fetched() == {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+                              "modeling_cogvlm.py"}, fake.log
+    errors = out["errors"]
+    assert all(m is not None and "\n" not in m for m in errors.values()), errors
+    assert errors["missing"].startswith("no local directory nobody/none and no model nobody/none on the Hugging")
+    assert "test-org/gated is a gated repo" in errors["gated"] and "hf auth login" in errors["gated"]
+    assert errors["revision"] == f"{MODEL_ID} has no revision 'v9' on the Hugging Face Hub"
+    assert "publishes PyTorch pickle weights (pytorch_model.bin) and no safetensors" in errors["pickled"]
+    assert errors["down"].startswith("cannot reach the Hugging Face Hub for test-org/down"), errors["down"]
+    assert out["gated_with_token"] == COMMIT_A
+    # the download is the checkpoint: converted, the same as by path; then read offline from the cache
+    assert cli.main(["convert", CHECKPOINT, str(tmp_path / "by-path")]) == 0
+    pa, pb = restore_params(str(tmp_path / "by-id")), restore_params(str(tmp_path / "by-path"))
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    carried = {"tokenizer.model", "tokenizer_config.json", "modeling_cogvlm.py"}  # from the snapshot
+    assert set(os.listdir(tmp_path / "by-id")) == set(os.listdir(tmp_path / "by-path")) | carried
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import cogvlm_jax
+
+    by_id = cogvlm_jax.load(MODEL_ID, progress=False)  # the tokenizer from the same snapshot
+    by_path = cogvlm_jax.load(CHECKPOINT, tokenizer=TOKENIZER, progress=False)
+    np.testing.assert_array_equal(_logits(by_id), _logits(by_path))
+    assert by_id.chat(None, "Hello", max_new_tokens=4) == by_path.chat(None, "Hello", max_new_tokens=4)
