@@ -284,7 +284,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     """
     want = model_dtype(dtype)
     path = resolve(path, revision, progress=progress)
-    tokenizer = resolve(tokenizer, kind="tokenizer", progress=progress)
+    tokenizer_dir = resolve(tokenizer, kind="tokenizer", progress=progress)
     if path is None:
         path = DEFAULT_MODEL
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -295,7 +295,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     config = load_config(path)
     execution = program.execution(mesh, layout)
     params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None)
-    tok = find_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
+    tok = find_tokenizer(tokenizer_dir) if tokenizer is not None else find_tokenizer(path)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
     return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout)

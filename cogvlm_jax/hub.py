@@ -145,9 +145,9 @@ def _download(repo_id: str, revision: Optional[str], kind: str, progress: bool) 
     except RevisionNotFoundError:
         raise HubError(f"{repo_id} has no revision {revision!r} on the Hugging Face Hub") from None
     except LocalEntryNotFoundError:
-        raise HubError(f"cannot reach the Hugging Face Hub for {where} and it is not in the cache {cache_dir()}: "
-                       "check the network, or download it where there is one (`hf download ...`) and copy the "
-                       "cache") from None
+        raise HubError(f"no local directory {repo_id}, and the Hugging Face Hub cannot be reached for {where} nor is "
+                       f"it in the cache {cache_dir()}: check the network, or download it where there is one "
+                       "(`hf download ...`) and copy the cache") from None
     except HfHubHTTPError as e:
         raise HubError(f"the Hugging Face Hub refused {where}: {str(e).splitlines()[0]}") from None
 

@@ -98,19 +98,27 @@ def test_load_by_id_gives_the_numbers_by_path(cache):
     by_path = cogvlm_jax.load(CHECKPOINT, tokenizer=TOKENIZER, progress=False)
     by_id = cogvlm_jax.load(MODEL_ID, tokenizer=TOKENIZER_ID, progress=False)
     np.testing.assert_array_equal(_logits(by_id), _logits(by_path))
-    assert by_id.tokenizer.encode("What is in the image?") == by_path.tokenizer.encode("What is in the image?")
-    assert by_id.chat(None, "Hello", max_new_tokens=4) == by_path.chat(None, "Hello", max_new_tokens=4)
+    text = "What is in the image? Hello </s> wörld"
+    assert by_id.tokenizer.encode(text) == by_path.tokenizer.encode(text)
+
+
+def _same_params(a, b):
+    import jax
+
+    assert jax.tree_util.tree_structure(a.params) == jax.tree_util.tree_structure(b.params)
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_revision_picks_its_snapshot(cache):
     import cogvlm_jax
 
-    main = _logits(cogvlm_jax.load(MODEL_ID, progress=False))
-    halved = _logits(cogvlm_jax.load(cache["halved"], progress=False))
-    assert not np.allclose(main, halved)
-    for revision in ("v2", COMMIT_B):
-        np.testing.assert_array_equal(_logits(cogvlm_jax.load(MODEL_ID, revision=revision, progress=False)), halved)
-    np.testing.assert_array_equal(_logits(cogvlm_jax.load(MODEL_ID, revision="main", progress=False)), main)
+    main = cogvlm_jax.load(MODEL_ID, progress=False)
+    halved = cogvlm_jax.load(cache["halved"], progress=False)
+    assert not np.allclose(_logits(main), _logits(halved))
+    for revision in ("v2", COMMIT_B):  # a tag and a commit: the halved weights, so the halved numbers
+        _same_params(cogvlm_jax.load(MODEL_ID, revision=revision, progress=False), halved)
+    _same_params(cogvlm_jax.load(MODEL_ID, revision="main", progress=False), main)
 
 
 def test_a_local_directory_wins_over_the_same_id(cache, tmp_path, monkeypatch):
@@ -119,8 +127,7 @@ def test_a_local_directory_wins_over_the_same_id(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(cache["halved"], tmp_path / MODEL_ID)
     assert hub.resolve(MODEL_ID) == MODEL_ID
-    np.testing.assert_array_equal(_logits(cogvlm_jax.load(MODEL_ID, progress=False)),
-                                  _logits(cogvlm_jax.load(cache["halved"], progress=False)))
+    _same_params(cogvlm_jax.load(MODEL_ID, progress=False), cogvlm_jax.load(cache["halved"], progress=False))
     with pytest.raises(hub.HubError, match="applies to Hub model ids; test-org/cogvlm-tiny is a local path"):
         hub.resolve(MODEL_ID, "v2")
 
@@ -135,11 +142,6 @@ def test_generate_by_id_prints_what_it_prints_by_path(cache, capsys):
     by_path = capsys.readouterr().out
     assert cli.main(["generate", "--model", MODEL_ID, "--tokenizer", TOKENIZER_ID, *common]) == 0
     assert capsys.readouterr().out == by_path
-    # --revision reaches the model: the halved weights answer otherwise
-    assert cli.main(["generate", "--model", MODEL_ID, "--revision", "v2", "--tokenizer", TOKENIZER_ID, *common]) == 0
-    assert cli.main(["generate", "--model", cache["halved"], "--tokenizer", TOKENIZER, *common]) == 0
-    halved_by_id, halved_by_path = capsys.readouterr().out.split("\n")[:2]
-    assert halved_by_id == halved_by_path
 
 
 def test_convert_by_id_writes_what_convert_by_path_writes(cache, tmp_path):
@@ -307,7 +309,8 @@ def test_an_id_not_cached_is_downloaded_with_only_the_files_we_read(tmp_path, mo
     assert "test-org/gated is a gated repo" in errors["gated"] and "hf auth login" in errors["gated"]
     assert errors["revision"] == f"{MODEL_ID} has no revision 'v9' on the Hugging Face Hub"
     assert "publishes PyTorch pickle weights (pytorch_model.bin) and no safetensors" in errors["pickled"]
-    assert errors["down"].startswith("cannot reach the Hugging Face Hub for test-org/down"), errors["down"]
+    assert errors["down"].startswith("no local directory test-org/down, and the Hugging Face Hub cannot be "
+                                     "reached for test-org/down"), errors["down"]
     assert out["gated_with_token"] == COMMIT_A
     # the download is the checkpoint: converted, the same as by path; then read offline from the cache
     assert cli.main(["convert", CHECKPOINT, str(tmp_path / "by-path")]) == 0
@@ -323,4 +326,4 @@ def test_an_id_not_cached_is_downloaded_with_only_the_files_we_read(tmp_path, mo
     by_id = cogvlm_jax.load(MODEL_ID, progress=False)  # the tokenizer from the same snapshot
     by_path = cogvlm_jax.load(CHECKPOINT, tokenizer=TOKENIZER, progress=False)
     np.testing.assert_array_equal(_logits(by_id), _logits(by_path))
-    assert by_id.chat(None, "Hello", max_new_tokens=4) == by_path.chat(None, "Hello", max_new_tokens=4)
+    assert by_id.tokenizer.encode("Hello there") == by_path.tokenizer.encode("Hello there")
