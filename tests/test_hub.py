@@ -175,7 +175,8 @@ def test_an_id_not_in_the_cache_offline_is_one_line_that_says_so(cache, capsys, 
     assert "\n" not in msg and repo in msg and "not in the Hugging Face cache" in msg and "HF_HUB_OFFLINE" in msg
     assert (revision is None) or repr(revision) in msg
     verbs = [["generate", "--prompt", "hi", "--model", repo], ["serve", "--model", repo], ["convert", repo, "out"],
-             ["plan", "--config", repo], ["train", "--data", "x.jsonl", "--out", "run", "--model", repo]]
+             ["chat", "--model", repo], ["plan", "--config", repo], ["compile", "--config", repo],
+             ["train", "--data", "x.jsonl", "--out", "run", "--model", repo]]
     for argv in verbs:
         if revision is not None:
             argv = argv + ["--revision", revision]
