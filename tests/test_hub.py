@@ -328,3 +328,14 @@ def test_an_id_not_cached_is_downloaded_with_only_the_files_we_read(tmp_path, mo
     by_path = cogvlm_jax.load(CHECKPOINT, tokenizer=TOKENIZER, progress=False)
     np.testing.assert_array_equal(_logits(by_id), _logits(by_path))
     assert by_id.tokenizer.encode("Hello there") == by_path.tokenizer.encode("Hello there")
+
+
+def test_serve_by_id_names_the_model_after_the_repo(cache):
+    import cogvlm_jax
+    from cogvlm_jax.cli import build_parser, load_engine_and_config
+
+    args = build_parser().parse_args(["serve", "--model", MODEL_ID, "--revision", "v2", "--tokenizer", TOKENIZER_ID,
+                                    "--slots", "1"])
+    engine, config = load_engine_and_config(args)
+    assert config.model_name == "cogvlm-tiny"
+    _same_params(engine.model, cogvlm_jax.load(cache["halved"], progress=False))
