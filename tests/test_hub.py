@@ -339,3 +339,17 @@ def test_serve_by_id_names_the_model_after_the_repo(cache):
     engine, config = load_engine_and_config(args)
     assert config.model_name == "cogvlm-tiny"
     _same_params(engine.model, cogvlm_jax.load(cache["halved"], progress=False))
+
+
+def test_train_records_the_snapshot_of_its_id(cache, tmp_path):
+    """A run keeps the directory it started from: a resumed or exported run reads that commit's files."""
+    from cogvlm_jax.cli import _run_config, build_parser
+
+    argv = ["train", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "run"), "--model", MODEL_ID,
+            "--tokenizer", TOKENIZER_ID, "--revision", COMMIT_B]
+    run = _run_config(build_parser().parse_args(argv))
+    assert os.path.samefile(run.model, hub.resolve(MODEL_ID, COMMIT_B)) and run.model.endswith(COMMIT_B)
+    assert os.path.samefile(run.tokenizer, hub.resolve(TOKENIZER_ID, kind="tokenizer"))
+    with pytest.raises(ValueError, match="--revision is the revision of --model's Hub id"):
+        _run_config(build_parser().parse_args(["train", "--out", str(tmp_path / "run"), "--resume",
+                                               "--revision", "v2"]))
