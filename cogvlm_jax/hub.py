@@ -5,7 +5,8 @@ CLI verbs) passes it through :func:`resolve` first: a path that exists locally i
 local directory wins over a Hub id of the same spelling); an ``org/name`` id is looked up with
 ``huggingface_hub`` in the Hugging Face cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and,
 when the files we read are not all there and ``HF_HUB_OFFLINE`` is not set, downloaded into it, with
-``huggingface_hub``'s progress bars and its resume of an interrupted download.
+``huggingface_hub``'s progress bars and retries (run again after an interruption, only the files not yet
+cached are fetched).
 
 Only the files we read are fetched (:data:`MODEL_FILES`): configs, safetensors weights and their index, the
 tokenizer files, and the files of our own converted format. Pickled PyTorch weights (``*.bin``) never are:
