@@ -119,7 +119,7 @@ def _cached(repo_id: str, revision: Optional[str], kind: str) -> Optional[str]:
 
 
 def _download(repo_id: str, revision: Optional[str], kind: str, progress: bool) -> str:
-    """Fetch the ``kind`` files of ``repo_id`` into the cache (resuming partial files); the snapshot folder."""
+    """Fetch the ``kind`` files of ``repo_id`` that the cache lacks; the snapshot folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -189,17 +189,21 @@ def resolve(path: Optional[str], revision: Optional[str] = None, *, kind: str = 
     folder = _cached(path, revision, kind)
     if folder is not None and complete(folder, kind):
         return folder
-    if offline():
-        if folder is not None:
-            return folder  # what is cached: the checkpoint reader names what is missing (or refuses pickles)
-        raise HubError(f"{_where(path, revision)} is not a local directory and not in the Hugging Face cache "
-                       f"{cache_dir()}, and HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE to "
-                       "fetch it, or pass a local directory")
-    folder = _download(path, revision, kind, progress)
-    if kind == "model" and not complete(folder, kind):
+    where = _where(path, revision)
+    if not offline():
+        folder = _download(path, revision, kind, progress)
+    elif folder is None:
+        raise HubError(f"{where} is not a local directory and not in the Hugging Face cache {cache_dir()}, and "
+                       "HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE to fetch it, or pass a local "
+                       "directory")
+    if kind != "tokenizer" and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise HubError(f"{where} has no config.json: it is not a model checkpoint in the Hugging Face layout")
+    if kind == "model" and not complete(folder, kind) and not offline():
         pickles = _pickle_only(path, revision)
         if pickles:
-            raise HubError(f"{_where(path, revision)} publishes PyTorch pickle weights ({', '.join(pickles[:4])}) "
-                           "and no safetensors; cogvlm-jax never unpickles (it can run arbitrary code): convert "
-                           "them once to safetensors with PyTorch (docs/hub.md)")
+            raise HubError(f"{where} publishes PyTorch pickle weights ({', '.join(pickles[:4])}) and no safetensors; "
+                           "cogvlm-jax never unpickles (it can run arbitrary code): convert them once to "
+                           "safetensors with PyTorch (docs/hub.md)")
+    # an incomplete snapshot (offline, or weights the reader will name as missing) goes to the reader, which
+    # says what is missing and refuses pickle weights as it does in any directory
     return folder

@@ -204,6 +204,9 @@ def test_a_cached_repo_of_pickle_weights_only_is_refused(cache):
     with pytest.raises(CheckpointError, match=r"holds PyTorch pickle weights \(pytorch_model.bin\) and no safetensors"):
         cogvlm_jax.load("test-org/pickled", progress=False)
     assert cli.main(["convert", "test-org/pickled", os.path.join(cache["root"], "..", "out")]) == 2
+    add_snapshot(cache["root"], "test-org/readme", COMMIT_A, {"README.md": b"# a dataset card"}, refs=("main",))
+    with pytest.raises(hub.HubError, match="^test-org/readme has no config.json: it is not a model checkpoint"):
+        cogvlm_jax.load("test-org/readme", progress=False)
 
 
 def test_a_snapshot_with_a_missing_shard_is_not_complete(tmp_path):
@@ -257,7 +260,7 @@ from cogvlm_jax import cli, hub
 out = {"convert": cli.main(["convert", sys.argv[1], sys.argv[2]]), "errors": {}}
 for case, repo, revision in [("missing", "nobody/none", None), ("gated", "test-org/gated", None),
                              ("revision", sys.argv[1], "v9"), ("pickled", "test-org/pickled", None),
-                             ("down", "test-org/down", None)]:
+                             ("down", "test-org/down", None), ("no-config", "test-org/readme", None)]:
     try:
         hub.resolve(repo, revision, progress=False)
         out["errors"][case] = None
@@ -288,7 +291,8 @@ def test_an_id_not_cached_is_downloaded_with_only_the_files_we_read(tmp_path, mo
     fake = FakeHub({MODEL_ID: {"files": {**files, **extra}, "refs": refs},
                     "test-org/gated": {"files": files, "refs": refs, "gated": True},
                     "test-org/pickled": {"files": {"config.json": files["config.json"], **pickle}, "refs": refs},
-                    "test-org/down": {"files": files, "refs": refs, "down": True}})
+                    "test-org/down": {"files": files, "refs": refs, "down": True},
+                    "test-org/readme": {"files": {"README.md": b"# a dataset card"}, "refs": refs}})
     cache = tmp_path / "hf-cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(cache),
@@ -312,6 +316,8 @@ def test_an_id_not_cached_is_downloaded_with_only_the_files_we_read(tmp_path, mo
     assert "publishes PyTorch pickle weights (pytorch_model.bin) and no safetensors" in errors["pickled"]
     assert errors["down"].startswith("no local directory test-org/down, and the Hugging Face Hub cannot be "
                                      "reached for test-org/down"), errors["down"]
+    assert errors["no-config"] == "test-org/readme has no config.json: it is not a model checkpoint in the " \
+                                  "Hugging Face layout"
     assert out["gated_with_token"] == COMMIT_A
     # the download is the checkpoint: converted, the same as by path; then read offline from the cache
     assert cli.main(["convert", CHECKPOINT, str(tmp_path / "by-path")]) == 0
