@@ -512,6 +512,7 @@ class Report:
     mesh: tuple  # (data, fsdp, tensor)
     program: str
     layers: int
+    layout: str
     argument_bytes: int
     input_bytes: int
     output_bytes: int
@@ -601,7 +602,7 @@ def report(compiled: jax.stages.Compiled, target: Union[str, Target, None] = Non
     return Report(
         description=_describe(rec.spec) if rec else "a compiled program", target=t.name, platform=t.platform,
         device_kind=devices(t)[0].device_kind, devices=t.devices, mesh=rec.spec.mesh if rec else (), program=rec.spec.program if rec else "?",
-        layers=rec.spec.layers if rec else 0, argument_bytes=mem.argument_size_in_bytes,
+        layers=rec.spec.layers if rec else 0, layout=rec.spec.layout if rec else "?", argument_bytes=mem.argument_size_in_bytes,
         input_bytes=rec.input_bytes if rec else mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=t.hbm_bytes, flops=get("flops"),
