@@ -18,7 +18,6 @@ from cogvlm_jax.dtypes import DTYPES
 from cogvlm_jax.parallel import multihost
 
 TEMPLATES = ("chat", "vqa", "base")
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int,
-                   help=f"default {DEFAULT_MAX_NEW_TOKENS}, or half the model's context if that is shorter")
+                   help="the most tokens an answer may take (default: until eos or the context is full)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -36,11 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     multihost.add_cli_args(p)
 
 
-def _sampling(args, model) -> dict:
-    n = args.max_new_tokens
-    if n is None:  # the shipped default model has a 256-token context: 256 new tokens would never fit
-        n = min(DEFAULT_MAX_NEW_TOKENS, model.config.context_length // 2)
-    return dict(max_new_tokens=n, temperature=args.temperature, top_k=args.top_k,
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed)
 
 
@@ -95,7 +91,7 @@ def cmd_generate(args) -> int:
     out = _out()
     image = _image(args.image)  # fail on a bad image before loading the model
     model = _load(args, mesh)
-    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args, model)):
+    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -139,7 +135,7 @@ def cmd_chat(args) -> int:
         if query == "/clear":
             history = []
             continue
-        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args, model))
+        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args))
         try:
             answer = [next(pieces, "")]  # the prompt is checked here, before anything is printed
         except InputError as e:
@@ -291,6 +287,8 @@ def load_engine_and_config(args, mesh=None) -> tuple:
 
     if args.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process())
@@ -434,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-chunk", type=int, default=0,
                     help="chunked prefill: the most text-prompt tokens prefilled inside each decode step (no "
                          "compile per prompt length); 0 (default): each prompt prefilled alone")
-    sv.add_argument("--default-max-tokens", type=int, default=256, help="when a request sets no max_tokens")
+    sv.add_argument("--default-max-tokens", type=int,
+                    help="the most tokens of an answer whose request sets no max_tokens (default: until eos or "
+                         "the context is full)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and /")
     sv.add_argument("--image-root", help="directory file:// image URLs may read from (default: none allowed)")
     sv.add_argument("--max-image-bytes", type=int, default=20 << 20)

@@ -193,6 +193,20 @@ def test_bucket_length_pads_less_only_where_the_power_of_two_does_not_fit():
         assert len(got) <= 2 * limit.bit_length() + 8 + 16, (limit, sorted(got))  # few shapes, whatever the limit
 
 
+def test_answer_length_holds_any_answer_of_its_bucket_in_one_shape():
+    """The token buffer of an answer with no set maximum (the rest of the context): one size per prompt
+    bucket, room for the answer of every prompt in it, no more than the bucket's shortest prompt needs."""
+    from cogvlm_jax.generation.buckets import answer_length, bucket_length
+
+    for context in (256, 300, 2048):
+        by_bucket = {}
+        for n in range(1, context):
+            assert answer_length(n, context) >= context - n, (context, n)
+            by_bucket.setdefault(bucket_length(n, context), set()).add(answer_length(n, context))
+        assert all(len(sizes) == 1 for sizes in by_bucket.values()), (context, by_bucket)
+        assert answer_length(1, context) == context - 1 and answer_length(context - 1, context) < context // 2
+
+
 def test_generate_input_errors(f32_models):
     model = f32_models["cogvlm1"]
     ids = np.array([[1, 5, 6]])

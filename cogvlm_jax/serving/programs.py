@@ -6,8 +6,8 @@ state it is given:
 
 * ``empty()``: all-zero slots, made on the host (nothing to compile);
 * ``insert``: one prompt prefilled on its own, left-padded to a bucket ``[1, L]`` (with its image, through
-  the ViT), its first token chosen, its one-row KV cache and settings put into a slot: one compile per
-  prompt shape;
+  the ViT), its first token chosen, its one-row KV cache (the padding's slots dropped) and settings put
+  into a slot: one compile per prompt shape;
 * ``decode``: ``chunk`` decode steps of the first rows (a static row count, one of
   ``buckets.decode_sizes``): one compile per row count;
 * ``mix`` (chunked prefill, ``chunked_prefill.py``): one decode step of every slot plus the next chunk of
@@ -174,6 +174,9 @@ class Programs:
             -> (state, the first token)."""
             logits, next_pos, cache = sampling.prefill(module, params, input_ids, token_type_ids, attention_mask,
                                                        pixel_values, self.new_cache(1))
+            # the bucket's padding gives its slots back: the answer has the whole rest of the slot
+            pads = input_ids.shape[1] - jnp.sum(attention_mask, axis=1).astype(jnp.int32)
+            cache = kv_cache.drop_left_padding(cache, pads)
             put = lambda full, row: _put_row(full, row, slot)  # noqa: E731
             state = state.replace(cache=jax.tree_util.tree_map(put, state.cache, cache))
             state, first = _start_row(state, put, logits, next_pos.astype(jnp.int32), temperature, top_k, top_p,

@@ -69,7 +69,9 @@ class ServerConfig:
     image_root: Optional[str] = None  # file:// image URLs are read only under this directory
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height an image may declare (checked before decoding)
-    default_max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
+    # the most tokens of an answer whose request sets neither max_tokens nor max_completion_tokens; None:
+    # until eos or the context (or the slot, --max-length) is full, as OpenAI's servers do
+    default_max_tokens: Optional[int] = None
     drain_seconds: float = 30.0
 
 
@@ -214,7 +216,10 @@ class _Routes:
     def submit(self, req: ChatRequest, inputs: dict) -> _Completion:
         """Queue ``req`` on the engine (run in the event loop: its events come back to it)."""
         n = len(inputs["input_ids"])
-        max_tokens = req.max_tokens or max(1, min(self.config.default_max_tokens, self.engine.room(n)))
+        max_tokens = req.max_tokens
+        if max_tokens is None:  # the room the slot has left (a prompt that fills it: the check's 400)
+            room, default = self.engine.room(n), self.config.default_max_tokens
+            max_tokens = max(1, room if default is None else min(default, room))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
