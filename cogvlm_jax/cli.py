@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 from cogvlm_jax.api import DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
@@ -195,16 +196,31 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def benchmark_checkout(package_dir: str = os.path.dirname(os.path.abspath(__file__)),
+                       cwd: Optional[str] = None) -> Optional[str]:
+    """The source checkout ``cogvlm-jax bench`` runs the benchmarks in, or None: the one this package was
+    installed from in editable mode, else the working directory if it is one. The benchmarks are not
+    installed with the package (they read the test fixtures)."""
+    for root in (os.path.dirname(package_dir), os.path.abspath(cwd or os.getcwd())):
+        if all(os.path.exists(os.path.join(root, *part)) for part in
+               (("benchmarks", "run.py"), ("tests", "fixtures"), ("cogvlm_jax", "cli.py"))):
+            return root
+    return None
+
+
+BENCH_RUN = "import sys; from benchmarks.run import main; sys.exit(main(sys.argv[1:], prog='cogvlm-jax bench'))"
+
+
 def cmd_bench(args) -> int:
-    """Runs ``python -m benchmarks.run`` in the source checkout this package was installed from: the
-    benchmarks are not installed with the package (they read the test fixtures)."""
+    """``python -m benchmarks.run`` with every option given (``--help`` lists them) in the source checkout
+    (``benchmark_checkout``); without one, one line says so."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
-        raise FileNotFoundError("cogvlm-jax bench runs from a source checkout (pip install -e .); this installation "
-                                f"has no benchmarks/ beside {root}/cogvlm_jax")
-    return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.bench_args], cwd=root)
+    root = benchmark_checkout()
+    if root is None:
+        raise FileNotFoundError("the benchmarks need a source checkout: run cogvlm-jax bench inside one (or "
+                                "pip install -e . there); this installation has no benchmarks/ or tests/fixtures/")
+    return subprocess.call([sys.executable, "-c", BENCH_RUN, *args.bench_args], cwd=root)
 
 
 # cogvlm-jax train: option -> (RunConfig / TrainConfig field, default). Defaults are applied here, so that
@@ -446,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     multihost.add_cli_args(sv)
     sv.set_defaults(func=cmd_serve)
 
-    bn = sub.add_parser("bench", help="benchmarks against the hardware limit (see benchmarks/run.py --help)")
+    bn = sub.add_parser("bench", add_help=False,
+                        help="benchmarks against the hardware limit, in a source checkout (bench --help: the options)")
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
     bn.set_defaults(func=cmd_bench)
     return parser
@@ -455,8 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
-        # everything after the verb is benchmarks.run's own (argparse's REMAINDER stops at a leading option)
+    if argv[:1] == ["bench"]:
+        # everything after the verb, --help included, is benchmarks.run's own (argparse's REMAINDER stops at a
+        # leading option)
         args = parser.parse_args(["bench"])
         args.bench_args = argv[1:]
     else:
