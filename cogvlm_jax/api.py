@@ -81,7 +81,8 @@ class Model:
         self.params = weights_for_compute(params, want, execution.platform)
         self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution)
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
-                                    mesh)
+                                    mesh, describe=lambda p, ids, tt, am, pv: f"forward ({ids.shape[0]} x "
+                                    f"{ids.shape[1]} tokens{', images' if pv is not None else ''})")
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
 
     def _place(self, *arrays):

@@ -257,6 +257,14 @@ class Engine:
         follower.follow(self._apply)
 
     # ------------------------------------------------------------------ device programs
+    def warm_up_programs(self) -> str:
+        """What :meth:`start` compiles, in words."""
+        rows_ = ", ".join(map(str, self.decode_sizes))
+        out = f"the decode chunk for {rows_} busy slot{'s' if self.decode_sizes != (1,) else ''}"
+        if self.prefill_sizes:
+            out += f" and the chunked-prefill step for chunks of {', '.join(map(str, self.prefill_sizes))} tokens"
+        return out
+
     def _warm_up(self) -> None:
         """Empty slots, the decode chunk (each of ``decode_sizes``) and the chunked-prefill step compiled
         (every process does this at start, unannounced). The step's empty chunk writes nothing valid; the

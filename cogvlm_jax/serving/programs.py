@@ -167,7 +167,10 @@ class Programs:
 
         # a prompt of rows.MIN_ROWS to rows.MAX_ROWS tokens prefills as a few-row program (see rows.py)
         @functools.partial(rows.ByRows, rows=lambda params, state, input_ids, *a: input_ids.size, mesh=mesh,
-                           module=module, donate_argnames=("state",), **out)
+                           module=module, donate_argnames=("state",), **out,
+                           describe=lambda params, state, input_ids, tt, am, pixel_values, *a: (
+                               f"insert (a prompt of bucket {input_ids.shape[1]}"
+                               f"{', an image' if pixel_values is not None else ''})"))
         def insert(module, params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``
@@ -189,7 +192,9 @@ class Programs:
         module, mesh, slots, chunk, out = self.module, self.mesh, self.slots, self.chunk, self._out
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, active: active, mesh=mesh,
-                           module=module, donate_argnames=("state",), static_argnames=("active",), **out)
+                           module=module, donate_argnames=("state",), static_argnames=("active",), **out,
+                           describe=lambda params, state, live, active: (
+                               f"decode chunk ({active} of {slots} slots, {chunk} steps)"))
         def decode(module, params, state: Slots, live, active: int):
             """``chunk`` steps of the first ``active`` slots (static; the others are left as they are)
             -> (state, tokens [active, C]). ``live`` [S]: slots whose tokens are used (an idle slot never makes
@@ -211,7 +216,9 @@ class Programs:
         module, mesh, slots, out = self.module, self.mesh, self.slots, self._out
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, chunk_ids, *a: slots + chunk_ids.shape[0],
-                           mesh=mesh, module=module, donate_argnames=("state",), **out)
+                           mesh=mesh, module=module, donate_argnames=("state",), **out,
+                           describe=lambda params, state, live, chunk_ids, *a: (
+                               f"chunked prefill step ({chunk_ids.shape[0]} prompt tokens, {slots} slots)"))
         def mix(module, params, state: Slots, live, chunk_ids, chunk_positions, chunk_len, slot, start, last,
                 temperature, top_k, top_p, seed):
             """One decode step of every slot plus the next chunk [P] of ``slot``'s text prompt

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
+from cogvlm_jax.parallel import compiles
 from cogvlm_jax.serving.engine import Engine
 from cogvlm_jax.serving.images import read_image_url
 from cogvlm_jax.serving.protocol import (
@@ -336,11 +337,15 @@ def serve(engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: i
     """Serve until SIGINT/SIGTERM; then stop accepting, let running requests finish for up to
     ``config.drain_seconds``, and return 0."""
     sock = bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{sock.getsockname()[1]}"
+    compiles.say(f"cogvlm-jax serve: compiling {engine.warm_up_programs()}, then serving")  # stderr
+    t0 = time.perf_counter()
     engine.start()  # compile the decode step before the first request
     server = _uvicorn_server(create_app(engine, config), config.drain_seconds, log_level)
-    shown = f"[{host}]" if ":" in host else host
-    announce(f"cogvlm-jax serve: {config.model_name} on http://{shown}:{sock.getsockname()[1]} "
-             f"({engine.slots} slots, {engine.max_length} tokens each)")
+    announce(f"cogvlm-jax serve: {config.model_name} on {address} ({engine.slots} slots, {engine.max_length} "
+             f"tokens each), ready after {time.perf_counter() - t0:.1f} s; each prompt bucket compiles at its "
+             "first request")
     # uvicorn handles SIGINT/SIGTERM while it serves (stop accepting, drain), then re-raises the signal to
     # the handler that was there before: make that one a no-op so a drained shutdown exits 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
