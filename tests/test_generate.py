@@ -73,7 +73,7 @@ def test_decode_reads_only_the_language_expert(f32_models):
     model = f32_models["cogvlm2"]
     case = _gen_cases("cogvlm2")[0]
     n = case["max_new_tokens"]
-    state, do_sample = model._start(*_single(case), n, 0.0, None, None, 0)
+    state, do_sample, _ = model._start(*_single(case), n, 0.0, None, None, 0)
     poisoned = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.full_like(x, jnp.nan) if "vision" in jax.tree_util.keystr(path) else x, model.params)
     out = model._generator.decode(poisoned, state, jnp.int32(n), do_sample=False)
