@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 from cogvlm_jax.api import DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
 from cogvlm_jax.parallel import multihost
 
 TEMPLATES = ("chat", "vqa", "base")
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int,
-                   help=f"default {DEFAULT_MAX_NEW_TOKENS}, or half the model's context if that is shorter")
+                   help="the most tokens an answer may take (default: until eos or the context is full)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -36,11 +36,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     multihost.add_cli_args(p)
 
 
-def _sampling(args, model) -> dict:
-    n = args.max_new_tokens
-    if n is None:  # the shipped default model has a 256-token context: 256 new tokens would never fit
-        n = min(DEFAULT_MAX_NEW_TOKENS, model.config.context_length // 2)
-    return dict(max_new_tokens=n, temperature=args.temperature, top_k=args.top_k,
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed)
 
 
@@ -95,7 +92,7 @@ def cmd_generate(args) -> int:
     out = _out()
     image = _image(args.image)  # fail on a bad image before loading the model
     model = _load(args, mesh)
-    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args, model)):
+    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -139,7 +136,7 @@ def cmd_chat(args) -> int:
         if query == "/clear":
             history = []
             continue
-        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args, model))
+        pieces = model.stream(image, query, tuple(history), template=args.template, **_sampling(args))
         try:
             answer = [next(pieces, "")]  # the prompt is checked here, before anything is printed
         except InputError as e:
@@ -200,16 +197,31 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def benchmark_checkout(package_dir: str = os.path.dirname(os.path.abspath(__file__)),
+                       cwd: Optional[str] = None) -> Optional[str]:
+    """The source checkout ``cogvlm-jax bench`` runs the benchmarks in, or None: the one this package was
+    installed from in editable mode, else the working directory if it is one. The benchmarks are not
+    installed with the package (they read the test fixtures)."""
+    for root in (os.path.dirname(package_dir), os.path.abspath(cwd or os.getcwd())):
+        if all(os.path.exists(os.path.join(root, *part)) for part in
+               (("benchmarks", "run.py"), ("tests", "fixtures"), ("cogvlm_jax", "cli.py"))):
+            return root
+    return None
+
+
+BENCH_RUN = "import sys; from benchmarks.run import main; sys.exit(main(sys.argv[1:], prog='cogvlm-jax bench'))"
+
+
 def cmd_bench(args) -> int:
-    """Runs ``python -m benchmarks.run`` in the source checkout this package was installed from: the
-    benchmarks are not installed with the package (they read the test fixtures)."""
+    """``python -m benchmarks.run`` with every option given (``--help`` lists them) in the source checkout
+    (``benchmark_checkout``); without one, one line says so."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
-        raise FileNotFoundError("cogvlm-jax bench runs from a source checkout (pip install -e .); this installation "
-                                f"has no benchmarks/ beside {root}/cogvlm_jax")
-    return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.bench_args], cwd=root)
+    root = benchmark_checkout()
+    if root is None:
+        raise FileNotFoundError("the benchmarks need a source checkout: run cogvlm-jax bench inside one (or "
+                                "pip install -e . there); this installation has no benchmarks/ or tests/fixtures/")
+    return subprocess.call([sys.executable, "-c", BENCH_RUN, *args.bench_args], cwd=root)
 
 
 # cogvlm-jax train: option -> (RunConfig / TrainConfig field, default). Defaults are applied here, so that
@@ -292,6 +304,8 @@ def load_engine_and_config(args, mesh=None) -> tuple:
 
     if args.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process(),
@@ -439,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-chunk", type=int, default=0,
                     help="chunked prefill: the most text-prompt tokens prefilled inside each decode step (no "
                          "compile per prompt length); 0 (default): each prompt prefilled alone")
-    sv.add_argument("--default-max-tokens", type=int, default=256, help="when a request sets no max_tokens")
+    sv.add_argument("--default-max-tokens", type=int,
+                    help="the most tokens of an answer whose request sets no max_tokens (default: until eos or "
+                         "the context is full)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and /")
     sv.add_argument("--image-root", help="directory file:// image URLs may read from (default: none allowed)")
     sv.add_argument("--max-image-bytes", type=int, default=20 << 20)
@@ -451,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     multihost.add_cli_args(sv)
     sv.set_defaults(func=cmd_serve)
 
-    bn = sub.add_parser("bench", help="benchmarks against the hardware limit (see benchmarks/run.py --help)")
+    bn = sub.add_parser("bench", add_help=False,
+                        help="benchmarks against the hardware limit, in a source checkout (bench --help: the options)")
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
     bn.set_defaults(func=cmd_bench)
     return parser
@@ -460,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
-        # everything after the verb is benchmarks.run's own (argparse's REMAINDER stops at a leading option)
+    if argv[:1] == ["bench"]:
+        # everything after the verb, --help included, is benchmarks.run's own (argparse's REMAINDER stops at a
+        # leading option)
         args = parser.parse_args(["bench"])
         args.bench_args = argv[1:]
     else:

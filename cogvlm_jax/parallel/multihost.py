@@ -246,11 +246,14 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- CLI
 def parse_mesh(text: str) -> tuple[int, int, int]:
-    """``"DATA,FSDP,TENSOR"`` -> three ints (a clear error otherwise)."""
+    """``"DATA,FSDP,TENSOR"`` -> three ints, each >= 1 (a clear error otherwise)."""
     try:
         data, fsdp, tensor = (int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {text!r}") from None
+    for axis, size in (("DATA", data), ("FSDP", fsdp), ("TENSOR", tensor)):
+        if size < 1:
+            raise ValueError(f"--mesh {text}: every axis needs at least one device, {axis} is {size}")
     return data, fsdp, tensor
 
 

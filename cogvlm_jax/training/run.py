@@ -249,6 +249,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         host = batches.batch(start) if start < total else None
         for step in range(start, total):
             t0 = time.perf_counter()
+            if step == start:  # the first step compiles the step program (a line says how long it took)
+                bar.set_postfix_str("compiling the step")
             state, metrics = trainer.step(state, frozen, trainer.place_batch(host))
             host = batches.batch(step + 1) if step + 1 < total else None  # overlaps the device step
             m = jax.device_get(metrics)

@@ -458,7 +458,14 @@ def _jitted_step(config, train_config: TrainConfig, dtype: str, mesh, vit_query_
         tr._set_shardings(trainable)
         # metrics replicated: every process can read them (several processes: each holds a copy)
         out = (tr.state_shardings(TrainState(None, trainable, None, None)), replicated(mesh))
-    return program.jit(tr._step_fn, mesh, donate_argnums=0, out_shardings=out)
+    return program.jit(tr._step_fn, mesh, donate_argnums=0, out_shardings=out, describe=_describe_step)
+
+
+def _describe_step(state, frozen, batch) -> str:
+    *_, b, n = batch["input_ids"].shape  # [accum, rows, length]
+    accum = batch["input_ids"].shape[0] if batch["input_ids"].ndim == 3 else 1
+    images = ", images" if batch.get("pixel_values") is not None else ""
+    return f"train step ({accum} x {b} x {n} tokens{images})"
 
 
 # =========================================================================== checkpoints of the state
