@@ -612,6 +612,15 @@ def report(compiled: jax.stages.Compiled, target: Union[str, Target, None] = Non
         compiler_options=rec.compiler_options if rec else {}, hbm_bytes_per_s=t.hbm_bytes_per_s)
 
 
+def format_fit(r: Report) -> str:
+    """The memory lines the planner adds for a compiled program: what shapes alone do not tell."""
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    return (f"  compiled {r.program} for {r.target} ({r.layout} layout), per device: temporaries {g(r.temp_bytes)} "
+            f"GiB, outputs not aliased {g(r.output_bytes - r.alias_bytes)} GiB, code {g(r.code_bytes)} GiB\n"
+            f"  peak {g(r.peak_bytes)} GiB of {g(r.hbm_bytes)} GiB HBM ({r.peak_bytes / r.hbm_bytes:.0%})"
+            + ("" if r.fits else ": DOES NOT FIT"))
+
+
 __all__ = ["AotError", "COLLECTIVES", "DoesNotFitError", "PROGRAMS", "Report", "TARGETS", "Target",
            "TargetUnavailableError", "available", "compile_for", "compile_only_process", "count_collectives",
-           "devices", "find_target", "layer_collectives", "mesh_for", "report"]
+           "devices", "find_target", "format_fit", "layer_collectives", "mesh_for", "report"]

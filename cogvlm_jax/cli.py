@@ -168,6 +168,13 @@ def cmd_plan(args) -> int:
     context = args.context or cfg.context_length
     p = plan(cfg, data, fsdp, tensor, args.dtype, args.batch, context)
     print(format_plan(cfg.name or args.config, p, args.dtype, args.batch, context))
+    if args.target:  # what the shapes leave out: the compiled program's temporaries, outputs and code
+        from cogvlm_jax import aot
+
+        aot.compile_only_process()
+        r = aot.report(aot.compile_for(cfg, target=args.target, mesh=(data, fsdp, tensor), program="decode",
+                                       batch=args.batch, cache_length=context, dtype=args.dtype, check_fit=False))
+        print(aot.format_fit(r))
     return 0
 
 
@@ -371,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--context", type=int, help="KV cache length (default: the model's context)")
+    pl.add_argument("--target", help="also compile the decode loop for this target (v5e-8, v6e-8, v4-8, v5p-8, "
+                                     "h100-8; needs the [aot] extra) and report its temporaries and peak")
     pl.set_defaults(func=cmd_plan)
 
     co = sub.add_parser("compile", help="compile a program for a TPU slice or GPU host here (no accelerator needed) "
