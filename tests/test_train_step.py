@@ -83,11 +83,24 @@ def test_schedule_warmup_then_cosine():
     cfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=4, total_steps=14, end_lr_ratio=0.1)
     lr = [float(train.lr_schedule(cfg)(t)) for t in range(16)]  # optax count t = the (t+1)-th step
     np.testing.assert_allclose(lr[:4], [5e-4, 1e-3, 1.5e-3, 2e-3], rtol=1e-6)  # no step with lr 0
-    np.testing.assert_allclose(lr[8], 2e-3 * 0.1 + (2e-3 - 2e-4) * 0.5, rtol=1e-6)  # cosine half-way (step 9)
-    np.testing.assert_allclose(lr[13:], [2e-4] * 3, rtol=1e-6)  # the end value at step 14, and after
-    assert all(a > b for a, b in zip(lr[3:13], lr[4:14]))
-    np.testing.assert_allclose(float(train.lr_schedule(dataclasses.replace(cfg, warmup_steps=0))(0)),
-                               2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi / 14)), rtol=1e-6)
+    # The cosine runs from the peak at step 4 to the end value at step 15, one past the last: half-way at 9.5.
+    np.testing.assert_allclose(lr[8], 2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 11)), rtol=1e-6)
+    np.testing.assert_allclose(lr[13], 2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * 10 / 11)), rtol=1e-6)
+    assert lr[13] > 2e-4 * 1.1  # the last step (14) trains above the end value
+    np.testing.assert_allclose(lr[14:], [2e-4] * 2, rtol=1e-6)  # the end value after the run
+    assert all(a > b for a, b in zip(lr[3:14], lr[4:15]))
+    # Without warmup the first step is at the peak; with end_lr_ratio 0 every step of the run has lr > 0, in
+    # float32 too, for one step, a few, and a long run (where (1 + cos) / 2 would round to 0 at the end).
+    no_warmup = dataclasses.replace(cfg, warmup_steps=0)
+    np.testing.assert_allclose(float(train.lr_schedule(no_warmup)(0)), 2e-3, rtol=1e-6)
+    for total, warm in ((1, 0), (1, 1), (2, 0), (3, 3), (7, 2), (100_000, 0), (1_000_000, 10)):
+        c = dataclasses.replace(cfg, warmup_steps=warm, total_steps=total, end_lr_ratio=0.0)
+        counts = np.unique(np.r_[np.arange(min(total, 50)), np.arange(max(total - 50, 0), total)])
+        rates = np.asarray(jax.vmap(train.lr_schedule(c))(counts))
+        assert rates.dtype == np.float32 and (rates > 0).all(), (total, warm, rates.min())
+        assert float(train.lr_schedule(c)(total)) == 0.0  # one past the last step: the end value
+    np.testing.assert_allclose(float(train.lr_schedule(dataclasses.replace(cfg, total_steps=1, warmup_steps=0))(0)),
+                               2e-3, rtol=1e-6)  # a one-step run trains at the peak
     with pytest.raises(ValueError, match="warmup_steps"):
         train.TrainConfig(warmup_steps=5, total_steps=4)
     # Settings that would train silently wrong: negative decay grows the weights, a negative clip norm would

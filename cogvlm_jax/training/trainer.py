@@ -97,7 +97,7 @@ class TrainConfig:
     trainable: str = "full"             # full | vision-expert | lora
     learning_rate: float = 1e-4         # peak, reached at the end of warmup
     warmup_steps: int = 0
-    total_steps: int = 1000             # the cosine reaches end_lr_ratio * learning_rate here
+    total_steps: int = 1000             # the run's length; the cosine reaches end_lr_ratio * lr one step after
     end_lr_ratio: float = 0.0
     weight_decay: float = 0.0           # decoupled (AdamW), on kernels, embeddings and LoRA factors only
     b1: float = 0.9
@@ -145,19 +145,25 @@ class TrainConfig:
 
 
 def lr_schedule(cfg: TrainConfig):
-    """Learning rate of the update with optax count ``t`` (the (t+1)-th step).
+    """Learning rate of the update with optax count ``t`` (the (t+1)-th step); every step of the run has lr > 0.
 
-    Linear warmup ``lr * (t + 1) / warmup`` for the first ``warmup_steps`` steps (no step with lr 0), then a
-    cosine from ``lr`` after the last warmup step down to ``end_lr_ratio * lr`` at step ``total_steps``.
+    Linear warmup ``lr * (t + 1) / warmup`` for the first ``warmup_steps`` steps (no step with lr 0), reaching
+    the peak ``lr`` at step ``max(warmup_steps, 1)``; then a cosine from the peak down towards
+    ``end_lr_ratio * lr``, which it reaches one step after the last (step ``total_steps + 1``), so that the
+    last step still trains (a one-step run trains at the peak). The cosine's factor is computed as
+    ``sin(pi / 2 * left) ** 2`` of the fraction ``left`` of the decay still ahead: it stays above 0 in float32
+    however long the run (``(1 + cos(pi * progress)) / 2`` rounds to 0 near the end of a long one).
     """
     peak, warm, total = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps
     end = peak * cfg.end_lr_ratio
+    top = max(warm, 1)  # the step at the peak
+    span = total + 1 - top  # steps from the peak to where the cosine ends, one past the last
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32) + 1.0  # 1-based step number
         warmup = peak * step / max(warm, 1)
-        progress = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
-        cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        left = jnp.clip((total + 1 - step) / span, 0.0, 1.0)  # 1 at the peak, 1 / span at the last step
+        cosine = end + (peak - end) * jnp.sin(0.5 * math.pi * left) ** 2
         return jnp.where(step <= warm, warmup, cosine)
     return schedule
 
