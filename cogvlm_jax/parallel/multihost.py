@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import math
 import os
 import sys
 import threading
@@ -77,14 +78,18 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 
     if jax.distributed.is_initialized():
         return True
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ClusterError(f"the time to join the cluster (--init-timeout) must be a number of seconds > 0, "
+                           f"got {timeout!r}")
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     if any(v is not None for v in given.values()):
         missing = [k for k, v in given.items() if v is None]
         if missing:
             raise ClusterError(f"multi-process settings need all of coordinator, num_processes and process_id; "
                                f"missing {', '.join(missing)}")
-        if ":" not in coordinator:
-            raise ClusterError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ClusterError(f"coordinator must be HOST:PORT with a port in [1, 65535], got {coordinator!r}")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ClusterError(f"process id {process_id} is not in [0, {num_processes})")
     elif not _cluster_detected():
@@ -251,6 +256,8 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
         data, fsdp, tensor = (int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {text!r}") from None
+    if min(data, fsdp, tensor) < 1:
+        raise ValueError(f"--mesh must be DATA,FSDP,TENSOR, each a device count >= 1, got {text!r}")
     return data, fsdp, tensor
 
 
