@@ -262,11 +262,7 @@ def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     index_path = os.path.join(path, INDEX_FILE)
     if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index ({e!r})") from None
+        weight_map = read_index(index_path)
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
@@ -279,6 +275,28 @@ def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     if os.path.isfile(single):
         return [single], None
     raise _no_weights(path)
+
+
+def read_index(index_path: str) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name (a file in
+    the same directory), each checked; a bad index is a ``CheckpointError`` naming what is wrong."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{index_path} is not a valid safetensors index: {why}")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"not valid JSON ({e})") from None
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise bad("expected an object with a 'weight_map'")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise bad(f"weight_map must be a non-empty object of tensor name -> shard file, got {weight_map!r:.80}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or os.path.basename(shard) != shard \
+                or shard.startswith("."):
+            raise bad(f"weight_map[{name!r}] must be the name of a .safetensors file beside the index, got {shard!r}")
+    return weight_map
 
 
 def open_tensors(path: str) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:

@@ -481,6 +481,28 @@ def test_index_naming_a_missing_shard(tmp_path):
     assert leftovers(str(tmp_path), set()) == ["bad"]
 
 
+@pytest.mark.parametrize("index,message", [
+    ({"weight_map": ["lm_head.weight"]}, "weight_map must be a non-empty object of tensor name -> shard file"),
+    ({"weight_map": {}}, "weight_map must be a non-empty object"),
+    ({"weight_map": "model.safetensors"}, "weight_map must be a non-empty object"),
+    ([], "expected an object with a 'weight_map'"),
+    ({"metadata": {}}, "expected an object with a 'weight_map'"),
+    ({"weight_map": {"lm_head.weight": 1}}, "weight_map['lm_head.weight'] must be the name of a .safetensors file"),
+    ({"weight_map": {"lm_head.weight": "../x.safetensors"}}, "must be the name of a .safetensors file beside"),
+    ({"weight_map": {"lm_head.weight": "model.bin"}}, "must be the name of a .safetensors file"),
+], ids=lambda x: str(x)[:40])
+def test_a_bad_index_is_named(tmp_path, index, message):
+    src = tmp_path / "bad"
+    shutil.copytree(hf_dir("cogvlm2"), src)
+    (src / convert_hf.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        convert_hf_to_ours(str(src), str(tmp_path / "out"), progress=False)
+    assert f"{src / convert_hf.INDEX_FILE} is not a valid safetensors index: " in str(e.value) and message in str(e.value)
+    (src / convert_hf.INDEX_FILE).write_text("{cut")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        convert_hf_to_ours(str(src), str(tmp_path / "out"), progress=False)
+
+
 def test_every_problem_listed_at_once(tmp_path):
     def edit(t):
         t.pop("model.norm.weight")
