@@ -77,14 +77,7 @@ POSITIVE, NON_NEGATIVE = _int(1), _int(0)
 PORT = _int(0, 65535)
 
 
-def _mesh(text: str) -> str:
-    """An argparse type: ``DATA,FSDP,TENSOR``, three integers >= 1 (``multihost.parse_mesh``); kept as text."""
-    try:
-        multihost.parse_mesh(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--mesh ")) from None
-    return text
-
+_mesh = multihost.mesh_arg
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -242,7 +235,8 @@ def cmd_convert(args) -> int:
     from cogvlm_jax.training.export import main_convert
 
     mesh = multihost.mesh_from_flag(args.mesh, cpu=True) if args.mesh else None
-    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh) or 0
+    return main_convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, mesh=mesh,
+                        max_shard_bytes=args.max_shard_size) or 0
 
 
 def cmd_plan(args) -> int:
@@ -425,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("dst")
     cv.add_argument("--to", choices=("ours", "hf"), default="ours",
                     help="hf: export ours, or a training checkpoint OUT/checkpoints/step_N (full or vision-expert)")
+    cv.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
+                    help="--to hf: shards of at most SIZE (5GB, 500MB, 2GiB, bytes), a larger tensor alone; default: "
+                         "the files of the HF checkpoint SRC was converted from (its shards and index, or one file)")
     cv.add_argument("--overwrite", action="store_true", help="replace DST if it exists and is not empty")
     cv.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", type=_mesh,
                     help="store each tensor in chunks of its shard on this mesh (made of CPU devices), so that "

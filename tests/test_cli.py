@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import cases, fixture_dir, huge_png
 
 
@@ -97,3 +99,57 @@ def test_convert_refuses_a_full_destination_and_overwrite_replaces_it(tmp_path, 
     assert err.startswith("cogvlm-jax convert: error: ") and "--overwrite" in err
     assert cli.main(["convert", src, str(dst), "--overwrite"]) == 0
     assert is_our_checkpoint(str(dst)) and not (dst / "old.txt").exists()
+
+
+# A bad option of every kind, on every verb that has it: one line, exit status 2, before anything loads.
+BAD_OPTIONS = [
+    (["serve", "--port", "99999"], "argument --port: must be an integer in [0, 65535], got 99999"),
+    (["serve", "--port", "-1"], "argument --port: must be an integer in [0, 65535], got -1"),
+    (["serve", "--port", "80.5"], "argument --port: expected an integer, got '80.5'"),
+    (["serve", "--slots", "0"], "argument --slots: must be an integer >= 1, got 0"),
+    (["serve", "--max-queue", "-1"], "argument --max-queue: must be an integer >= 0, got -1"),
+    (["serve", "--max-image-bytes", "0"], "argument --max-image-bytes: must be an integer >= 1"),
+    (["serve", "--drain-seconds", "inf"], "argument --drain-seconds: must be a finite number >= 0, got 'inf'"),
+    (["serve", "--coordinator", "host:99999", "--num-processes", "2", "--process-id", "0"],
+     "coordinator must be HOST:PORT with a port in [1, 65535], got 'host:99999'"),
+    (["serve", "--mesh", "1,0,1"], "argument --mesh: must be DATA,FSDP,TENSOR, each a device count >= 1"),
+    (["convert", "a", "b", "--mesh", "0,1,1"], "argument --mesh: must be DATA,FSDP,TENSOR, each a device count >= 1"),
+    (["convert", "a", "b", "--mesh", "1,1"], "argument --mesh: must be DATA,FSDP,TENSOR (three integers)"),
+    (["convert", "a", "b", "--max-shard-size", "5XB"], "argument --max-shard-size: expected a size such as 5GB"),
+    (["convert", "a", "b", "--max-shard-size", "0"], "argument --max-shard-size: must be at least 1 byte"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "1.5"], "argument --top-p: must be a finite number > 0 and <= 1"),
+    (["generate", "--prompt", "hi", "--top-k", "x"], "argument --top-k: expected an integer, got 'x'"),
+    (["generate", "--prompt", "hi", "--mesh=-1,1,1"], "argument --mesh: must be DATA,FSDP,TENSOR, each a device"),
+    (["chat", "--seed", "-3"], "argument --seed: must be an integer >= 0, got -3"),
+    (["plan", "--config", "cogvlm-chat-hf", "--mesh", "1,1,0"], "argument --mesh: must be DATA,FSDP,TENSOR, each"),
+    (["plan", "--config", "cogvlm-chat-hf", "--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
+    (["compile", "--config", "cogvlm-chat-hf", "--cache-length", "0"], "argument --cache-length: must be an integer"),
+    (["compile", "--config", "cogvlm-chat-hf", "--mesh", "a,b,c"], "argument --mesh: must be DATA,FSDP,TENSOR"),
+    (["train", "--out", "o", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["train", "--out", "o", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["train", "--out", "o", "--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+    (["train", "--out", "o", "--epochs", "-1"], "argument --epochs: must be a finite number > 0"),
+    (["train", "--out", "o", "--batch-size", "2.5"], "argument --batch-size: expected an integer, got '2.5'"),
+    (["train", "--out", "o", "--end-lr-ratio", "2"], "argument --end-lr-ratio: must be a finite number >= 0 and <= 1"),
+    (["train", "--out", "o", "--save-every", "0"], "argument --save-every: must be an integer >= 1"),
+    (["train", "--out", "o", "--mesh", "1,1,1,1"], "argument --mesh: must be DATA,FSDP,TENSOR (three integers)"),
+    (["train", "--out", "o", "--init-timeout", "0", "--coordinator", "h:1", "--num-processes", "1", "--process-id",
+      "0"], "the time to join the cluster (--init-timeout) must be a number of seconds > 0, got 0.0"),
+    (["serve", "--num-processes", "two"], "argument --num-processes: invalid int value: 'two'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_OPTIONS, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_a_bad_option_is_one_line_and_exit_2(argv, message, capsys):
+    from cogvlm_jax import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own exit
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"cogvlm-jax {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert message in err, err

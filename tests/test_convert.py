@@ -199,7 +199,8 @@ def test_round_trip_is_bit_exact(family, round_trips):
     ours, back = round_trips[family]
     src = hf_dir(family)
     assert is_our_checkpoint(ours) and not is_our_checkpoint(back)
-    assert read_meta(ours)["hf"] == {"inv_freq_dtype": "float32"}
+    split = json.load(open(os.path.join(src, convert_hf.INDEX_FILE)))["weight_map"] if family == "cogvlm2" else None
+    assert read_meta(ours)["hf"] == {"inv_freq_dtype": "float32", **({"shards": split} if split else {})}
     # every tensor: same name, dtype, shape and bytes (inv_freq included)
     assert raw_tensors(back) == raw_tensors(src)
     # same files, same shard assignment; the shards are even byte-identical to the published ones
@@ -209,6 +210,34 @@ def test_round_trip_is_bit_exact(family, round_trips):
         with open(os.path.join(src, name), "rb") as a, open(os.path.join(back, name), "rb") as b:
             assert a.read() == b.read(), name
     assert load_config(back) == load_config(src)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_export_repeats_the_source_files_or_bounds_them(family, round_trips, tmp_path, capsys):
+    """``convert --to hf`` writes the files the source HF checkpoint had (shards and index, or one file), byte
+    for byte; ``--max-shard-size`` cuts shards of at most that size instead, with an index."""
+    from cogvlm_jax import cli
+
+    ours, _ = round_trips[family]
+    src = hf_dir(family)
+    back = tmp_path / "back"
+    assert cli.main(["convert", ours, str(back), "--to", "hf"]) == 0
+    weights = sorted(n for n in os.listdir(src) if n != "config.json")
+    assert sorted(n for n in os.listdir(back) if n != "config.json") == weights
+    for name in weights:
+        assert (back / name).read_bytes() == open(os.path.join(src, name), "rb").read(), name
+    limit = 100_000
+    bounded = tmp_path / "bounded"
+    assert cli.main(["convert", ours, str(bounded), "--to", "hf", "--max-shard-size", "100KB"]) == 0
+    index = json.loads((bounded / convert_hf.INDEX_FILE).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert sorted(n for n in os.listdir(bounded) if n.endswith(".safetensors")) == files and len(files) > 2
+    for name in files:  # each shard is within the limit, or one tensor larger than it
+        tensors = SafetensorsFile(str(bounded / name)).tensors.values()
+        assert sum(t.nbytes for t in tensors) <= limit or len(tensors) == 1, name
+    assert raw_tensors(str(bounded)) == raw_tensors(src)
+    assert cli.main(["convert", src, str(tmp_path / "x"), "--max-shard-size", "1GB"]) == 2
+    assert "--max-shard-size applies to --to hf" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -261,12 +261,21 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     return data, fsdp, tensor
 
 
+def mesh_arg(text: str) -> str:
+    """An argparse type for ``--mesh``: :func:`parse_mesh`'s check, the text kept as given."""
+    try:
+        parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--mesh ")) from None
+    return text
+
+
 def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
     """``--mesh`` (unless ``mesh=False``: the command has its own) and the multi-process flags, for every
     command that runs a model."""
     g = p.add_argument_group("devices and processes")
     if mesh:
-        g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+        g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", type=mesh_arg,
                        help="shard the model over this mesh of all (global) devices; default: one device, or "
                             "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
     g.add_argument("--coordinator", metavar="HOST:PORT",
@@ -322,5 +331,5 @@ def init_from_args(args: argparse.Namespace):
 __all__: Sequence[str] = [
     "Barriers", "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory",
     "broadcast_bytes", "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process",
-    "mesh_from_flag", "parse_mesh", "to_global", "to_host",
+    "mesh_arg", "mesh_from_flag", "parse_mesh", "to_global", "to_host",
 ]
