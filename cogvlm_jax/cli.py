@@ -17,7 +17,7 @@ import sys
 import threading
 
 from cogvlm_jax import files
-from cogvlm_jax.api import DEFAULT_MODEL_NAME
+from cogvlm_jax.api import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
 from cogvlm_jax.parallel import multihost
 
@@ -120,8 +120,29 @@ def _sampling(args, model) -> dict:
                 top_p=args.top_p, seed=args.seed)
 
 
+def check_tokenizer(tokenizer: str | None, model: str | None) -> None:
+    """Every verb that reads or writes text needs a tokenizer: find it before any weights are read, and
+    name the flag that gives one (``--tokenizer``) if there is none."""
+    from cogvlm_jax.api import DEFAULT_MODEL
+    from cogvlm_jax.inputs.tokenizer import TokenizerError, tokenizer_dir, tokenizer_files
+
+    if tokenizer is not None:
+        if not os.path.exists(tokenizer):
+            raise TokenizerError(f"--tokenizer {tokenizer} does not exist")
+        if not tokenizer_files(tokenizer):
+            raise TokenizerError(f"--tokenizer {tokenizer} holds no tokenizer.json or tokenizer.model (nor does its "
+                                 "tokenizer/ folder)")
+        return
+    model = DEFAULT_MODEL if model is None else model
+    if os.path.isdir(model) and tokenizer_dir(model) is None:
+        raise TokenizerError(f"no tokenizer beside the model {model} (tokenizer.json or tokenizer.model, in it or in "
+                             "its tokenizer/ folder): pass --tokenizer FILE_OR_DIRECTORY")
+
+
 def _load(args, mesh):
     import cogvlm_jax
+
+    check_tokenizer(args.tokenizer, args.model)
 
     return cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
                            progress=multihost.is_main_process())
@@ -291,7 +312,7 @@ def cmd_bench(args) -> int:
 # cogvlm-jax train: option -> (RunConfig / TrainConfig field, default). Defaults are applied here, so that
 # on --resume only the options actually given are checked against the run's saved settings.
 _TRAIN_OPTIONS = {
-    "data": ("data", None), "model": ("model", None), "tokenizer": ("tokenizer", None),
+    "data": ("data", None), "model": ("model", DEFAULT_MODEL), "tokenizer": ("tokenizer", None),
     "template": ("template", None), "batch_size": ("batch_size", 8), "seed": ("seed", 0),
     "dtype": ("dtype", "float32"), "mesh": ("mesh", "1,1,1"),
     "trainable": ("train.trainable", "full"), "steps": ("train.total_steps", None),
@@ -332,9 +353,8 @@ def _run_config(args, base=None):
             top[field] = value
     if base is not None:
         return dataclasses.replace(base, **top, train=dataclasses.replace(base.train, **tc))
-    for need in ("data", "model"):
-        if need not in top:
-            raise ValueError(f"--{need} is required for a new run")
+    if "data" not in top:
+        raise ValueError("--data is required for a new run")
     if "total_steps" not in tc:  # --epochs: fit() sets the step count once the data is read
         tc["total_steps"] = max(1, tc.get("warmup_steps", 0))
     return RunConfig(train=TrainConfig(**tc), **top)
@@ -354,6 +374,8 @@ def cmd_train(args) -> int:
     if epochs is None and args.steps is None and not args.resume:
         epochs = 1.0
     run = _run_config(args, finetune.read_run(args.out) if args.resume else None)
+    if not args.resume:
+        check_tokenizer(run.tokenizer, run.model)
     path = finetune.fit(args.out, run, resume=args.resume, epochs=epochs, save_every=args.save_every,
                         keep=args.keep, progress=not args.quiet)
     out.write(path + "\n")
@@ -370,6 +392,7 @@ def load_engine_and_config(args, mesh=None) -> tuple:
         raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
+    check_tokenizer(args.tokenizer, args.model)
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process())
     model = cogvlm_jax.load(args.model, **kw)
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
@@ -463,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune on a JSONL file (full, vision-expert or LoRA), with checkpoints, "
                                      "--resume and an exported model in OUT/model")
     t.add_argument("--data", help='JSONL: {"image": path, "query": str, "answer": str, "history": [[q, a], ...]}')
-    t.add_argument("--model", help="checkpoint to start from (HF safetensors or converted)")
+    t.add_argument("--model", help="checkpoint to start from (HF safetensors or converted); default: the small "
+                   "model shipped in the package, like generate and serve")
     t.add_argument("--out", required=True, help="run directory: run.json, log.jsonl, checkpoints/, model/")
     t.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the model)")
     t.add_argument("--template", choices=TEMPLATES, help="prompt template (default: the model's)")

@@ -153,3 +153,49 @@ def test_a_bad_option_is_one_line_and_exit_2(argv, message, capsys):
     assert rc == 2, err
     assert err.startswith(f"cogvlm-jax {argv[0]}: error: ") and err.count("\n") == 1, err
     assert message in err, err
+
+
+def test_train_defaults_to_the_shipped_model_like_generate_and_serve(tmp_path, monkeypatch):
+    from cogvlm_jax.api import DEFAULT_MODEL
+    from cogvlm_jax.training import run as finetune
+
+    from cogvlm_jax import cli
+
+    runs = []
+    monkeypatch.setattr(finetune, "fit", lambda out, run, **kw: runs.append(run) or str(tmp_path / "model"))
+    assert cli.main(["train", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "r"), "--steps", "1"]) == 0
+    assert runs[0].model == DEFAULT_MODEL and runs[0].tokenizer is None
+
+
+def test_a_missing_tokenizer_is_named_before_the_weights_are_read(tmp_path, monkeypatch, capsys):
+    """A checkpoint without a tokenizer (CogVLM1's fixture, like the published CogVLM-17B): each verb says
+    to pass --tokenizer, and says it before reading any weights."""
+    import cogvlm_jax
+    from cogvlm_jax.inputs.tokenizer import TokenizerError
+    from cogvlm_jax.training import run as finetune
+
+    from cogvlm_jax import api, cli
+
+    def no_reading(*args, **kw):
+        raise AssertionError("the weights were read")
+    monkeypatch.setattr(api, "read_params", no_reading)
+    monkeypatch.setattr(finetune, "read_params", no_reading)
+    ckpt = os.path.join(fixture_dir("cogvlm1"), "checkpoint")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"query": "q", "answer": "a"}\n')
+    verbs = [["generate", "--prompt", "hi"], ["chat"], ["serve", "--port", "0"],
+             ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"]]
+    for verb in verbs:
+        for extra, message in (([], f"no tokenizer beside the model {ckpt}"),
+                               (["--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'} does not exist"),
+                               (["--tokenizer", str(tmp_path)], f"--tokenizer {tmp_path} holds no tokenizer.json")):
+            assert cli.main([*verb, "--model", ckpt, *extra]) == 2, verb
+            err = capsys.readouterr().err
+            assert err.startswith(f"cogvlm-jax {verb[0]}: error: {message}") and err.count("\n") == 1, err
+            assert not extra or "pass --tokenizer" not in err
+            if not extra:
+                assert "pass --tokenizer FILE_OR_DIRECTORY" in err and "cogvlm_jax.load" not in err, err
+    assert not (tmp_path / "run").exists()
+    # The Python API: a tokenizer path that holds none is named, also before any weights are read.
+    with pytest.raises(TokenizerError, match=f"tokenizer path {tmp_path / 'nope'} does not exist"):
+        cogvlm_jax.load(ckpt, tokenizer=str(tmp_path / "nope"), progress=False)

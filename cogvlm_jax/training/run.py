@@ -214,7 +214,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     config = load_config(run.model)
     tokenizer = find_tokenizer(run.tokenizer or run.model)
     if tokenizer is None:
-        raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; pass --tokenizer")
+        raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; give its file or "
+                         "directory as RunConfig(tokenizer=PATH)")
     records = read_jsonl(run.data, tokenizer, config, run.template, progress=progress and multihost.is_main_process())
     batches = Batches(records, tokenizer, config, run.batch_size, run.seed, run.template)
     if epochs is not None:
