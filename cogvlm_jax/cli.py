@@ -134,7 +134,8 @@ def check_tokenizer(tokenizer: str | None, model: str | None) -> None:
                                  "tokenizer/ folder)")
         return
     model = DEFAULT_MODEL if model is None else model
-    if os.path.isdir(model) and tokenizer_dir(model) is None:
+    # a folder that is no checkpoint at all is load()'s to name (its missing config.json)
+    if os.path.isfile(os.path.join(model, "config.json")) and tokenizer_dir(model) is None:
         raise TokenizerError(f"no tokenizer beside the model {model} (tokenizer.json or tokenizer.model, in it or in "
                              "its tokenizer/ folder): pass --tokenizer FILE_OR_DIRECTORY")
 
