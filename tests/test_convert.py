@@ -407,7 +407,8 @@ def test_tokenizer_files_are_carried(tmp_path):
     convert_hf_to_ours(str(src), str(tmp_path / "ours"), progress=False)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "ours"))
     convert_ours_to_hf(str(tmp_path / "ours"), str(tmp_path / "hf"), progress=False)
-    assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))
+    shards = {n for n in os.listdir(src) if n.endswith((".safetensors", ".index.json"))}  # the source's split
+    assert {"tokenizer.json", "tokenizer_config.json", *shards} <= set(os.listdir(tmp_path / "hf"))
 
 
 def test_existing_destination(tmp_path, round_trips):
