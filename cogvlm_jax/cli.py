@@ -293,8 +293,7 @@ def cmd_compile(args) -> int:
         per = aot.layer_collectives(args.config, args.target, mesh, args.program, **kw)
         print("  collectives per decoder layer: " + (", ".join(f"{k} {v}" for k, v in per.items() if v) or "none"))
     if args.hlo:
-        with open(args.hlo, "w") as f:
-            f.write(compiled.as_text() or "")
+        files.write_text(args.hlo, compiled.as_text() or "")
     return 0
 
 
@@ -406,11 +405,24 @@ def load_engine_and_config(args, mesh=None) -> tuple:
     return engine, config
 
 
+def check_listen(host: str, port: int) -> None:
+    """Fail before the model loads if the server could not listen on ``host:port`` (a name that does not
+    resolve, an address not on this machine, a port in use or reserved): a socket is bound there and closed."""
+    from cogvlm_jax.serving.server import bind
+
+    try:
+        bind(host, port).close()
+    except OSError as e:  # socket.gaierror (a name that does not resolve) included
+        raise OSError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args) -> int:
     from cogvlm_jax.serving.server import serve
 
     mesh = multihost.init_from_args(args)
     out = _out()
+    if multihost.is_main_process():
+        check_listen(args.host, args.port)
     engine, config = load_engine_and_config(args, mesh)
     if not multihost.is_main_process():  # process 0 serves HTTP; this one runs the same device programs
         engine.follow()

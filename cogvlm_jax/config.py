@@ -246,8 +246,9 @@ class CogVLMConfig:
     def from_json_file(cls, path: str) -> "CogVLMConfig":
         """A ``config.json``, with the ``generation_config.json`` beside it folded in (if there is one); an
         error names the file and the field."""
+        d = _read_json(path)  # its errors name the file
         try:
-            cfg = cls.from_hf_dict(_read_json(path))
+            cfg = cls.from_hf_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         gen = os.path.join(os.path.dirname(path), "generation_config.json")
@@ -257,8 +258,9 @@ class CogVLMConfig:
 
     def with_generation_file(self, path: str) -> "CogVLMConfig":
         """:meth:`with_generation_config` of a ``generation_config.json``; an error names the file."""
+        g = _read_json(path)
         try:
-            return self.with_generation_config(_read_json(path))
+            return self.with_generation_config(g)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 

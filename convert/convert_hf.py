@@ -779,6 +779,8 @@ def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
                  max_shard_bytes: int | None = None, overwrite: bool = False,
                  progress: bool = True, mesh=None) -> int:
     """The ``cogvlm-jax convert SRC DST [--to hf]`` command. Returns 0; raises CheckpointError/ConfigError."""
+    if not os.path.exists(src):
+        raise CheckpointError(f"source checkpoint {src} does not exist")
     if to == "ours" and max_shard_bytes is not None:
         raise CheckpointError("--max-shard-size applies to --to hf (our format stores each tensor in chunks)")
     if to == "ours":

@@ -199,3 +199,41 @@ def test_a_missing_tokenizer_is_named_before_the_weights_are_read(tmp_path, monk
     # The Python API: a tokenizer path that holds none is named, also before any weights are read.
     with pytest.raises(TokenizerError, match=f"tokenizer path {tmp_path / 'nope'} does not exist"):
         cogvlm_jax.load(ckpt, tokenizer=str(tmp_path / "nope"), progress=False)
+
+
+def test_bad_paths_and_addresses_are_one_line_before_anything_loads(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from cogvlm_jax import api, cli
+
+    def no_reading(*args, **kw):
+        raise AssertionError("the weights were read")
+    monkeypatch.setattr(api, "read_params", no_reading)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"query": "q", "answer": "a"}\n')
+    checks = [
+        (["serve", "--host", "999.1.1.1", "--port", "0"], "cannot listen on --host 999.1.1.1 --port 0: "),
+        (["serve", "--port", str(port)], f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use"),
+        (["convert", str(tmp_path / "nope"), str(tmp_path / "out")], f"source checkpoint {tmp_path / 'nope'} does not"),
+        (["convert", os.path.join(fixture_dir("cogvlm1"), "checkpoint"), str(a_file)],
+         f"destination {a_file} exists and is not a directory"),
+        (["generate", "--model", str(a_file), "--prompt", "hi"], f"{a_file} is not valid JSON"),
+        (["train", "--data", str(data), "--out", str(a_file), "--steps", "1"],
+         f"the run directory {a_file} exists and is not a directory"),
+        (["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r"), "--steps", "1"],
+         f"training data {tmp_path / 'none.jsonl'} not found"),
+    ]
+    try:
+        for argv, message in checks:
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith(f"cogvlm-jax {argv[0]}: error: {message}") and err.count("\n") == 1, err
+    finally:
+        taken.close()
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "d.jsonl"]

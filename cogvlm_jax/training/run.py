@@ -200,6 +200,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         raise ValueError("fit needs a RunConfig for a new run")
     else:
         def fresh() -> bytes:
+            if os.path.lexists(out) and not os.path.isdir(out):
+                raise CheckpointError(f"the run directory {out} exists and is not a directory")
             if os.path.exists(os.path.join(out, RUN_FILE)) or checkpoint_steps(out):
                 raise CheckpointError(f"{out} already holds a training run; pass --resume to continue it, or "
                                       "choose another --out")
