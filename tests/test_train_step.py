@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -281,3 +282,25 @@ def test_resume_is_exact(env, tmp_path):
     lora_like, _ = train.Trainer(model.config, dataclasses.replace(cfg, trainable="lora")).init(model.params)
     with pytest.raises(ValueError, match="does not match this model and these settings"):
         train.restore_state(str(tmp_path / "ckpt"), lora_like)
+
+
+def test_settings_of_the_wrong_type_are_named_not_coerced():
+    """As a run.json or a caller gives them: a string or a float where an int belongs, a NaN, a string bool."""
+    from cogvlm_jax.training.run import RunConfig
+
+    for kw, message in ((dict(total_steps="5"), "train.total_steps must be an int, got '5'"),
+                        (dict(accum=2.0), "train.accum must be an int, got 2.0"),
+                        (dict(warmup_steps=True), "train.warmup_steps must be an int, got True"),
+                        (dict(learning_rate=float("nan")), "train.learning_rate must be a finite number, got nan"),
+                        (dict(eps="1e-8"), "train.eps must be a finite number, got '1e-8'"),
+                        (dict(remat="yes"), "train.remat must be true or false, got 'yes'"),
+                        (dict(lora_targets=("a", 1)), "train.lora_targets must be a list of strings")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.TrainConfig(**kw)
+    for kw, message in ((dict(batch_size=8.0), "batch_size must be an int, got 8.0"),
+                        (dict(seed="0"), "seed must be an int, got '0'"), (dict(seed=-1), "seed must be >= 0"),
+                        (dict(mesh=(1, 0, 1)), "mesh must be three device counts >= 1"),
+                        (dict(mesh=(1, 1)), "mesh must be three device counts >= 1"),
+                        (dict(dtype="f99"), "dtype 'f99' unknown"), (dict(tokenizer=5), "tokenizer must be a string")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            RunConfig(data="d.jsonl", model="m", **kw)

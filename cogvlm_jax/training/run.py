@@ -43,6 +43,7 @@ from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from cogvlm_jax import files
+from cogvlm_jax.dtypes import DTYPES
 from cogvlm_jax.config import load_config
 from cogvlm_jax.convert.checkpoint import CheckpointError
 from cogvlm_jax.convert.convert_hf import write_hf_checkpoint
@@ -72,6 +73,15 @@ class RunConfig:
     mesh: tuple[int, int, int] = (1, 1, 1)      # data, fsdp, tensor
 
     def __post_init__(self):
+        train.check_field_types(self)
+        if not isinstance(self.train, train.TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {self.train!r}")
+        if len(self.mesh) != 3 or min(self.mesh) < 1:
+            raise ValueError(f"mesh must be three device counts >= 1 (data, fsdp, tensor), got {self.mesh!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} unknown; expected one of {', '.join(DTYPES)}")
         if self.batch_size < 1 or self.batch_size % self.train.accum:
             raise ValueError(f"batch size {self.batch_size} must be a positive multiple of accum {self.train.accum}")
 

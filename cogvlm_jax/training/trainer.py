@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 from typing import Any, Mapping, Optional
 
@@ -90,6 +91,37 @@ def loss_fn(module: CogVLM, params, batch):
 
 
 # =========================================================================== settings
+def check_field_types(settings, where: str = "") -> None:
+    """Every field of the dataclass ``settings`` of the type its annotation names: an ``int`` field holds an
+    int (not a bool, a float or a string), a ``float`` field a finite number, a ``bool`` field a bool, a
+    ``str`` one a string (``Optional``: or None), a ``tuple[str, ...]`` strings (as a run.json or a caller
+    gives them, nothing is coerced). A ``ValueError`` names the first field that is not."""
+    for f in dataclasses.fields(settings):
+        kind, value = str(f.type), getattr(settings, f.name)
+        if kind.startswith("Optional[") and value is None:
+            continue
+        kind = kind.removeprefix("Optional[").removesuffix("]")
+        if kind == "int":  # numbers.Integral: numpy's ints too
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+        elif kind == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind.startswith("tuple[str"):
+            ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        elif kind.startswith("tuple[int"):
+            ok = isinstance(value, tuple) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                  for v in value)
+        else:
+            continue
+        if not ok:
+            want = {"int": "an int", "float": "a finite number", "bool": "true or false", "str": "a string"}.get(
+                kind, "a list of strings" if kind.startswith("tuple[str") else "a list of ints")
+            raise ValueError(f"{where}{f.name} must be {want}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that changes the numbers of a step (a resumed run must use the same)."""
@@ -111,6 +143,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
 
     def __post_init__(self):
+        check_field_types(self, "train.")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable {self.trainable!r} unknown; expected one of {', '.join(TRAINABLE)}")
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
