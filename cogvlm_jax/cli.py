@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -56,8 +58,6 @@ def _int(low: int | None = None, high: int | None = None):
 
 def _float(low: float | None = None, high: float | None = None, low_open: bool = False):
     """An argparse type: a finite number in [low, high] (``low_open``: (low, high]), else a clear error."""
-    import math
-
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -75,9 +75,7 @@ def _float(low: float | None = None, high: float | None = None, low_open: bool =
 
 POSITIVE, NON_NEGATIVE = _int(1), _int(0)
 PORT = _int(0, 65535)
-
-
-_mesh = multihost.mesh_arg
+_mesh = multihost.mesh_arg  # DATA,FSDP,TENSOR, three counts >= 1
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -86,8 +84,6 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
 def parse_size(text: str) -> int:
     """An argparse type: a size in bytes, ``5GB`` / ``500MB`` / ``2GiB`` / ``1048576`` (decimal or binary
     units, as Hugging Face's ``max_shard_size``), at least 1 byte."""
-    import re
-
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
     if m is None:
         raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB, 2GiB or a number of bytes, got {text!r}")
@@ -123,7 +119,6 @@ def _sampling(args, model) -> dict:
 def check_tokenizer(tokenizer: str | None, model: str | None) -> None:
     """Every verb that reads or writes text needs a tokenizer: find it before any weights are read, and
     name the flag that gives one (``--tokenizer``) if there is none."""
-    from cogvlm_jax.api import DEFAULT_MODEL
     from cogvlm_jax.inputs.tokenizer import TokenizerError, tokenizer_dir, tokenizer_files
 
     if tokenizer is not None:
@@ -144,7 +139,6 @@ def _load(args, mesh):
     import cogvlm_jax
 
     check_tokenizer(args.tokenizer, args.model)
-
     return cogvlm_jax.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh,
                            progress=multihost.is_main_process())
 
@@ -514,10 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--end-lr-ratio", type=_float(0.0, 1.0), help="final learning rate / peak (default 0)")
     t.add_argument("--weight-decay", type=_float(0.0), help="AdamW decoupled weight decay (default 0)")
     t.add_argument("--max-grad-norm", type=_float(0.0), help="global gradient-norm clip, 0 = off (default 1)")
-    t.add_argument("--adam-eps", type=_float(0.0, low_open=True), help="AdamW's epsilon, added to the root of the second moment "
-                                                  "(default 1e-8)")
+    t.add_argument("--adam-eps", type=_float(0.0, low_open=True),
+                   help="AdamW's epsilon, added to the root of the second moment (default 1e-8)")
     t.add_argument("--lora-rank", type=POSITIVE, help="LoRA rank (default 8)")
-    t.add_argument("--lora-alpha", type=_float(0.0, low_open=True), help="LoRA alpha; the update is scaled by alpha / rank (default 16)")
+    t.add_argument("--lora-alpha", type=_float(0.0, low_open=True),
+                   help="LoRA alpha; the update is scaled by alpha / rank (default 16)")
     t.add_argument("--lora-targets", help="comma-separated globs over linear-layer paths (default: the decoder's "
                                           "attention projections, both experts)")
     t.add_argument("--remat", action="store_true", default=None, help="recompute layers in the backward pass")

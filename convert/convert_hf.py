@@ -771,6 +771,10 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int | None = None, d
     if not is_our_checkpoint(src):
         raise CheckpointError(f"{src} is not a cogvlm-jax checkpoint (needs config.json and params/)")
     facts = read_meta(src).get("hf", {})
+    shards = facts.get("shards")
+    if shards is not None and not (isinstance(shards, dict) and all(isinstance(v, str) for v in shards.values())):
+        raise CheckpointError(f"{src}/{checkpoint.FORMAT_FILE}: hf.shards must be an object of tensor name -> file "
+                              "name; re-convert the checkpoint")
     return write_hf(orbax_source(src), load_config(src), dst, max_shard_bytes, dtype, facts.get("inv_freq_dtype"),
                      facts.get("inv_freq"), overwrite, carried_files(src), progress, facts.get("shards"))
 

@@ -186,8 +186,9 @@ def test_a_missing_tokenizer_is_named_before_the_weights_are_read(tmp_path, monk
     verbs = [["generate", "--prompt", "hi"], ["chat"], ["serve", "--port", "0"],
              ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"]]
     for verb in verbs:
+        nope = tmp_path / "nope"
         for extra, message in (([], f"no tokenizer beside the model {ckpt}"),
-                               (["--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'} does not exist"),
+                               (["--tokenizer", str(nope)], f"--tokenizer {nope} does not exist"),
                                (["--tokenizer", str(tmp_path)], f"--tokenizer {tmp_path} holds no tokenizer.json")):
             assert cli.main([*verb, "--model", ckpt, *extra]) == 2, verb
             err = capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import weakref
 
@@ -564,3 +565,16 @@ def test_inv_freq_may_be_absent(tmp_path):
             t.pop(f"model.layers.{i}.self_attn.rotary_emb.inv_freq")
     params = read_hf_checkpoint(str(_cogvlm1_copy(tmp_path, edit)), progress=False)
     assert "layers_1" in params
+
+
+def test_a_bad_checkpoint_json_is_named(tmp_path, round_trips):
+    ours = tmp_path / "ours"
+    shutil.copytree(round_trips["cogvlm2"][0], ours)
+    meta = json.loads((ours / checkpoint.FORMAT_FILE).read_text())
+    for bad, message in (("[]", "must be a JSON object"), ("{cut", "is not valid JSON"),
+                         (json.dumps({**meta, "hf": []}), "must be a JSON object (with an 'hf' object"),
+                         (json.dumps({**meta, "hf": {**meta["hf"], "shards": [1]}}), "hf.shards must be an object")):
+        (ours / checkpoint.FORMAT_FILE).write_text(bad)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            convert_ours_to_hf(str(ours), str(tmp_path / "hf"), progress=False)
+        assert not (tmp_path / "hf").exists()
