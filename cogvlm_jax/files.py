@@ -66,6 +66,8 @@ def _locked_temporary(parent: str, base: str, directory: bool) -> tuple[str, int
                 return path, fd
         except (BlockingIOError, FileNotFoundError):
             pass
+        except OSError:  # a file system without locks: the write goes on unlocked (and is never taken for stale)
+            return path, fd
         os.close(fd)
 
 
@@ -75,9 +77,11 @@ def _held(path: str) -> bool:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
+    except OSError:  # not ours to open (another user's): leave it
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: a live writer's; any other: a file system without locks, so nobody can tell
         return True
     finally:
         os.close(fd)
@@ -110,7 +114,8 @@ def remove_stale(dest: str) -> list[str]:
             continue
         old = os.path.join(parent, f".{base}{_OLD}{name[len(base) + 1 + len(_TMP):]}")
         if os.path.lexists(old) and not os.path.lexists(dest):  # killed between its two renames
-            os.rename(old, dest)
+            with contextlib.suppress(FileNotFoundError):  # another writer cleaning up at the same time
+                os.rename(old, dest)
         _remove(tmp)
         removed.append(tmp)
     for name in sorted(names):  # moved aside by a writer that got its new tree in place, then was killed
