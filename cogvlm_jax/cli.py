@@ -118,19 +118,22 @@ def _sampling(args, model) -> dict:
 
 def check_tokenizer(tokenizer: str | None, model: str | None) -> None:
     """Every verb that reads or writes text needs a tokenizer: find it before any weights are read, and
-    name the flag that gives one (``--tokenizer``) if there is none."""
+    name the flag that gives one (``--tokenizer``) if there is none. The model's config.json is read first,
+    so that a bad one is the error shown (a folder without one is ``load``'s to name)."""
+    from cogvlm_jax.config import load_config
     from cogvlm_jax.inputs.tokenizer import TokenizerError, tokenizer_dir, tokenizer_files
 
+    model = DEFAULT_MODEL if model is None else model
+    is_checkpoint = os.path.isfile(os.path.join(model, "config.json"))
+    if is_checkpoint:
+        load_config(model)
     if tokenizer is not None:
         if not os.path.exists(tokenizer):
             raise TokenizerError(f"--tokenizer {tokenizer} does not exist")
         if not tokenizer_files(tokenizer):
             raise TokenizerError(f"--tokenizer {tokenizer} holds no tokenizer.json or tokenizer.model (nor does its "
                                  "tokenizer/ folder)")
-        return
-    model = DEFAULT_MODEL if model is None else model
-    # a folder that is no checkpoint at all is load()'s to name (its missing config.json)
-    if os.path.isfile(os.path.join(model, "config.json")) and tokenizer_dir(model) is None:
+    elif is_checkpoint and tokenizer_dir(model) is None:
         raise TokenizerError(f"no tokenizer beside the model {model} (tokenizer.json or tokenizer.model, in it or in "
                              "its tokenizer/ folder): pass --tokenizer FILE_OR_DIRECTORY")
 
