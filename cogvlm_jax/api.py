@@ -19,7 +19,7 @@ from cogvlm_jax.generation import sampling
 from cogvlm_jax.generation.buckets import answer_length, bucket_length, round_up
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
-from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer
+from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer, load_tokenizer
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.models.layers import widens_on_cpu
 from cogvlm_jax.parallel import program
@@ -291,8 +291,9 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see docs/default-model.md), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
     rounded to it and kept in float32, see :func:`weights_for_compute`).
-    ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
-    ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
+    ``tokenizer``: a tokenizer file or directory (a ``TokenizerError`` naming it if it holds none); by
+    default the checkpoint directory (or its ``tokenizer/``) is searched. Without one, ``forward``/``generate``
+    on ids still work. The tokenizer is found before the weights are read.
     ``mesh`` (``make_mesh``): every parameter goes straight into its sharded layout and each process
     reads only the slices its own devices hold: from HF safetensors region by region
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
@@ -308,9 +309,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
+    # the tokenizer before the weights: a bad tokenizer path fails in a moment, not after minutes of reading
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
     execution = program.execution(mesh, layout)
     params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None)
-    tok = find_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
-    if tokenizer is not None and tok is None:
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
     return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout)

@@ -203,8 +203,8 @@ def test_plan_refuses_a_mesh_axis_below_one_in_one_line():
     r = _plan_cli("--mesh", "1,0,8")
     assert r.returncode == 2 and r.stdout == ""
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("cogvlm-jax")]
-    assert "Traceback" not in r.stderr and line == ("cogvlm-jax plan: error: --mesh 1,0,8: every axis needs at "
-                                                    "least one device, FSDP is 0"), r.stderr
+    assert "Traceback" not in r.stderr and line == ("cogvlm-jax plan: error: argument --mesh: must be DATA,FSDP,"
+                                                    "TENSOR, each a device count >= 1, got '1,0,8' (FSDP is 0)"), r.stderr
     for mesh, axis in (("0,1,1", "DATA is 0"), ("1,1,-2", "TENSOR is -2")):  # every verb's --mesh
         with pytest.raises(ValueError, match=axis):
             parse_mesh(mesh)
