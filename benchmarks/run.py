@@ -45,8 +45,9 @@ def serving_workloads() -> tuple[str, ...]:
     return WORKLOADS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "benchmarks.run") -> argparse.ArgumentParser:
+    """The runner's options; ``prog``: the name its usage and errors give (``cogvlm-jax bench`` runs it too)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(DEFAULT),
                    help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes and aot)")
     p.add_argument("--quick", action="store_true", help="smaller arrays, fewer steps and repeats")
@@ -120,8 +121,8 @@ def table(recs: Sequence[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> int:
+    args = build_parser(prog).parse_args(argv)
     only = set(args.only)
     configs = args.configs or (list(TINY_NAMES) if args.tiny else list(CONFIG_NAMES))
     info = machine()

@@ -512,6 +512,7 @@ class Report:
     mesh: tuple  # (data, fsdp, tensor)
     program: str
     layers: int
+    layout: str
     argument_bytes: int
     input_bytes: int
     output_bytes: int
@@ -601,7 +602,7 @@ def report(compiled: jax.stages.Compiled, target: Union[str, Target, None] = Non
     return Report(
         description=_describe(rec.spec) if rec else "a compiled program", target=t.name, platform=t.platform,
         device_kind=devices(t)[0].device_kind, devices=t.devices, mesh=rec.spec.mesh if rec else (), program=rec.spec.program if rec else "?",
-        layers=rec.spec.layers if rec else 0, argument_bytes=mem.argument_size_in_bytes,
+        layers=rec.spec.layers if rec else 0, layout=rec.spec.layout if rec else "?", argument_bytes=mem.argument_size_in_bytes,
         input_bytes=rec.input_bytes if rec else mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=t.hbm_bytes, flops=get("flops"),
@@ -611,6 +612,15 @@ def report(compiled: jax.stages.Compiled, target: Union[str, Target, None] = Non
         compiler_options=rec.compiler_options if rec else {}, hbm_bytes_per_s=t.hbm_bytes_per_s)
 
 
+def format_fit(r: Report) -> str:
+    """The memory lines the planner adds for a compiled program: what shapes alone do not tell."""
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    return (f"  compiled {r.program} for {r.target} ({r.layout} layout), per device: temporaries {g(r.temp_bytes)} "
+            f"GiB, outputs not aliased {g(r.output_bytes - r.alias_bytes)} GiB, code {g(r.code_bytes)} GiB\n"
+            f"  peak {g(r.peak_bytes)} GiB of {g(r.hbm_bytes)} GiB HBM ({r.peak_bytes / r.hbm_bytes:.0%})"
+            + ("" if r.fits else ": DOES NOT FIT"))
+
+
 __all__ = ["AotError", "COLLECTIVES", "DoesNotFitError", "PROGRAMS", "Report", "TARGETS", "Target",
            "TargetUnavailableError", "available", "compile_for", "compile_only_process", "count_collectives",
-           "devices", "find_target", "layer_collectives", "mesh_for", "report"]
+           "devices", "find_target", "format_fit", "layer_collectives", "mesh_for", "report"]

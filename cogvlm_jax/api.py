@@ -16,11 +16,11 @@ from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.convert.params import read_params
 from cogvlm_jax.dtypes import model_dtype
 from cogvlm_jax.generation import sampling
-from cogvlm_jax.generation.buckets import bucket_length, round_up
+from cogvlm_jax.generation.buckets import answer_length, bucket_length, round_up
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.hub import resolve
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
-from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer
+from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer, load_tokenizer
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.models.layers import widens_on_cpu
 from cogvlm_jax.parallel import program
@@ -93,7 +93,8 @@ class Model:
         self.params = weights_for_compute(to_program(params, config, execution.layout), want, execution.platform)
         self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution)
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
-                                    mesh)
+                                    mesh, describe=lambda p, ids, tt, am, pv: f"forward ({ids.shape[0]} x "
+                                    f"{ids.shape[1]} tokens{', images' if pv is not None else ''})")
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
 
     def _place(self, *arrays):
@@ -153,18 +154,32 @@ class Model:
     # ------------------------------------------------------------------ generate
     def _start(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
                top_k, top_p, seed, collect_logits=False):
+        """The prefilled ``DecodeState`` -> (state, whether it samples, the most new tokens it may take).
+
+        ``max_new_tokens=None``: until eos or the context is full (``context_length`` less the longest
+        prompt), in a token buffer sized by the prompt's bucket (``answer_length``): the bucket, not the
+        prompt's exact length, decides what compiles."""
         ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not am[:, -1].all():
             raise InputError("generate needs left-padded prompts: every row's last attention_mask must be 1")
         longest = int(am.sum(axis=1).max())
-        if longest + max_new_tokens > self.config.context_length:
-            raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
-                             f"{self.config.context_length}")
-        sampling.check_sampling(temperature, top_k, top_p, seed)
+        ctx = self.config.context_length
         b, n = ids.shape
-        length = bucket_length(n, self.config.context_length - max_new_tokens)
+        if max_new_tokens is None:
+            limit = ctx - longest
+            if limit < 1:
+                raise InputError(f"prompt of {longest} tokens fills the model's context of {ctx} tokens: no room "
+                                 "for an answer")
+            buffer, length = max(answer_length(n, ctx), limit), bucket_length(n, ctx)
+        else:
+            if longest + max_new_tokens > ctx:
+                raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
+                                 f"{ctx}")
+            limit = buffer = max_new_tokens
+            length = bucket_length(n, ctx - max_new_tokens)
+        sampling.check_sampling(temperature, top_k, top_p, seed)
         pad = length - n
         pad2 = ((0, 0), (pad, 0))
         ids = np.pad(ids, pad2, constant_values=self.config.pad_token_id)
@@ -172,34 +187,41 @@ class Model:
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
         if self.mesh is not None:  # per-row settings live with their rows
             sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
-        state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=max_new_tokens,
-                                      cache_length=length + round_up(max_new_tokens, 16),
-                                      collect_logits=collect_logits)
-        return state, temperature > 0
+        state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=buffer,
+                                      cache_length=length + round_up(buffer, 16), collect_logits=collect_logits)
+        return state, temperature > 0, limit
 
-    def generate(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+    def generate(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                  temperature=0.0, top_k=None, top_p=None, seed=0) -> np.ndarray:
-        """Token ids [B, max_new_tokens]; after a row's eos, the pad id."""
-        state = self.generate_state(input_ids, token_type_ids, attention_mask, pixel_values,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed)
-        return to_host(state.tokens)
+        """Token ids [B, max_new_tokens]; after a row's eos, the pad id. ``max_new_tokens=None``: until
+        every row's eos or the context is full, [B, context_length - the longest prompt]."""
+        state, limit = self._generate(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                      temperature, top_k, top_p, seed, False)
+        return to_host(state.tokens)[:, :limit]
 
-    def generate_state(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+    def generate_state(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                        temperature=0.0, top_k=None, top_p=None, seed=0, collect_logits=False):
-        """Like ``generate`` but returns the final ``DecodeState`` (tokens, chosen logits if collected)."""
-        state, do_sample = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
-                                       temperature, top_k, top_p, seed, collect_logits)
-        return self._generator.decode(self.params, state, np.int32(max_new_tokens), do_sample=do_sample)
+        """Like ``generate`` but returns the final ``DecodeState`` (tokens, chosen logits if collected); with
+        ``max_new_tokens=None`` its buffers may run past the tokens generated (``answer_length``)."""
+        return self._generate(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
+                              top_k, top_p, seed, collect_logits)[0]
 
-    def generate_chunks(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+    def _generate(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k,
+                  top_p, seed, collect_logits):
+        """-> (the final ``DecodeState``, the most tokens it generated)."""
+        state, do_sample, limit = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                              temperature, top_k, top_p, seed, collect_logits)
+        return self._generator.decode(self.params, state, np.int32(limit), do_sample=do_sample), limit
+
+    def generate_chunks(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                         temperature=0.0, top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[np.ndarray]:
         """Yield the new ids [B, k] every ``chunk`` tokens (same compiled loop as ``generate``)."""
-        state, do_sample = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
-                                       temperature, top_k, top_p, seed)
+        state, do_sample, limit = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                              temperature, top_k, top_p, seed)
         emitted = 0
-        while emitted < max_new_tokens:
-            state = self._generator.decode(self.params, state, np.int32(emitted + chunk), do_sample=do_sample)
+        while emitted < limit:
+            state = self._generator.decode(self.params, state, np.int32(min(emitted + chunk, limit)),
+                                           do_sample=do_sample)
             step = int(to_host(state.step))
             yield to_host(state.tokens)[:, emitted:step]
             if step == emitted or bool(np.all(to_host(state.done))):
@@ -233,13 +255,14 @@ class Model:
             out.append(int(i))
         return out
 
-    def chat(self, image, query, history=(), template=None, *, max_new_tokens=256, temperature=0.0,
+    def chat(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
              top_k=None, top_p=None, seed=0) -> str:
-        """The answer to ``query`` about ``image`` (or None) after ``history`` [(q, a), ...]."""
+        """The answer to ``query`` about ``image`` (or None) after ``history`` [(q, a), ...]; without
+        ``max_new_tokens``, until eos or the context is full."""
         return "".join(self.stream(image, query, history, template, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
 
-    def stream(self, image, query, history=(), template=None, *, max_new_tokens=256, temperature=0.0,
+    def stream(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
                top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[str]:
         """The answer as text pieces, as it is generated."""
         inputs = self.build_inputs(query, history, image, template)
@@ -273,9 +296,10 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see docs/default-model.md), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
     rounded to it and kept in float32, see :func:`weights_for_compute`).
-    ``tokenizer``: a tokenizer file, directory or Hub id (CogVLM1 checkpoints ship none: they use
-    ``"lmsys/vicuna-7b-v1.5"``'s); by default the checkpoint directory (or its ``tokenizer/``) is searched.
-    Without one, ``forward``/``generate`` on ids still work.
+    ``tokenizer``: a tokenizer file, directory or Hub id (a ``TokenizerError`` naming it if it holds none;
+    CogVLM1 checkpoints ship none: they use ``"lmsys/vicuna-7b-v1.5"``'s); by default the checkpoint
+    directory (or its ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
+    The tokenizer is found before the weights are read.
     ``mesh`` (``make_mesh``): every parameter goes straight into its sharded layout and each process
     reads only the slices its own devices hold: from HF safetensors region by region
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
@@ -293,9 +317,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
+    # the tokenizer before the weights: a bad tokenizer path fails in a moment, not after minutes of reading
+    tok = load_tokenizer(tokenizer_dir) if tokenizer is not None else find_tokenizer(path)
     execution = program.execution(mesh, layout)
     params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None)
-    tok = find_tokenizer(tokenizer_dir) if tokenizer is not None else find_tokenizer(path)
-    if tokenizer is not None and tok is None:
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
     return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout)

@@ -166,3 +166,18 @@ def test_the_image_prefill_attends_without_the_vit_scores():
     text = compiled.as_text()
     assert "tpu_custom_call" in text
     assert f",{n},{n}]" not in text and f"[{n},{n}]" not in text, "a ViT score array is materialised"
+
+
+def test_plan_with_a_target_reports_the_compiled_temporaries(tmp_path):
+    """``plan --target`` adds what the shapes leave out: the compiled decode loop's temporaries and peak."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny().to_hf_dict()))
+    r = subprocess.run([sys.executable, "-m", "cogvlm_jax.cli", "plan", "--config", str(config), "--mesh", "1,1,8",
+                        "--batch", "2", "--context", "256", "--target", "v5e-8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = aot.report(aot.compile_for(tiny(), target="v5e-8", mesh=(1, 1, 8), program="decode", batch=2,
+                                      cache_length=256, dtype="bfloat16"))
+    assert "parameters:" in r.stdout and "compiled decode for v5e-8 (megatron layout)" in r.stdout, r.stdout
+    assert f"temporaries {want.temp_bytes / 2 ** 30:.2f} GiB" in r.stdout, r.stdout
+    assert f"peak {want.peak_bytes / 2 ** 30:.2f} GiB of 16.00 GiB" in r.stdout, r.stdout

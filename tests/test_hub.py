@@ -359,3 +359,12 @@ def test_train_records_the_snapshot_of_its_id(cache, tmp_path):
     with pytest.raises(ValueError, match="--revision is the revision of --model's Hub id"):
         _run_config(build_parser().parse_args(["train", "--out", str(tmp_path / "run"), "--resume",
                                                "--revision", "v2"]))
+
+
+def test_a_model_id_without_a_tokenizer_names_the_flag_and_vicunas(cache, capsys):
+    from cogvlm_jax import cli
+
+    assert cli.main(["generate", "--model", MODEL_ID, "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cogvlm-jax generate: error: no tokenizer beside the model {MODEL_ID} ") and "\n" not in err
+    assert "--tokenizer lmsys/vicuna-7b-v1.5" in err

@@ -204,6 +204,18 @@ def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_token
         chosen_logits=(jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32) if collect_logits else None))
 
 
+def _describe_start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *, max_new_tokens,
+                    cache_length, collect_logits):
+    b, n = input_ids.shape
+    return f"prefill ({b} x {n} tokens{', images' if pixel_values is not None else ''}, cache {cache_length})"
+
+
+def _describe_decode(params, state, stop_at, *, do_sample):
+    b, n = state.tokens.shape
+    return (f"decode loop ({b} row{'s' if b > 1 else ''}, cache {state.cache.length}, up to {n} tokens"
+            f"{', sampling' if do_sample else ''})")
+
+
 class Generator:
     """The jitted pair (prefill+start, decode loop) for one model; jax caches a compile per shape."""
 
@@ -215,7 +227,8 @@ class Generator:
         # rows.MIN_ROWS to rows.MAX_ROWS rows (batch x prompt bucket, or batch in decode) compile their own way
         # on CPU (few-row products, see rows.py): each program is given its variant of ``model``
         @functools.partial(rows.ByRows, rows=lambda params, input_ids, *a, **k: input_ids.size, mesh=mesh,
-                           module=model, static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
+                           module=model, static_argnames=("max_new_tokens", "cache_length", "collect_logits"),
+                           describe=_describe_start)
         def _start(model, params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
                    max_new_tokens, cache_length, collect_logits):
             t = model.config.text
@@ -232,4 +245,5 @@ class Generator:
 
         self.start = _start
         self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh, module=model,
-                                  static_argnames=("do_sample",), donate_argnames=("state",))
+                                  static_argnames=("do_sample",), donate_argnames=("state",),
+                                  describe=_describe_decode)

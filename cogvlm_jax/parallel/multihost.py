@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import math
 import os
 import sys
 import threading
@@ -77,14 +78,18 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 
     if jax.distributed.is_initialized():
         return True
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ClusterError(f"the time to join the cluster (--init-timeout) must be a number of seconds > 0, "
+                           f"got {timeout!r}")
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     if any(v is not None for v in given.values()):
         missing = [k for k, v in given.items() if v is None]
         if missing:
             raise ClusterError(f"multi-process settings need all of coordinator, num_processes and process_id; "
                                f"missing {', '.join(missing)}")
-        if ":" not in coordinator:
-            raise ClusterError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ClusterError(f"coordinator must be HOST:PORT with a port in [1, 65535], got {coordinator!r}")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ClusterError(f"process id {process_id} is not in [0, {num_processes})")
     elif not _cluster_detected():
@@ -246,12 +251,25 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- CLI
 def parse_mesh(text: str) -> tuple[int, int, int]:
-    """``"DATA,FSDP,TENSOR"`` -> three ints (a clear error otherwise)."""
+    """``"DATA,FSDP,TENSOR"`` -> three ints, each >= 1 (a clear error otherwise)."""
     try:
         data, fsdp, tensor = (int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {text!r}") from None
+    for axis, size in (("DATA", data), ("FSDP", fsdp), ("TENSOR", tensor)):
+        if size < 1:
+            raise ValueError(f"--mesh must be DATA,FSDP,TENSOR, each a device count >= 1, got {text!r} "
+                             f"({axis} is {size})")
     return data, fsdp, tensor
+
+
+def mesh_arg(text: str) -> str:
+    """An argparse type for ``--mesh``: :func:`parse_mesh`'s check, the text kept as given."""
+    try:
+        parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--mesh ")) from None
+    return text
 
 
 def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
@@ -259,7 +277,7 @@ def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
     command that runs a model."""
     g = p.add_argument_group("devices and processes")
     if mesh:
-        g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+        g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", type=mesh_arg,
                        help="shard the model over this mesh of all (global) devices; default: one device, or "
                             "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
         g.add_argument("--layout", choices=("exact", "megatron"),
@@ -319,5 +337,5 @@ def init_from_args(args: argparse.Namespace):
 __all__: Sequence[str] = [
     "Barriers", "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory",
     "broadcast_bytes", "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process",
-    "mesh_from_flag", "parse_mesh", "to_global", "to_host",
+    "mesh_arg", "mesh_from_flag", "parse_mesh", "to_global", "to_host",
 ]
