@@ -8,10 +8,12 @@ stops process 0 with SIGTERM: the follower must stop with it. The server prefill
 chunks of 8 (``--prefill-chunk 8``), so the text-only request takes several chunked-prefill steps on
 the sharded cache, and the image requests the prefill-alone path.
 
-The fixture ``lost_follower`` starts another pair (``--peer-timeout 3``), kills the follower with SIGKILL
-once the pair has answered a request, and asks again: the request in flight, ``/health`` and a later
-request get a 503 ``engine_failed`` error naming process 1, and process 0 exits with status
-``EXIT_PEER_LOST`` and a message naming it, within the timeout plus the grace (``serving/peers.py``).
+The fixture ``lost_follower`` starts another pair (``--peer-timeout 3``) once per way of losing the
+follower: SIGKILL (gloo sees its socket close) and SIGSTOP (it hangs: process 0's collective would wait
+for it forever). Once the pair has answered a request, the follower is lost and process 0 is asked again:
+the request in flight, ``/health`` and a later request get a 503 ``engine_failed`` error naming process
+1, and process 0 exits with status ``EXIT_PEER_LOST`` and a message naming it, within the timeout plus
+the grace (``serving/peers.py``).
 """
 
 from __future__ import annotations
@@ -140,8 +142,8 @@ def test_follower_stops_with_process_0_and_only_process_0_serves(served):
 PEER_TIMEOUT_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def lost_follower(tmp_path_factory):
+@pytest.fixture(scope="module", params=["SIGKILL", "SIGSTOP"])
+def lost_follower(request, tmp_path_factory):
     work = str(tmp_path_factory.mktemp("multihost_serve_lost"))
     children = start(_serve_commands("--peer-timeout", str(PEER_TIMEOUT_S)), work)
     out = {"before": None}
@@ -150,7 +152,7 @@ def lost_follower(tmp_path_factory):
         url = _wait_for_url(os.path.join(work, "serve0.out"), children)
         if url is not None:
             out["before"] = _status_and_body(url + "/v1/chat/completions", body)
-            children["procs"]["serve1"].kill()
+            children["procs"]["serve1"].send_signal(getattr(signal, request.param))
             t = time.monotonic()
             out["in_flight"] = _status_and_body(url + "/v1/chat/completions", body)  # admitted, then its collective fails
             out["health"] = _status_and_body(url + "/health")
@@ -158,11 +160,12 @@ def lost_follower(tmp_path_factory):
             children["procs"]["serve0"].wait(timeout=max(1.0, DEADLINE_S - (t - children["t0"])))
             out["exit_seconds"] = time.monotonic() - t
     finally:
+        children["procs"]["serve1"].kill()  # a stopped follower stays until killed
         out["results"] = finish(children, DEADLINE_S)
     return out
 
 
-def test_a_killed_follower_gets_503s_naming_it_and_process_0_exits(lost_follower):
+def test_a_lost_follower_gets_503s_naming_it_and_process_0_exits(lost_follower):
     from cogvlm_jax.parallel.heartbeat import EXIT_PEER_LOST
     from cogvlm_jax.serving.peers import GRACE_S
 
@@ -176,7 +179,7 @@ def test_a_killed_follower_gets_503s_naming_it_and_process_0_exits(lost_follower
         assert set(body["error"]) == {"message", "type", "param", "code"}
         assert body["error"]["code"] == "engine_failed" and body["error"]["type"] == "server_error"
         assert "lost process 1: process 1 of 2 sent no heartbeat" in body["error"]["message"], body
-    print(f"process 0 exited {lost_follower['exit_seconds']:.1f} s after the follower was killed")
+    print(f"process 0 exited {lost_follower['exit_seconds']:.1f} s after the follower was lost")
     assert r["serve0"]["rc"] == EXIT_PEER_LOST, r["serve0"]["stderr"][-3000:]
     assert "cogvlm-jax serve: error: lost process 1: " in r["serve0"]["stderr"]
     # the heartbeat timeout, one beat, the grace, and room for two busy cores
