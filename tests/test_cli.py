@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import cases, fixture_dir, huge_png
 
 
@@ -80,6 +81,15 @@ def test_an_image_of_too_many_pixels_is_refused_before_the_model_loads(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("cogvlm-jax generate: error: ") and "\n" not in err, err
     assert f"image {big} is 7000x6000 = 42.0 megapixels, over the limit of 40 megapixels" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan"])
+def test_serve_refuses_a_peer_timeout_that_is_not_positive(value, capsys):
+    from cogvlm_jax import cli
+
+    assert cli.main(["serve", "--peer-timeout", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cogvlm-jax serve: error: --peer-timeout must be > 0 seconds, got {float(value)}", err
 
 
 def test_convert_refuses_a_full_destination_and_overwrite_replaces_it(tmp_path, capsys):

@@ -94,7 +94,10 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # CPU processes talk over gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if recoverable:
-        jax.config.update("jax_enable_recoverability", True)
+        try:
+            jax.config.update("jax_enable_recoverability", True)
+        except AttributeError:  # a jax without the option: a dead peer aborts the others, as by default
+            pass
     joined = threading.Event()
     who = "this process" if process_id is None else f"process {process_id} of {num_processes}"
 
