@@ -23,6 +23,8 @@ from cogvlm_jax import files
 from cogvlm_jax.api import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
 from cogvlm_jax.parallel import multihost
+from cogvlm_jax.parallel.heartbeat import DEFAULT_TIMEOUT_S as PEER_TIMEOUT_S
+from cogvlm_jax.parallel.heartbeat import EXIT_PEER_LOST
 
 TEMPLATES = ("chat", "vqa", "base")
 EXIT_USAGE = 2  # bad input: one line on stderr (argparse's own status for a bad option)
@@ -458,21 +460,35 @@ def check_listen(host: str, port: int) -> None:
 def cmd_serve(args) -> int:
     from cogvlm_jax.serving.server import serve
 
-    mesh = multihost.init_from_args(args)
+    import jax
+
+    from cogvlm_jax.serving.peers import PeerWatch
+
+    if not args.peer_timeout > 0:
+        raise ValueError(f"--peer-timeout must be > 0 seconds, got {args.peer_timeout}")
+    mesh = multihost.init_from_args(args, recoverable=True)  # a lost peer: PeerWatch decides, JAX does not abort
+    watch = PeerWatch(args.peer_timeout) if jax.process_count() > 1 else None
     out = _out()
     if multihost.is_main_process():
         check_listen(args.host, args.port)
     engine, config = load_engine_and_config(args, mesh)
-    if not multihost.is_main_process():  # process 0 serves HTTP; this one runs the same device programs
-        engine.follow()
-        return 0
+    if watch is not None:
+        watch.engine = engine
+    try:
+        if not multihost.is_main_process():  # process 0 serves HTTP; this one runs the same device programs
+            engine.follow()
+            watch.stop()
+            multihost.leave(0)
 
-    def announce(line: str) -> None:
-        out.write(line + "\n")
-        out.flush()
+        def announce(line: str) -> None:
+            out.write(line + "\n")
+            out.flush()
 
-    return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level, announce=announce,
-                 exit_after=True)
+        return serve(engine, config, host=args.host, port=args.port, log_level=args.log_level, announce=announce,
+                     exit_after=True)
+    finally:
+        if watch is not None:
+            watch.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -611,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="width x height an image may declare, checked before it is decoded (default 40 MP)")
     sv.add_argument("--drain-seconds", type=_float(0.0), default=30.0,
                     help="on SIGTERM, time running requests get to finish")
+    sv.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT_S,
+                    help="several processes: a process silent this long is lost; process 0 then answers 503 and "
+                         f"exits with status {EXIT_PEER_LOST} naming it (default {PEER_TIMEOUT_S:g} s)")
     sv.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     multihost.add_cli_args(sv)
     sv.set_defaults(func=cmd_serve)

@@ -84,6 +84,15 @@ def test_an_image_of_too_many_pixels_is_refused_before_the_model_loads(tmp_path,
     assert f"image {big} is 7000x6000 = 42.0 megapixels, over the limit of 40 megapixels" in err
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "nan"])
+def test_serve_refuses_a_peer_timeout_that_is_not_positive(value, capsys):
+    from cogvlm_jax import cli
+
+    assert cli.main(["serve", "--peer-timeout", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cogvlm-jax serve: error: --peer-timeout must be > 0 seconds, got {float(value)}", err
+
+
 def test_convert_refuses_a_full_destination_and_overwrite_replaces_it(tmp_path, capsys):
     """The refusal names --overwrite, so the flag must exist and do what it says."""
     from cogvlm_jax.convert.checkpoint import is_our_checkpoint

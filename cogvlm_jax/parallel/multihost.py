@@ -64,7 +64,7 @@ def _detected_coordinator() -> Optional[str]:
 
 
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
+               process_id: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT_S, recoverable: bool = False) -> bool:
     """Join the JAX cluster: ``jax.distributed.initialize`` with a deadline. Returns True if it did.
 
     With no arguments it joins only where JAX detects a cluster (else it returns False: one process).
@@ -73,6 +73,8 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     A process that has not reached its coordinator, or whose peers have not all come up, within
     ``timeout`` seconds prints an error naming the coordinator and exits with status
     ``EXIT_UNREACHABLE`` (JAX itself would abort with a stack trace, or wait forever for a peer).
+    ``recoverable``: a peer that dies does not abort this process (JAX's ``jax_enable_recoverability``);
+    the job then watches its peers itself (``heartbeat.Heartbeat``).
     Must run before any JAX computation.
     """
 
@@ -96,6 +98,11 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
         return False
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # CPU processes talk over gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if recoverable:
+        try:
+            jax.config.update("jax_enable_recoverability", True)
+        except AttributeError:  # a jax without the option: a dead peer aborts the others, as by default
+            pass
     joined = threading.Event()
     who = "this process" if process_id is None else f"process {process_id} of {num_processes}"
 
@@ -186,6 +193,16 @@ def from_main(read: Callable[[], bytes]) -> bytes:
     if message[:1] == b"\x01":
         raise ValueError(message[1:].decode())
     return message[1:]
+
+
+def leave(status: int = 0) -> None:
+    """End a process other than 0 of a job that joined with ``recoverable=True``, without disconnecting
+    from the coordination service. Process 0's service then does not wait for the others at exit, so a
+    disconnect could find it gone, which JAX answers by aborting the process; with no disconnect the
+    process ends with ``status``. Flushes stdout and stderr first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # --------------------------------------------------------------------------- files written together
@@ -326,9 +343,10 @@ def mesh_from_flag(mesh: str | Sequence[int], cpu: bool = False):
     return make_mesh(*shape, devices=devices[:n])
 
 
-def init_from_args(args: argparse.Namespace):
-    """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None."""
-    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+def init_from_args(args: argparse.Namespace, recoverable: bool = False):
+    """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None.
+    ``recoverable``: see :func:`initialize`."""
+    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout, recoverable=recoverable)
 
     shape = args.mesh or default_mesh_shape()
     return None if shape is None else mesh_from_flag(shape)
@@ -337,5 +355,5 @@ def init_from_args(args: argparse.Namespace):
 __all__: Sequence[str] = [
     "Barriers", "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory",
     "broadcast_bytes", "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process",
-    "mesh_arg", "mesh_from_flag", "parse_mesh", "to_global", "to_host",
+    "leave", "mesh_arg", "mesh_from_flag", "parse_mesh", "to_global", "to_host",
 ]

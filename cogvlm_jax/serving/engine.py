@@ -133,6 +133,9 @@ class Engine:
         self._accepting = False
         self._stop = False
         self.failure: Optional[str] = None  # why the serving thread died; then every request is refused
+        # several processes: called when the serving thread dies, before its requests are failed; -> the cause
+        # that explains it (a lost process, ``serving/peers.py``) or None
+        self.explain_failure: Optional[Callable[[], Optional[str]]] = None
         self.completed = 0  # requests that left their slot (any reason), for /health and tests
         self.cancelled = 0  # of which cancelled (the client went away)
         self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled alone: one compile each
@@ -308,12 +311,25 @@ class Engine:
         except Exception as e:  # the thread cannot go on: say so to every caller, now and later
             self._die(f"{type(e).__name__}: {e}")
 
-    def _die(self, message: str) -> None:
+    def fail(self, message: str) -> None:
+        """From any thread: the engine serves no more (``message`` says why). Every running and waiting
+        request ends with an error event, every later one is refused with ``EngineFailedError``. Sends
+        nothing to other processes, so it works while the serving thread waits in a collective (a process
+        lost: ``serving/peers.py``)."""
         with self._cv:
+            if self.failure is not None:  # the first cause stands
+                return
             self.failure = message
             self._accepting = False
         print(f"cogvlm-jax engine: {self.failure_message()}", file=sys.stderr, flush=True)
         self._fail_all(self.failure_message())
+
+    def _die(self, message: str) -> None:
+        if self.explain_failure is not None:  # a collective that failed: first ask whether a process is lost
+            cause = self.explain_failure()
+            if cause is not None:
+                message = f"{cause}; a device program then failed: {message}"
+        self.fail(message)
         if self._leader:  # best effort: let the other processes leave follow()
             try:
                 follower.send(follower.STOP)
