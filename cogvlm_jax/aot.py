@@ -282,7 +282,8 @@ def _build_generate(program, config, mesh, params, dtype, batch, cache_length, p
     if program == "prefill":
         args = (params, *_prompt(config, functools.partial(_rows, mesh), batch, prompt_length, image),
                 _sampling(mesh, batch))
-        return gen.start, args, dict(max_new_tokens=max_new_tokens, cache_length=cache_length, collect_logits=False)
+        return gen.start, args, dict(max_new_tokens=max_new_tokens, cache_length=cache_length, collect_logits=False,
+                                     every_row_has_image=bool(image))
     v = config.text.vocab_size
     state = sampling.DecodeState(
         tokens=_rows(mesh, (batch, max_new_tokens), jnp.int32), logits=_rows(mesh, (batch, v), jnp.float32),

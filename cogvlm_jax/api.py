@@ -187,8 +187,10 @@ class Model:
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
         if self.mesh is not None:  # per-row settings live with their rows
             sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
+        every_row = pv is not None and bool((tt.sum(axis=1) > 0).all())  # _check: each is one whole image
         state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=buffer,
-                                      cache_length=length + round_up(buffer, 16), collect_logits=collect_logits)
+                                      cache_length=length + round_up(buffer, 16), collect_logits=collect_logits,
+                                      every_row_has_image=every_row)
         return state, temperature > 0, limit
 
     def generate(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,

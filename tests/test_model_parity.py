@@ -89,6 +89,21 @@ def test_each_expert_on_its_own_tokens_equals_both_and_select(f32_models, refere
     assert err <= bound
 
 
+def test_a_batch_known_to_hold_images_compiles_no_branch(f32_models, reference):
+    """``every_row_has_image`` (generate and the engine pass it when their checks saw an image in every row)
+    builds each decoder layer's split route alone, without the mixed-batch branch: no conditional in the
+    compiled program, and the logits of the routed program."""
+    family = "cogvlm2"
+    model = f32_models[family]
+    recs = [r for r in cases(family) if "pixel_values" in r["arrays"].files]
+    batch = left_pad_batch(recs, model.config.pad_token_id)
+    programs = {known: jax.jit(lambda *a, known=known: model.module.apply(
+        {"params": model.params}, *a, every_row_has_image=known)[0]).lower(*batch).compile() for known in (False, True)}
+    assert "conditional" in programs[False].as_text() and "conditional" not in programs[True].as_text()
+    err = float(np.abs(np.asarray(programs[True](*batch)) - np.asarray(programs[False](*batch))).max())
+    assert err <= reference[family][3], err
+
+
 # bfloat16: weights rounded to bf16. On CPU (api.weights_for_compute) they are stored and multiplied in
 # float32, so the error is the weights' rounding alone (none for cogvlm2: the fixture's weights are bf16
 # already). With bf16 matmul operands as well (other backends) it is a little larger. The bound covers both

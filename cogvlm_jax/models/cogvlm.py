@@ -69,8 +69,12 @@ class CogVLM(nn.Module):
         return self.vision(pixel_values)
 
     def __call__(self, input_ids, token_type_ids, attention_mask, pixel_values=None, cache=None,
-                 last_only: bool = False, return_hidden: bool = False):
+                 last_only: bool = False, return_hidden: bool = False, every_row_has_image: bool = False):
         """Prefill / full forward. Returns (logits, cache, hidden_states).
+
+        ``every_row_has_image`` (static): the caller checked that every row holds one whole image, so each
+        decoder layer runs each expert on its own tokens without the mixed-batch branch (a smaller program,
+        compiled faster; the same numbers).
 
         logits: float32 [B, L, V], or [B, V] at the last position with ``last_only`` (left-padded
         prompts end there). cache: the KV cache with the prompt written at slots [0, L), or None.
@@ -80,7 +84,7 @@ class CogVLM(nn.Module):
         route = None
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
-            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1)
+            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1, every_row_has_image)
         pos = positions.position_ids(token_type_ids, attention_mask)
         mask = positions.causal_mask(attention_mask)
         x, kv, hidden = self.run_layers(x, route, pos, mask, cache)

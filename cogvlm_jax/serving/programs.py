@@ -175,8 +175,10 @@ class Programs:
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``
             -> (state, the first token)."""
+            # one row: with pixels it holds its image (the engine built it), so no mixed-batch branch
             logits, next_pos, cache = sampling.prefill(module, params, input_ids, token_type_ids, attention_mask,
-                                                       pixel_values, self.new_cache(1))
+                                                       pixel_values, self.new_cache(1),
+                                                       every_row_has_image=pixel_values is not None)
             # the bucket's padding gives its slots back: the answer has the whole rest of the slot
             pads = input_ids.shape[1] - jnp.sum(attention_mask, axis=1).astype(jnp.int32)
             cache = kv_cache.drop_left_padding(cache, pads)
