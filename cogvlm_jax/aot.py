@@ -412,7 +412,11 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
                          f"trainable {(train_config.trainable if train_config else 'full')}" if program == "train"
                          else f"{max_new_tokens} new tokens" if program == "decode" else ""), layout=layout)
     t0 = time.perf_counter()
-    params = abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules)
+    from cogvlm_jax.parallel.layout import to_program
+
+    # the checkpoint's tree as the layout's programs hold it (Megatron: the ViT's blocks stacked)
+    params = to_program(abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules), cfg,
+                        layout)
     if program in ("prefill", "decode", "decode_step"):
         fn, args, kwargs = _build_generate(program, cfg, m, params, np_dtype, batch, cache_length,
                                            prompt_length, image, max_new_tokens, do_sample, vit_query_chunk,
