@@ -51,7 +51,7 @@ def cases(configs: Sequence[str], programs: Sequence[str], batches: Sequence[int
 
 def run(configs: Sequence[str] = CONFIGS, targets: Sequence[str] = TARGETS, programs: Sequence[str] = PROGRAMS,
         batches: Sequence[int] = (1, 16), mesh: Optional[tuple] = None, dtype: str = "bfloat16",
-        out=None) -> list[dict]:
+        out=None, layout: Optional[str] = None) -> list[dict]:
     """One record per (config, program, batch, target): ``value`` the floor in ms per token (decode) or
     prompt (prefill), the program's arguments read once at the HBM bandwidth (``aot.Report.floor_ms``);
     ``fraction_of_limit`` the per-device peak over the HBM; ``extra`` the rest of the report."""
@@ -67,7 +67,8 @@ def run(configs: Sequence[str] = CONFIGS, targets: Sequence[str] = TARGETS, prog
         for name, kw in cases(configs, programs, batches):
             base = dict(config=name, dtype=dtype, batch=kw["batch"], target=target, program=kw["program"])
             try:
-                compiled = aot.compile_for(_config(name), target=target, mesh=mesh, dtype=dtype, check_fit=False, **kw)
+                compiled = aot.compile_for(_config(name), target=target, mesh=mesh, dtype=dtype, check_fit=False,
+                                           layout=layout, **kw)
             except aot.DoesNotFitError as e:  # XLA refused it at compile time
                 rec = record(f"aot_{kw['program']}", 0.0, "ms", **base, fits=False, error=str(e))
             else:
@@ -79,6 +80,7 @@ def run(configs: Sequence[str] = CONFIGS, targets: Sequence[str] = TARGETS, prog
                              gflop=None if r.flops is None else r.flops / 1e9,
                              gb_accessed=None if r.bytes_accessed is None else r.bytes_accessed / 1e9,
                              hbm_ms=r.hbm_ms, floor_ms=r.floor_ms, xla_ms=r.xla_ms, collectives=r.collectives,
+                             layout=r.layout,
                              compile_s=r.compile_seconds, lower_s=r.lower_seconds,
                              cache_length=kw.get("cache_length"), prompt_length=kw.get("prompt_length"))
             emit(rec, out)
@@ -93,8 +95,8 @@ def _collectives(c: dict) -> str:
 
 
 def table(recs: Sequence[dict]) -> str:
-    lines = ["| config | target | mesh | program | batch | peak GiB / HBM | GFLOP | GB accessed | collectives | "
-             "compile s | floor ms | XLA bytes ms | XLA ms |",
+    lines = ["| config | target | mesh, layout | program | batch | peak GiB / HBM | GFLOP | GB accessed | "
+             "collectives | compile s | floor ms | XLA bytes ms | XLA ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in recs:
@@ -105,7 +107,8 @@ def table(recs: Sequence[dict]) -> str:
                          + " |" * 7)
             continue
         peak = f"{e['peak_gib']:.2f} / {e['hbm_gib']:.0f}" + ("" if e["fits"] else " NO FIT")
-        lines.append(f"| {r['config']} | {e['target']} | {'x'.join(map(str, e['mesh']))} | {what} | {r['batch']} | "
+        where = f"{'x'.join(map(str, e['mesh']))} {e.get('layout', '')}"
+        lines.append(f"| {r['config']} | {e['target']} | {where} | {what} | {r['batch']} | "
                      f"{peak} | {f(e['gflop'], 1)} | {f(e['gb_accessed'], 2)} | {_collectives(e['collectives'])} | "
                      f"{f(e['compile_s'], 1)} | {f(e['floor_ms'], 2)} | {f(e['hbm_ms'], 2)} | {f(e['xla_ms'], 2)} |")
     return "\n".join(lines)
@@ -123,12 +126,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batches", type=_csv(int), default=[1, 16], help="decode batch sizes")
     p.add_argument("--mesh", type=_csv(int), help="DATA,FSDP,TENSOR (default: every device on tensor)")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--layout", choices=("exact", "megatron"), help="default: the target's (megatron)")
     p.add_argument("--quick", action="store_true", help="the tiny fixture configs")
     p.add_argument("--no-table", action="store_true")
     args = p.parse_args(argv)
     configs = args.configs or (list(TINY_NAMES) if args.quick else list(CONFIGS))
     recs = run(configs, args.targets, args.programs, args.batches, tuple(args.mesh) if args.mesh else None,
-               args.dtype)
+               args.dtype, layout=args.layout)
     if not args.no_table:
         print()
         print(table(recs))

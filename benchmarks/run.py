@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 from cogvlm_jax.dtypes import DTYPES
 
-BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot")
-# on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long)
+BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot", "soak")
+# on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long), soak
+# (ten minutes of mixed traffic on the default model's server; one with --quick)
 DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")
 
 
@@ -45,10 +46,11 @@ def serving_workloads() -> tuple[str, ...]:
     return WORKLOADS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "benchmarks.run") -> argparse.ArgumentParser:
+    """The runner's options; ``prog``: the name its usage and errors give (``cogvlm-jax bench`` runs it too)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--only", type=_csv(str, BENCHMARKS), default=list(DEFAULT),
-                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes and aot)")
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but prototypes, aot and soak)")
     p.add_argument("--quick", action="store_true", help="smaller arrays, fewer steps and repeats")
     p.add_argument("--tiny", action="store_true", help="decode/prefill on the tiny fixture configs only")
     p.add_argument("--configs", type=_csv(str, CONFIG_NAMES), help=f"decode configs (default: all of {CONFIG_NAMES})")
@@ -104,6 +106,15 @@ def _notes(r: dict) -> str:
         return (f"{e['target']} mesh {'x'.join(map(str, e['mesh']))}: peak {e['peak_gib']:.2f} of {e['hbm_gib']:.0f} "
                 f"GiB{fit}, floor {e['floor_ms']:.2f} ms, compile {e['compile_s']:.0f} s, "
                 + " ".join(f"{k} {v}" for k, v in e["collectives"].items() if v))
+    if r["name"] == "soak_requests":
+        return (f"{e['wall_s']:.0f} s, {e['failures']} failures; "
+                + ", ".join(f"{k[2:]} {v}" for k, v in e.items() if k.startswith("n_")))
+    if r["name"] == "soak_latency_p50":
+        return f"answered requests; p99 {e['p99_ms']:.0f} ms"
+    if r["name"] == "soak_rss_growth":
+        return f"after the warm-up, {e['after_warm_up']:.0f} MiB then; second half {e['growth_second_half']:+.1f} MiB"
+    if r["name"] == "soak_fds":
+        return f"idle after the traffic against before it ({e['before']}); at most {e['max_after_warm_up']} in flight"
     if r["name"] == "matmul_peak":
         return f"{e['n']}^3 matmul"
     return ""
@@ -120,8 +131,8 @@ def table(recs: Sequence[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> int:
+    args = build_parser(prog).parse_args(argv)
     only = set(args.only)
     configs = args.configs or (list(TINY_NAMES) if args.tiny else list(CONFIG_NAMES))
     info = machine()
@@ -177,6 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from benchmarks import aot
 
         out(aot.run(configs=list(TINY_NAMES) if args.tiny or args.quick else list(aot.CONFIGS)))
+    if "soak" in only:  # the default model's server in its own process; also python -m benchmarks.soak
+        from benchmarks import soak
+
+        out(soak.records(soak.run(60.0, 100) if args.quick else soak.run()))
     if not args.no_table:
         info["loadavg_1m_end"] = machine().get("loadavg_1m")
         print()

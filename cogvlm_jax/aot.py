@@ -284,7 +284,8 @@ def _build_generate(program, config, mesh, params, dtype, batch, cache_length, p
     if program == "prefill":
         args = (params, *_prompt(config, functools.partial(_rows, mesh), batch, prompt_length, image),
                 _sampling(mesh, batch))
-        return gen.start, args, dict(max_new_tokens=max_new_tokens, cache_length=cache_length, collect_logits=False)
+        return gen.start, args, dict(max_new_tokens=max_new_tokens, cache_length=cache_length, collect_logits=False,
+                                     every_row_has_image=bool(image))
     v = config.text.vocab_size
     state = sampling.DecodeState(
         tokens=_rows(mesh, (batch, max_new_tokens), jnp.int32), logits=_rows(mesh, (batch, v), jnp.float32),
@@ -431,7 +432,11 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
                          else f"{max_new_tokens} new tokens" if program == "decode" else ""), layout=layout,
                  quantize=quantize)
     t0 = time.perf_counter()
-    params = abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules, quant)
+    from cogvlm_jax.parallel.layout import to_program
+
+    # the checkpoint's tree as the layout's programs hold it (Megatron: the ViT's blocks stacked)
+    params = to_program(abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules,
+                                                  quant), cfg, layout, quant)
     if program in ("prefill", "decode", "decode_step"):
         fn, args, kwargs = _build_generate(program, cfg, m, params, np_dtype, batch, cache_length,
                                            prompt_length, image, max_new_tokens, do_sample, vit_query_chunk,
@@ -532,6 +537,7 @@ class Report:
     mesh: tuple  # (data, fsdp, tensor)
     program: str
     layers: int
+    layout: str
     argument_bytes: int
     input_bytes: int
     output_bytes: int
@@ -621,7 +627,7 @@ def report(compiled: jax.stages.Compiled, target: Union[str, Target, None] = Non
     return Report(
         description=_describe(rec.spec) if rec else "a compiled program", target=t.name, platform=t.platform,
         device_kind=devices(t)[0].device_kind, devices=t.devices, mesh=rec.spec.mesh if rec else (), program=rec.spec.program if rec else "?",
-        layers=rec.spec.layers if rec else 0, argument_bytes=mem.argument_size_in_bytes,
+        layers=rec.spec.layers if rec else 0, layout=rec.spec.layout if rec else "?", argument_bytes=mem.argument_size_in_bytes,
         input_bytes=rec.input_bytes if rec else mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=t.hbm_bytes, flops=get("flops"),
@@ -631,6 +637,15 @@ def report(compiled: jax.stages.Compiled, target: Union[str, Target, None] = Non
         compiler_options=rec.compiler_options if rec else {}, hbm_bytes_per_s=t.hbm_bytes_per_s)
 
 
+def format_fit(r: Report) -> str:
+    """The memory lines the planner adds for a compiled program: what shapes alone do not tell."""
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    return (f"  compiled {r.program} for {r.target} ({r.layout} layout), per device: temporaries {g(r.temp_bytes)} "
+            f"GiB, outputs not aliased {g(r.output_bytes - r.alias_bytes)} GiB, code {g(r.code_bytes)} GiB\n"
+            f"  peak {g(r.peak_bytes)} GiB of {g(r.hbm_bytes)} GiB HBM ({r.peak_bytes / r.hbm_bytes:.0%})"
+            + ("" if r.fits else ": DOES NOT FIT"))
+
+
 __all__ = ["AotError", "COLLECTIVES", "DoesNotFitError", "PROGRAMS", "Report", "TARGETS", "Target",
            "TargetUnavailableError", "available", "compile_for", "compile_only_process", "count_collectives",
-           "devices", "find_target", "layer_collectives", "mesh_for", "report"]
+           "devices", "find_target", "format_fit", "layer_collectives", "mesh_for", "report"]

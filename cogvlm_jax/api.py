@@ -18,10 +18,11 @@ from cogvlm_jax.convert.params import read_params
 from cogvlm_jax.dtypes import model_dtype
 from cogvlm_jax.files import CheckpointError
 from cogvlm_jax.generation import sampling
-from cogvlm_jax.generation.buckets import bucket_length, round_up
+from cogvlm_jax.generation.buckets import answer_length, bucket_length, round_up
 from cogvlm_jax.generation.errors import InputError
+from cogvlm_jax.hub import resolve
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
-from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer
+from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer, load_tokenizer
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.layers import widens_on_cpu
@@ -112,7 +113,8 @@ class Model:
                                           execution.platform)
         self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution)
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
-                                    mesh)
+                                    mesh, describe=lambda p, ids, tt, am, pv: f"forward ({ids.shape[0]} x "
+                                    f"{ids.shape[1]} tokens{', images' if pv is not None else ''})")
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
 
     def _place(self, *arrays):
@@ -172,18 +174,32 @@ class Model:
     # ------------------------------------------------------------------ generate
     def _start(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
                top_k, top_p, seed, collect_logits=False):
+        """The prefilled ``DecodeState`` -> (state, whether it samples, the most new tokens it may take).
+
+        ``max_new_tokens=None``: until eos or the context is full (``context_length`` less the longest
+        prompt), in a token buffer sized by the prompt's bucket (``answer_length``): the bucket, not the
+        prompt's exact length, decides what compiles."""
         ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not am[:, -1].all():
             raise InputError("generate needs left-padded prompts: every row's last attention_mask must be 1")
         longest = int(am.sum(axis=1).max())
-        if longest + max_new_tokens > self.config.context_length:
-            raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
-                             f"{self.config.context_length}")
-        sampling.check_sampling(temperature, top_k, top_p, seed)
+        ctx = self.config.context_length
         b, n = ids.shape
-        length = bucket_length(n, self.config.context_length - max_new_tokens)
+        if max_new_tokens is None:
+            limit = ctx - longest
+            if limit < 1:
+                raise InputError(f"prompt of {longest} tokens fills the model's context of {ctx} tokens: no room "
+                                 "for an answer")
+            buffer, length = max(answer_length(n, ctx), limit), bucket_length(n, ctx)
+        else:
+            if longest + max_new_tokens > ctx:
+                raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
+                                 f"{ctx}")
+            limit = buffer = max_new_tokens
+            length = bucket_length(n, ctx - max_new_tokens)
+        sampling.check_sampling(temperature, top_k, top_p, seed)
         pad = length - n
         pad2 = ((0, 0), (pad, 0))
         ids = np.pad(ids, pad2, constant_values=self.config.pad_token_id)
@@ -191,34 +207,43 @@ class Model:
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
         if self.mesh is not None:  # per-row settings live with their rows
             sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
-        state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=max_new_tokens,
-                                      cache_length=length + round_up(max_new_tokens, 16),
-                                      collect_logits=collect_logits)
-        return state, temperature > 0
+        every_row = pv is not None and bool((tt.sum(axis=1) > 0).all())  # _check: each is one whole image
+        state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=buffer,
+                                      cache_length=length + round_up(buffer, 16), collect_logits=collect_logits,
+                                      every_row_has_image=every_row)
+        return state, temperature > 0, limit
 
-    def generate(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+    def generate(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                  temperature=0.0, top_k=None, top_p=None, seed=0) -> np.ndarray:
-        """Token ids [B, max_new_tokens]; after a row's eos, the pad id."""
-        state = self.generate_state(input_ids, token_type_ids, attention_mask, pixel_values,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed)
-        return to_host(state.tokens)
+        """Token ids [B, max_new_tokens]; after a row's eos, the pad id. ``max_new_tokens=None``: until
+        every row's eos or the context is full, [B, context_length - the longest prompt]."""
+        state, limit = self._generate(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                      temperature, top_k, top_p, seed, False)
+        return to_host(state.tokens)[:, :limit]
 
-    def generate_state(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+    def generate_state(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                        temperature=0.0, top_k=None, top_p=None, seed=0, collect_logits=False):
-        """Like ``generate`` but returns the final ``DecodeState`` (tokens, chosen logits if collected)."""
-        state, do_sample = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
-                                       temperature, top_k, top_p, seed, collect_logits)
-        return self._generator.decode(self.params, state, np.int32(max_new_tokens), do_sample=do_sample)
+        """Like ``generate`` but returns the final ``DecodeState`` (tokens, chosen logits if collected); with
+        ``max_new_tokens=None`` its buffers may run past the tokens generated (``answer_length``)."""
+        return self._generate(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
+                              top_k, top_p, seed, collect_logits)[0]
 
-    def generate_chunks(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens,
+    def _generate(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k,
+                  top_p, seed, collect_logits):
+        """-> (the final ``DecodeState``, the most tokens it generated)."""
+        state, do_sample, limit = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                              temperature, top_k, top_p, seed, collect_logits)
+        return self._generator.decode(self.params, state, np.int32(limit), do_sample=do_sample), limit
+
+    def generate_chunks(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                         temperature=0.0, top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[np.ndarray]:
         """Yield the new ids [B, k] every ``chunk`` tokens (same compiled loop as ``generate``)."""
-        state, do_sample = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
-                                       temperature, top_k, top_p, seed)
+        state, do_sample, limit = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                              temperature, top_k, top_p, seed)
         emitted = 0
-        while emitted < max_new_tokens:
-            state = self._generator.decode(self.params, state, np.int32(emitted + chunk), do_sample=do_sample)
+        while emitted < limit:
+            state = self._generator.decode(self.params, state, np.int32(min(emitted + chunk, limit)),
+                                           do_sample=do_sample)
             step = int(to_host(state.step))
             yield to_host(state.tokens)[:, emitted:step]
             if step == emitted or bool(np.all(to_host(state.done))):
@@ -229,7 +254,8 @@ class Model:
     def _need_tokenizer(self, what: str):
         if self.tokenizer is None:
             raise InputError(f"{what} needs a tokenizer: none was found beside the checkpoint; pass "
-                             "cogvlm_jax.load(path, tokenizer=PATH) with a tokenizer.model or tokenizer.json")
+                             "cogvlm_jax.load(path, tokenizer=PATH) with a tokenizer.model or tokenizer.json, or a "
+                             "Hub id (CogVLM1 uses Vicuna's: tokenizer=\"lmsys/vicuna-7b-v1.5\")")
         return self.tokenizer
 
     def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS):
@@ -251,13 +277,14 @@ class Model:
             out.append(int(i))
         return out
 
-    def chat(self, image, query, history=(), template=None, *, max_new_tokens=256, temperature=0.0,
+    def chat(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
              top_k=None, top_p=None, seed=0) -> str:
-        """The answer to ``query`` about ``image`` (or None) after ``history`` [(q, a), ...]."""
+        """The answer to ``query`` about ``image`` (or None) after ``history`` [(q, a), ...]; without
+        ``max_new_tokens``, until eos or the context is full."""
         return "".join(self.stream(image, query, history, template, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
 
-    def stream(self, image, query, history=(), template=None, *, max_new_tokens=256, temperature=0.0,
+    def stream(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
                top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[str]:
         """The answer as text pieces, as it is generated."""
         inputs = self.build_inputs(query, history, image, template)
@@ -281,16 +308,21 @@ class Model:
 
 
 def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
-         progress: bool = True, layout: Optional[str] = None, quantize: Optional[str] = None,
-         quantize_vision: bool = False) -> Model:
-    """Load a CogVLM checkpoint: an HF directory (safetensors) or one written by ``cogvlm-jax convert``.
+         progress: bool = True, layout: Optional[str] = None, revision: Optional[str] = None,
+         quantize: Optional[str] = None, quantize_vision: bool = False) -> Model:
+    """Load a CogVLM checkpoint: an HF directory (safetensors), one written by ``cogvlm-jax convert``, or a
+    Hugging Face Hub id such as ``"THUDM/cogvlm2-llama3-chat-19B"`` (``revision``: its branch, tag or
+    commit), read from the Hugging Face cache or downloaded into it (``cogvlm_jax.hub``; a local directory
+    of the same spelling wins).
 
     Without ``path``: the small default model shipped in the package (trained from scratch on the
     coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see docs/default-model.md), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
     rounded to it and kept in float32, see :func:`weights_for_compute`).
-    ``tokenizer``: a tokenizer file or directory; by default the checkpoint directory (or its
-    ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
+    ``tokenizer``: a tokenizer file, directory or Hub id (a ``TokenizerError`` naming it if it holds none;
+    CogVLM1 checkpoints ship none: they use ``"lmsys/vicuna-7b-v1.5"``'s); by default the checkpoint
+    directory (or its ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
+    The tokenizer is found before the weights are read.
     ``mesh`` (``make_mesh``): every parameter goes straight into its sharded layout and each process
     reads only the slices its own devices hold: from HF safetensors region by region
     (``convert/hf_sharded.py``), from our Orbax format by restoring into the sharded abstract tree.
@@ -301,6 +333,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     --quantize`` is read back as it is stored; ``quantize`` then defaults to its format and must match it.
     """
     want = model_dtype(dtype)
+    path = resolve(path, revision, progress=progress)
+    tokenizer_dir = resolve(tokenizer, kind="tokenizer", progress=progress)
     if path is None:
         path = DEFAULT_MODEL
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -309,6 +343,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = load_config(path)
+    # the tokenizer before the weights: a bad tokenizer path fails in a moment, not after minutes of reading
+    tok = load_tokenizer(tokenizer_dir) if tokenizer is not None else find_tokenizer(path)
     execution = program.execution(mesh, layout)
     stored = stored_quantization(path)
     if stored is not None:
@@ -316,9 +352,6 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     quant = quant_lib.make(quantize, quantize_vision, execution.platform)
     params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None,
                          quant=quant)
-    tok = find_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(path)
-    if tokenizer is not None and tok is None:
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {tokenizer}")
     return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout, quantize=quantize,
                  quantize_vision=quantize_vision)
 

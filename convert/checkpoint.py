@@ -76,8 +76,15 @@ def read_meta(path: str) -> dict[str, Any]:
     p = os.path.join(path, FORMAT_FILE)
     if not os.path.exists(p):
         return {}
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e}); re-convert the checkpoint") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("hf", {}), dict):
+        raise CheckpointError(f"{p} must be a JSON object (with an 'hf' object of facts, if any); re-convert the "
+                              "checkpoint")
+    return meta
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

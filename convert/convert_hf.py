@@ -51,6 +51,7 @@ from cogvlm_jax.convert.checkpoint import (
 )
 from cogvlm_jax.convert import quantized
 from cogvlm_jax.files import atomic_directory, check_destination, copy_files, write_json
+from cogvlm_jax.hub import resolve
 from cogvlm_jax.inputs.tokenizer import tokenizer_files
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.multihost import to_host
@@ -263,11 +264,7 @@ def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     index_path = os.path.join(path, INDEX_FILE)
     if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index ({e!r})") from None
+        weight_map = read_index(index_path)
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
@@ -280,6 +277,28 @@ def _weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     if os.path.isfile(single):
         return [single], None
     raise _no_weights(path)
+
+
+def read_index(index_path: str) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name (a file in
+    the same directory), each checked; a bad index is a ``CheckpointError`` naming what is wrong."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{index_path} is not a valid safetensors index: {why}")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"not valid JSON ({e})") from None
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise bad("expected an object with a 'weight_map'")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise bad(f"weight_map must be a non-empty object of tensor name -> shard file, got {weight_map!r:.80}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or os.path.basename(shard) != shard \
+                or shard.startswith("."):
+            raise bad(f"weight_map[{name!r}] must be the name of a .safetensors file beside the index, got {shard!r}")
+    return weight_map
 
 
 def open_tensors(path: str) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:
@@ -303,6 +322,13 @@ def open_tensors(path: str) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:
     if problems:
         raise CheckpointError(f"checkpoint {path} is inconsistent:" + _listing(problems))
     return entries
+
+
+def shard_files(entries: Mapping[str, tuple[SafetensorsFile, TensorInfo]]) -> dict[str, str] | None:
+    """Tensor name -> the file holding it, for a checkpoint split over several files (an export repeats the
+    split); None for one file (an export writes one ``model.safetensors``)."""
+    files = {k: os.path.basename(st.path) for k, (st, _) in entries.items()}
+    return files if len(set(files.values())) > 1 else None
 
 
 def check_keys(entries: Mapping[str, tuple[SafetensorsFile, TensorInfo]], config: CogVLMConfig, where: str) -> None:
@@ -369,6 +395,9 @@ def load_hf(path: str, config: CogVLMConfig | str | None, dtype, progress: bool,
     check_keys(entries, config, path)
     flat: dict[tuple, Any] = {}
     facts: dict[str, Any] = {}
+    files = shard_files(entries)
+    if files is not None:
+        facts["shards"] = files
     # Read file by file in data order: sequential I/O on large shards.
     order = sorted(entries, key=lambda k: (entries[k][0].path, entries[k][1].index))
     bar = tqdm(total=len(order), desc="converting" if lazy else "reading", unit="tensor", disable=not progress)
@@ -555,14 +584,26 @@ def _shard(outs: list[_OutTensor], max_shard_bytes: int) -> list[list[_OutTensor
     return shards
 
 
+def _shard_as(outs: list[_OutTensor], files: Mapping[str, str]) -> tuple[list[str], list[list[_OutTensor]]] | None:
+    """(file names, their tensors) laid out as ``files`` (tensor name -> file) lays them out, or None if
+    ``files`` does not name exactly the tensors to write (the split of another model)."""
+    if set(files) != {t.name for t in outs}:
+        return None
+    names = sorted(set(files.values()), key=_natural_key)
+    return names, [[t for t in outs if files[t.name] == name] for name in names]
+
+
 def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None, *,
+                        max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES, dtype=None, *,
                         inv_freq_dtype=None, inv_freq_values=None, overwrite: bool = False,
-                        extra_files: Iterable[str] = (), progress: bool = True) -> str:
+                        extra_files: Iterable[str] = (), progress: bool = True,
+                        shards: Mapping[str, str] | None = None) -> str:
     """Write our parameter tree (numpy or jax arrays) as a Hugging Face checkpoint with the published names.
 
     Shards ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json`` (one shard: a plain
-    ``model.safetensors``), filled greedily in natural key order up to ``max_shard_bytes``; and
+    ``model.safetensors``), filled greedily in natural key order up to ``max_shard_bytes``, or with
+    ``max_shard_bytes=None`` split as ``shards`` (HF tensor name -> file name: a source checkpoint's split,
+    kept when it names exactly the tensors written; else, or without it, at ``DEFAULT_MAX_SHARD_BYTES``); and
     ``config.json``. ``dtype``: None keeps each parameter's dtype, else casts (and records it as
     ``torch_dtype``). The ``inv_freq`` buffers are recomputed, in ``inv_freq_dtype`` (default float32,
     which both reference fixtures use; the published CogVLM2-19B stores bfloat16), or taken from
@@ -575,7 +616,7 @@ def write_hf_checkpoint(params: Mapping, config: CogVLMConfig, out_dir: str,
     return once the checkpoint is in place.
     """
     return write_hf(tree_source(params), config, out_dir, max_shard_bytes, dtype, inv_freq_dtype,
-                     inv_freq_values, overwrite, extra_files, progress)
+                     inv_freq_values, overwrite, extra_files, progress, shards)
 
 
 def _fetch_runs(source: Source, shard: list[_OutTensor]) -> list[list[tuple]]:
@@ -630,8 +671,10 @@ def _producer(source: Source, shard: list[_OutTensor],
     return produce
 
 
-def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes: int, dtype,
-              inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool) -> str:
+def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes: int | None, dtype,
+              inv_freq_dtype, inv_freq_values, overwrite: bool, extra_files: Iterable[str], progress: bool,
+              shards: Mapping[str, str] | None = None) -> str:
+    """Write ``source`` as an HF checkpoint (see :func:`write_hf_checkpoint` for the arguments)."""
 
     multihost.from_main(lambda: check_destination(out_dir, overwrite) or b"")  # process 0's refusal, on all
     barriers = multihost.Barriers.agreed()
@@ -643,9 +686,17 @@ def write_hf(source: Source, config: CogVLMConfig, out_dir: str, max_shard_bytes
         raise CheckpointError(f"inv_freq_values: expected shape {(config.text.head_dim // 2,)}, got {inv_freq.shape}")
     inv_freq = inv_freq.astype(as_dtype(inv_freq_dtype) or np.dtype(np.float32))
     outs = _plan_outputs(source.specs, config, dtype, inv_freq)
-    shards = _shard(outs, max_shard_bytes)
-    n = len(shards)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise CheckpointError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    split = None if max_shard_bytes is not None or not shards else _shard_as(outs, shards)
+    if split is None:
+        shards = _shard(outs, DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+        n = len(shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    else:
+        names, shards = split
+        n = len(shards)
+        names = [SINGLE_FILE] if n == 1 else names
     if not multihost.is_main_process():  # take part in the gathers; process 0 writes
         for shard in shards:
             for run in _fetch_runs(source, shard):
@@ -715,9 +766,13 @@ def convert_hf_to_ours(src: str, dst: str, dtype=None, *, overwrite: bool = Fals
     return dst
 
 
-def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None, *,
+def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int | None = None, dtype=None, *,
                        overwrite: bool = False, progress: bool = True) -> str:
     """Our checkpoint ``src`` -> HF safetensors checkpoint at ``dst`` (published names and layout).
+
+    ``max_shard_bytes`` None: the same files as the HF checkpoint ``src`` was converted from (its shards
+    and index, or its one file); else (or for a checkpoint with no record of its source's files) shards
+    of at most ``max_shard_bytes`` (default ``DEFAULT_MAX_SHARD_BYTES``), a tensor larger than that alone.
 
     A checkpoint ``cogvlm-jax train`` saved is exported by ``cogvlm_jax.training.export.to_hf``."""
     check_not_same(src, dst)
@@ -729,15 +784,28 @@ def convert_ours_to_hf(src: str, dst: str, max_shard_bytes: int = DEFAULT_MAX_SH
         raise CheckpointError(f"{src} holds {stored.format}-quantized weights; a Hugging Face export needs the "
                               "float weights: export the checkpoint it was converted from")
     facts = read_meta(src).get("hf", {})
+    shards = facts.get("shards")
+    if shards is not None and not (isinstance(shards, dict) and all(isinstance(v, str) for v in shards.values())):
+        raise CheckpointError(f"{src}/{checkpoint.FORMAT_FILE}: hf.shards must be an object of tensor name -> file "
+                              "name; re-convert the checkpoint")
     return write_hf(orbax_source(src), load_config(src), dst, max_shard_bytes, dtype, facts.get("inv_freq_dtype"),
-                     facts.get("inv_freq"), overwrite, carried_files(src), progress)
+                     facts.get("inv_freq"), overwrite, carried_files(src), progress, facts.get("shards"))
 
 
 def main_convert(src: str, dst: str, to: str = "ours", *, dtype=None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                 progress: bool = True, mesh=None, quantize=None, quantize_vision: bool = False) -> int:
+                 max_shard_bytes: int | None = None, overwrite: bool = False,
+                 progress: bool = True, mesh=None, revision: str | None = None, quantize=None,
+                 quantize_vision: bool = False) -> int:
     """The ``cogvlm-jax convert SRC DST [--to hf] [--quantize int8|int4]`` command. Returns 0; raises
-    CheckpointError/ConfigError."""
+    CheckpointError/ConfigError.
+
+    ``src``: a directory or a Hugging Face Hub id (``revision``: its branch, tag or commit; ``cogvlm_jax.hub``).
+    """
+    src = resolve(src, revision, progress=progress)
+    if not os.path.exists(src):
+        raise CheckpointError(f"source checkpoint {src} does not exist")
+    if to == "ours" and max_shard_bytes is not None:
+        raise CheckpointError("--max-shard-size applies to --to hf (our format stores each tensor in chunks)")
     if to == "ours":
         if is_our_checkpoint(src):
             raise CheckpointError(f"{src} is already a cogvlm-jax checkpoint; use --to hf to export it")

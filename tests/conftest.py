@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import struct
 import zlib
 
@@ -164,3 +165,18 @@ def reference(f32_models):
         logits = m.forward(*batch)
         out[fam] = (batch, logits, m.generate(*batch, max_new_tokens=6), max(PARITY, float32_bound(fam, logits)))
     return out
+
+
+# Headless chromium for the chat-page tests (Playwright drives Debian's chromium, not a downloaded one).
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str:
+    """Debian's chromium; skips the test where it is missing (fails it on CI, which installs it)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs Debian's chromium")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    return path

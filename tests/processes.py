@@ -26,7 +26,9 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"  # read when the child imports jax
+    # read when the child imports jax; the caller's other XLA flags (e.g. --xla_cpu_max_isa) reach the child too
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(extra)

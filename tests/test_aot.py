@@ -27,7 +27,7 @@ def tiny(layers: int = 2):
     does the published 32 on 8), head dim 8, a one-block ViT on 56 px images (4 image tokens)."""
     base = preset("cogvlm2-llama3-chat-19B")
     return base.replace(
-        name="tiny-cogvlm2",
+        name="tiny-cogvlm2", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0, image_token_id=0,
         text=dataclasses.replace(base.text, hidden_size=128, intermediate_size=256, num_heads=16, num_kv_heads=8,
                                  num_layers=layers, vocab_size=1024, max_position_embeddings=512),
         vision=dataclasses.replace(base.vision, hidden_size=64, intermediate_size=128, num_heads=4, num_layers=1,
@@ -78,8 +78,9 @@ def test_collectives_per_decoder_layer(record_property):
     ("decode", {}, 2),  # generate's decode loop
     ("decode_chunk", {}, 2),  # the serving engine's decode
     ("insert", dict(prompt_length=64), 2),  # the engine's prefill of a text prompt into a slot
-    ("insert", dict(prompt_length=64, image=True), 4),  # image prompts: each expert's attention and MLP
-    ("prefill", dict(prompt_length=64, image=True), 4),
+    # image prompts: each expert on its own tokens (every row holds an image), their partial sums added at once
+    ("insert", dict(prompt_length=64, image=True), 2),
+    ("prefill", dict(prompt_length=64, image=True), 2),
 ], ids=["decode", "decode_chunk", "insert_text", "insert_image", "prefill_image"])
 def test_generate_and_serving_programs_keep_the_layout_bounds(program, extra, per_layer):
     per = aot.layer_collectives(tiny(), **{**DECODE, "program": program, **extra})
@@ -153,7 +154,7 @@ def test_the_benchmark_row(capsys):
     assert (rec["name"], rec["unit"], e["target"], e["mesh"]) == ("aot_decode", "ms", "v5e-8", [1, 1, 8])
     assert rec["value"] == e["floor_ms"] > 0 and e["fits"] and 0 < rec["fraction_of_limit"] < 1
     assert e["gb_accessed"] > 0 and e["compile_s"] > 0 and sum(e["collectives"].values()) > 0
-    assert "| tiny-cogvlm2 | v5e-8 | 1x1x8 | decode | 1 |" in bench.table(recs)
+    assert "| tiny-cogvlm2 | v5e-8 | 1x1x8 megatron | decode | 1 |" in bench.table(recs)
 
 
 def test_the_image_prefill_attends_without_the_vit_scores():
@@ -194,3 +195,18 @@ def test_a_quantized_decode_step_reads_the_quantized_weights():
     with pytest.raises(aot.AotError, match="trainer trains float weights"):
         aot.compile_for(cfg, target="v5e-8", mesh=(1, 1, 8), program="train", batch=8, prompt_length=16,
                         quantize="int8")
+
+
+def test_plan_with_a_target_reports_the_compiled_temporaries(tmp_path):
+    """``plan --target`` adds what the shapes leave out: the compiled decode loop's temporaries and peak."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny().to_hf_dict()))
+    r = subprocess.run([sys.executable, "-m", "cogvlm_jax.cli", "plan", "--config", str(config), "--mesh", "1,1,8",
+                        "--batch", "2", "--context", "256", "--target", "v5e-8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = aot.report(aot.compile_for(tiny(), target="v5e-8", mesh=(1, 1, 8), program="decode", batch=2,
+                                      cache_length=256, dtype="bfloat16"))
+    assert "parameters:" in r.stdout and "compiled decode for v5e-8 (megatron layout)" in r.stdout, r.stdout
+    assert f"temporaries {want.temp_bytes / 2 ** 30:.2f} GiB" in r.stdout, r.stdout
+    assert f"peak {want.peak_bytes / 2 ** 30:.2f} GiB of 16.00 GiB" in r.stdout, r.stdout

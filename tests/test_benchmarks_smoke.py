@@ -66,3 +66,62 @@ def test_quick_serving_on_a_tiny_config():
         assert 0 < e["ttft_p50_ms"] <= e["ttft_p95_ms"] < 1e3 * e["wall_s"]
         assert e["rounds"] == 1 and e["speedup_rounds"] == [round(e["speedup_vs_one_stream"], 2)]  # quick: one round
         assert abs(e["speedup_vs_one_stream"] - r["value"] / base) < 1e-3 * e["speedup_vs_one_stream"] + 1e-3
+
+
+# ------------------------------------------------------------------------------------- cogvlm-jax bench
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(args, cwd, path=None):
+    """``cogvlm-jax ARGS`` in a child process (``path``: where cogvlm_jax is imported from, first)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from cogvlm_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    if path is not None:
+        code = f"import sys; sys.path.insert(0, {path!r}); " + code
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_help_lists_the_runner_options_and_documented_options_run(tmp_path):
+    """``cogvlm-jax bench --help`` is the runner's help; every option of every bench or runner command in
+    README.md and docs/ parses; one cheap run of options goes through from another directory."""
+    import re
+    import shlex
+
+    from benchmarks.run import build_parser
+
+    r = _cli(["bench", "--help"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: cogvlm-jax bench"), r.stderr[-2000:]
+    options = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")]
+    assert len(options) > 10 and all(o in r.stdout for o in options), r.stdout
+    docs = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", f) for f in os.listdir(
+        os.path.join(ROOT, "docs"))]
+    commands = []
+    for path in docs:
+        text = open(path, encoding="utf-8").read()
+        commands += re.findall(r"(?:cogvlm-jax bench|python -m benchmarks\.run)((?: --?[\w-]+(?: [\w.,-]+)?)*)", text)
+    assert any("--only" in c for c in commands) and any("--configs" in c for c in commands), commands
+    for c in commands:
+        if "--help" in c:
+            continue
+        build_parser().parse_args(shlex.split(c))  # exits (a failed test) on an unknown option or a bad value
+    r = _cli(["bench", "--quick", "--only", "bandwidth", "--probe-gb", "0.01", "--no-table"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["name"] for x in r.stdout.splitlines() if x.startswith("{")][-1] == "bandwidth"
+
+
+def test_bench_from_an_installed_copy_says_in_one_line_it_needs_a_checkout(tmp_path):
+    """The package as ``pip install .`` lays it out (no benchmarks/ or tests/ beside it), run outside a
+    checkout: one line on stderr, exit status 2, no traceback, for a run and for --help alike."""
+    import shutil
+
+    site = tmp_path / "site-packages"
+    shutil.copytree(os.path.join(ROOT, "cogvlm_jax"), site / "cogvlm_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    for args in (["bench", "--tiny"], ["bench", "--help"]):
+        r = _cli(args, work, str(site))
+        lines = [x for x in r.stderr.splitlines() if x.startswith("cogvlm-jax")]
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert "need a source checkout" in lines[0] and r.stdout == ""

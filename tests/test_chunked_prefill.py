@@ -1,6 +1,11 @@
 """Chunked prefill (``chunked_prefill.mixed_step``): prompts written 8 tokens at a time into rows of a
 shared cache while other rows decode give the logits and greedy continuations of ``Model.forward`` /
-``Model.generate`` alone, and the decoding rows get what a plain decode step gives them."""
+``Model.generate`` alone, and the decoding rows get what a plain decode step gives them.
+
+Both comparisons are of the same function computed with products of other shapes (a chunk beside the
+decoding rows, the cache read in another order than a prefill's own keys), which XLA:CPU's kernels round
+differently on different CPUs: they are held to the bound two correct float32 runs of the model meet,
+measured in this run (conftest ``reference``)."""
 
 from __future__ import annotations
 
@@ -14,12 +19,16 @@ from cogvlm_jax.models import kv_cache
 from cogvlm_jax.models.cogvlm import CogVLM
 
 S, C, T = 3, 8, 38  # slots, chunk, cache length
-LOGITS_ATOL = 1e-4  # float32: the cache is read in another order than a prefill's own keys (seen: 4e-6)
 
 
 @pytest.fixture(scope="module")
 def model(f32_models):
     return f32_models["cogvlm2"]
+
+
+@pytest.fixture(scope="module")
+def bound(reference):
+    return reference["cogvlm2"][3]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +50,7 @@ def alone(model, ids, new=6):
     return np.asarray(model.forward(*x))[0, -1], np.asarray(model.generate(*x, max_new_tokens=new))[0]
 
 
-def test_prompts_in_chunks_beside_decoding_rows(model, steps):
+def test_prompts_in_chunks_beside_decoding_rows(model, steps, bound):
     mixed, decode = steps
     t = model.config.text
     cache = kv_cache.init_cache(t.num_layers, S, T, t.num_kv_heads, t.head_dim, jnp.float32)
@@ -62,7 +71,7 @@ def test_prompts_in_chunks_beside_decoding_rows(model, steps):
                                         np.int32(slot), np.int32(start))
             if live.any():  # the decoding rows get a plain decode step's logits
                 plain, _ = decode(model.params, tokens, pos, before)
-                np.testing.assert_allclose(np.asarray(logits)[live], np.asarray(plain)[live], atol=1e-5)
+                np.testing.assert_allclose(np.asarray(logits)[live], np.asarray(plain)[live], rtol=0, atol=bound)
             for row in np.flatnonzero(live):
                 tokens[row] = int(np.argmax(logits[row]))
                 pos[row] += 1
@@ -79,12 +88,12 @@ def test_prompts_in_chunks_beside_decoding_rows(model, steps):
     (a_logits, a_ids), (b_logits, b_ids), (c_logits, _) = alone(model, a), alone(model, b), alone(model, c)
 
     cache, last = prefill(cache, a, 0, got)  # 3 chunks, the last one partial; the other rows idle
-    np.testing.assert_allclose(last, a_logits, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(last, a_logits, rtol=0, atol=bound)
     start_decoding(0, a, last, got)
 
     # 5 chunks while row 0 decodes; the last chunk (32..40) passes the cache's end (38): dropped, not clamped
     cache, last = prefill(cache, b, 1, got)
-    np.testing.assert_allclose(last, b_logits, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(last, b_logits, rtol=0, atol=bound)
     assert got[0] == a_ids.tolist()
     start_decoding(1, b, last, got)
     for _ in range(2):
@@ -98,6 +107,6 @@ def test_prompts_in_chunks_beside_decoding_rows(model, steps):
     # row 0 is taken by a shorter prompt (row 1 decodes on): nothing of row 0's former request may be attended
     live[0] = False
     cache, last = prefill(cache, c, 0, got)
-    np.testing.assert_allclose(last, c_logits, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(last, c_logits, rtol=0, atol=bound)
     valid = np.asarray(cache.valid[0])
     assert valid[:len(c)].all() and not valid[len(c):].any()

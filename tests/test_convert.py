@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import weakref
 
@@ -199,7 +200,8 @@ def test_round_trip_is_bit_exact(family, round_trips):
     ours, back = round_trips[family]
     src = hf_dir(family)
     assert is_our_checkpoint(ours) and not is_our_checkpoint(back)
-    assert read_meta(ours)["hf"] == {"inv_freq_dtype": "float32"}
+    split = json.load(open(os.path.join(src, convert_hf.INDEX_FILE)))["weight_map"] if family == "cogvlm2" else None
+    assert read_meta(ours)["hf"] == {"inv_freq_dtype": "float32", **({"shards": split} if split else {})}
     # every tensor: same name, dtype, shape and bytes (inv_freq included)
     assert raw_tensors(back) == raw_tensors(src)
     # same files, same shard assignment; the shards are even byte-identical to the published ones
@@ -209,6 +211,34 @@ def test_round_trip_is_bit_exact(family, round_trips):
         with open(os.path.join(src, name), "rb") as a, open(os.path.join(back, name), "rb") as b:
             assert a.read() == b.read(), name
     assert load_config(back) == load_config(src)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_export_repeats_the_source_files_or_bounds_them(family, round_trips, tmp_path, capsys):
+    """``convert --to hf`` writes the files the source HF checkpoint had (shards and index, or one file), byte
+    for byte; ``--max-shard-size`` cuts shards of at most that size instead, with an index."""
+    from cogvlm_jax import cli
+
+    ours, _ = round_trips[family]
+    src = hf_dir(family)
+    back = tmp_path / "back"
+    assert cli.main(["convert", ours, str(back), "--to", "hf"]) == 0
+    weights = sorted(n for n in os.listdir(src) if n != "config.json")
+    assert sorted(n for n in os.listdir(back) if n != "config.json") == weights
+    for name in weights:
+        assert (back / name).read_bytes() == open(os.path.join(src, name), "rb").read(), name
+    limit = 100_000
+    bounded = tmp_path / "bounded"
+    assert cli.main(["convert", ours, str(bounded), "--to", "hf", "--max-shard-size", "100KB"]) == 0
+    index = json.loads((bounded / convert_hf.INDEX_FILE).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert sorted(n for n in os.listdir(bounded) if n.endswith(".safetensors")) == files and len(files) > 2
+    for name in files:  # each shard is within the limit, or one tensor larger than it
+        tensors = SafetensorsFile(str(bounded / name)).tensors.values()
+        assert sum(t.nbytes for t in tensors) <= limit or len(tensors) == 1, name
+    assert raw_tensors(str(bounded)) == raw_tensors(src)
+    assert cli.main(["convert", src, str(tmp_path / "x"), "--max-shard-size", "1GB"]) == 2
+    assert "--max-shard-size applies to --to hf" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -378,7 +408,8 @@ def test_tokenizer_files_are_carried(tmp_path):
     convert_hf_to_ours(str(src), str(tmp_path / "ours"), progress=False)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "ours"))
     convert_ours_to_hf(str(tmp_path / "ours"), str(tmp_path / "hf"), progress=False)
-    assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))
+    shards = {n for n in os.listdir(src) if n.endswith((".safetensors", ".index.json"))}  # the source's split
+    assert {"tokenizer.json", "tokenizer_config.json", *shards} <= set(os.listdir(tmp_path / "hf"))
 
 
 def test_existing_destination(tmp_path, round_trips):
@@ -481,6 +512,28 @@ def test_index_naming_a_missing_shard(tmp_path):
     assert leftovers(str(tmp_path), set()) == ["bad"]
 
 
+@pytest.mark.parametrize("index,message", [
+    ({"weight_map": ["lm_head.weight"]}, "weight_map must be a non-empty object of tensor name -> shard file"),
+    ({"weight_map": {}}, "weight_map must be a non-empty object"),
+    ({"weight_map": "model.safetensors"}, "weight_map must be a non-empty object"),
+    ([], "expected an object with a 'weight_map'"),
+    ({"metadata": {}}, "expected an object with a 'weight_map'"),
+    ({"weight_map": {"lm_head.weight": 1}}, "weight_map['lm_head.weight'] must be the name of a .safetensors file"),
+    ({"weight_map": {"lm_head.weight": "../x.safetensors"}}, "must be the name of a .safetensors file beside"),
+    ({"weight_map": {"lm_head.weight": "model.bin"}}, "must be the name of a .safetensors file"),
+], ids=lambda x: str(x)[:40])
+def test_a_bad_index_is_named(tmp_path, index, message):
+    src = tmp_path / "bad"
+    shutil.copytree(hf_dir("cogvlm2"), src)
+    (src / convert_hf.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        convert_hf_to_ours(str(src), str(tmp_path / "out"), progress=False)
+    assert f"{src / convert_hf.INDEX_FILE} is not a valid safetensors index: " in str(e.value) and message in str(e.value)
+    (src / convert_hf.INDEX_FILE).write_text("{cut")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        convert_hf_to_ours(str(src), str(tmp_path / "out"), progress=False)
+
+
 def test_every_problem_listed_at_once(tmp_path):
     def edit(t):
         t.pop("model.norm.weight")
@@ -512,3 +565,16 @@ def test_inv_freq_may_be_absent(tmp_path):
             t.pop(f"model.layers.{i}.self_attn.rotary_emb.inv_freq")
     params = read_hf_checkpoint(str(_cogvlm1_copy(tmp_path, edit)), progress=False)
     assert "layers_1" in params
+
+
+def test_a_bad_checkpoint_json_is_named(tmp_path, round_trips):
+    ours = tmp_path / "ours"
+    shutil.copytree(round_trips["cogvlm2"][0], ours)
+    meta = json.loads((ours / checkpoint.FORMAT_FILE).read_text())
+    for bad, message in (("[]", "must be a JSON object"), ("{cut", "is not valid JSON"),
+                         (json.dumps({**meta, "hf": []}), "must be a JSON object (with an 'hf' object"),
+                         (json.dumps({**meta, "hf": {**meta["hf"], "shards": [1]}}), "hf.shards must be an object")):
+        (ours / checkpoint.FORMAT_FILE).write_text(bad)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            convert_ours_to_hf(str(ours), str(tmp_path / "hf"), progress=False)
+        assert not (tmp_path / "hf").exists()

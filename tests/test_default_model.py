@@ -136,6 +136,49 @@ def test_readme_first_command_prints_the_right_answer():
     assert r.stdout == "red\n", (r.stdout, r.stderr[-2000:])
 
 
+# ---------------------------------------------------------------------------- defaults
+EXAMPLE = os.path.join(DEFAULT_MODEL, "example.png")
+
+
+def test_chat_stream_and_generate_answer_without_max_new_tokens(model):
+    """No ``max_new_tokens``: until eos or the context is full, on a model whose whole context (256) is
+    less than any fixed default would be. A given maximum that does not fit stays an InputError."""
+    assert model.chat(EXAMPLE, "What color is the circle?") == "red"
+    assert "".join(model.stream(EXAMPLE, "What shape is the red object?")) == "circle"
+    ctx = model.config.context_length
+    query = "What color is the circle?"
+    x = model.build_inputs(query, image=EXAMPLE)
+    n = len(x["input_ids"])
+    batch = (x["input_ids"][None], x["token_type_ids"][None], x["attention_mask"][None], x["pixel_values"][None])
+    ids = model.generate(*batch)
+    assert ids.shape == (1, ctx - n)
+    assert np.array_equal(ids, model.generate(*batch, max_new_tokens=ctx - n))
+    with pytest.raises(cogvlm_jax.InputError, match=f"plus max_new_tokens {ctx - n + 1} exceeds"):
+        model.chat(EXAMPLE, query, max_new_tokens=ctx - n + 1)
+    full = "red " * ctx
+    with pytest.raises(cogvlm_jax.InputError, match="exceeds max_length|fills the model's context"):
+        model.chat(None, full)
+
+
+def test_without_max_new_tokens_an_answer_runs_until_the_context_is_full(model):
+    """The shipped model with an eos it never says: every answer runs to the last position of the context,
+    whatever the prompt's length."""
+    import dataclasses
+
+    never = model.config.image_token_id  # only ever a prompt's image placeholder
+    cfg = dataclasses.replace(model.config, eos_token_ids=(never,))
+    endless = cogvlm_jax.Model(cfg, model.params, model.tokenizer)
+    ctx = cfg.context_length
+    for query in ("Where is it?", "What color is the circle? " * 12, "How many? " * 40):
+        x = endless.build_inputs(query)
+        n = len(x["input_ids"])
+        pieces = endless.generate_chunks(x["input_ids"][None], x["token_type_ids"][None],
+                                         x["attention_mask"][None], chunk=64)
+        new = np.concatenate(list(pieces), axis=1)
+        assert new.shape == (1, ctx - n) and never not in new, (query, n, new.shape)
+        assert len(endless.tokenizer.encode(endless.chat(None, query))) > 0
+
+
 # ---------------------------------------------------------------------------- tokenizer and config
 def test_tokenizer_round_trip_and_special_ids(model):
     tok, cfg = model.tokenizer, model.config

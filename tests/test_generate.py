@@ -73,7 +73,7 @@ def test_decode_reads_only_the_language_expert(f32_models):
     model = f32_models["cogvlm2"]
     case = _gen_cases("cogvlm2")[0]
     n = case["max_new_tokens"]
-    state, do_sample = model._start(*_single(case), n, 0.0, None, None, 0)
+    state, do_sample, _ = model._start(*_single(case), n, 0.0, None, None, 0)
     poisoned = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.full_like(x, jnp.nan) if "vision" in jax.tree_util.keystr(path) else x, model.params)
     out = model._generator.decode(poisoned, state, jnp.int32(n), do_sample=False)
@@ -168,8 +168,11 @@ def test_top_k_candidates_give_the_full_sort_answer(scale):
 def test_one_compile_per_bucket(f32_models):
     model = cogvlm_jax.Model(f32_models["cogvlm1"].config, f32_models["cogvlm1"].params, dtype="float32")
     compiles = []
+    # the model's two programs only: the first call in a process also compiles small eager ops (PRNG keys)
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, *_a, **_k: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, *_a, fun_name="", **_k: compiles.append(fun_name)
+        if event == "/jax/core/compile/backend_compile_duration" and fun_name in ("jit(_start)", "jit(_decode)")
+        else None)
     rng = np.random.default_rng(0)
     for n in (3, 5, 9, 14, 16, 17, 30):  # buckets 16, 16, 16, 16, 16, 32, 32
         ids = rng.integers(3, 500, size=(1, n)).astype(np.int32)
@@ -191,6 +194,20 @@ def test_bucket_length_pads_less_only_where_the_power_of_two_does_not_fit():
         got = {bucket_length(n, limit) for n in range(1, limit + 1)}
         assert all(n <= bucket_length(n, limit) <= limit for n in range(1, limit + 1)), limit
         assert len(got) <= 2 * limit.bit_length() + 8 + 16, (limit, sorted(got))  # few shapes, whatever the limit
+
+
+def test_answer_length_holds_any_answer_of_its_bucket_in_one_shape():
+    """The token buffer of an answer with no set maximum (the rest of the context): one size per prompt
+    bucket, room for the answer of every prompt in it, no more than the bucket's shortest prompt needs."""
+    from cogvlm_jax.generation.buckets import answer_length, bucket_length
+
+    for context in (256, 300, 2048):
+        by_bucket = {}
+        for n in range(1, context):
+            assert answer_length(n, context) >= context - n, (context, n)
+            by_bucket.setdefault(bucket_length(n, context), set()).add(answer_length(n, context))
+        assert all(len(sizes) == 1 for sizes in by_bucket.values()), (context, by_bucket)
+        assert answer_length(1, context) == context - 1 and answer_length(context - 1, context) < context // 2
 
 
 def test_generate_input_errors(f32_models):

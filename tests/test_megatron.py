@@ -60,7 +60,7 @@ def test_head_grouped_qkv_splits_into_the_same_heads(heads):
     np.testing.assert_array_equal(order[qkv_layout.checkpoint_order(h, kh, e)], np.arange(x.shape[-1]))
 
 
-def test_every_fused_qkv_is_reordered_and_back(f32_models):
+def test_every_fused_qkv_is_reordered_the_vit_stacked_and_back(f32_models):
     base = f32_models["cogvlm2"]  # CogVLM2's vision expert QKV has a bias, its ViT qkv a kernel [in, out]
     axes = layout.fused_qkv_axes(base.config)
     names = {"/".join(p[-2:]) for p in axes}
@@ -71,16 +71,25 @@ def test_every_fused_qkv_is_reordered_and_back(f32_models):
     mesh = mesh_of((1, 1, 2))
     model = cogvlm_jax.Model(base.config, base.params, mesh=mesh, layout="megatron")
     want = flatten_dict(param_shardings(base.config, mesh, MEGATRON_RULES))
-    held, given = flatten_dict(model.params), flatten_dict(base.params)
+    given = flatten_dict(base.params)
+    held = flatten_dict(model.params)
+    blocks = base.config.vision.num_layers
     for path, a in held.items():
+        if path[:3] == ("vision", "transformer", "layers"):  # the ViT's blocks, stacked on a leading axis
+            first = ("vision", "transformer", "layers_0") + path[3:]
+            assert a.shape == (blocks,) + given[first].shape, path
+            assert a.sharding.spec == jax.sharding.PartitionSpec(None, *want[first].spec), path
+            continue
         assert a.sharding == want[path], path
-        if path in axes:
+        if path in axes:  # head-grouped
             assert not np.array_equal(np.asarray(a), np.asarray(given[path])), path
         else:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(given[path]))
     back = flatten_dict(layout.to_checkpoint(model.params, base.config, "megatron"))
+    assert set(back) == set(given)
     for path, a in back.items():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(given[path]))
+        assert a.sharding == want[path], path
 
 
 def test_load_reads_straight_into_the_megatron_layout(reference):

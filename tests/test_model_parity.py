@@ -64,11 +64,14 @@ def test_left_padded_batch_gives_each_row_its_own_logits(family, f32_models):
     assert worst <= TOL
 
 
-def test_each_expert_on_its_own_tokens_equals_both_and_select(f32_models, monkeypatch):
+def test_each_expert_on_its_own_tokens_equals_both_and_select(f32_models, reference, monkeypatch):
     """A batch of image rows takes the split route (each expert on its own tokens); forcing the select
     route (both experts on every token, as for a batch mixing text-only rows) gives the same logits.
     CogVLM2 (GQA, a vision-expert QKV bias); both families' split route also meets the reference in
-    test_every_case_matches_reference (one image row) and the select route in the left-padded batch."""
+    test_every_case_matches_reference (one image row) and the select route in the left-padded batch.
+    The two routes multiply products of other shapes, which XLA:CPU's kernels round differently on
+    different CPUs: they are held to the bound two correct float32 runs meet, measured in this run
+    (conftest ``reference``)."""
     family = "cogvlm2"
     model = f32_models[family]
     recs = [r for r in cases(family) if "pixel_values" in r["arrays"].files]
@@ -81,8 +84,24 @@ def test_each_expert_on_its_own_tokens_equals_both_and_select(f32_models, monkey
                         lambda *a: real_route(*a).replace(split=jnp.zeros((), bool)))
     select = np.asarray(jax.jit(lambda *a: model.module.apply({"params": model.params}, *a)[0])(ids, tt, am, pix))
     err = float(np.abs(split - select).max())
-    print(f"\n{family}: split vs select routing, max abs logit difference {err:.2e}")
-    assert err <= 1e-5
+    bound = reference[family][3]
+    print(f"\n{family}: split vs select routing, max abs logit difference {err:.2e} (bound {bound:.2e})")
+    assert err <= bound
+
+
+def test_a_batch_known_to_hold_images_compiles_no_branch(f32_models, reference):
+    """``every_row_has_image`` (generate and the engine pass it when their checks saw an image in every row)
+    builds each decoder layer's split route alone, without the mixed-batch branch: no conditional in the
+    compiled program, and the logits of the routed program."""
+    family = "cogvlm2"
+    model = f32_models[family]
+    recs = [r for r in cases(family) if "pixel_values" in r["arrays"].files]
+    batch = left_pad_batch(recs, model.config.pad_token_id)
+    programs = {known: jax.jit(lambda *a, known=known: model.module.apply(
+        {"params": model.params}, *a, every_row_has_image=known)[0]).lower(*batch).compile() for known in (False, True)}
+    assert "conditional" in programs[False].as_text() and "conditional" not in programs[True].as_text()
+    err = float(np.abs(np.asarray(programs[True](*batch)) - np.asarray(programs[False](*batch))).max())
+    assert err <= reference[family][3], err
 
 
 # bfloat16: weights rounded to bf16. On CPU (api.weights_for_compute) they are stored and multiplied in

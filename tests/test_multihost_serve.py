@@ -2,11 +2,18 @@
 (4 CPU devices each, gloo collectives), on its default mesh (1, 2, 4). Process 0 serves HTTP; process 1
 runs the device programs process 0's engine sends it.
 
-One module fixture starts the pair (each killed if it outlives its deadline), sends it requests for both
+The fixture ``served`` starts the pair (each killed if it outlives its deadline), sends it requests for both
 slots and one more (it waits for a slot, then is inserted between decode chunks), reads /health, and
 stops process 0 with SIGTERM: the follower must stop with it. The server prefills text prompts in
 chunks of 8 (``--prefill-chunk 8``), so the text-only request takes several chunked-prefill steps on
 the sharded cache, and the image requests the prefill-alone path.
+
+The fixture ``lost_follower`` starts another pair (``--peer-timeout 3``) once per way of losing the
+follower: SIGKILL (gloo sees its socket close) and SIGSTOP (it hangs: process 0's collective would wait
+for it forever). Once the pair has answered a request, the follower is lost and process 0 is asked again:
+the request in flight, ``/health`` and a later request get a 503 ``engine_failed`` error naming process
+1, and process 0 exits with status ``EXIT_PEER_LOST`` and a message naming it, within the timeout plus
+the grace (``serving/peers.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -58,6 +66,14 @@ def _request(url, body=None):
         return json.loads(r.read())
 
 
+def _status_and_body(url, body=None):
+    """-> (HTTP status, JSON body), an error status included."""
+    try:
+        return 200, _request(url, body)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def _wait_for_url(path, children) -> str:
     """The address process 0 announces on its stdout (None if a child exits or the deadline passes first)."""
     while time.monotonic() - children["t0"] < DEADLINE_S:
@@ -71,19 +87,22 @@ def _wait_for_url(path, children) -> str:
     return None
 
 
+def _serve_commands(*extra: str) -> dict:
+    """``cogvlm-jax serve`` of the cogvlm1 fixture model on a new two-process cluster, for process 0 and 1."""
+    d = fixture_dir("cogvlm1")
+    port = free_port()
+    return {f"serve{i}": python("-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"),
+                                "--tokenizer", os.path.join(d, "tokenizer"), "--model-name", NAME, "--port", "0",
+                                "--slots", "2", "--decode-chunk", "2", "--max-length", "128", *extra,
+                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", str(i), "--init-timeout", "60")
+            for i in (0, 1)}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, f32_models):
     work = str(tmp_path_factory.mktemp("multihost_serve"))
-    d = fixture_dir("cogvlm1")
-    port = free_port()
-    commands = {f"serve{i}": python("-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"),
-                                    "--tokenizer", os.path.join(d, "tokenizer"), "--model-name", NAME, "--port", "0",
-                                    "--slots", "2", "--decode-chunk", "2", "--max-length", "128",
-                                    "--prefill-chunk", "8",
-                                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                    "--process-id", str(i), "--init-timeout", "60")
-                for i in (0, 1)}
-    children = start(commands, work)
+    children = start(_serve_commands("--prefill-chunk", "8"), work)
     answers, health, stop_seconds = None, None, None
     want = [_reference_text(_case(name), f32_models["cogvlm1"]) for name in REQUESTS]
     try:
@@ -118,3 +137,50 @@ def test_follower_stops_with_process_0_and_only_process_0_serves(served):
         assert r[name]["rc"] == 0, f"{name} rc {r[name]['rc']}:\n{r[name]['stderr'][-3000:]}"
     assert len(r["serve0"]["stdout"].splitlines()) == 1 and f"{NAME} on http://" in r["serve0"]["stdout"]
     assert r["serve1"]["stdout"] == ""
+
+
+PEER_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module", params=["SIGKILL", "SIGSTOP"])
+def lost_follower(request, tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("multihost_serve_lost"))
+    children = start(_serve_commands("--peer-timeout", str(PEER_TIMEOUT_S)), work)
+    out = {"before": None}
+    body = _body(_case("chat_text_only"))
+    try:
+        url = _wait_for_url(os.path.join(work, "serve0.out"), children)
+        if url is not None:
+            out["before"] = _status_and_body(url + "/v1/chat/completions", body)
+            children["procs"]["serve1"].send_signal(getattr(signal, request.param))
+            t = time.monotonic()
+            out["in_flight"] = _status_and_body(url + "/v1/chat/completions", body)  # admitted, then its collective fails
+            out["health"] = _status_and_body(url + "/health")
+            out["after"] = _status_and_body(url + "/v1/chat/completions", body)  # refused at once
+            children["procs"]["serve0"].wait(timeout=max(1.0, DEADLINE_S - (t - children["t0"])))
+            out["exit_seconds"] = time.monotonic() - t
+    finally:
+        children["procs"]["serve1"].kill()  # a stopped follower stays until killed
+        out["results"] = finish(children, DEADLINE_S)
+    return out
+
+
+def test_a_lost_follower_gets_503s_naming_it_and_process_0_exits(lost_follower):
+    from cogvlm_jax.parallel.heartbeat import EXIT_PEER_LOST
+    from cogvlm_jax.serving.peers import GRACE_S
+
+    r = lost_follower["results"]
+    assert lost_follower["before"] is not None, f"no server: {r['serve0']['stderr'][-3000:]}"
+    assert lost_follower["before"][0] == 200
+    for what in ("in_flight", "health", "after"):
+        status, body = lost_follower[what]
+        print(f"\n{what}: {status} {body['error']['message']}")
+        assert status == 503, (what, status, body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["code"] == "engine_failed" and body["error"]["type"] == "server_error"
+        assert "lost process 1: process 1 of 2 sent no heartbeat" in body["error"]["message"], body
+    print(f"process 0 exited {lost_follower['exit_seconds']:.1f} s after the follower was lost")
+    assert r["serve0"]["rc"] == EXIT_PEER_LOST, r["serve0"]["stderr"][-3000:]
+    assert "cogvlm-jax serve: error: lost process 1: " in r["serve0"]["stderr"]
+    # the heartbeat timeout, one beat, the grace, and room for two busy cores
+    assert lost_follower["exit_seconds"] < PEER_TIMEOUT_S + GRACE_S + 10

@@ -26,7 +26,7 @@ import urllib.request
 import jax
 import numpy as np
 import pytest
-from conftest import cases, fixture_dir, huge_png
+from conftest import CHROMIUM_FLAGS, cases, chromium_path, fixture_dir, huge_png
 
 from cogvlm_jax.generation.buckets import bucket_length
 from cogvlm_jax.serving.engine import Engine
@@ -755,15 +755,6 @@ def test_sigterm_stops_accepting_drains_and_exits_0(model):
 
 
 # ----------------------------------------------------------------------------------------- the page
-def _chromium():
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/run installs Debian's chromium")
-        pytest.skip("no chromium here (apt-get install chromium)")
-    return path
-
-
 def test_chat_page_in_headless_chromium_streams_the_api_answer(model, server):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     cl = client(server)
@@ -772,10 +763,8 @@ def test_chat_page_in_headless_chromium_streams_the_api_answer(model, server):
     a1 = a1.choices[0].message.content
     a2 = cl.chat.completions.create(model=NAME, messages=messages(q2, IMG0, [(q1, a1)]), max_tokens=8,
                                     temperature=0).choices[0].message.content
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=flags)
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page()
             page.goto(server.url + "/")

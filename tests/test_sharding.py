@@ -181,11 +181,95 @@ def test_planner_equals_abstract_shapes(name):
     assert p.params_per_device_bytes < total / 7  # almost everything splits 8 ways over tensor
 
 
-def test_plan_cli():
+def _plan_cli(*args):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "cogvlm_jax.cli", "plan", "--config", "cogvlm2-llama3-chat-19B",
-                        "--mesh", "1,1,8", "--dtype", "bfloat16"], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "cogvlm_jax.cli", "plan", "--config", "cogvlm2-llama3-chat-19B",
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def test_plan_cli():
+    r = _plan_cli("--mesh", "1,1,8", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     assert "per device" in r.stdout and "36.3" in r.stdout  # 19.5B params x 2 bytes = 36.3 GiB total
+    assert "replicated because the mesh does not divide them: nothing" in r.stdout
+
+
+def test_plan_refuses_a_mesh_axis_below_one_in_one_line():
+    from cogvlm_jax.parallel.multihost import parse_mesh
+    from cogvlm_jax.parallel.planner import plan
+
+    r = _plan_cli("--mesh", "1,0,8")
+    assert r.returncode == 2 and r.stdout == ""
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("cogvlm-jax")]
+    assert "Traceback" not in r.stderr and line == ("cogvlm-jax plan: error: argument --mesh: must be DATA,FSDP,"
+                                                    "TENSOR, each a device count >= 1, got '1,0,8' (FSDP is 0)"), r.stderr
+    for mesh, axis in (("0,1,1", "DATA is 0"), ("1,1,-2", "TENSOR is -2")):  # every verb's --mesh
+        with pytest.raises(ValueError, match=axis):
+            parse_mesh(mesh)
+
+    with pytest.raises(ValueError, match="mesh axis fsdp must be an integer >= 1"):
+        plan(preset("cogvlm2-llama3-chat-19B"), 1, 0, 8)
+
+
+def test_plan_lists_what_falls_back_to_replication():
+    """A mesh that does not divide a dimension its rule shards: the plan names the parameter (decoder
+    layers and ViT blocks once, with their count), the dimension, its size and the mesh axes, and the
+    bytes per device count that dimension whole."""
+    from cogvlm_jax.parallel.planner import plan
+
+    cfg = preset("cogvlm2-llama3-chat-19B")
+    assert plan(cfg, 1, 1, 8).replicated == ()
+    p = plan(cfg, 1, 1, 16)  # 8 kv heads do not split 16 ways; every parameter does
+    assert p.replicated == ("KV cache: dim 1 (kv_heads, 8) by tensor=16",)
+    assert p.kv_per_device_bytes == p.kv_total_bytes
+    p = plan(cfg, 1, 1, 7)
+    assert "lm_head/kernel: dim 0 (vocab, 128256) by tensor=7" in p.replicated
+    assert "vision/transformer/layers_*/mlp/fc1/kernel (x63): dim 1 (vit_mlp, 15360) by tensor=7" in p.replicated
+    assert "layers_*/self_attn/language_expert_query_key_value/kernel (x32): dim 0 (qkv, 6144) by tensor=7" \
+        in p.replicated
+    r = _plan_cli("--mesh", "1,1,7")
+    assert r.returncode == 0 and "lm_head/kernel: dim 0 (vocab, 128256) by tensor=7" in r.stdout, r.stderr
+
+
+def test_plan_traces_one_layer_and_compiles_nothing(monkeypatch):
+    """The published 19B's plan from abstract shapes: one decoder layer and one ViT block traced (their
+    trees copied to every index), nothing compiled."""
+    from cogvlm_jax.models import cogvlm, decoder, vision
+    from cogvlm_jax.parallel.planner import plan
+
+    traced = {"decoder": 0, "vit": 0}
+    for cls, key in ((decoder.DecoderLayer, "decoder"), (vision.ViTBlock, "vit")):
+        def counted(self, *a, _call=cls.__call__, _key=key, **k):
+            traced[_key] += 1
+            return _call(self, *a, **k)
+        monkeypatch.setattr(cls, "__call__", counted)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_a, **_k: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    cogvlm._traced_boxed_params.cache_clear()
+    p = plan(preset("cogvlm2-llama3-chat-19B"), 1, 1, 8)
+    assert traced == {"decoder": 1, "vit": 1} and compiles == []
+    assert p.params_total_bytes == 2 * 19_503_105_280  # bfloat16: every one of the 19.5B parameters
+
+
+@pytest.mark.parametrize("which", ["default", "cogvlm1", "cogvlm2"])
+def test_abstract_params_equal_the_trace_of_every_layer(which):
+    """``abstract_boxed_params`` traces one decoder layer and one ViT block and copies them; the tree, the
+    shapes, the dtypes and the logical axes equal those of the init traced with every layer."""
+    import flax.linen as nn
+    from conftest import fixture_dir
+
+    from cogvlm_jax.api import DEFAULT_MODEL
+    from cogvlm_jax.config import load_config
+    from cogvlm_jax.models.cogvlm import abstract_boxed_params, traced_boxed_params
+
+    cfg = load_config(DEFAULT_MODEL if which == "default" else os.path.join(fixture_dir(which), "checkpoint"))
+    assert cfg.text.num_layers > 1 and cfg.vision.num_layers > 1
+    for dtype in (jnp.float32, jnp.bfloat16):
+        fast, full = abstract_boxed_params(cfg, dtype), traced_boxed_params(cfg, dtype)
+        assert jax.tree_util.tree_structure(nn.unbox(fast)) == jax.tree_util.tree_structure(nn.unbox(full))
+        assert jax.tree_util.tree_leaves(nn.unbox(fast)) == jax.tree_util.tree_leaves(nn.unbox(full))
+        assert nn.get_partition_spec(fast) == nn.get_partition_spec(full)

@@ -34,6 +34,17 @@ def test_missing_tokenizer_names_the_path(tmp_path):
         load_tokenizer(tmp_path / "nowhere")
 
 
+def test_a_tokenizer_config_that_is_not_an_object_is_named(tmp_path):
+    import shutil
+
+    shutil.copytree(os.path.join(FIXTURES, "cogvlm2", "tokenizer"), tmp_path / "tok")
+    for bad, message in (("[]", "must be a JSON object of tokenizer settings, got a list"), ("{", "not valid JSON")):
+        (tmp_path / "tok" / "tokenizer_config.json").write_text(bad)
+        with pytest.raises(TokenizerError, match=message) as e:
+            load_tokenizer(tmp_path / "tok")
+        assert str(tmp_path / "tok" / "tokenizer_config.json") in str(e.value)
+
+
 def test_special_ids():
     t1 = load_tokenizer(os.path.join(FIXTURES, "cogvlm1"))
     assert (t1.bos_id, t1.eos_id, t1.pad_id, t1.vocab_size) == (1, 2, 0, 600)

@@ -7,6 +7,7 @@ the row-block path when saved by ``train.save_state`` and exported by ``cogvlm-j
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -118,3 +119,18 @@ def test_a_lora_checkpoint_or_a_bare_state_is_refused_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="already a cogvlm-jax checkpoint; use --to hf"):
         main_convert(str(tmp_path / "lora"), str(tmp_path / "out"), to="ours")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_export_of_a_run_keeps_its_starting_models_file_split(tmp_path):
+    """``convert --to hf`` of a training checkpoint writes the files of the run's starting model: an HF
+    checkpoint's own split, or the one ours recorded when it was converted (None: one file)."""
+    from cogvlm_jax.convert import convert_hf
+    from cogvlm_jax.training.export import source_shards
+
+    sharded = os.path.join(fixture_dir("cogvlm2"), "checkpoint")
+    with open(os.path.join(sharded, convert_hf.INDEX_FILE)) as f:
+        split = json.load(f)["weight_map"]
+    assert source_shards(sharded) == split and len(set(split.values())) == 2
+    ours = convert_hf.convert_hf_to_ours(sharded, str(tmp_path / "ours"), progress=False)
+    assert source_shards(ours) == split
+    assert source_shards(os.path.join(fixture_dir("cogvlm1"), "checkpoint")) is None

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -83,11 +84,24 @@ def test_schedule_warmup_then_cosine():
     cfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=4, total_steps=14, end_lr_ratio=0.1)
     lr = [float(train.lr_schedule(cfg)(t)) for t in range(16)]  # optax count t = the (t+1)-th step
     np.testing.assert_allclose(lr[:4], [5e-4, 1e-3, 1.5e-3, 2e-3], rtol=1e-6)  # no step with lr 0
-    np.testing.assert_allclose(lr[8], 2e-3 * 0.1 + (2e-3 - 2e-4) * 0.5, rtol=1e-6)  # cosine half-way (step 9)
-    np.testing.assert_allclose(lr[13:], [2e-4] * 3, rtol=1e-6)  # the end value at step 14, and after
-    assert all(a > b for a, b in zip(lr[3:13], lr[4:14]))
-    np.testing.assert_allclose(float(train.lr_schedule(dataclasses.replace(cfg, warmup_steps=0))(0)),
-                               2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi / 14)), rtol=1e-6)
+    # The cosine runs from the peak at step 4 to the end value at step 15, one past the last: half-way at 9.5.
+    np.testing.assert_allclose(lr[8], 2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 11)), rtol=1e-6)
+    np.testing.assert_allclose(lr[13], 2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * 10 / 11)), rtol=1e-6)
+    assert lr[13] > 2e-4 * 1.1  # the last step (14) trains above the end value
+    np.testing.assert_allclose(lr[14:], [2e-4] * 2, rtol=1e-6)  # the end value after the run
+    assert all(a > b for a, b in zip(lr[3:14], lr[4:15]))
+    # Without warmup the first step is at the peak; with end_lr_ratio 0 every step of the run has lr > 0, in
+    # float32 too, for one step, a few, and a long run (where (1 + cos) / 2 would round to 0 at the end).
+    no_warmup = dataclasses.replace(cfg, warmup_steps=0)
+    np.testing.assert_allclose(float(train.lr_schedule(no_warmup)(0)), 2e-3, rtol=1e-6)
+    for total, warm in ((1, 0), (1, 1), (2, 0), (3, 3), (7, 2), (100_000, 0), (1_000_000, 10)):
+        c = dataclasses.replace(cfg, warmup_steps=warm, total_steps=total, end_lr_ratio=0.0)
+        counts = np.unique(np.r_[np.arange(min(total, 50)), np.arange(max(total - 50, 0), total)])
+        rates = np.asarray(jax.vmap(train.lr_schedule(c))(counts))
+        assert rates.dtype == np.float32 and (rates > 0).all(), (total, warm, rates.min())
+        assert float(train.lr_schedule(c)(total)) == 0.0  # one past the last step: the end value
+    np.testing.assert_allclose(float(train.lr_schedule(dataclasses.replace(cfg, total_steps=1, warmup_steps=0))(0)),
+                               2e-3, rtol=1e-6)  # a one-step run trains at the peak
     with pytest.raises(ValueError, match="warmup_steps"):
         train.TrainConfig(warmup_steps=5, total_steps=4)
     # Settings that would train silently wrong: negative decay grows the weights, a negative clip norm would
@@ -268,3 +282,25 @@ def test_resume_is_exact(env, tmp_path):
     lora_like, _ = train.Trainer(model.config, dataclasses.replace(cfg, trainable="lora")).init(model.params)
     with pytest.raises(ValueError, match="does not match this model and these settings"):
         train.restore_state(str(tmp_path / "ckpt"), lora_like)
+
+
+def test_settings_of_the_wrong_type_are_named_not_coerced():
+    """As a run.json or a caller gives them: a string or a float where an int belongs, a NaN, a string bool."""
+    from cogvlm_jax.training.run import RunConfig
+
+    for kw, message in ((dict(total_steps="5"), "train.total_steps must be an int, got '5'"),
+                        (dict(accum=2.0), "train.accum must be an int, got 2.0"),
+                        (dict(warmup_steps=True), "train.warmup_steps must be an int, got True"),
+                        (dict(learning_rate=float("nan")), "train.learning_rate must be a finite number, got nan"),
+                        (dict(eps="1e-8"), "train.eps must be a finite number, got '1e-8'"),
+                        (dict(remat="yes"), "train.remat must be true or false, got 'yes'"),
+                        (dict(lora_targets=("a", 1)), "train.lora_targets must be a list of strings")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.TrainConfig(**kw)
+    for kw, message in ((dict(batch_size=8.0), "batch_size must be an int, got 8.0"),
+                        (dict(seed="0"), "seed must be an int, got '0'"), (dict(seed=-1), "seed must be >= 0"),
+                        (dict(mesh=(1, 0, 1)), "mesh must be three device counts >= 1"),
+                        (dict(mesh=(1, 1)), "mesh must be three device counts >= 1"),
+                        (dict(dtype="f99"), "dtype 'f99' unknown"), (dict(tokenizer=5), "tokenizer must be a string")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            RunConfig(data="d.jsonl", model="m", **kw)

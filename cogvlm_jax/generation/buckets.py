@@ -1,8 +1,9 @@
 """Prompt lengths and row counts rounded up to a few sizes, so a handful of compiled programs serves every request.
 
 Each distinct shape under ``jit`` is one compile; rounding up to a ladder of sizes bounds their number:
-``bucket_length`` for a prompt padded whole, ``decode_sizes`` for the serving engine's decode rows,
-``prefill_sizes`` for its chunked-prefill chunks.
+``bucket_length`` for a prompt padded whole, ``answer_length`` for the room of an answer with no set
+maximum, ``decode_sizes`` for the serving engine's decode rows, ``prefill_sizes`` for its chunked-prefill
+chunks.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ def bucket_length(n: int, limit: Optional[int] = None) -> int:
         if round_up(n, step) <= limit:
             return round_up(n, step)
     return n
+
+
+def answer_length(n: int, context: int) -> int:
+    """The token buffer of an answer that may run to the end of ``context`` after a prompt of ``n``
+    tokens (``max_new_tokens=None``): the room the shortest prompt of ``n``'s bucket
+    (``bucket_length(n, context)``) has. The buffer is a static shape: sized by the bucket, every prompt
+    of a bucket shares one compile. The answer still stops where its own context ends (the step limit
+    is a traced value)."""
+    b = bucket_length(n, context)
+    shortest = n
+    while shortest > 1 and bucket_length(shortest - 1, context) == b:
+        shortest -= 1
+    return context - shortest
 
 
 def _doubling(first: int, last: int) -> tuple[int, ...]:

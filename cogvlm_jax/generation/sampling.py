@@ -155,10 +155,12 @@ def choose(logits, sp: SamplingParams, step, do_sample: bool):
     return jnp.where(sp.temperature > 0, drawn, greedy)
 
 
-def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pixel_values, cache):
-    """Run the prompt, write it into ``cache``; -> (last logits [B, V], next positions [B], cache)."""
+def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pixel_values, cache,
+            every_row_has_image: bool = False):
+    """Run the prompt, write it into ``cache``; -> (last logits [B, V], next positions [B], cache).
+    ``every_row_has_image``: see ``CogVLM.__call__``."""
     logits, cache, _ = model.apply({"params": params}, input_ids, token_type_ids, attention_mask, pixel_values,
-                                   cache=cache, last_only=True)
+                                   cache=cache, last_only=True, every_row_has_image=every_row_has_image)
     next_pos = jnp.max(positions.position_ids(token_type_ids, attention_mask), axis=1) + 1
     return logits, next_pos, cache
 
@@ -204,6 +206,18 @@ def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_token
         chosen_logits=(jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32) if collect_logits else None))
 
 
+def _describe_start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *, max_new_tokens,
+                    cache_length, collect_logits, every_row_has_image=False):
+    b, n = input_ids.shape
+    return f"prefill ({b} x {n} tokens{', images' if pixel_values is not None else ''}, cache {cache_length})"
+
+
+def _describe_decode(params, state, stop_at, *, do_sample):
+    b, n = state.tokens.shape
+    return (f"decode loop ({b} row{'s' if b > 1 else ''}, cache {state.cache.length}, up to {n} tokens"
+            f"{', sampling' if do_sample else ''})")
+
+
 class Generator:
     """The jitted pair (prefill+start, decode loop) for one model; jax caches a compile per shape."""
 
@@ -215,16 +229,18 @@ class Generator:
         # rows.MIN_ROWS to rows.MAX_ROWS rows (batch x prompt bucket, or batch in decode) compile their own way
         # on CPU (few-row products, see rows.py): each program is given its variant of ``model``
         @functools.partial(rows.ByRows, rows=lambda params, input_ids, *a, **k: input_ids.size, mesh=mesh,
-                           module=model, static_argnames=("max_new_tokens", "cache_length", "collect_logits"))
+                           module=model, static_argnames=("max_new_tokens", "cache_length", "collect_logits",
+                                                           "every_row_has_image"),
+                           describe=_describe_start)
         def _start(model, params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
-                   max_new_tokens, cache_length, collect_logits):
+                   max_new_tokens, cache_length, collect_logits, every_row_has_image=False):
             t = model.config.text
             cache = kv_cache.init_cache(t.num_layers, input_ids.shape[0], cache_length, t.num_kv_heads,
                                         t.head_dim, model.dtype)
             if mesh is not None:  # batch over data, kv heads over tensor
                 cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
             logits, next_pos, cache = prefill(model, params, input_ids, token_type_ids, attention_mask,
-                                              pixel_values, cache)
+                                              pixel_values, cache, every_row_has_image and pixel_values is not None)
             return start_state(logits, next_pos, cache, sampling, max_new_tokens, self.pad_id, collect_logits)
 
         def _decode(model, params, state, stop_at, *, do_sample):
@@ -232,4 +248,5 @@ class Generator:
 
         self.start = _start
         self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh, module=model,
-                                  static_argnames=("do_sample",), donate_argnames=("state",))
+                                  static_argnames=("do_sample",), donate_argnames=("state",),
+                                  describe=_describe_decode)

@@ -100,9 +100,12 @@ def _read_tokenizer_config(path: str) -> dict:
         return {}
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path} must be a JSON object of tokenizer settings, got a {type(config).__name__}")
+    return config
 
 
 def _token_content(value) -> str | None:

@@ -8,6 +8,7 @@ Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -70,8 +71,12 @@ class CogVLM(nn.Module):
         return self.vision(pixel_values)
 
     def __call__(self, input_ids, token_type_ids, attention_mask, pixel_values=None, cache=None,
-                 last_only: bool = False, return_hidden: bool = False):
+                 last_only: bool = False, return_hidden: bool = False, every_row_has_image: bool = False):
         """Prefill / full forward. Returns (logits, cache, hidden_states).
+
+        ``every_row_has_image`` (static): the caller checked that every row holds one whole image, so each
+        decoder layer runs each expert on its own tokens without the mixed-batch branch (a smaller program,
+        compiled faster; the same numbers).
 
         logits: float32 [B, L, V], or [B, V] at the last position with ``last_only`` (left-padded
         prompts end there). cache: the KV cache with the prompt written at slots [0, L), or None.
@@ -81,7 +86,7 @@ class CogVLM(nn.Module):
         route = None
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
-            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1)
+            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1, every_row_has_image)
         pos = positions.position_ids(token_type_ids, attention_mask)
         mask = positions.causal_mask(attention_mask)
         x, kv, hidden = self.run_layers(x, route, pos, mask, cache)
@@ -137,15 +142,18 @@ def init_params(config: CogVLMConfig, rng, dtype=jnp.float32):
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_boxed_params(config: CogVLMConfig, dtype=jnp.float32, quant: Optional[Quantization] = None):
-    """Parameter shapes with their ``nn.LogicallyPartitioned`` boxes, without allocating anything.
+def _traced_boxed_params(config: CogVLMConfig, quant: Optional[Quantization] = None):
+    """The boxed float32 parameter shapes of ``config`` with one decoder layer and one ViT block, from
+    ``jax.eval_shape`` of the init (nothing allocated, nothing compiled)."""
+    one = dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=1),
+                              vision=dataclasses.replace(config.vision, num_layers=1))
+    model = CogVLM(one, jnp.float32, execution=Execution(quant=quant))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(one))["params"])
 
-    ``quant``: the tree of a quantized model (``models/quantize.py``): its quantized kernels are integers,
-    their ``kernel_scale`` float32, whatever ``dtype``. Cached per (config, dtype, quant): tracing the
-    published 19B init takes seconds."""
-    dtype = jnp.dtype(dtype)
-    model = CogVLM(config, dtype, execution=Execution(quant=quant))
-    tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(config))["params"])
+
+def _held(tree, dtype):
+    """Boxed shapes as a model of ``dtype`` holds them: every parameter in ``dtype``, except a quantized
+    model's integer kernels and their float32 ``kernel_scale`` (``models/quantize.py``), kept as they are."""
     flat = flatten_dict(tree, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
 
     def held(path, b):
@@ -153,6 +161,33 @@ def abstract_boxed_params(config: CogVLMConfig, dtype=jnp.float32, quant: Option
         return b.replace_boxed(jax.ShapeDtypeStruct(b.value.shape, b.value.dtype if keep else dtype))
 
     return unflatten_dict({p: held(p, b) for p, b in flat.items()})
+
+
+def abstract_boxed_params(config: CogVLMConfig, dtype=jnp.float32, quant: Optional[Quantization] = None):
+    """Parameter shapes with their ``nn.LogicallyPartitioned`` boxes, without allocating anything.
+
+    Every decoder layer (``layers_i``) and every ViT block (``vision/transformer/layers_i``) is built
+    from the same config, so one of each is traced and copied to every index: tracing all of them
+    (the published 19B: 32 layers and 63 blocks) takes 10-20 s and gives the same tree
+    (tests/test_sharding.py compares the two). ``quant``: the tree of a quantized model
+    (``models/quantize.py``): its quantized kernels are integers, their ``kernel_scale`` float32,
+    whatever ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    traced = dict(_traced_boxed_params(config, quant))
+    layer = traced.pop("layers_0")
+    traced.update({f"layers_{i}": layer for i in range(config.text.num_layers)})
+    vision = dict(traced["vision"])
+    block = dict(vision["transformer"]).pop("layers_0")
+    vision["transformer"] = {f"layers_{i}": block for i in range(config.vision.num_layers)}
+    traced["vision"] = vision
+    return _held(traced, dtype)
+
+
+def traced_boxed_params(config: CogVLMConfig, dtype=jnp.float32, quant: Optional[Quantization] = None):
+    """``abstract_boxed_params`` with every layer traced: what it must equal (the tests compare them)."""
+    model = CogVLM(config, jnp.dtype(dtype), execution=Execution(quant=quant))
+    tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(config))["params"])
+    return _held(tree, jnp.dtype(dtype))
 
 
 def abstract_params(config: CogVLMConfig, dtype=jnp.float32, quant: Optional[Quantization] = None):

@@ -49,6 +49,8 @@ def _route(module: nn.Module, route: Optional[ExpertRoute], vision: Callable[[],
 
     if route.order is None:
         return both(module, x, route)
+    if route.split is True:  # every row holds an image (the caller knows): only the split program
+        return split(module, x, route)
     return nn.cond(route.split, split, both, module, x, route)
 
 

@@ -66,6 +66,16 @@ def advance(cache: KVCache, new_valid) -> KVCache:
                          index=cache.index + new_valid.shape[1])
 
 
+def drop_left_padding(cache: KVCache, pads) -> KVCache:
+    """Each row's slots moved ``pads[b]`` [B] to the left, so that the first ``pads[b]`` slots, a
+    left-padded prompt's padding (never valid), no longer take room: the row's next write goes right
+    after its last real token. Its keys and values keep their positions (they are not slot numbers), so
+    attention sees the same tokens."""
+    roll = jax.vmap(lambda x, n: jnp.roll(x, -n, axis=1))  # [K, T, E] per row: slots are axis 1
+    return cache.replace(k=tuple(roll(x, pads) for x in cache.k), v=tuple(roll(x, pads) for x in cache.v),
+                         valid=jax.vmap(lambda x, n: jnp.roll(x, -n))(cache.valid, pads), index=cache.index - pads)
+
+
 def read_mask(cache: KVCache, new_valid):
     """[B, 1, T] mask for a one-token query written at ``index``: the valid slots plus the new one."""
     return _write_rows(cache.valid, new_valid, cache.index, axis=0)[:, None, :]

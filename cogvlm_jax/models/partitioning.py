@@ -28,10 +28,9 @@ def as_rules(rules: RulesLike) -> Rules:
     return tuple((str(name), tuple(axes)) for name, axes in items)
 
 
-def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: RulesLike) -> PartitionSpec:
-    """The PartitionSpec of an array with these logical axes and shape, after the fallback rule.
-
-    ``mesh``: anything with a ``shape`` mapping of axis sizes (a ``Mesh``, or the planner's sizes)."""
+def _placement(logical, shape, mesh, rules) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Per dimension: (the mesh axes it is sharded over, the mesh axes its rule gave it that do not divide
+    its size), by the table and the fallback rule; at most one of the two is non-empty."""
     if len(logical) != len(shape):
         raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
     table = dict(rules.items() if isinstance(rules, Mapping) else rules)
@@ -39,18 +38,33 @@ def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
     out = []
     for name, size in zip(logical, shape):
         if name is None:
-            out.append(None)
+            out.append(((), ()))
             continue
         if name not in table:
             raise KeyError(f"logical axis {name!r} has no rule in the rules table (parallel/axes.py RULES)")
         axes = tuple(a for a in table[name] if mesh.shape[a] > 1 and a not in used)
         total = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if not axes or size % total:
-            out.append(None)
+            out.append(((), axes))
             continue
         used.update(axes)
-        out.append(axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*out)
+        out.append((axes, ()))
+    return out
+
+
+def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: RulesLike) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes and shape, after the fallback rule.
+
+    ``mesh``: anything with a ``shape`` mapping of axis sizes (a ``Mesh``, or the planner's sizes)."""
+    axes = [sharded for sharded, _ in _placement(logical, shape, mesh, rules)]
+    return PartitionSpec(*(None if not a else a[0] if len(a) == 1 else a for a in axes))
+
+
+def undivided(logical: Sequence[Optional[str]], shape: Sequence[int], mesh, rules: RulesLike) -> list[tuple]:
+    """The dimensions the fallback rule replicates: (dimension, logical name, size, the mesh axes that do
+    not divide it) for each dimension whose rule shards it but whose size their product does not divide."""
+    return [(d, logical[d], shape[d], left) for d, (_, left) in enumerate(_placement(logical, shape, mesh, rules))
+            if left]
 
 
 def named_sharding(logical, shape, mesh: Mesh, rules: RulesLike) -> NamedSharding:

@@ -29,7 +29,8 @@ def vision_expert_mask(token_type_ids):
 class ExpertRoute:
     """Which tokens the decoder's vision expert takes, and how to give each expert only its own tokens.
 
-    ``mask`` [B, L]: :func:`vision_expert_mask`. ``split`` (a traced bool): every row's vision tokens are
+    ``mask`` [B, L]: :func:`vision_expert_mask`. ``split`` (a traced bool, or ``True`` where the caller
+    knows it): every row's vision tokens are
     one run of exactly ``span`` tokens (boi + patches: ``num_image_tokens - 1``); then ``order`` [B, L]
     lists each row's other tokens in order followed by its run, and ``restore`` [B, L] is its inverse, so
     a routed projection can run the language expert on the first ``L - span`` tokens of the reordered
@@ -44,8 +45,11 @@ class ExpertRoute:
     span: int = flax.struct.field(pytree_node=False)
 
 
-def expert_route(token_type_ids, span: int) -> ExpertRoute:
-    """The :class:`ExpertRoute` of a batch whose image rows have ``span`` vision-expert tokens each."""
+def expert_route(token_type_ids, span: int, every_row: bool = False) -> ExpertRoute:
+    """The :class:`ExpertRoute` of a batch whose image rows have ``span`` vision-expert tokens each.
+
+    ``every_row``: the caller guarantees that every row holds one whole image (its checks did), so
+    ``split`` is the Python ``True`` and the decoder builds only the split program (no ``cond``)."""
     mask = vision_expert_mask(token_type_ids)
     b, n = mask.shape
     if not 0 < span < n:
@@ -57,7 +61,7 @@ def expert_route(token_type_ids, span: int) -> ExpertRoute:
     i = jnp.arange(n, dtype=jnp.int32)[None]
     restore = jnp.where(i < start, i, jnp.where(i < start + span, n - span + i - start, i - span))
     whole_run = jnp.all(jnp.take_along_axis(mask, jnp.minimum(run, n - 1), axis=1), axis=1)
-    split = jnp.all(whole_run & (jnp.sum(mask, axis=1) == span) & (start[:, 0] + span <= n))
+    split = True if every_row else jnp.all(whole_run & (jnp.sum(mask, axis=1) == span) & (start[:, 0] + span <= n))
     return ExpertRoute(mask, order, restore, split, span)
 
 

@@ -86,21 +86,30 @@ class ViTMLP(nn.Module):
 
 
 class ViTBlock(nn.Module):
+    """One post-norm block. ``scan_step``: called as a step of ``nn.scan`` (``(x, None) -> (x, None)``)."""
+
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
     query_chunk: Optional[int] = None
     execution: Execution = Execution()
+    scan_step: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, _=None):
         eps = self.cfg.layer_norm_eps
         attn = ViTAttention(self.cfg, self.dtype, self.query_chunk, self.execution, name="attention")(x)
         x = x + LayerNorm(eps, "vit_embed", name="input_layernorm")(attn)
         mlp = ViTMLP(self.cfg, self.dtype, self.execution, name="mlp")(x)
-        return x + LayerNorm(eps, "vit_embed", name="post_attention_layernorm")(mlp)
+        x = x + LayerNorm(eps, "vit_embed", name="post_attention_layernorm")(mlp)
+        return (x, None) if self.scan_step else x
 
 
 class Transformer(nn.Module):
+    """The blocks, one after another: ``layers_0`` ... (the checkpoints' tree), or, in the Megatron layout's
+    programs, one block under ``nn.scan`` over parameters stacked on a leading axis (``layers``: the
+    published CogVLM2 ViT's 63 blocks compile once instead of 63 times; ``parallel/layout.py`` stacks a
+    checkpoint's blocks into it)."""
+
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
     query_chunk: Optional[int] = None
@@ -110,6 +119,15 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x):
         block = nn.remat(ViTBlock) if self.remat else ViTBlock
+        if self.execution.megatron:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=self.cfg.num_layers, metadata_params={nn.PARTITION_NAME: None})
+            x, _ = stack(self.cfg, self.dtype, self.query_chunk, self.execution, scan_step=True,
+                         name=STACKED)(x, None)
+            return x
         for i in range(self.cfg.num_layers):
             x = block(self.cfg, self.dtype, self.query_chunk, self.execution, name=f"layers_{i}")(x)
         return x
+
+
+STACKED = "layers"  # the name of the stacked blocks in a Megatron program's ``vision/transformer``

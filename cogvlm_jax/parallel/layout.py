@@ -1,13 +1,20 @@
 """Checkpoint-ordered parameters <-> the parameters a layout's programs read.
 
-Checkpoints hold every fused QKV projection with its output features ``[q | k | v]``; the Megatron
-layout's programs read them head-grouped (``models/qkv_layout.py``). :func:`to_program` reorders the
-fused QKV weights and biases of the decoder (both experts) and of the ViT into the program's order;
-:func:`to_checkpoint` undoes it (for whoever writes parameters a Megatron program holds). Every other
-parameter, and every parameter in the exact layout, is passed through as it is.
+The Megatron layout's programs differ from the checkpoints in two ways; :func:`to_program` makes a
+checkpoint's tree into theirs and :func:`to_checkpoint` undoes it (for whoever writes parameters a
+Megatron program holds). In the exact layout both pass the tree through as it is.
 
-Each reordered leaf is one jitted gather whose output has the leaf's own sharding, one leaf at a time:
-the extra memory is one leaf, and on a mesh over several processes every process runs the same program.
+* Checkpoints hold every fused QKV projection with its output features ``[q | k | v]``; the programs read
+  them head-grouped (``models/qkv_layout.py``): the fused QKV weights and biases of the decoder (both
+  experts) and of the ViT are reordered, each leaf one jitted gather whose output keeps the leaf's
+  sharding.
+* The ViT's blocks ``vision/transformer/layers_{i}`` are stacked on a leading axis into
+  ``vision/transformer/layers`` (``models/vision.py`` runs them under ``nn.scan``), each stacked leaf one
+  jitted stack sharded as its blocks' leaves were, the new axis whole on every device.
+
+The extra memory is one leaf (or one stack) at a time, and on a mesh over several processes every
+process runs the same programs. Abstract trees (``jax.ShapeDtypeStruct`` leaves, for ahead-of-time
+compiles) get the program's shapes and shardings.
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.models import qkv_layout
 from cogvlm_jax.models.cogvlm import logical_axes
+from cogvlm_jax.models.vision import STACKED
+
+_VIT = ("vision", "transformer")  # the path of the ViT's blocks
 
 _QKV_AXES = {"qkv": "text", "vit_qkv": "vision"}  # the logical name of a fused QKV feature axis -> its tower
 
@@ -64,6 +76,8 @@ def _reorder(params, config: CogVLMConfig, layout: str, inverse: bool, quant):
             continue
         w = flat[path]
         order = orders[tower]
+        if isinstance(w, jax.ShapeDtypeStruct):  # the same shape and sharding
+            continue
         if isinstance(w, np.ndarray):
             flat[path] = w.take(order, axis=axis)
             continue
@@ -72,12 +86,75 @@ def _reorder(params, config: CogVLMConfig, layout: str, inverse: bool, quant):
     return unflatten_dict(flat)
 
 
+def _stacked_sharding(sharding):
+    """The sharding of a stack of leaves sharded as ``sharding``: the new leading axis whole."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+    return sharding  # one device
+
+
+def _unstacked_sharding(sharding):
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+def _block_index(key: str):
+    return int(key[len("layers_"):]) if key.startswith("layers_") and key[len("layers_"):].isdigit() else None
+
+
+def stack_vit(params, config: CogVLMConfig):
+    """``vision/transformer/layers_{i}/...`` -> ``vision/transformer/layers/...`` stacked over ``i``."""
+    flat = flatten_dict(params)
+    n = config.vision.num_layers
+    groups: dict[tuple, dict[int, tuple]] = {}
+    for path in list(flat):
+        if path[:2] == _VIT and len(path) > 2 and (i := _block_index(path[2])) is not None:
+            groups.setdefault(path[3:], {})[i] = path
+    for rest, paths in groups.items():
+        if sorted(paths) != list(range(n)):
+            raise ValueError(f"vision/transformer/layers_*/{'/'.join(rest)}: blocks {sorted(paths)}, "
+                             f"expected 0..{n - 1}")
+        leaves = [flat.pop(paths[i]) for i in range(n)]
+        first = leaves[0]
+        sharding = _stacked_sharding(getattr(first, "sharding", None))
+        if isinstance(first, jax.ShapeDtypeStruct):
+            stacked = jax.ShapeDtypeStruct((n,) + tuple(first.shape), first.dtype, sharding=sharding)
+        elif isinstance(first, np.ndarray):
+            stacked = np.stack(leaves)
+        else:
+            stacked = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*leaves)
+        del leaves
+        flat[_VIT + (STACKED,) + rest] = stacked
+    return unflatten_dict(flat)
+
+
+def unstack_vit(params, config: CogVLMConfig):
+    """The inverse of :func:`stack_vit`."""
+    flat = flatten_dict(params)
+    n = config.vision.num_layers
+    for path in [p for p in flat if p[:3] == _VIT + (STACKED,)]:
+        w = flat.pop(path)
+        if isinstance(w, np.ndarray):
+            parts = list(w)
+        else:
+            part = _unstacked_sharding(w.sharding)
+            parts = jax.jit(lambda w: tuple(w[i] for i in range(n)), out_shardings=(part,) * n)(w)
+        for i, part in enumerate(parts):
+            flat[_VIT + (f"layers_{i}",) + path[3:]] = part
+    return unflatten_dict(flat)
+
+
 def to_program(params, config: CogVLMConfig, layout: str, quant=None):
     """Checkpoint-ordered ``params`` as the programs of ``layout`` read them. ``quant``: ``params`` is the
     tree of a model quantized so (``models/quantize.py``): a fused QKV's scales are reordered with its rows."""
-    return _reorder(params, config, layout, inverse=False, quant=quant)
+    if layout == "exact":
+        return params
+    return stack_vit(_reorder(params, config, layout, inverse=False, quant=quant), config)
 
 
 def to_checkpoint(params, config: CogVLMConfig, layout: str, quant=None):
     """Parameters the programs of ``layout`` hold, in checkpoint order: the inverse of :func:`to_program`."""
-    return _reorder(params, config, layout, inverse=True, quant=quant)
+    if layout == "exact":
+        return params
+    return _reorder(unstack_vit(params, config), config, layout, inverse=True, quant=quant)

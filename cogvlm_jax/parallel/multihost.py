@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import math
 import os
 import sys
 import threading
@@ -63,7 +64,7 @@ def _detected_coordinator() -> Optional[str]:
 
 
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
+               process_id: Optional[int] = None, timeout: float = DEFAULT_TIMEOUT_S, recoverable: bool = False) -> bool:
     """Join the JAX cluster: ``jax.distributed.initialize`` with a deadline. Returns True if it did.
 
     With no arguments it joins only where JAX detects a cluster (else it returns False: one process).
@@ -72,25 +73,36 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     A process that has not reached its coordinator, or whose peers have not all come up, within
     ``timeout`` seconds prints an error naming the coordinator and exits with status
     ``EXIT_UNREACHABLE`` (JAX itself would abort with a stack trace, or wait forever for a peer).
+    ``recoverable``: a peer that dies does not abort this process (JAX's ``jax_enable_recoverability``);
+    the job then watches its peers itself (``heartbeat.Heartbeat``).
     Must run before any JAX computation.
     """
 
     if jax.distributed.is_initialized():
         return True
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ClusterError(f"the time to join the cluster (--init-timeout) must be a number of seconds > 0, "
+                           f"got {timeout!r}")
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     if any(v is not None for v in given.values()):
         missing = [k for k, v in given.items() if v is None]
         if missing:
             raise ClusterError(f"multi-process settings need all of coordinator, num_processes and process_id; "
                                f"missing {', '.join(missing)}")
-        if ":" not in coordinator:
-            raise ClusterError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ClusterError(f"coordinator must be HOST:PORT with a port in [1, 65535], got {coordinator!r}")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ClusterError(f"process id {process_id} is not in [0, {num_processes})")
     elif not _cluster_detected():
         return False
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # CPU processes talk over gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if recoverable:
+        try:
+            jax.config.update("jax_enable_recoverability", True)
+        except AttributeError:  # a jax without the option: a dead peer aborts the others, as by default
+            pass
     joined = threading.Event()
     who = "this process" if process_id is None else f"process {process_id} of {num_processes}"
 
@@ -183,6 +195,16 @@ def from_main(read: Callable[[], bytes]) -> bytes:
     return message[1:]
 
 
+def leave(status: int = 0) -> None:
+    """End a process other than 0 of a job that joined with ``recoverable=True``, without disconnecting
+    from the coordination service. Process 0's service then does not wait for the others at exit, so a
+    disconnect could find it gone, which JAX answers by aborting the process; with no disconnect the
+    process ends with ``status``. Flushes stdout and stderr first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 # --------------------------------------------------------------------------- files written together
 class Barriers:
     """A sequence of barriers every process passes in the same order (nothing with one process).
@@ -246,12 +268,25 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- CLI
 def parse_mesh(text: str) -> tuple[int, int, int]:
-    """``"DATA,FSDP,TENSOR"`` -> three ints (a clear error otherwise)."""
+    """``"DATA,FSDP,TENSOR"`` -> three ints, each >= 1 (a clear error otherwise)."""
     try:
         data, fsdp, tensor = (int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"--mesh must be DATA,FSDP,TENSOR (three integers), got {text!r}") from None
+    for axis, size in (("DATA", data), ("FSDP", fsdp), ("TENSOR", tensor)):
+        if size < 1:
+            raise ValueError(f"--mesh must be DATA,FSDP,TENSOR, each a device count >= 1, got {text!r} "
+                             f"({axis} is {size})")
     return data, fsdp, tensor
+
+
+def mesh_arg(text: str) -> str:
+    """An argparse type for ``--mesh``: :func:`parse_mesh`'s check, the text kept as given."""
+    try:
+        parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--mesh ")) from None
+    return text
 
 
 def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
@@ -259,7 +294,7 @@ def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
     command that runs a model."""
     g = p.add_argument_group("devices and processes")
     if mesh:
-        g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+        g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", type=mesh_arg,
                        help="shard the model over this mesh of all (global) devices; default: one device, or "
                             "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
         g.add_argument("--layout", choices=("exact", "megatron"),
@@ -308,9 +343,10 @@ def mesh_from_flag(mesh: str | Sequence[int], cpu: bool = False):
     return make_mesh(*shape, devices=devices[:n])
 
 
-def init_from_args(args: argparse.Namespace):
-    """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None."""
-    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+def init_from_args(args: argparse.Namespace, recoverable: bool = False):
+    """Join the cluster the flags (or the environment) describe; -> the mesh to load with, or None.
+    ``recoverable``: see :func:`initialize`."""
+    initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout, recoverable=recoverable)
 
     shape = args.mesh or default_mesh_shape()
     return None if shape is None else mesh_from_flag(shape)
@@ -319,5 +355,5 @@ def init_from_args(args: argparse.Namespace):
 __all__: Sequence[str] = [
     "Barriers", "ClusterError", "DEFAULT_TIMEOUT_S", "EXIT_UNREACHABLE", "add_cli_args", "atomic_directory",
     "broadcast_bytes", "default_mesh_shape", "from_main", "init_from_args", "initialize", "is_main_process",
-    "mesh_from_flag", "parse_mesh", "to_global", "to_host",
+    "leave", "mesh_arg", "mesh_from_flag", "parse_mesh", "to_global", "to_host",
 ]

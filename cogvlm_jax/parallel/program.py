@@ -6,7 +6,8 @@
   program adds as one device does: the parity tests' layout), ``"megatron"`` on a TPU or GPU mesh (one
   all-reduce per attention and MLP). A program compiled for TPU or GPU devices from a CPU host is then the
   TPU or GPU program.
-* ``jit(fn, mesh)`` is ``jax.jit`` compiled with ``compiler_options(platform_of(mesh))``. On CPU, XLA:CPU's
+* ``jit(fn, mesh)`` is ``jax.jit`` compiled with ``compiler_options(platform_of(mesh))``, whose calls say
+  a compile of a second or more (``compiles.py``). On CPU, XLA:CPU's
   YNNPACK reduce fusion is off (``CPU_OPTIONS``). XLA:CPU hands a reduction, and the elementwise ops
   fused around it, to YNNPACK only when one of its arrays has at least 4096 elements; below that its own
   loop emitter computes it, and the two compute ``exp`` one ulp apart. With the fusion on, a softmax
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from cogvlm_jax.models.execution import Execution
-from cogvlm_jax.parallel import axes
+from cogvlm_jax.parallel import axes, compiles
 
 # XLA:CPU's default set is INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and REDUCE: this is it without REDUCE.
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
@@ -70,12 +71,33 @@ def compiler_options(platform: str) -> Optional[dict]:
     return dict(CPU_OPTIONS)
 
 
-def jit(fn: Callable, mesh: Optional[Mesh] = None, options: Optional[dict] = None, **jit_kwargs):
+class Program:
+    """A jitted model program whose calls say their slow compiles (``compiles.timed``), described by
+    ``describe(*args, **kwargs)`` (what it is and its shapes; it reads only the arguments' shapes).
+    ``lower`` and every other attribute are the jitted function's."""
+
+    def __init__(self, jitted, describe: Callable[..., str]):
+        self._jitted, self._describe = jitted, describe
+
+    def __call__(self, *args, **kwargs):
+        with compiles.timed(lambda: self._describe(*args, **kwargs)):
+            return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)
+
+
+def jit(fn: Callable, mesh: Optional[Mesh] = None, options: Optional[dict] = None,
+        describe: Optional[Callable[..., str]] = None, **jit_kwargs) -> Program:
     """``jax.jit(fn, **jit_kwargs)`` compiled with ``options`` (default: ``compiler_options`` of the
-    platform of ``mesh``, or of the default device without one).
+    platform of ``mesh``, or of the default device without one), as a :class:`Program`: a compile of
+    a second or more says what compiled (``describe(*args, **kwargs)``, default the function's name).
 
     The mesh chooses only the options: the sharding constraints inside ``fn`` are those of the modules it
     applies, built with ``execution(mesh)``."""
     if options is None:
         options = compiler_options(platform_of(mesh))
-    return jax.jit(fn, compiler_options=options, **jit_kwargs)
+    if describe is None:
+        name = getattr(getattr(fn, "func", fn), "__name__", "a program")
+        describe = lambda *a, **k: name  # noqa: E731
+    return Program(jax.jit(fn, compiler_options=options, **jit_kwargs), describe)

@@ -18,7 +18,7 @@ is the default.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 
@@ -43,12 +43,14 @@ class ByRows:
     ``few_rows(rows(*args, **kwargs), module.execution.platform)``: ``fn`` is given the module's variant
     (:func:`variants`) as its first argument, then the call's arguments.
 
-    ``rows`` must read only static facts (shapes) of the call's arguments. ``lower`` picks the same way."""
+    ``rows`` must read only static facts (shapes) of the call's arguments. ``lower`` picks the same way.
+    ``describe``: what a slow compile of a call says it compiled (``program.jit``)."""
 
-    def __init__(self, fn: Callable, rows: Callable[..., int], mesh=None, *, module: nn.Module, **jit_kwargs):
+    def __init__(self, fn: Callable, rows: Callable[..., int], mesh=None, *, module: nn.Module,
+                 describe: Optional[Callable[..., str]] = None, **jit_kwargs):
         self._rows = rows
         self._platform = module.execution.platform
-        self._jits = {few: program.jit(functools.partial(fn, variant), mesh, **jit_kwargs)
+        self._jits = {few: program.jit(functools.partial(fn, variant), mesh, describe=describe, **jit_kwargs)
                       for few, variant in variants(module).items()}
 
     def pick(self, *args, **kwargs):

@@ -5,7 +5,7 @@ mix), the requests and events it serves are ``requests.py``. A request takes a f
 ``[S, ...]`` KV cache, and its prompt is prefilled in one of two ways:
 
 * on its own (the default, and every prompt with an image): left-padded to a bucket, as ``Model.chat``
-  does, and inserted into the slot (``insert``);
+  does, and inserted into the slot (``insert``), its padding dropped, so that it takes no room;
 * with ``prefill_chunk=P``, a text prompt P tokens at a time inside the decode step (chunked prefill,
   ``mix``), so the other requests keep decoding while a long prompt is read. The prompt is not padded
   beyond its last chunk (``buckets.prefill_sizes``), and no prompt length compiles anything new. Prompts
@@ -86,8 +86,8 @@ class Engine:
     With several processes (``model`` loaded on a mesh over all of them) every process makes the engine;
     process 0 calls :meth:`start` and takes the requests, the others call :meth:`follow`.
 
-    ``slots``: requests decoded together. ``max_length``: KV cache slots per request, prompt (an image
-    prompt: its bucket) plus ``max_tokens`` (default: the model's context length). ``max_queue``:
+    ``slots``: requests decoded together. ``max_length``: KV cache slots per request, prompt plus
+    ``max_tokens`` (default: the model's context length). ``max_queue``:
     requests that may wait for a slot beyond the free ones; ``submit`` raises ``QueueFullError`` past
     that. ``prefill_chunk``: the most text-prompt tokens prefilled per decode step (chunked prefill,
     ``chunked_prefill.py``); 0, the default: every prompt is prefilled on its own.
@@ -133,6 +133,9 @@ class Engine:
         self._accepting = False
         self._stop = False
         self.failure: Optional[str] = None  # why the serving thread died; then every request is refused
+        # several processes: called when the serving thread dies, before its requests are failed; -> the cause
+        # that explains it (a lost process, ``serving/peers.py``) or None
+        self.explain_failure: Optional[Callable[[], Optional[str]]] = None
         self.completed = 0  # requests that left their slot (any reason), for /health and tests
         self.cancelled = 0  # of which cancelled (the client went away)
         self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled alone: one compile each
@@ -152,10 +155,11 @@ class Engine:
                 f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds this server's cache of "
                 f"{self.max_length} tokens per request (--max-length)")
 
-    def bucket(self, prompt_tokens: int, max_tokens: int) -> int:
-        """The length the prompt is padded to: ``bucket_length``, less where its padding would not leave
-        ``max_tokens`` room in the cache."""
-        return bucket_length(prompt_tokens, self.max_length - max_tokens)
+    def bucket(self, prompt_tokens: int) -> int:
+        """The length a prompt prefilled alone is padded to: ``bucket_length`` within the slot. Its padding
+        takes no room from the answer (``insert`` drops it), so ``max_tokens`` plays no part: one compile
+        per bucket whatever the request asks."""
+        return bucket_length(prompt_tokens, self.max_length)
 
     def room(self, prompt_tokens: int) -> int:
         """The largest ``max_tokens`` a prompt of this length can have."""
@@ -257,6 +261,14 @@ class Engine:
         follower.follow(self._apply)
 
     # ------------------------------------------------------------------ device programs
+    def warm_up_programs(self) -> str:
+        """What :meth:`start` compiles, in words."""
+        rows_ = ", ".join(map(str, self.decode_sizes))
+        out = f"the decode chunk for {rows_} busy slot{'s' if self.decode_sizes != (1,) else ''}"
+        if self.prefill_sizes:
+            out += f" and the chunked-prefill step for chunks of {', '.join(map(str, self.prefill_sizes))} tokens"
+        return out
+
     def _warm_up(self) -> None:
         """Empty slots, the decode chunk (each of ``decode_sizes``) and the chunked-prefill step compiled
         (every process does this at start, unannounced). The step's empty chunk writes nothing valid; the
@@ -299,12 +311,25 @@ class Engine:
         except Exception as e:  # the thread cannot go on: say so to every caller, now and later
             self._die(f"{type(e).__name__}: {e}")
 
-    def _die(self, message: str) -> None:
+    def fail(self, message: str) -> None:
+        """From any thread: the engine serves no more (``message`` says why). Every running and waiting
+        request ends with an error event, every later one is refused with ``EngineFailedError``. Sends
+        nothing to other processes, so it works while the serving thread waits in a collective (a process
+        lost: ``serving/peers.py``)."""
         with self._cv:
+            if self.failure is not None:  # the first cause stands
+                return
             self.failure = message
             self._accepting = False
         print(f"cogvlm-jax engine: {self.failure_message()}", file=sys.stderr, flush=True)
         self._fail_all(self.failure_message())
+
+    def _die(self, message: str) -> None:
+        if self.explain_failure is not None:  # a collective that failed: first ask whether a process is lost
+            cause = self.explain_failure()
+            if cause is not None:
+                message = f"{cause}; a device program then failed: {message}"
+        self.fail(message)
         if self._leader:  # best effort: let the other processes leave follow()
             try:
                 follower.send(follower.STOP)
@@ -416,7 +441,7 @@ class Engine:
 
     def _insert_args(self, slot: int, req: Request) -> tuple:
         """The ``insert`` program's host inputs for ``req`` in ``slot``: its prompt padded to its bucket."""
-        x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens, req.max_tokens))  # [1, L]
+        x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens))  # [1, L]
         return (x["input_ids"], x["token_type_ids"], x["attention_mask"], x["pixel_values"], np.int32(slot),
                 np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
 

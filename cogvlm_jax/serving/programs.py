@@ -6,8 +6,8 @@ state it is given:
 
 * ``empty()``: all-zero slots, made on the host (nothing to compile);
 * ``insert``: one prompt prefilled on its own, left-padded to a bucket ``[1, L]`` (with its image, through
-  the ViT), its first token chosen, its one-row KV cache and settings put into a slot: one compile per
-  prompt shape;
+  the ViT), its first token chosen, its one-row KV cache (the padding's slots dropped) and settings put
+  into a slot: one compile per prompt shape;
 * ``decode``: ``chunk`` decode steps of the first rows (a static row count, one of
   ``buckets.decode_sizes``): one compile per row count;
 * ``mix`` (chunked prefill, ``chunked_prefill.py``): one decode step of every slot plus the next chunk of
@@ -167,13 +167,21 @@ class Programs:
 
         # a prompt of rows.MIN_ROWS to rows.MAX_ROWS tokens prefills as a few-row program (see rows.py)
         @functools.partial(rows.ByRows, rows=lambda params, state, input_ids, *a: input_ids.size, mesh=mesh,
-                           module=module, donate_argnames=("state",), **out)
+                           module=module, donate_argnames=("state",), **out,
+                           describe=lambda params, state, input_ids, tt, am, pixel_values, *a: (
+                               f"insert (a prompt of bucket {input_ids.shape[1]}"
+                               f"{', an image' if pixel_values is not None else ''})"))
         def insert(module, params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
                    temperature, top_k, top_p, seed):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``
             -> (state, the first token)."""
+            # one row: with pixels it holds its image (the engine built it), so no mixed-batch branch
             logits, next_pos, cache = sampling.prefill(module, params, input_ids, token_type_ids, attention_mask,
-                                                       pixel_values, self.new_cache(1))
+                                                       pixel_values, self.new_cache(1),
+                                                       every_row_has_image=pixel_values is not None)
+            # the bucket's padding gives its slots back: the answer has the whole rest of the slot
+            pads = input_ids.shape[1] - jnp.sum(attention_mask, axis=1).astype(jnp.int32)
+            cache = kv_cache.drop_left_padding(cache, pads)
             put = lambda full, row: _put_row(full, row, slot)  # noqa: E731
             state = state.replace(cache=jax.tree_util.tree_map(put, state.cache, cache))
             state, first = _start_row(state, put, logits, next_pos.astype(jnp.int32), temperature, top_k, top_p,
@@ -186,7 +194,9 @@ class Programs:
         module, mesh, slots, chunk, out = self.module, self.mesh, self.slots, self.chunk, self._out
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, active: active, mesh=mesh,
-                           module=module, donate_argnames=("state",), static_argnames=("active",), **out)
+                           module=module, donate_argnames=("state",), static_argnames=("active",), **out,
+                           describe=lambda params, state, live, active: (
+                               f"decode chunk ({active} of {slots} slots, {chunk} steps)"))
         def decode(module, params, state: Slots, live, active: int):
             """``chunk`` steps of the first ``active`` slots (static; the others are left as they are)
             -> (state, tokens [active, C]). ``live`` [S]: slots whose tokens are used (an idle slot never makes
@@ -208,7 +218,9 @@ class Programs:
         module, mesh, slots, out = self.module, self.mesh, self.slots, self._out
 
         @functools.partial(rows.ByRows, rows=lambda params, state, live, chunk_ids, *a: slots + chunk_ids.shape[0],
-                           mesh=mesh, module=module, donate_argnames=("state",), **out)
+                           mesh=mesh, module=module, donate_argnames=("state",), **out,
+                           describe=lambda params, state, live, chunk_ids, *a: (
+                               f"chunked prefill step ({chunk_ids.shape[0]} prompt tokens, {slots} slots)"))
         def mix(module, params, state: Slots, live, chunk_ids, chunk_positions, chunk_len, slot, start, last,
                 temperature, top_k, top_p, seed):
             """One decode step of every slot plus the next chunk [P] of ``slot``'s text prompt

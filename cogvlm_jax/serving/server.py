@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
+from cogvlm_jax.parallel import compiles
 from cogvlm_jax.serving.engine import Engine
 from cogvlm_jax.serving.images import read_image_url
 from cogvlm_jax.serving.protocol import (
@@ -75,7 +76,9 @@ class ServerConfig:
     image_root: Optional[str] = None  # file:// image URLs are read only under this directory
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height an image may declare (checked before decoding)
-    default_max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
+    # the most tokens of an answer whose request sets neither max_tokens nor max_completion_tokens; None:
+    # until eos or the context (or the slot, --max-length) is full, as OpenAI's servers do
+    default_max_tokens: Optional[int] = None
     drain_seconds: float = 30.0
 
 
@@ -258,7 +261,10 @@ class _Routes:
     def submit(self, req: ChatRequest, inputs: dict) -> _Completion:
         """Queue ``req`` on the engine (run in the event loop: its events come back to it)."""
         n = len(inputs["input_ids"])
-        max_tokens = req.max_tokens or max(1, min(self.config.default_max_tokens, self.engine.room(n)))
+        max_tokens = req.max_tokens
+        if max_tokens is None:  # the room the slot has left (a prompt that fills it: the check's 400)
+            room, default = self.engine.room(n), self.config.default_max_tokens
+            max_tokens = max(1, room if default is None else min(default, room))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -406,6 +412,10 @@ def serve(engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: i
     stops change nothing. ``exit_after`` (the CLI: the process exits next): SIGINT and SIGTERM stay ignored
     after serving, so that a repeated signal cannot turn the clean exit into a kill (143) or 130."""
     sock = bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{sock.getsockname()[1]}"
+    compiles.say(f"cogvlm-jax serve: compiling {engine.warm_up_programs()}, then serving")  # stderr
+    t0 = time.perf_counter()
     engine.start()  # compile the decode step before the first request
     server = _uvicorn_server(create_app(engine, config), config.drain_seconds, log_level)
 
@@ -417,9 +427,9 @@ def serve(engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: i
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        shown = f"[{host}]" if ":" in host else host
-        announce(f"cogvlm-jax serve: {config.model_name} on http://{shown}:{sock.getsockname()[1]} "
-                 f"({engine.slots} slots, {engine.max_length} tokens each)")
+        announce(f"cogvlm-jax serve: {config.model_name} on {address} ({engine.slots} slots, {engine.max_length} "
+                 f"tokens each), ready after {time.perf_counter() - t0:.1f} s; each prompt bucket compiles at its "
+                 "first request")
         server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():

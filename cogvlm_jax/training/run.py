@@ -43,6 +43,7 @@ from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from cogvlm_jax import files
+from cogvlm_jax.dtypes import DTYPES
 from cogvlm_jax.config import load_config
 from cogvlm_jax.convert.checkpoint import CheckpointError
 from cogvlm_jax.convert.convert_hf import write_hf_checkpoint
@@ -72,6 +73,15 @@ class RunConfig:
     mesh: tuple[int, int, int] = (1, 1, 1)      # data, fsdp, tensor
 
     def __post_init__(self):
+        train.check_field_types(self)
+        if not isinstance(self.train, train.TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {self.train!r}")
+        if len(self.mesh) != 3 or min(self.mesh) < 1:
+            raise ValueError(f"mesh must be three device counts >= 1 (data, fsdp, tensor), got {self.mesh!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} unknown; expected one of {', '.join(DTYPES)}")
         if self.batch_size < 1 or self.batch_size % self.train.accum:
             raise ValueError(f"batch size {self.batch_size} must be a positive multiple of accum {self.train.accum}")
 
@@ -200,6 +210,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         raise ValueError("fit needs a RunConfig for a new run")
     else:
         def fresh() -> bytes:
+            if os.path.lexists(out) and not os.path.isdir(out):
+                raise CheckpointError(f"the run directory {out} exists and is not a directory")
             if os.path.exists(os.path.join(out, RUN_FILE)) or checkpoint_steps(out):
                 raise CheckpointError(f"{out} already holds a training run; pass --resume to continue it, or "
                                       "choose another --out")
@@ -214,7 +226,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     config = load_config(run.model)
     tokenizer = find_tokenizer(run.tokenizer or run.model)
     if tokenizer is None:
-        raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; pass --tokenizer")
+        raise ValueError(f"training needs a tokenizer: none at {run.tokenizer or run.model}; give its file or "
+                         "directory as RunConfig(tokenizer=PATH)")
     records = read_jsonl(run.data, tokenizer, config, run.template, progress=progress and multihost.is_main_process())
     batches = Batches(records, tokenizer, config, run.batch_size, run.seed, run.template)
     if epochs is not None:
@@ -249,6 +262,8 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
         host = batches.batch(start) if start < total else None
         for step in range(start, total):
             t0 = time.perf_counter()
+            if step == start:  # the first step compiles the step program (a line says how long it took)
+                bar.set_postfix_str("compiling the step")
             state, metrics = trainer.step(state, frozen, trainer.place_batch(host))
             host = batches.batch(step + 1) if step + 1 < total else None  # overlaps the device step
             m = jax.device_get(metrics)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 from typing import Any, Mapping, Optional
 
@@ -90,6 +91,37 @@ def loss_fn(module: CogVLM, params, batch):
 
 
 # =========================================================================== settings
+def check_field_types(settings, where: str = "") -> None:
+    """Every field of the dataclass ``settings`` of the type its annotation names: an ``int`` field holds an
+    int (not a bool, a float or a string), a ``float`` field a finite number, a ``bool`` field a bool, a
+    ``str`` one a string (``Optional``: or None), a ``tuple[str, ...]`` strings (as a run.json or a caller
+    gives them, nothing is coerced). A ``ValueError`` names the first field that is not."""
+    for f in dataclasses.fields(settings):
+        kind, value = str(f.type), getattr(settings, f.name)
+        if kind.startswith("Optional[") and value is None:
+            continue
+        kind = kind.removeprefix("Optional[").removesuffix("]")
+        if kind == "int":  # numbers.Integral: numpy's ints too
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+        elif kind == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind.startswith("tuple[str"):
+            ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        elif kind.startswith("tuple[int"):
+            ok = isinstance(value, tuple) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                  for v in value)
+        else:
+            continue
+        if not ok:
+            want = {"int": "an int", "float": "a finite number", "bool": "true or false", "str": "a string"}.get(
+                kind, "a list of strings" if kind.startswith("tuple[str") else "a list of ints")
+            raise ValueError(f"{where}{f.name} must be {want}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that changes the numbers of a step (a resumed run must use the same)."""
@@ -97,7 +129,7 @@ class TrainConfig:
     trainable: str = "full"             # full | vision-expert | lora
     learning_rate: float = 1e-4         # peak, reached at the end of warmup
     warmup_steps: int = 0
-    total_steps: int = 1000             # the cosine reaches end_lr_ratio * learning_rate here
+    total_steps: int = 1000             # the run's length; the cosine reaches end_lr_ratio * lr one step after
     end_lr_ratio: float = 0.0
     weight_decay: float = 0.0           # decoupled (AdamW), on kernels, embeddings and LoRA factors only
     b1: float = 0.9
@@ -111,6 +143,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
 
     def __post_init__(self):
+        check_field_types(self, "train.")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable {self.trainable!r} unknown; expected one of {', '.join(TRAINABLE)}")
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
@@ -145,19 +178,25 @@ class TrainConfig:
 
 
 def lr_schedule(cfg: TrainConfig):
-    """Learning rate of the update with optax count ``t`` (the (t+1)-th step).
+    """Learning rate of the update with optax count ``t`` (the (t+1)-th step); every step of the run has lr > 0.
 
-    Linear warmup ``lr * (t + 1) / warmup`` for the first ``warmup_steps`` steps (no step with lr 0), then a
-    cosine from ``lr`` after the last warmup step down to ``end_lr_ratio * lr`` at step ``total_steps``.
+    Linear warmup ``lr * (t + 1) / warmup`` for the first ``warmup_steps`` steps (no step with lr 0), reaching
+    the peak ``lr`` at step ``max(warmup_steps, 1)``; then a cosine from the peak down towards
+    ``end_lr_ratio * lr``, which it reaches one step after the last (step ``total_steps + 1``), so that the
+    last step still trains (a one-step run trains at the peak). The cosine's factor is computed as
+    ``sin(pi / 2 * left) ** 2`` of the fraction ``left`` of the decay still ahead: it stays above 0 in float32
+    however long the run (``(1 + cos(pi * progress)) / 2`` rounds to 0 near the end of a long one).
     """
     peak, warm, total = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps
     end = peak * cfg.end_lr_ratio
+    top = max(warm, 1)  # the step at the peak
+    span = total + 1 - top  # steps from the peak to where the cosine ends, one past the last
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32) + 1.0  # 1-based step number
         warmup = peak * step / max(warm, 1)
-        progress = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
-        cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        left = jnp.clip((total + 1 - step) / span, 0.0, 1.0)  # 1 at the peak, 1 / span at the last step
+        cosine = end + (peak - end) * jnp.sin(0.5 * math.pi * left) ** 2
         return jnp.where(step <= warm, warmup, cosine)
     return schedule
 
@@ -458,7 +497,14 @@ def _jitted_step(config, train_config: TrainConfig, dtype: str, mesh, vit_query_
         tr._set_shardings(trainable)
         # metrics replicated: every process can read them (several processes: each holds a copy)
         out = (tr.state_shardings(TrainState(None, trainable, None, None)), replicated(mesh))
-    return program.jit(tr._step_fn, mesh, donate_argnums=0, out_shardings=out)
+    return program.jit(tr._step_fn, mesh, donate_argnums=0, out_shardings=out, describe=_describe_step)
+
+
+def _describe_step(state, frozen, batch) -> str:
+    *_, b, n = batch["input_ids"].shape  # [accum, rows, length]
+    accum = batch["input_ids"].shape[0] if batch["input_ids"].ndim == 3 else 1
+    images = ", images" if batch.get("pixel_values") is not None else ""
+    return f"train step ({accum} x {b} x {n} tokens{images})"
 
 
 # =========================================================================== checkpoints of the state
