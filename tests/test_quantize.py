@@ -367,3 +367,18 @@ def test_int4_held_as_jnp_int4_computes_what_packed_pairs_do(quantized, batches)
     np.testing.assert_allclose(np.asarray(got), packed.forward(*batch), rtol=0, atol=DEQUANT_BOUND)  # float32 sums
     back = ql.stored(held[("lm_head", "kernel")], 1, unpacked_q)
     assert np.asarray(back).tobytes() == np.asarray(flat[("lm_head", "kernel")]).tobytes()
+
+
+def test_megatron_with_a_quantized_vit_equals_one_device(f32_models, batches):
+    """``quantize_vision`` in the Megatron layout: the ViT's quantized kernels and scales are stacked for its
+    scanned blocks (``parallel/layout.py``) and its fused QKV scales reordered; one device's numbers."""
+    base = f32_models["cogvlm2"]
+    one = cogvlm_jax.Model(base.config, base.params, quantize="int8", quantize_vision=True)
+    mesh = make_mesh(1, 1, 4, devices=jax.devices()[:4])
+    m = cogvlm_jax.Model(base.config, base.params, mesh=mesh, layout="megatron", quantize="int8", quantize_vision=True)
+    vit = [a for p, a in flatten_dict(m.params).items() if p[:2] == ("vision", "transformer") and p[-1] == "kernel"]
+    assert vit and all(a.dtype == jnp.int8 for a in vit)
+    batch = batches["cogvlm2"][0]
+    err = float(np.abs(m.forward(*batch) - one.forward(*batch)).max())
+    print(f"\ncogvlm2 megatron (1, 1, 4) int8 with the ViT: max |sharded - one device| = {err:.2e}")
+    assert err <= 1e-4
