@@ -22,7 +22,7 @@ import threading
 from cogvlm_jax import files
 from cogvlm_jax.api import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
-from cogvlm_jax.parallel import multihost
+from cogvlm_jax.parallel import compile_cache, multihost
 
 TEMPLATES = ("chat", "vqa", "base")
 EXIT_USAGE = 2  # bad input: one line on stderr (argparse's own status for a bad option)
@@ -632,6 +632,10 @@ def main(argv=None) -> int:
         args.bench_args = argv[1:]
     else:
         args = parser.parse_args(argv)
+    if args.command not in ("compile", "bench"):
+        # before anything compiles (see compile_cache); `compile` reports XLA's own compile seconds for its
+        # targets, which a cached program would replace by a file read, and `bench` runs in a child process
+        compile_cache.enable()
     with _exit_on_interrupt(args.command):
         try:
             return args.func(args)
