@@ -632,8 +632,8 @@ def main(argv=None) -> int:
         args.bench_args = argv[1:]
     else:
         args = parser.parse_args(argv)
-    if args.command not in ("compile", "bench"):
-        # before anything compiles (see compile_cache); `compile` reports XLA's own compile seconds for its
+    if args.command not in ("compile", "plan", "bench"):
+        # before anything compiles (see compile_cache); `compile` and `plan --target` report XLA's own compile seconds for their
         # targets, which a cached program would replace by a file read, and `bench` runs in a child process
         compile_cache.enable()
     with _exit_on_interrupt(args.command):

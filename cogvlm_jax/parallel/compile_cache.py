@@ -28,16 +28,20 @@ calls :func:`enable` at its start (or sets JAX's ``jax_compilation_cache_dir`` i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import sys
+import threading
 from typing import Optional
 
 import jax
 
 ENV = "COGVLM_JAX_COMPILE_CACHE"
 OFF = ("0", "off", "no", "false", "")
+_held = {"depth": 0, "min_seconds": 0.0}
+_held_lock = threading.Lock()
 MAX_BYTES = 2 << 30  # 2 GiB: the default model's programs take a few MB; a 19B model's, tens of MB each
 
 
@@ -91,3 +95,23 @@ def enable() -> Optional[str]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+@contextlib.contextmanager
+def kept_out():
+    """Nothing compiled inside is written to the cache (so nothing of it is read back either): for the
+    programs of a compile-only backend (``cogvlm_jax.aot``), which JAX can write but not load back (a
+    compile-only client cannot deserialize), and whose compile seconds are what ``aot`` reports. Nests,
+    and holds across threads until the last one leaves."""
+    with _held_lock:
+        if _held["depth"] == 0:
+            _held["min_seconds"] = jax.config.jax_persistent_cache_min_compile_time_secs
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+        _held["depth"] += 1
+    try:
+        yield
+    finally:
+        with _held_lock:
+            _held["depth"] -= 1
+            if _held["depth"] == 0:
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", _held["min_seconds"])
