@@ -55,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from cogvlm_jax.config import CogVLMConfig, load_config  # noqa: E402
 from cogvlm_jax.generation.buckets import round_up  # noqa: E402
+from cogvlm_jax.parallel import compile_cache  # noqa: E402
 from cogvlm_jax.parallel.axes import make_mesh  # noqa: E402
 
 INSTALL = "pip install 'cogvlm-jax[aot]'"
@@ -450,7 +451,8 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     lowered = fn.lower(*args, **kwargs)
     t1 = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        with compile_cache.kept_out():
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         text = str(e)
         if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():

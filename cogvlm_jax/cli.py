@@ -22,7 +22,7 @@ import threading
 from cogvlm_jax import files
 from cogvlm_jax.api import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
-from cogvlm_jax.parallel import multihost
+from cogvlm_jax.parallel import compile_cache, multihost
 from cogvlm_jax.parallel.heartbeat import DEFAULT_TIMEOUT_S as PEER_TIMEOUT_S
 from cogvlm_jax.parallel.heartbeat import EXIT_PEER_LOST
 
@@ -677,6 +677,10 @@ def main(argv=None) -> int:
         args.bench_args = argv[1:]
     else:
         args = parser.parse_args(argv)
+    if args.command not in ("compile", "plan", "bench"):
+        # before anything compiles (see compile_cache); `compile` and `plan --target` report XLA's own compile seconds for their
+        # targets, which a cached program would replace by a file read, and `bench` runs in a child process
+        compile_cache.enable()
     with _exit_on_interrupt(args.command):
         try:
             return args.func(args)

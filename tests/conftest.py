@@ -17,6 +17,20 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # a TPU or GPU and print their tracebacks to stderr; tests/test_aot.py reaches them as compile-only
 # topologies, which this does not affect.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache (cogvlm_jax/parallel/compile_cache.py), in a directory of this test run
+# (one set in $COGVLM_JAX_COMPILE_CACHE is kept): the CLIs and servers the tests start read back what this
+# process and the others compiled, and nothing is written to the user's own cache. Set up here, before any
+# test compiles: JAX decides once per process. The compile-counting tests hold either way: a program read
+# back reports its "/jax/core/compile/backend_compile_duration" event like one compiled.
+if "COGVLM_JAX_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import tempfile
+
+    os.environ["COGVLM_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="cogvlm-jax-xla-")
+    atexit.register(shutil.rmtree, os.environ["COGVLM_JAX_COMPILE_CACHE"], ignore_errors=True)
+from cogvlm_jax.parallel import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 import numpy as np
 import pytest

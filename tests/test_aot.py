@@ -210,3 +210,18 @@ def test_plan_with_a_target_reports_the_compiled_temporaries(tmp_path):
     assert "parameters:" in r.stdout and "compiled decode for v5e-8 (megatron layout)" in r.stdout, r.stdout
     assert f"temporaries {want.temp_bytes / 2 ** 30:.2f} GiB" in r.stdout, r.stdout
     assert f"peak {want.peak_bytes / 2 ** 30:.2f} GiB of 16.00 GiB" in r.stdout, r.stdout
+
+
+def test_a_target_compiles_again_without_the_compile_cache(tmp_path):
+    """The persistent compilation cache is on here (conftest): a target's program is never written to it, as
+    JAX could not load it back on a compile-only backend (a warning, every time), and every compile reports
+    XLA's own seconds. The cache stays on for the local programs."""
+    import warnings
+
+    assert jax.config.jax_compilation_cache_dir
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seconds = [aot.report(aot.compile_for(tiny(1), **{**DECODE, "batch": 3})).compile_seconds for _ in range(2)]
+    assert not [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+    assert all(s > 0 for s in seconds), seconds
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0

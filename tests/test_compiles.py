@@ -85,6 +85,27 @@ def test_the_engine_says_its_start_and_each_new_bucket(shipped, every_compile, c
             assert _said(capsys) == ([f"insert (a prompt of bucket {bucket})"] if query != "Is it here?" else [])
 
 
+def test_generate_and_the_engine_pad_a_long_prompt_to_the_next_multiple_of_64(shipped, every_compile, capsys):
+    """A prompt of 129..192 tokens is prefilled at 192 (not at the power of two, 256): by ``generate`` and by
+    the serving engine, the programs' own compile lines say so."""
+    from cogvlm_jax.serving.engine import Engine
+
+    query = "Where is it?"
+    while len(shipped.build_inputs(query)["input_ids"]) <= 140:
+        query += " Where is it?"
+    n = len(shipped.build_inputs(query)["input_ids"])
+    assert 140 < n <= 180, n
+    model = cogvlm_jax.Model(shipped.config, shipped.params, shipped.tokenizer)  # its own, uncompiled programs
+    capsys.readouterr()
+    model.chat(None, query, max_new_tokens=2)
+    assert _said(capsys)[0] == "prefill (1 x 192 tokens, cache 208)"
+    engine = Engine(shipped, slots=1, max_length=256)
+    with engine:
+        capsys.readouterr()
+        engine.complete(shipped.build_inputs(query), 2)
+        assert _said(capsys) == ["insert (a prompt of bucket 192)"]
+
+
 def test_the_first_train_step_says_its_compile(shipped, every_compile, capsys, tmp_path):
     from cogvlm_jax.training import trainer as train
     from cogvlm_jax.training.data import Batches, read_jsonl

@@ -181,13 +181,23 @@ def test_one_compile_per_bucket(f32_models):
     assert len(compiles) == 4, compiles
 
 
-def test_bucket_length_pads_less_only_where_the_power_of_two_does_not_fit():
+def test_bucket_length_steps_by_64_to_1024_then_by_eighths_of_an_octave():
     from cogvlm_jax.generation.buckets import bucket_length
 
-    assert [bucket_length(n) for n in (1, 16, 17, 129, 1025)] == [16, 16, 32, 256, 2048]
-    assert bucket_length(129, 256) == 256 and bucket_length(1025, 4096) == 2048  # fits: unchanged
-    assert bucket_length(129, 255) == 160  # a multiple of 256 / 8
-    assert bucket_length(129, 150) == 144  # a multiple of 16
+    ns = (1, 16, 17, 33, 64, 65, 129, 193, 274, 1000, 1024, 1025, 1153, 2049, 2306, 4097)
+    assert [bucket_length(n) for n in ns] == [16, 16, 32, 64, 64, 128, 192, 256, 320, 1024, 1024, 1152, 1280,
+                                              2304, 2560, 4608]
+    for n in range(65, 1025):  # padded by less than 64 tokens, to a multiple of 64
+        assert bucket_length(n) % 64 == 0 and 0 <= bucket_length(n) - n < 64, n
+    for n in range(1025, 9000):  # past 1024: by less than an eighth, to one of eight steps of the octave
+        octave = 1 << (n - 1).bit_length()
+        assert bucket_length(n) % (octave // 16) == 0 and 0 <= bucket_length(n) - n < n / 8, n
+    buckets = sorted({bucket_length(n) for n in range(1, 8193)})
+    assert all(bucket_length(b) == b for b in buckets)  # a padded prompt stays in its bucket
+    assert len([b for b in buckets if b <= 1024]) == 18 and len([b for b in buckets if 2048 < b <= 4096]) == 8
+    # the ladder passes the limit: padded less, to a multiple of 16, else not at all
+    assert bucket_length(129, 192) == 192 and bucket_length(1025, 4096) == 1152  # fits: unchanged
+    assert bucket_length(129, 191) == 144 and bucket_length(1025, 1100) == 1040  # a multiple of 16
     assert bucket_length(129, 140) == 129 and bucket_length(129, 129) == 129  # the prompt as it is
     assert bucket_length(129, 100) == 129  # does not fit at all: the caller's length check refuses it
     for limit in range(17, 300):

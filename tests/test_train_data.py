@@ -98,7 +98,7 @@ def test_batches_static_complete_and_exact(env):
     recs = read_jsonl(_write(d / "good.jsonl", GOOD), tok, cfg)
     batches = Batches(recs, tok, cfg, batch_size=2, seed=3)
     lengths = sorted({r.length for r in recs})
-    assert batches.buckets == tuple(sorted({max(16, 1 << (n - 1).bit_length()) for n in lengths}))
+    assert batches.buckets == tuple(sorted({max(16, 1 << (n - 1).bit_length()) for n in lengths}))  # all <= 64
     plan = batches.plan(0)
     assert len(plan) == batches.steps_per_epoch
     assert sorted(i for _, idx in plan for i in idx) == list(range(len(recs)))  # each record once an epoch
@@ -144,3 +144,14 @@ def test_reading_shows_progress(env, capsys):
     assert "reading progress.jsonl" in err and "100%" in err, err
     read_jsonl(path, tok, cfg)
     assert capsys.readouterr().err == ""
+
+
+def test_long_records_are_bucketed_by_the_ladder(env, tmp_path):
+    """Past 64 tokens a record is padded to the next multiple of 64 (not to the next power of two)."""
+    d, tok, cfg = env
+    lines = [{"query": "Count", "answer": " ".join(["one"] * k)} for k in (70, 110, 150)]
+    recs = read_jsonl(_write(tmp_path / "long.jsonl", lines), tok, cfg)
+    batches = Batches(recs, tok, cfg, batch_size=1, seed=0)
+    lengths = [r.length for r in recs]
+    assert all(64 < n for n in lengths) and max(lengths) < cfg.context_length, lengths
+    assert batches.buckets == tuple(sorted({-(-n // 64) * 64 for n in lengths})), (lengths, batches.buckets)

@@ -11,29 +11,43 @@ from __future__ import annotations
 from typing import Optional
 
 MIN_BUCKET = 16
+FINE_FROM = 64  # past this many tokens the ladder steps by 64, and past 1024 by an eighth of the octave
 
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def ladder_step(n: int) -> int:
+    """The step of the ladder at a prompt of ``n`` tokens (``n > FINE_FROM``): 64 up to 1024 tokens, then an
+    eighth of the octave ``n`` lies in (128 in 1025..2048, 256 in 2049..4096, ...)."""
+    octave = 1 << (n - 1).bit_length()  # the power of two at or above n
+    return max(FINE_FROM, octave // 16)
+
+
 def bucket_length(n: int, limit: Optional[int] = None) -> int:
     """The length a prompt of ``n`` tokens is left-padded to: one compile per bucket.
 
-    The next power of two (at least 16). ``limit``: the most slots the prompt may take (the cache or the
-    context less the answer's room). Where the power of two passes it, the prompt is padded less, to the
-    first of: a multiple of an eighth of that power of two, a multiple of 16, ``n`` itself, that fits.
-    So a prompt that fits unpadded is never refused for its padding, and near the limit the buckets stay
-    few (eight per octave, a finer step only within 16 tokens of it). Past ``limit``: ``n``.
+    The ladder: 16, 32, 64, then multiples of 64 up to 1024, then eight steps per octave (1152, 1280, ...,
+    2048, 2304, ...), so a prompt is padded by less than 64 tokens up to 1024 and by less than an eighth
+    of its length past it (a power of two pads up to twice the length: 274 tokens to 512, here to 320).
+    18 buckets up to 1024, 8 more per octave; each compiles once per process, and once per machine with
+    the persistent compilation cache (``parallel/compile_cache.py``).
+    ``limit``: the most slots the prompt may take (the cache or the context less the answer's room). Where
+    the ladder passes it, the prompt is padded less, to the first of: a multiple of 16, ``n`` itself, that
+    fits. So a prompt that fits unpadded is never refused for its padding, and near the limit the buckets
+    stay few (a finer step only within one ladder step of it). Past ``limit``: ``n``.
     """
-    b = MIN_BUCKET
-    while b < n:
-        b *= 2
+    if n <= FINE_FROM:
+        b = MIN_BUCKET
+        while b < n:
+            b *= 2
+    else:
+        b = round_up(n, ladder_step(n))
     if limit is None or b <= limit:
         return b
-    for step in (max(MIN_BUCKET, b // 8), MIN_BUCKET):
-        if round_up(n, step) <= limit:
-            return round_up(n, step)
+    if round_up(n, MIN_BUCKET) <= limit:
+        return round_up(n, MIN_BUCKET)
     return n
 
 

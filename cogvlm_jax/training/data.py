@@ -9,7 +9,7 @@ record without an image trains text-only. Every record is checked when the file 
 (not JSON, a missing or wrongly typed field, an unknown field, an unreadable image, longer than the
 model's context) raises :class:`DataError` naming ``file:line``.
 
-Batches: each record goes to the smallest power-of-two length bucket (at least 16, at most the context)
+Batches: each record goes to the smallest length bucket of ``buckets.bucket_length`` (at most the context)
 holding prompt + answer + eos; an epoch shuffles the records, cuts each bucket into batches of exactly
 ``batch_size`` rows and shuffles the batch order. A bucket's last batch is filled up with copies of one
 of its records whose labels are all ignored (they add nothing to the loss or the gradient), so every
