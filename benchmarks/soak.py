@@ -43,7 +43,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
 
 import numpy as np
 
