@@ -2,10 +2,10 @@
 shared cache while other rows decode give the logits and greedy continuations of ``Model.forward`` /
 ``Model.generate`` alone, and the decoding rows get what a plain decode step gives them.
 
-Both comparisons are of the same function computed with products of other shapes (a chunk beside the
-decoding rows, the cache read in another order than a prefill's own keys), which XLA:CPU's kernels round
-differently on different CPUs: they are held to the bound two correct float32 runs of the model meet,
-measured in this run (conftest ``reference``)."""
+A prompt's chunked logits are the same function as its prefill computed with products of other shapes (the
+cache read in another order than a prefill's own keys), which XLA:CPU's kernels round differently on
+different CPUs: they are held to the bound two correct float32 runs of the model meet, measured in this run
+(conftest ``reference``). A decoding row beside a chunk is held to 1e-5 of a plain decode step."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from cogvlm_jax.models import kv_cache
 from cogvlm_jax.models.cogvlm import CogVLM
 
 S, C, T = 3, 8, 38  # slots, chunk, cache length
+DECODE_ROWS_ATOL = 1e-5  # a decoding row beside a chunk against a plain decode step: the same products per row
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_prompts_in_chunks_beside_decoding_rows(model, steps, bound):
                                         np.int32(slot), np.int32(start))
             if live.any():  # the decoding rows get a plain decode step's logits
                 plain, _ = decode(model.params, tokens, pos, before)
-                np.testing.assert_allclose(np.asarray(logits)[live], np.asarray(plain)[live], rtol=0, atol=bound)
+                np.testing.assert_allclose(np.asarray(logits)[live], np.asarray(plain)[live], atol=DECODE_ROWS_ATOL)
             for row in np.flatnonzero(live):
                 tokens[row] = int(np.argmax(logits[row]))
                 pos[row] += 1
