@@ -126,7 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batches", type=_csv(int), default=[1, 16], help="decode batch sizes")
     p.add_argument("--mesh", type=_csv(int), help="DATA,FSDP,TENSOR (default: every device on tensor)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--layout", choices=("exact", "megatron"), help="default: the target's (megatron)")
+    from cogvlm_jax.models.execution import LAYOUTS
+
+    p.add_argument("--layout", choices=LAYOUTS, help="default: the target's (megatron)")
     p.add_argument("--quick", action="store_true", help="the tiny fixture configs")
     p.add_argument("--no-table", action="store_true")
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ import threading
 from cogvlm_jax import files
 from cogvlm_jax.api import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
+from cogvlm_jax.models.execution import LAYOUTS
 from cogvlm_jax.parallel import compile_cache, multihost
 from cogvlm_jax.parallel.heartbeat import DEFAULT_TIMEOUT_S as PEER_TIMEOUT_S
 from cogvlm_jax.parallel.heartbeat import EXIT_PEER_LOST
@@ -574,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--chunk", type=POSITIVE, help="decode_chunk: decode steps per call (default the server's, 4)")
     co.add_argument("--trainable", default="full", choices=("full", "vision-expert", "lora"))
     co.add_argument("--remat", action="store_true", help="train: recompute each layer in the backward pass")
-    co.add_argument("--layout", choices=("exact", "megatron"),
+    co.add_argument("--layout", choices=LAYOUTS,
                     help="how the programs split over the mesh (default: the target's, megatron; train: exact)")
     _add_quantize_args(co, "compile with")
     co.add_argument("--per-layer", action="store_true",

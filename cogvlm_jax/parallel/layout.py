@@ -30,6 +30,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.models import qkv_layout
 from cogvlm_jax.models.cogvlm import logical_axes
+from cogvlm_jax.models.execution import LAYOUTS
 from cogvlm_jax.models.vision import STACKED
 
 _VIT = ("vision", "transformer")  # the path of the ViT's blocks
@@ -64,11 +65,19 @@ def _permute(axis: int, order: tuple[int, ...], sharding):
     return jax.jit(lambda w: w.take(index, axis=axis), out_shardings=sharding)
 
 
-def _reorder(params, config: CogVLMConfig, layout: str, inverse: bool, quant):
-    if layout == "exact":
-        return params
-    if layout != "megatron":
-        raise ValueError(f"layout must be 'exact' or 'megatron', got {layout!r}")
+@functools.lru_cache(maxsize=None)
+def _stack(sharding):
+    """The jitted stack of a block's leaves on a new leading axis, placed as ``sharding``."""
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _unstack(n: int, sharding):
+    """The jitted split of a stacked leaf into its ``n`` blocks, each placed as ``sharding``."""
+    return jax.jit(lambda w: tuple(w[i] for i in range(n)), out_shardings=(sharding,) * n)
+
+
+def _reorder(params, config: CogVLMConfig, inverse: bool, quant):
     orders = _orders(config, inverse)
     flat = flatten_dict(params)
     for path, (axis, tower) in fused_qkv_axes(config, quant).items():
@@ -123,7 +132,7 @@ def stack_vit(params, config: CogVLMConfig):
         elif isinstance(first, np.ndarray):
             stacked = np.stack(leaves)
         else:
-            stacked = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*leaves)
+            stacked = _stack(sharding)(*leaves)
         del leaves
         flat[_VIT + (STACKED,) + rest] = stacked
     return unflatten_dict(flat)
@@ -138,23 +147,28 @@ def unstack_vit(params, config: CogVLMConfig):
         if isinstance(w, np.ndarray):
             parts = list(w)
         else:
-            part = _unstacked_sharding(w.sharding)
-            parts = jax.jit(lambda w: tuple(w[i] for i in range(n)), out_shardings=(part,) * n)(w)
+            parts = _unstack(n, _unstacked_sharding(w.sharding))(w)
         for i, part in enumerate(parts):
             flat[_VIT + (f"layers_{i}",) + path[3:]] = part
     return unflatten_dict(flat)
 
 
+def _megatron(layout: str) -> bool:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout == "megatron"
+
+
 def to_program(params, config: CogVLMConfig, layout: str, quant=None):
     """Checkpoint-ordered ``params`` as the programs of ``layout`` read them. ``quant``: ``params`` is the
     tree of a model quantized so (``models/quantize.py``): a fused QKV's scales are reordered with its rows."""
-    if layout == "exact":
+    if not _megatron(layout):
         return params
-    return stack_vit(_reorder(params, config, layout, inverse=False, quant=quant), config)
+    return stack_vit(_reorder(params, config, inverse=False, quant=quant), config)
 
 
 def to_checkpoint(params, config: CogVLMConfig, layout: str, quant=None):
     """Parameters the programs of ``layout`` hold, in checkpoint order: the inverse of :func:`to_program`."""
-    if layout == "exact":
+    if not _megatron(layout):
         return params
-    return _reorder(unstack_vit(params, config), config, layout, inverse=True, quant=quant)
+    return _reorder(unstack_vit(params, config), config, inverse=True, quant=quant)

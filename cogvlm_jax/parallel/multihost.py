@@ -32,6 +32,7 @@ import numpy as np
 from orbax.checkpoint import multihost as ocp_multihost
 
 from cogvlm_jax import files
+from cogvlm_jax.models.execution import LAYOUTS
 from cogvlm_jax.parallel.axes import make_mesh
 
 DEFAULT_TIMEOUT_S = 120
@@ -297,7 +298,7 @@ def add_cli_args(p: argparse.ArgumentParser, mesh: bool = True) -> None:
         g.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", type=mesh_arg,
                        help="shard the model over this mesh of all (global) devices; default: one device, or "
                             "1,PROCESSES,DEVICES-PER-PROCESS when several processes run")
-        g.add_argument("--layout", choices=("exact", "megatron"),
+        g.add_argument("--layout", choices=LAYOUTS,
                        help="how the programs split over the mesh: exact (no split contraction: one device's "
                             "numbers) or megatron (one all-reduce per attention and MLP); default: exact on "
                             "CPU, megatron on TPU and GPU")
