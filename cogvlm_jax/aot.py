@@ -417,6 +417,8 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     np_dtype = _DTYPES[dtype]
     from cogvlm_jax.models import quantize as quant_lib
     from cogvlm_jax.parallel import program as program_lib
+    from cogvlm_jax.parallel.axes import rules_for
+    from cogvlm_jax.parallel.layout import to_program
 
     if quantize is not None and program == "train":
         raise AotError("quantize compiles inference programs; the trainer trains float weights")
@@ -433,11 +435,8 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
                          else f"{max_new_tokens} new tokens" if program == "decode" else ""), layout=layout,
                  quantize=quantize)
     t0 = time.perf_counter()
-    from cogvlm_jax.parallel.layout import to_program
-
     # the checkpoint's tree as the layout's programs hold it (Megatron: the ViT's blocks stacked)
-    params = to_program(abstract_sharded_params(cfg, m, np_dtype, program_lib.execution(m, layout).rules,
-                                                  quant), cfg, layout, quant)
+    params = to_program(abstract_sharded_params(cfg, m, np_dtype, rules_for(layout), quant), cfg, layout, quant)
     if program in ("prefill", "decode", "decode_step"):
         fn, args, kwargs = _build_generate(program, cfg, m, params, np_dtype, batch, cache_length,
                                            prompt_length, image, max_new_tokens, do_sample, vit_query_chunk,
