@@ -131,3 +131,25 @@ def test_the_cli_turns_it_on_before_a_verb_runs(tmp_path, verb):
     assert r.returncode == (2 if verb == "generate" else 0), r.stderr[-2000:]
     want = os.path.join(str(tmp_path), compile_cache.host_key()) if verb == "generate" else "None"
     assert r.stderr.strip().splitlines()[-1] == want
+
+
+SAYS = r"""
+import numpy as np, jax.numpy as jnp
+from cogvlm_jax.parallel import compile_cache, compiles, program
+compiles.SLOW_S = 0.0
+compile_cache.enable()
+program.jit(lambda x: jnp.cos(x) @ x.T, describe=lambda x: f"cos ({x.shape[0]} rows)")(np.ones((4, 4), np.float32))
+"""
+
+
+def test_a_program_read_from_the_cache_is_said_as_loaded_not_compiled(tmp_path):
+    """The compile line tells a compile from a program JAX read back from the cache."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(COGVLM_JAX_COMPILE_CACHE=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+    def said():
+        err = subprocess.run([sys.executable, "-c", SAYS], env=env, capture_output=True, text=True, check=True).stderr
+        return [line.rsplit(" in ", 1)[0] for line in err.splitlines() if line.endswith(" s")]
+
+    assert said() == ["compiled cos (4 rows)"]
+    assert said() == ["loaded cos (4 rows) from the compile cache"]
