@@ -44,7 +44,7 @@ from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from cogvlm_jax import files
-from cogvlm_jax.dtypes import DTYPES
+from cogvlm_jax.dtypes import DTYPES, model_dtype
 from cogvlm_jax.config import load_config
 from cogvlm_jax.convert.checkpoint import CheckpointError, is_our_checkpoint, stored_quantization
 from cogvlm_jax.convert.convert_hf import write_hf_checkpoint
@@ -247,8 +247,11 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     mesh = None if tuple(run.mesh) == (1, 1, 1) else multihost.mesh_from_flag(run.mesh)  # (1, 1, 1): one device
     trainer = train.Trainer(config, run.train, dtype=run.dtype, mesh=mesh)
     _check_quantized_model(run)
-    # a quantized checkpoint of ours is read as it is stored; float weights are quantized by ``init``
-    params = read_params(run.model, config, np.float32, mesh=mesh, progress=progress, quant=trainer.quant)
+    # A quantized checkpoint of ours is read as it is stored. Float weights are quantized by ``init``; for
+    # QLoRA they are read in the run's dtype, as ``cogvlm_jax.load(model, dtype, quantize=)`` reads them
+    # (the same held base, and half the memory for a 16-bit run before the quantization).
+    read_dtype = np.float32 if trainer.quant is None else model_dtype(run.dtype)
+    params = read_params(run.model, config, read_dtype, mesh=mesh, progress=progress, quant=trainer.quant)
     state, frozen = trainer.init(params, seed=run.seed)
     del params  # the parameters now live in (state, frozen)
     done = checkpoint_steps(out)

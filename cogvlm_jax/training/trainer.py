@@ -407,7 +407,8 @@ class Trainer:
             return params
         floats = flatten_dict(abstract_params(self.config))
         flat = flatten_dict(params)
-        return unflatten_dict({p: floats[p] if p[:-1] + (quant_lib.SCALE,) in flat else a for p, a in flat.items()})
+        return unflatten_dict({p: floats[p] if p[-1] == "kernel" and p[:-1] + (quant_lib.SCALE,) in flat else a
+                               for p, a in flat.items()})
 
     def _abstract_trainable(self):
         """The tree of trainable leaves :meth:`init` makes, as float32 shapes, from the config alone."""
