@@ -204,10 +204,43 @@ def test_cli_run_resumes_exactly_and_exports_the_trained_function(env, tmp_path)
     assert change > 1e-3 and err <= 1e-5
 
 
-def test_bad_quantized_training_settings_are_named():
+def test_bad_quantized_training_settings_are_named(tmp_path, capsys):
+    from cogvlm_jax import cli
+
+    assert cli.main(["train", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--quantize", "int8",
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only LoRA trains beside a quantized base" in err[0] and "--trainable lora" in err[0]
     with pytest.raises(ValueError, match="only LoRA trains beside a quantized base"):
         train.TrainConfig(trainable="full", quantize="int8")
     with pytest.raises(ValueError, match="train.quantize must be one of int8, int4"):
         train.TrainConfig(trainable="lora", quantize="int3")
     with pytest.raises(ValueError, match="quantize_vision needs quantize"):
         train.TrainConfig(trainable="lora", quantize_vision=True)
+
+
+def test_a_quantized_checkpoint_is_the_same_base_and_other_settings_are_refused(env, tmp_path):
+    """A model converted with ``--quantize int8`` read as the base holds what quantizing the float weights at
+    init holds, bit for bit; a run of another format, or without one, is refused before it reads weights."""
+    from cogvlm_jax.convert.convert_hf import main_convert
+    from cogvlm_jax.convert.checkpoint import CheckpointError
+    from cogvlm_jax.convert.params import read_params
+    from cogvlm_jax.training import run as finetune
+
+    data_dir, model, _ = env
+    src = os.path.join(fixture_dir("cogvlm1"), "checkpoint")
+    dst = str(tmp_path / "int8")
+    assert main_convert(src, dst, quantize="int8", progress=False) == 0
+    tr = train.Trainer(model.config, dataclasses.replace(QLORA, quantize="int8"))
+    _, from_init = tr.init(model.params, seed=1)
+    _, from_checkpoint = tr.init(read_params(dst, model.config, np.float32, quant=tr.quant), seed=1)
+    a, b = _host(from_init), _host(from_checkpoint)
+    assert a.keys() == b.keys()
+    for p in a:
+        assert a[p].dtype == b[p].dtype and np.array_equal(a[p], b[p]), p
+    tok = os.path.join(fixture_dir("cogvlm1"), "tokenizer")
+    for tc, words in ((dataclasses.replace(QLORA, quantize="int4"), "quantize='int4'"),
+                      (QLORA, "quantize=None")):
+        run = finetune.RunConfig(data=str(data_dir / "train.jsonl"), model=dst, tokenizer=tok, train=tc, batch_size=4)
+        with pytest.raises(CheckpointError, match=f"holds int8-quantized weights.*--quantize int8.*{words}"):
+            finetune.fit(str(tmp_path / "run"), run, progress=False)

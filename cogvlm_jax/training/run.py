@@ -221,6 +221,7 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     if save_every < 1 or keep < 1:
         raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
 
+    _check_quantized_model(run)  # before anything is written
     # The data is read and checked before the (possibly large) model is loaded.
     if not resume:
         fingerprint = data_fingerprint(run.data)
@@ -246,7 +247,6 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
 
     mesh = None if tuple(run.mesh) == (1, 1, 1) else multihost.mesh_from_flag(run.mesh)  # (1, 1, 1): one device
     trainer = train.Trainer(config, run.train, dtype=run.dtype, mesh=mesh)
-    _check_quantized_model(run)
     # A quantized checkpoint of ours is read as it is stored. Float weights are quantized by ``init``; for
     # QLoRA they are read in the run's dtype, as ``cogvlm_jax.load(model, dtype, quantize=)`` reads them
     # (the same held base, and half the memory for a 16-bit run before the quantization).
