@@ -13,7 +13,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import fixture_dir, write_train_data
+from conftest import LINEAR_TRAIN, fixture_dir, write_train_data
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.models import quantize as quant_lib
@@ -24,8 +24,10 @@ from cogvlm_jax.training import trainer as train
 from cogvlm_jax.training.data import Batches, read_jsonl
 
 FORMATS = ("int8", "int4")
-QLORA = train.TrainConfig(trainable="lora", lora_rank=4, lora_alpha=8.0, learning_rate=1e-2, total_steps=6,
-                          max_grad_norm=0.0)
+# AdamW with eps=1 at a constant rate 1 (tests/test_train_step.py's LINEAR, which the sharded comparison
+# needs); every test that steps uses these settings, and ``cogvlm-jax train`` below gives the same ones, so
+# each format's step compiles once for the module.
+QLORA = train.TrainConfig(**dict(LINEAR_TRAIN, total_steps=3), trainable="lora", lora_rank=4, lora_alpha=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +152,8 @@ def _train_args(data, out, fmt):
     d = fixture_dir("cogvlm1")
     return ["train", "--data", str(data), "--model", os.path.join(d, "checkpoint"), "--tokenizer",
             os.path.join(d, "tokenizer"), "--out", str(out), "--trainable", "lora", "--quantize", fmt,
-            "--lora-rank", "4", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--save-every", "1",
-            "--keep", "3", "--quiet"]
+            "--lora-rank", "4", "--lora-alpha", "8", "--steps", "3", "--batch-size", "4", "--lr", "1", "--adam-eps", "1",
+            "--max-grad-norm", "0", "--end-lr-ratio", "1", "--save-every", "1", "--keep", "3", "--quiet"]
 
 
 def _log(out):
@@ -172,7 +174,7 @@ def test_cli_run_resumes_exactly_and_exports_the_trained_function(env, tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli.main(_train_args(data_dir / "train.jsonl", a, "int4")) == 0
     saved = finetune.read_run(str(a))
-    assert saved.train.quantize == "int4" and saved.train.trainable == "lora"
+    assert saved.train == dataclasses.replace(QLORA, quantize="int4")  # the settings the other tests compiled
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step_00000003")
     shutil.rmtree(b / "model")
@@ -244,3 +246,30 @@ def test_a_quantized_checkpoint_is_the_same_base_and_other_settings_are_refused(
         run = finetune.RunConfig(data=str(data_dir / "train.jsonl"), model=dst, tokenizer=tok, train=tc, batch_size=4)
         with pytest.raises(CheckpointError, match=f"holds int8-quantized weights.*--quantize int8.*{words}"):
             finetune.fit(str(tmp_path / "run"), run, progress=False)
+
+
+def test_sharded_qlora_step_equals_one_device(env):
+    """data=2, fsdp=2, tensor=2 on 8 CPU devices, int8 base: the integers and their scales placed in their own
+    shardings, and after one step the same loss and factors as on one device (the comparison of
+    tests/test_train_step.py's sharded test: AdamW with eps=1, lr=1, relative to the largest update)."""
+    import cogvlm_jax
+
+    _, model, batches = env
+    cfg = dataclasses.replace(QLORA, quantize="int8")
+    results = []
+    for mesh in (None, cogvlm_jax.make_mesh(2, 2, 2)):
+        tr = train.Trainer(model.config, cfg, mesh=mesh)
+        state, frozen = tr.init(model.params, seed=1)
+        before = _host(state.trainable)
+        if mesh is not None:
+            k = frozen["layers_0"]["mlp"]["language_mlp"]["up_proj"]
+            assert k["kernel"].dtype == np.int8 and k["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+            assert k[quant_lib.SCALE].sharding.spec == jax.sharding.PartitionSpec("tensor", None)  # like its rows
+        state, m = tr.step(state, frozen, tr.place_batch(batches.batch(0)))
+        results.append((float(m["loss"]), before, _host(state.trainable)))
+    (loss1, before, one), (loss8, _, eight) = results
+    update = max(float(np.abs(one[p] - before[p]).max()) for p in one)
+    diff = max(float(np.abs(one[p] - eight[p]).max()) for p in one) / update
+    print(f"\nsharded 2x2x2 QLoRA int8 vs one device: loss {abs(loss8 - loss1) / loss1:.1e}, factors {diff:.1e} of "
+          "the largest update")
+    assert update > 0 and abs(loss8 - loss1) <= 1e-6 * loss1 and diff <= 1e-5
