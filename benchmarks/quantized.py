@@ -34,7 +34,10 @@ def _bytes(params, pattern=None) -> int:
 
 
 def run(config: str = "mid", formats: Sequence[Optional[str]] = (None, "int8", "int4"), batches=(1,),
-        steps: int = 32, repeats: int = 3, prompt_length: int = 150, out=None) -> list[dict]:
+        steps: int = 32, repeats: int = 3, prompt_length: int = 150, out=None,
+        probe_gb_s: Optional[float] = None) -> list[dict]:
+    """One record per (format, batch). ``probe_gb_s`` (the bandwidth probe, ``benchmarks.run``): the records'
+    ``fraction_of_limit`` is the decode weights' read rate against it."""
     from benchmarks.decode import DecodeBench, DecodeCase
 
     recs = []
@@ -43,9 +46,10 @@ def run(config: str = "mid", formats: Sequence[Optional[str]] = (None, "int8", "
         held, read = _bytes(bench.params), _bytes(bench.params, _DECODE_LEAF)
         for b in batches:
             m = bench.measure(DecodeCase(config, "float32", b, steps, prompt_length, repeats))
+            gb_s = read / m["step_s"] / 1e9
             rec = record("quantized_decode", m["tok_s"], "tok/s", config=config, dtype="float32", batch=b,
-                         quantize=q or "none", step_ms=m["step_s"] * 1e3, held_bytes=held, decode_weight_bytes=read,
-                         weight_gb_s=read / m["step_s"] / 1e9)
+                         fraction_of_limit=None if probe_gb_s is None else gb_s / probe_gb_s, quantize=q or "none",
+                         step_ms=m["step_s"] * 1e3, held_bytes=held, decode_weight_bytes=read, weight_gb_s=gb_s)
             recs.append(rec)
             if out is not None:
                 out(rec)

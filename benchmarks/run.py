@@ -10,8 +10,9 @@ alternatives, patched in-process) are the experiments behind the layout choices.
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
 for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
 compares with one stream on a one-slot server (``speedup_vs_one_stream``, the median of alternating
-rounds). Decode needs the
-bandwidth probe, so it is run (and printed) whenever decode is.
+rounds); ``quantized`` (decode tok/s and held bytes with the weights in each ``--quantize`` format) compares
+the decode weights' read rate with the bandwidth probe. Decode and quantized need the bandwidth probe, so
+it is run (and printed) whenever either is.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from typing import Optional, Sequence
 from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 from cogvlm_jax.dtypes import DTYPES
 
-BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot", "soak")
+BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot", "soak",
+              "quantized", "startup")
 # on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long), soak
-# (ten minutes of mixed traffic on the default model's server; one with --quick)
+# (ten minutes of mixed traffic on the default model's server; one with --quick), quantized (decode with
+# float32, int8 and int4 weights, benchmarks/quantized.py), startup (cold processes of generate and serve,
+# benchmarks/startup.py; --quick: generate only)
 DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")
+QUANTIZE = ("none", "int8", "int4")
 
 
 def _csv(kind, choices=None):
@@ -63,6 +68,8 @@ def build_parser(prog: str = "benchmarks.run") -> argparse.ArgumentParser:
                    help="serving: request mixes (image: an image per request; text: text-only, decode-bound)")
     p.add_argument("--rounds", type=int, help="serving: alternating rounds of every run (default 3, 1 with --quick)")
     p.add_argument("--prefill-chunk", type=int, default=0, help="serving: the servers' chunked prefill (0: off)")
+    p.add_argument("--quantize", type=_csv(str, QUANTIZE),
+                   help=f"quantized: the weight formats measured, comma-separated {','.join(QUANTIZE)} (default all)")
     p.add_argument("--probe-gb", type=float, help="bandwidth probe array size (default 1 GB, 0.25 with --quick)")
     p.add_argument("--no-table", action="store_true", help="JSON lines only")
     return p
@@ -115,6 +122,11 @@ def _notes(r: dict) -> str:
         return f"after the warm-up, {e['after_warm_up']:.0f} MiB then; second half {e['growth_second_half']:+.1f} MiB"
     if r["name"] == "soak_fds":
         return f"idle after the traffic against before it ({e['before']}); at most {e['max_after_warm_up']} in flight"
+    if r["name"] == "quantized_decode":
+        return (f"weights {e['quantize']}: {e['step_ms']:.2f} ms/step, held {e['held_bytes'] / 1e6:.1f} MB, decode reads "
+                f"{e['decode_weight_bytes'] / 1e6:.1f} MB of weights at {e['weight_gb_s']:.2f} GB/s")
+    if r["name"].startswith("startup_"):
+        return f"{e['cache']}, run {e['run']}"
     if r["name"] == "matmul_peak":
         return f"{e['n']}^3 matmul"
     return ""
@@ -132,8 +144,11 @@ def table(recs: Sequence[dict], info: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     only = set(args.only)
+    if args.quantize is not None and "quantized" not in only:
+        parser.error("--quantize chooses the formats of the quantized benchmark: add quantized to --only")
     configs = args.configs or (list(TINY_NAMES) if args.tiny else list(CONFIG_NAMES))
     info = machine()
     recs: list[dict] = []
@@ -144,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         recs.extend(new)
 
     probe = None
-    if only & {"bandwidth", "matvec", "prototypes", "decode"}:
+    if only & {"bandwidth", "matvec", "prototypes", "decode", "quantized"}:
         from benchmarks import bandwidth
 
         bw = bandwidth.run(args.quick, size_gb=args.probe_gb)
@@ -184,6 +199,17 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         serve_config = "mid" if "mid" in configs else configs[0]
         out(serving.run(args.quick, config_name=serve_config, dtype=args.dtypes[0], streams=args.streams,
                         workloads=args.workloads, rounds=args.rounds, prefill_chunk=args.prefill_chunk))
+    if "quantized" in only:  # float32 weights against int8 / int4 ones, on the mid config unless --configs
+        from benchmarks import quantized
+
+        formats = [None if f == "none" else f for f in (args.quantize or QUANTIZE)]
+        q_config = "mid" if "mid" in configs else configs[0]
+        out(quantized.run(q_config, formats, args.batches, args.steps or (8 if args.quick else 32),
+                          1 if args.quick else 3, probe_gb_s=probe))
+    if "startup" in only:  # cold processes; also python -m benchmarks.startup
+        from benchmarks import startup
+
+        out(startup.run(1, "generate", cache_off=False) if args.quick else startup.run())
     if "aot" in only:  # the published configs (--tiny / --quick: the tiny fixtures) on every target
         from benchmarks import aot
 

@@ -87,6 +87,31 @@ def serve_seconds(cache: str) -> float:
             proc.wait()
 
 
+def run(repeats: int = 2, only=None, cache=None, cache_off: bool = True, out=None) -> list[dict]:
+    """The records: for ``generate`` and ``serve`` (``only``: one of them), a run with the cache off
+    (``cache_off``), a first run into an empty cache directory (``cache``, emptied first; default a temporary
+    one), then ``repeats`` runs reading it. ``benchmarks.run --only startup --quick``: generate only, no
+    cache-off run, one repeat. ``out``: called with each record as it is made."""
+    recs = []
+    for what, measure in (("generate", generate_seconds), ("serve", serve_seconds)):
+        if only not in (None, what):
+            continue
+        where = cache or tempfile.mkdtemp(prefix="cogvlm-jax-bench-xla-")
+        shutil.rmtree(where, ignore_errors=True)
+        runs = ([("cache off", "0")] if cache_off else []) + [("first, empty cache", where)] + \
+            [("cache filled", where)] * repeats
+        try:
+            for i, (label, directory) in enumerate(runs):
+                seconds = measure(directory)
+                recs.append(record(f"startup_{what}", seconds, "s", config="default_model", run=i, cache=label))
+                if out is not None:
+                    out(recs[-1])
+        finally:
+            if not cache:
+                shutil.rmtree(where, ignore_errors=True)
+    return recs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2, help="runs (and server starts) after the first, cache filled")
@@ -94,19 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=("generate", "serve"), help="one of the two (default: both)")
     args = p.parse_args(argv)
     print(f"machine: {machine()}", file=sys.stderr)
-    for what, measure in (("generate", generate_seconds), ("serve", serve_seconds)):
-        if args.only not in (None, what):
-            continue
-        cache = args.cache or tempfile.mkdtemp(prefix="cogvlm-jax-bench-xla-")
-        shutil.rmtree(cache, ignore_errors=True)
-        runs = [("cache off", "0")] + [("first, empty cache", cache)] + [("cache filled", cache)] * args.repeats
-        try:
-            for i, (label, where) in enumerate(runs):
-                seconds = measure(where)
-                emit(record(f"startup_{what}", seconds, "s", config="default_model", run=i, cache=label))
-        finally:
-            if not args.cache:
-                shutil.rmtree(cache, ignore_errors=True)
+    run(args.repeats, args.only, args.cache, out=emit)
     return 0
 
 

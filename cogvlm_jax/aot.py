@@ -381,7 +381,8 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     or ``"megatron"`` (``models/execution.py``; default: the target platform's, Megatron on TPU and GPU;
     ``train`` always compiles the trainer's, exact). ``quantize`` (``"int8"`` / ``"int4"``) and
     ``quantize_vision``: the program of a model loaded with them (``cogvlm_jax.load``): its parameters are
-    the quantized tree (``models/quantize.py``; int4 as the target holds it). Not for ``train``.
+    the quantized tree (``models/quantize.py``; int4 as the target holds it). ``train`` with ``quantize``:
+    the QLoRA step (``train_config`` LoRA; ``TrainConfig.quantize`` set to it).
 
     Returns the ``jax.stages.Compiled``; :func:`report` reads it. Raises :class:`DoesNotFitError` when the
     per-device peak passes the chip's HBM (``check_fit=False``: returned anyway, unless XLA refuses it).
@@ -420,8 +421,17 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     from cogvlm_jax.parallel.axes import rules_for
     from cogvlm_jax.parallel.layout import to_program
 
-    if quantize is not None and program == "train":
-        raise AotError("quantize compiles inference programs; the trainer trains float weights")
+    if quantize is not None and program == "train":  # QLoRA: the trainer's base held quantized
+        import dataclasses
+
+        from cogvlm_jax.training.trainer import TrainConfig
+
+        tc = train_config or TrainConfig()
+        if tc.trainable != "lora":
+            raise AotError(f"quantize with program='train' compiles a QLoRA step: the trainer trains only LoRA "
+                           f"factors beside a quantized base (train_config trainable {tc.trainable!r}; give "
+                           "TrainConfig(trainable='lora'))")
+        train_config = dataclasses.replace(tc, quantize=quantize, quantize_vision=quantize_vision)
     try:
         quant = quant_lib.make(quantize, quantize_vision, program_lib.platform_of(m))
     except ValueError as e:

@@ -376,6 +376,7 @@ _TRAIN_OPTIONS = {
     "max_grad_norm": ("train.max_grad_norm", 1.0), "adam_eps": ("train.eps", 1e-8), "accum": ("train.accum", 1), "remat": ("train.remat", False),
     "lora_rank": ("train.lora_rank", 8), "lora_alpha": ("train.lora_alpha", 16.0),
     "lora_targets": ("train.lora_targets", None),
+    "quantize": ("train.quantize", None), "quantize_vision": ("train.quantize_vision", False),
 }
 
 
@@ -612,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-targets", help="comma-separated globs over linear-layer paths (default: the decoder's "
                                           "attention projections, both experts)")
     t.add_argument("--remat", action="store_true", default=None, help="recompute layers in the backward pass")
+    t.add_argument("--quantize", choices=("int8", "int4"),
+                   help="with --trainable lora (QLoRA): hold the frozen base's decoder, lm_head and adapter weights "
+                        "as int8 (per output channel) or int4 (groups of 128 inputs); the factors stay float32 and "
+                        "the export is float (the dequantized base, the factors merged)")
+    t.add_argument("--quantize-vision", action="store_true", help="with --quantize: the ViT's linears too")
     t.add_argument("--save-every", type=POSITIVE, default=100, help="checkpoint every N steps (and at the end)")
     t.add_argument("--keep", type=POSITIVE, default=3, help="checkpoints kept (newest)")
     t.add_argument("--seed", type=NON_NEGATIVE, help="data order and LoRA initialisation (default 0)")

@@ -38,6 +38,55 @@ def test_quick_decode_on_a_tiny_config(capsys):
     assert decode[1]["extra"]["weight_bytes"] == decode[0]["extra"]["weight_bytes"]
 
 
+def test_quick_quantized_on_a_tiny_config(capsys):
+    """``--only quantized``: one decode record per weight format, the held and read bytes smaller for int8 and
+    smaller again for int4, the fraction taken against the bandwidth probe of the same run."""
+    from benchmarks.run import main
+
+    assert main(["--quick", "--only", "quantized", "--configs", "tiny-cogvlm1", "--quantize", "none,int8,int4",
+                 "--batches", "1", "--steps", "4", "--probe-gb", "0.125"]) == 0
+    out = capsys.readouterr().out
+    recs = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    probe = [r for r in recs if r["name"] == "bandwidth"]
+    q = [r for r in recs if r["name"] == "quantized_decode"]
+    assert len(probe) == 1 and [(r["config"], r["batch"], r["extra"]["quantize"]) for r in q] == [
+        ("tiny-cogvlm1", 1, f) for f in ("none", "int8", "int4")]
+    for r in q:
+        e = r["extra"]
+        assert all(k in r for k in REQUIRED) and r["unit"] == "tok/s" and r["value"] > 0, r
+        assert abs(r["value"] - 1e3 / e["step_ms"]) < 1e-3 * r["value"] + 1e-3
+        assert abs(r["fraction_of_limit"] - e["weight_gb_s"] / probe[0]["value"]) < 1e-3 * r["fraction_of_limit"] + 1e-4
+        assert 0 < e["decode_weight_bytes"] < e["held_bytes"]
+    held = [r["extra"]["held_bytes"] for r in q]
+    read = [r["extra"]["decode_weight_bytes"] for r in q]
+    assert held[0] > held[1] > held[2] and read[0] > read[1] > read[2]
+    assert "| quantized_decode | tiny-cogvlm1 | float32 | 1 |" in out and "weights int4:" in out  # the table
+
+
+def test_quantize_outside_the_quantized_benchmark_is_refused(capsys):
+    import pytest
+
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "decode", "--quantize", "int8"])
+    assert e.value.code == 2 and "add quantized to --only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--only", "quantized", "--quantize", "int3"])
+
+
+def test_quick_startup(capsys):
+    """``--only startup --quick``: ``cogvlm-jax generate`` in a cold process into an empty compilation cache,
+    then once more reading it (each run checks the answer, ``red``)."""
+    from benchmarks.run import main
+
+    assert main(["--quick", "--only", "startup", "--no-table"]) == 0
+    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert [(r["name"], r["extra"]["run"], r["extra"]["cache"]) for r in recs] == [
+        ("startup_generate", 0, "first, empty cache"), ("startup_generate", 1, "cache filled")]
+    assert all(all(k in r for k in REQUIRED) and r["unit"] == "s" and r["value"] > 0 for r in recs), recs
+
+
 def test_quick_serving_on_a_tiny_config():
     """The serving benchmark through a real HTTP server, both workloads: the 1-slot one-stream baseline, then 2
     streams on 2 slots.

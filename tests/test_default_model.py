@@ -48,6 +48,35 @@ def test_scores_on_fresh_generated_questions(model):
     assert acc >= 0.9, wrong
 
 
+# ------------------------------------------------------------------- quantized weights
+QUANTIZED_SEED = 20261202  # fresh questions: none of the seeds above, nor the benchmark's 424242
+QUANTIZED_POINTS = {"int8": 0.02, "int4": 0.05}  # the accuracy a format may lose, in exact-match fraction
+
+
+@pytest.fixture(scope="module")
+def fresh_200(model):
+    """200 fresh questions and the float32 model's answers, in two batches of one shape (one compile)."""
+    items = synthetic.examples(QUANTIZED_SEED, 200, max_shapes=MAX_SHAPES)
+    acc, preds = synthetic.score(model, items, batch_size=100)
+    return items, acc, preds
+
+
+@pytest.mark.parametrize("fmt", sorted(QUANTIZED_POINTS))
+def test_quantized_weights_keep_the_accuracy(model, fresh_200, fmt):
+    """int8 within 2 points and int4 within 5 of float32 on the same 200 questions (benchmarks.default_model
+    --quantize gives the same numbers; docs/default-model.md records them)."""
+    from cogvlm_jax.parallel.quantized import held_bytes
+
+    items, acc, preds = fresh_200
+    quantized = cogvlm_jax.load(progress=False, quantize=fmt)
+    assert held_bytes(quantized.params) < held_bytes(model.params)
+    q_acc, q_preds = synthetic.score(quantized, items, batch_size=100)
+    changed = [(e.query, e.answer, p, q) for e, p, q in zip(items, preds, q_preds) if p != q]
+    print(f"\ndefault model, {fmt}: exact match {q_acc:.3f} against float32 {acc:.3f} on 200 fresh questions; "
+          f"{len(changed)} answers changed: {changed[:8]}")
+    assert acc >= 0.85 and q_acc >= acc - QUANTIZED_POINTS[fmt], changed
+
+
 # ------------------------------------------------------------------- pictures drawn another way
 def _raster(kind, canvas_wh, center, radius, rgb, background, outline=0.0):
     """An RGB picture drawn with numpy masks (not the generator's PIL code), no anti-aliasing."""

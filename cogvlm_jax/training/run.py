@@ -9,7 +9,8 @@ The run directory holds::
                               state, step, RNG), each written atomically; the newest ``keep`` are kept
     model/                    the result in Hugging Face format (safetensors + config.json), LoRA merged,
                               with the tokenizer and generation config copied: ``cogvlm_jax.load`` and
-                              ``cogvlm-jax generate --model`` read it
+                              ``cogvlm-jax generate --model`` read it (a QLoRA run's: float weights, the
+                              dequantized base with the factors merged)
 
 Resuming (``resume=True``) reads ``run.json``, restores the newest checkpoint and continues: the batch of
 step k is a function of (seed, k) (``data.Batches``), so a resumed run computes exactly what an
@@ -43,9 +44,9 @@ from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from cogvlm_jax import files
-from cogvlm_jax.dtypes import DTYPES
+from cogvlm_jax.dtypes import DTYPES, model_dtype
 from cogvlm_jax.config import load_config
-from cogvlm_jax.convert.checkpoint import CheckpointError
+from cogvlm_jax.convert.checkpoint import CheckpointError, is_our_checkpoint, stored_quantization
 from cogvlm_jax.convert.convert_hf import write_hf_checkpoint
 from cogvlm_jax.convert.params import read_params
 from cogvlm_jax.inputs.tokenizer import find_tokenizer, tokenizer_files
@@ -220,6 +221,7 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
     if save_every < 1 or keep < 1:
         raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
 
+    _check_quantized_model(run)  # before anything is written
     # The data is read and checked before the (possibly large) model is loaded.
     if not resume:
         fingerprint = data_fingerprint(run.data)
@@ -244,8 +246,12 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
                       json.dumps({**run.to_dict(), FINGERPRINT: fingerprint}, indent=2, sort_keys=True) + "\n")
 
     mesh = None if tuple(run.mesh) == (1, 1, 1) else multihost.mesh_from_flag(run.mesh)  # (1, 1, 1): one device
-    params = read_params(run.model, config, np.float32, mesh=mesh, progress=progress)
     trainer = train.Trainer(config, run.train, dtype=run.dtype, mesh=mesh)
+    # A quantized checkpoint of ours is read as it is stored. Float weights are quantized by ``init``; for
+    # QLoRA they are read in the run's dtype, as ``cogvlm_jax.load(model, dtype, quantize=)`` reads them
+    # (the same held base, and half the memory for a 16-bit run before the quantization).
+    read_dtype = np.float32 if trainer.quant is None else model_dtype(run.dtype)
+    params = read_params(run.model, config, read_dtype, mesh=mesh, progress=progress, quant=trainer.quant)
     state, frozen = trainer.init(params, seed=run.seed)
     del params  # the parameters now live in (state, frozen)
     done = checkpoint_steps(out)
@@ -287,10 +293,25 @@ def fit(out: str, run: Optional[RunConfig] = None, *, resume: bool = False, epoc
                         export_files(run), progress)
 
 
+def _check_quantized_model(run: RunConfig) -> None:
+    """A model converted with ``--quantize`` trains only as the base of a QLoRA run of its own format."""
+    stored = stored_quantization(run.model) if is_our_checkpoint(run.model) else None
+    if stored is None:
+        return
+    tc = run.train
+    if tc.quantize != stored.format or tc.quantize_vision != stored.vision:
+        raise CheckpointError(
+            f"{run.model} holds {stored.format}-quantized weights (quantize_vision={stored.vision}): it trains only as "
+            f"the frozen base of LoRA with quantize={stored.format!r}{', quantize_vision' if stored.vision else ''} "
+            f"(--trainable lora --quantize {stored.format}{' --quantize-vision' if stored.vision else ''}); this run "
+            f"has trainable={tc.trainable!r}, quantize={tc.quantize!r}, quantize_vision={tc.quantize_vision}")
+
+
 def export_model(trainer: train.Trainer, state: train.TrainState, frozen: Any, config, out_dir: str,
                  dtype: str = "float32", extra_files=(), progress: bool = True) -> str:
     """The full parameters (LoRA merged) as a Hugging Face checkpoint in ``dtype``; atomic, replaces
-    ``out_dir``. Returns ``out_dir``. With several processes all call this; process 0 writes (see
+    ``out_dir``. Returns ``out_dir``. A QLoRA run's export is a float checkpoint: the dequantized base with
+    the factors merged into it (``Trainer.params``). With several processes all call this; process 0 writes (see
     ``write_hf_checkpoint``)."""
 
     params = trainer.params(state, frozen)

@@ -11,7 +11,11 @@ What is trained (``TrainConfig.trainable``):
 * ``vision-expert``: CogVLM's own recipe: every decoder layer's vision expert (QKV with its bias, the
   attention output ``vision_expert_dense``, ``vision_mlp``) and the adapter between the ViT and the
   decoder (CogVLM2's 2x2 conv, the GLU ``linear_proj``, boi/eoi). The ViT and the language model stay.
-* ``lora``: low-rank factors beside the chosen linear layers (``lora.py``); the base stays.
+* ``lora``: low-rank factors beside the chosen linear layers (``lora.py``); the base stays. With
+  ``TrainConfig.quantize`` (QLoRA) the base is held as ``cogvlm_jax.load(..., quantize=)`` holds it: its
+  kernels int8 or int4 (``models/quantize.py``), dequantized inside each product as in inference, never
+  a float copy; the factors stay float32. The gradient reaches the factors only (the integers and their
+  scales are constants of the step).
 
 Parameters are split into ``trainable`` (float32 master copies, in the optimizer) and ``frozen`` (in the
 compute dtype, never updated, no optimizer state): a frozen parameter is the same array after any
@@ -47,10 +51,12 @@ from cogvlm_jax.convert import checkpoint, mapping
 from cogvlm_jax.convert.checkpoint import CheckpointError, LazyArray, saver, tree_metadata
 from cogvlm_jax.files import write_json
 from cogvlm_jax.inputs.preprocess import IGNORE_INDEX as IGNORE  # label of a position not trained on
+from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.cogvlm import CogVLM, abstract_params, logical_axes
 from cogvlm_jax.models.layers import widens_on_cpu
 from cogvlm_jax.parallel import axes, program
 from cogvlm_jax.parallel.multihost import atomic_directory, is_main_process, to_global
+from cogvlm_jax.parallel.quantized import quantize_params
 from cogvlm_jax.parallel.sharding import param_shardings, replicated
 from cogvlm_jax.training import lora as lora_lib
 
@@ -141,11 +147,22 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
+    quantize: Optional[str] = None      # lora only: the frozen base held as int8 / int4 (QLoRA)
+    quantize_vision: bool = False       # with quantize: the ViT's kernels too
 
     def __post_init__(self):
         check_field_types(self, "train.")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable {self.trainable!r} unknown; expected one of {', '.join(TRAINABLE)}")
+        if self.quantize is not None and self.quantize not in quant_lib.FORMATS:
+            raise ValueError(f"train.quantize must be one of {', '.join(quant_lib.FORMATS)} or null, "
+                             f"got {self.quantize!r}")
+        if self.quantize is not None and self.trainable != "lora":
+            raise ValueError(f"quantize={self.quantize!r} holds the frozen base in {self.quantize}: only LoRA trains "
+                             f"beside a quantized base ({self.trainable!r} updates the kernels themselves); use "
+                             "trainable='lora' (--trainable lora)")
+        if self.quantize_vision and self.quantize is None:
+            raise ValueError("quantize_vision needs quantize='int8' or 'int4'")
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got total_steps "
                              f"{self.total_steps}, warmup_steps {self.warmup_steps}")
@@ -285,6 +302,9 @@ class Trainer:
         # then in checkpoint order, as saved, exported and resumed (the Megatron layout holds the fused
         # QKV rows head-grouped, parallel/layout.py)
         execution = program.execution(mesh, "exact")
+        # QLoRA: the frozen base held quantized, the module's products dequantizing it (``models/quantize.py``)
+        self.quant = quant_lib.make(train_config.quantize, train_config.quantize_vision, execution.platform)
+        execution = execution.replace(quant=self.quant)
         self.module = CogVLM(config, self.dtype, vit_query_chunk, remat=train_config.remat, execution=execution)
         # XLA:CPU multiplies 16-bit weights by widening them to float32: frozen kernels are widened once, at
         # init, not in every step; same numbers, twice their memory. The step's module takes float32 kernels
@@ -314,8 +334,10 @@ class Trainer:
 
     @staticmethod
     def _kernels_as(tree, dtype):
-        """``tree`` with its ``kernel`` leaves (the weights of ``Dense`` / ``PatchConv``) cast to ``dtype``."""
-        return unflatten_dict({p: a.astype(dtype) if p[-1] == "kernel" else a for p, a in flatten_dict(tree).items()})
+        """``tree`` with its float ``kernel`` leaves (the weights of ``Dense`` / ``PatchConv``) cast to ``dtype``;
+        quantized kernels (integers) stay as they are held."""
+        return unflatten_dict({p: a.astype(dtype) if p[-1] == "kernel" and jnp.issubdtype(a.dtype, jnp.floating)
+                               else a for p, a in flatten_dict(tree).items()})
 
     def loss_and_grads(self, trainable, frozen, batch, rng=None):
         """Loss and gradient (w.r.t. ``trainable``) of a whole ``[accum, micro, ...]`` batch: the micro-batches'
@@ -349,14 +371,19 @@ class Trainer:
         and place everything on the mesh. Returns (state, frozen)."""
         rng = jax.random.PRNGKey(seed)
         if self.tc.trainable == "lora":
-            trainable = lora_lib.init(params, self.tc.lora_targets, self.tc.lora_rank, jax.random.fold_in(rng, 1))
+            trainable = lora_lib.init(self._float_shapes(params), self.tc.lora_targets, self.tc.lora_rank,
+                                      jax.random.fold_in(rng, 1))
             frozen = params
+            if self.quant is not None:  # each float kernel quantized (one leaf at a time); held ones kept
+                frozen = quantize_params(params, self.config, self.quant, self.mesh)
         else:
             trainable, frozen = split(params, trainable_mask(params, self.tc.trainable))
         # Casts are elementwise, so sharded inputs stay sharded (no device ever holds a whole model). The
         # trainable arrays are copied (may_alias=False): the step donates them, and they must not be the caller's.
+        # A quantized base keeps its integers and float32 scales as they are held.
         trainable = jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32), trainable)
-        frozen = jax.tree.map(lambda a: jnp.asarray(a).astype(self.dtype), frozen)
+        frozen = unflatten_dict({p: jnp.asarray(a) if _held_as_is(p, a) else jnp.asarray(a).astype(self.dtype)
+                                 for p, a in flatten_dict(frozen).items()})
         if self.widen_frozen:
             frozen = self._kernels_as(frozen, jnp.float32)
         self._set_shardings(trainable)
@@ -372,6 +399,16 @@ class Trainer:
             opt_state = jax.jit(self.optimizer.init, out_shardings=self._opt_shardings(trainable))(trainable)
         state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=opt_state, rng=rng)
         return jax.device_put(state, device if self.mesh is None else self.state_shardings(state)), frozen
+
+    def _float_shapes(self, params: Mapping):
+        """``params`` for sizing the LoRA factors: a quantized kernel (held int4 packs two inputs per byte)
+        replaced by its float kernel's shape, every other leaf as it is, in ``params``' own order."""
+        if self.quant is None:
+            return params
+        floats = flatten_dict(abstract_params(self.config))
+        flat = flatten_dict(params)
+        return unflatten_dict({p: floats[p] if p[-1] == "kernel" and p[:-1] + (quant_lib.SCALE,) in flat else a
+                               for p, a in flat.items()})
 
     def _abstract_trainable(self):
         """The tree of trainable leaves :meth:`init` makes, as float32 shapes, from the config alone."""
@@ -407,7 +444,7 @@ class Trainer:
             self._trainable_shardings = unflatten_dict({p: every[p] for p in flatten_dict(trainable)})
 
     def _frozen_shardings(self, frozen):
-        every = flatten_dict(param_shardings(self.config, self.mesh))
+        every = flatten_dict(param_shardings(self.config, self.mesh, quant=self.quant))
         return unflatten_dict({p: every[p] for p in flatten_dict(frozen)})
 
     def _opt_shardings(self, trainable):
@@ -476,12 +513,39 @@ class Trainer:
 
     def params(self, state: TrainState, frozen) -> dict:
         """The full parameter tree: trainable leaves in float32 (LoRA merged into the frozen kernels), frozen
-        ones in the compute dtype."""
+        ones in the compute dtype.
+
+        A quantized base (QLoRA) comes back as a float tree in the compute dtype: each held kernel
+        dequantized (``quant_lib.dequantize``, one leaf at a time, in float32), the factors merged into it,
+        then rounded to the dtype. It is the function the run trained (up to float rounding); the
+        integers cannot take the merged update without rounding it away, so no quantized tree is made
+        here (``cogvlm_jax.load(..., quantize=)`` quantizes an export again, update included)."""
         if self.widen_frozen:
             frozen = self._kernels_as(frozen, self.dtype)
+        if self.quant is not None:
+            frozen = self._dequantized(frozen)
         if self.tc.trainable == "lora":
-            return lora_lib.merge(frozen, state.trainable, self.tc.lora_scale)
+            merged = lora_lib.merge(frozen, state.trainable, self.tc.lora_scale)
+            return merged if self.quant is None else self._kernels_as(merged, self.dtype)
         return combine(state.trainable, frozen)
+
+    def _dequantized(self, frozen) -> dict:
+        """``frozen`` with each quantized kernel replaced by its float32 dequantization, its scales dropped."""
+        flat = flatten_dict(frozen)
+        for path in [p[:-1] + ("kernel",) for p in flat if p[-1] == quant_lib.SCALE]:
+            scale = flat.pop(path[:-1] + (quant_lib.SCALE,))
+            flat[path] = _dequantizer(quant_lib.in_axis_of(path), self.quant)(flat[path], scale)
+        return unflatten_dict(flat)
+
+
+def _held_as_is(path: tuple, a) -> bool:
+    """A leaf of a quantized base kept in the form it is held in: integers and their float32 scales."""
+    return not jnp.issubdtype(a.dtype, jnp.floating) or path[-1] == quant_lib.SCALE
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantizer(in_axis: int, quant: quant_lib.Quantization):
+    return jax.jit(functools.partial(quant_lib.dequantize, in_axis=in_axis, quant=quant, dtype=jnp.float32))
 
 
 @functools.lru_cache(maxsize=8)
