@@ -127,6 +127,23 @@ def write_train_data(directory) -> str:
     return path
 
 
+def train_batches(directory, model):
+    """The training records written into ``directory`` (``write_train_data``), read for ``model`` and
+    batched by 4 with seed 0: the batches the training tests step through."""
+    from cogvlm_jax.training.data import Batches, read_jsonl
+
+    recs = read_jsonl(write_train_data(directory), model.tokenizer, model.config)
+    return Batches(recs, model.tokenizer, model.config, batch_size=4, seed=0)
+
+
+def host_flat(tree) -> dict:
+    """A (device) pytree on the host, flattened to {path: array}, for comparing trees leaf by leaf."""
+    import jax
+    from flax.traverse_util import flatten_dict
+
+    return flatten_dict(jax.device_get(tree))
+
+
 @functools.lru_cache(maxsize=None)
 def huge_png(width: int, height: int) -> bytes:
     """A valid black greyscale PNG of ``width`` x ``height`` that compresses to a few bytes per row: a small

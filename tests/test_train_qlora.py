@@ -13,7 +13,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import LINEAR_TRAIN, fixture_dir, write_train_data
+from conftest import LINEAR_TRAIN, fixture_dir, host_flat, train_batches
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.models import quantize as quant_lib
@@ -21,7 +21,6 @@ from cogvlm_jax.models.cogvlm import abstract_params
 from cogvlm_jax.parallel.quantized import held_bytes, quantized_paths
 from cogvlm_jax.training import lora
 from cogvlm_jax.training import trainer as train
-from cogvlm_jax.training.data import Batches, read_jsonl
 
 FORMATS = ("int8", "int4")
 # AdamW with eps=1 at a constant rate 1 (tests/test_train_step.py's LINEAR, which the sharded comparison
@@ -34,14 +33,9 @@ QLORA = train.TrainConfig(**dict(LINEAR_TRAIN, total_steps=3), trainable="lora",
 def env(tmp_path_factory, f32_models):
     d = tmp_path_factory.mktemp("qlora")
     model = f32_models["cogvlm1"]
-    recs = read_jsonl(write_train_data(d), model.tokenizer, model.config)
-    batches = Batches(recs, model.tokenizer, model.config, batch_size=4, seed=0)
+    batches = train_batches(d, model)
     assert batches.steps_per_epoch == 2
     return d, model, batches
-
-
-def _host(tree):
-    return flatten_dict(jax.device_get(tree))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -50,7 +44,7 @@ def test_steps_reduce_the_loss_and_the_base_stays_held_quantized(env, fmt):
     tr = train.Trainer(model.config, dataclasses.replace(QLORA, quantize=fmt))
     state, frozen = tr.init(model.params, seed=1)
     quant = tr.quant
-    held = _host(frozen)
+    held = host_flat(frozen)
     paths = quantized_paths(model.config, quant)
     assert paths and all(p[0].startswith("layers_") or p[0] in ("lm_head", "vision") for p in paths)
     assert not any(p[:2] == ("vision", "transformer") for p in paths)  # the ViT stays float (no quantize_vision)
@@ -72,7 +66,7 @@ def test_steps_reduce_the_loss_and_the_base_stays_held_quantized(env, fmt):
     float_bytes = sum(4 * int(np.prod(a.shape)) for a in floats.values())
     print(f"\n{fmt} base: {want} bytes held, float32 {float_bytes}")
     assert want < float_bytes
-    assert all(v.dtype == np.float32 for v in _host(state.trainable).values())  # the factors: float32
+    assert all(v.dtype == np.float32 for v in host_flat(state.trainable).values())  # the factors: float32
 
     losses = []
     for k in range(6):  # batches 0, 1, 0, 1, 0, 1
@@ -80,7 +74,7 @@ def test_steps_reduce_the_loss_and_the_base_stays_held_quantized(env, fmt):
         losses.append(float(m["loss"]))
     print(f"{fmt} QLoRA losses: {', '.join(f'{x:.3f}' for x in losses)}")
     assert losses[4] < losses[2] < losses[0] and losses[5] < losses[3] < losses[1]
-    for p, v in _host(frozen).items():  # the held base is the same, bit for bit, and still held as it was
+    for p, v in host_flat(frozen).items():  # the held base is the same, bit for bit, and still held as it was
         assert v.dtype == held[p].dtype and np.array_equal(v, held[p]), p
 
 
@@ -117,19 +111,19 @@ def test_factor_gradients_are_those_of_the_dequantized_base(env, fmt):
     cfg = dataclasses.replace(QLORA, quantize=fmt)
     tq = train.Trainer(model.config, cfg)
     state, frozen_q = tq.init(model.params, seed=1)
-    held = _host(frozen_q)
-    deq = _host(tq._dequantized(frozen_q))
+    held = host_flat(frozen_q)
+    deq = host_flat(tq._dequantized(frozen_q))
     assert not any(p[-1] == quant_lib.SCALE for p in deq) and all(v.dtype == np.float32 for v in deq.values())
     tf = train.Trainer(model.config, dataclasses.replace(cfg, quantize=None))
     rng = np.random.default_rng(3)
     factors = {p: (rng.normal(0, 0.05, v.shape).astype(np.float32) if p[-1] == lora.B else v)
-               for p, v in _host(state.trainable).items()}
+               for p, v in host_flat(state.trainable).items()}
     factors = unflatten_dict(factors)
     batch = tq.place_batch(batches.batch(0))
 
     def grads(trainer, frozen):
         loss, _, g = jax.jit(trainer.loss_and_grads)(factors, frozen, batch)
-        return float(loss), _host(g)
+        return float(loss), host_flat(g)
 
     loss_q, gq = grads(tq, frozen_q)
     loss_f, gf = grads(tf, unflatten_dict(deq))
@@ -236,7 +230,7 @@ def test_a_quantized_checkpoint_is_the_same_base_and_other_settings_are_refused(
     tr = train.Trainer(model.config, dataclasses.replace(QLORA, quantize="int8"))
     _, from_init = tr.init(model.params, seed=1)
     _, from_checkpoint = tr.init(read_params(dst, model.config, np.float32, quant=tr.quant), seed=1)
-    a, b = _host(from_init), _host(from_checkpoint)
+    a, b = host_flat(from_init), host_flat(from_checkpoint)
     assert a.keys() == b.keys()
     for p in a:
         assert a[p].dtype == b[p].dtype and np.array_equal(a[p], b[p]), p
@@ -260,13 +254,13 @@ def test_sharded_qlora_step_equals_one_device(env):
     for mesh in (None, cogvlm_jax.make_mesh(2, 2, 2)):
         tr = train.Trainer(model.config, cfg, mesh=mesh)
         state, frozen = tr.init(model.params, seed=1)
-        before = _host(state.trainable)
+        before = host_flat(state.trainable)
         if mesh is not None:
             k = frozen["layers_0"]["mlp"]["language_mlp"]["up_proj"]
             assert k["kernel"].dtype == np.int8 and k["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
             assert k[quant_lib.SCALE].sharding.spec == jax.sharding.PartitionSpec("tensor", None)  # like its rows
         state, m = tr.step(state, frozen, tr.place_batch(batches.batch(0)))
-        results.append((float(m["loss"]), before, _host(state.trainable)))
+        results.append((float(m["loss"]), before, host_flat(state.trainable)))
     (loss1, before, one), (loss8, _, eight) = results
     update = max(float(np.abs(one[p] - before[p]).max()) for p in one)
     diff = max(float(np.abs(one[p] - eight[p]).max()) for p in one) / update

@@ -20,12 +20,11 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import LINEAR_TRAIN, write_train_data
+from conftest import LINEAR_TRAIN, host_flat, train_batches
 from flax.traverse_util import flatten_dict
 
 from cogvlm_jax.training import lora
 from cogvlm_jax.training import trainer as train
-from cogvlm_jax.training.data import Batches, read_jsonl
 
 LINEAR = train.TrainConfig(**LINEAR_TRAIN)
 
@@ -34,14 +33,9 @@ LINEAR = train.TrainConfig(**LINEAR_TRAIN)
 def env(tmp_path_factory, f32_models):
     d = tmp_path_factory.mktemp("train")
     model = f32_models["cogvlm1"]
-    recs = read_jsonl(write_train_data(d), model.tokenizer, model.config)
-    batches = Batches(recs, model.tokenizer, model.config, batch_size=4, seed=0)
+    batches = train_batches(d, model)
     assert batches.buckets == (32,) and batches.steps_per_epoch == 2
     return d, model, batches
-
-
-def _host(tree):
-    return flatten_dict(jax.device_get(tree))
 
 
 def _steps(trainer, state, frozen, batches, ks):
@@ -59,9 +53,9 @@ def reference(env):
     tr = train.Trainer(model.config, LINEAR)
     state, frozen = tr.init(model.params)
     state, losses = _steps(tr, state, frozen, batches, [0])
-    after1 = _host(state.trainable)
+    after1 = host_flat(state.trainable)
     state, more = _steps(tr, state, frozen, batches, [1])
-    return {"before": _host(model.params), "after1": after1, "losses": losses + more}
+    return {"before": host_flat(model.params), "after1": after1, "losses": losses + more}
 
 
 def _every_leaf(state):
@@ -158,7 +152,7 @@ def test_accumulation_equals_whole_batch(env, reference):
     state, frozen = tr.init(model.params)
     state, losses = _steps(tr, state, frozen, batches, [0])
     rel = abs(losses[0] - reference["losses"][0]) / reference["losses"][0]
-    diff = _rel_diff(_host(state.trainable), reference)
+    diff = _rel_diff(host_flat(state.trainable), reference)
     print(f"\naccum=2 vs one batch: loss rel {rel:.1e}, parameters after a step {diff:.1e} of the largest update")
     assert rel <= 1e-6 and diff <= 1e-5
 
@@ -174,7 +168,7 @@ def test_vision_expert_with_remat(env, reference):
     assert n_opt == 2 * n_train + 2  # Adam's mu and nu of the trainable leaves, its count, the schedule's count
     state, losses = _steps(tr, state, frozen, batches, [0])
     assert abs(losses[0] - reference["losses"][0]) <= 1e-6 * reference["losses"][0]
-    before, after = _host(model.params), _host(tr.params(state, frozen))
+    before, after = host_flat(model.params), host_flat(tr.params(state, frozen))
     trained = [p for p in before if train.is_vision_expert(p)]
     assert 0 < len(trained) < len(before)
     # The last layer's vision-expert dense and MLP only make image positions' outputs, which no label reads:
@@ -206,13 +200,13 @@ def test_lora_trains_factors_only_and_merges_exactly(env, reference):
     cfg = dataclasses.replace(LINEAR, trainable="lora", lora_rank=4, lora_alpha=8.0)
     tr = train.Trainer(model.config, cfg)
     state, frozen = tr.init(model.params, seed=1)
-    base = _host(model.params)
-    assert set(_host(state.trainable)) == {p + (k,) for p in lora.target_paths(model.params, cfg.lora_targets)
+    base = host_flat(model.params)
+    assert set(host_flat(state.trainable)) == {p + (k,) for p in lora.target_paths(model.params, cfg.lora_targets)
                                            for k in (lora.A, lora.B)}
     state, losses = _steps(tr, state, frozen, batches, [0, 1])
     assert abs(losses[0] - reference["losses"][0]) <= 1e-6 * reference["losses"][0]  # lora_b = 0: the base model
     assert losses[1] != reference["losses"][1]
-    for p, v in _host(frozen).items():  # the frozen base is the same, bit for bit
+    for p, v in host_flat(frozen).items():  # the frozen base is the same, bit for bit
         assert np.array_equal(v, base[p]), p
     factors = jax.device_get(state.trainable)
     moved = [p for p, v in flatten_dict(factors).items() if p[-1] == lora.B and np.abs(v).max() > 0]
@@ -243,7 +237,7 @@ def test_sharded_step_equals_one_device(env, reference):
     assert mu.sharding == k.sharding  # the optimizer moments are sharded like their parameters
     state, losses = _steps(tr, state, frozen, batches, [0])
     assert state.trainable["layers_0"]["mlp"]["language_mlp"]["up_proj"]["kernel"].sharding == k.sharding
-    diff = _rel_diff(_host(state.trainable), reference)
+    diff = _rel_diff(host_flat(state.trainable), reference)
     state, more = _steps(tr, state, frozen, batches, [1])
     rel = max(abs(a - b) / b for a, b in zip(losses + more, reference["losses"]))
     print(f"\nsharded 2x2x2 vs one device: loss rel {rel:.1e} (2 steps), parameters after a step {diff:.1e} of "
