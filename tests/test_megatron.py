@@ -60,7 +60,7 @@ def test_head_grouped_qkv_splits_into_the_same_heads(heads):
     np.testing.assert_array_equal(order[qkv_layout.checkpoint_order(h, kh, e)], np.arange(x.shape[-1]))
 
 
-def test_every_fused_qkv_is_reordered_the_vit_stacked_and_back(f32_models):
+def test_every_fused_qkv_is_reordered_the_layers_stacked_and_back(f32_models):
     base = f32_models["cogvlm2"]  # CogVLM2's vision expert QKV has a bias, its ViT qkv a kernel [in, out]
     axes = layout.fused_qkv_axes(base.config)
     names = {"/".join(p[-2:]) for p in axes}
@@ -73,18 +73,24 @@ def test_every_fused_qkv_is_reordered_the_vit_stacked_and_back(f32_models):
     want = flatten_dict(param_shardings(base.config, mesh, MEGATRON_RULES))
     given = flatten_dict(base.params)
     held = flatten_dict(model.params)
-    blocks = base.config.vision.num_layers
+    stacks = {(): base.config.text.num_layers, ("vision", "transformer"): base.config.vision.num_layers}
     for path, a in held.items():
-        if path[:3] == ("vision", "transformer", "layers"):  # the ViT's blocks, stacked on a leading axis
-            first = ("vision", "transformer", "layers_0") + path[3:]
-            assert a.shape == (blocks,) + given[first].shape, path
+        # the decoder's layers and the ViT's blocks, stacked on a leading axis: layer i is layers_i
+        prefix = next((p for p in stacks if path[:len(p) + 1] == p + ("layers",)), None)
+        parts = [(path, a)]
+        if prefix is not None:
+            n, rest = stacks[prefix], path[len(prefix) + 1:]
+            first = prefix + ("layers_0",) + rest
+            assert a.shape == (n,) + given[first].shape, path
             assert a.sharding.spec == jax.sharding.PartitionSpec(None, *want[first].spec), path
-            continue
-        assert a.sharding == want[path], path
-        if path in axes:  # head-grouped
-            assert not np.array_equal(np.asarray(a), np.asarray(given[path])), path
+            parts = [(prefix + (f"layers_{i}",) + rest, np.asarray(a)[i]) for i in range(n)]
         else:
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(given[path]))
+            assert a.sharding == want[path], path
+        for part_path, part in parts:
+            if part_path in axes:  # head-grouped
+                assert not np.array_equal(np.asarray(part), np.asarray(given[part_path])), part_path
+            else:
+                np.testing.assert_array_equal(np.asarray(part), np.asarray(given[part_path]))
     back = flatten_dict(layout.to_checkpoint(model.params, base.config, "megatron"))
     assert set(back) == set(given)
     for path, a in back.items():
@@ -96,8 +102,8 @@ def test_load_reads_straight_into_the_megatron_layout(reference):
     fam = "cogvlm2"
     model = cogvlm_jax.load(os.path.join(fixture_dir(fam), "checkpoint"), mesh=mesh_of((1, 2, 2)),
                             layout="megatron", progress=False)
-    down = model.params["layers_0"]["mlp"]["language_mlp"]["down_proj"]["kernel"]  # [out=D, in=F]
-    assert down.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # split by its inputs
+    down = model.params["layers"]["mlp"]["language_mlp"]["down_proj"]["kernel"]  # [layer, out=D, in=F]
+    assert down.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # split by its inputs
     batch, logits, ids, _ = reference[fam]
     assert float(np.abs(model.forward(*batch) - logits).max()) <= MEGATRON_BOUND
 

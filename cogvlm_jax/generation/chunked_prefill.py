@@ -51,17 +51,18 @@ def mixed_step(model, tokens, token_positions, cache: kv_cache.KVCache, chunk_id
     chunk_mask = (row[None, :] & (jnp.arange(t)[None, :] <= start + jnp.arange(c)[:, None]))[None]  # [1, C, T]
     platform = model.execution.platform
 
-    def core(q, k, v, kv):
-        """q [1, S + C, H, E]; k, v [1, S + C, K, E]; kv: this layer's buffers [S, K, T, E]."""
+    def core(q, k, v, kv, layer):
+        """q [1, S + C, H, E]; k, v [1, S + C, K, E]; kv: the buffers [S, N, K, T, E] of every layer, of
+        which this one is ``layer``."""
         qd, kd, vd = (x[0, :s, None] for x in (q, k, v))  # the decode rows, [S, 1, ., E]
         qc, kc, vc = (x[0, s:] for x in (q, k, v))  # the chunk, [C, ., E]
-        kb, vb = (kv_cache.write_chunk(kv_cache.write(buf, new, index), chunk, slot, start)
+        kb, vb = (kv_cache.write_chunk(kv_cache.write(buf, new, index, layer), chunk, slot, start, layer)
                   for buf, new, chunk in ((kv[0], kd, kc), (kv[1], vd, vc)))
-        od = attention.attend_cache(qd, kb, vb, decode_mask, jnp.max(index) + 1, chunk=attention.CACHE_CHUNK,
-                                    platform=platform)
+        od = attention.attend_cache(qd, kb, vb, decode_mask, jnp.max(index) + 1, layer=layer,
+                                    chunk=attention.CACHE_CHUNK, platform=platform)
         k_row, v_row = (jax.lax.dynamic_slice_in_dim(b, slot, 1, axis=0) for b in (kb, vb))
-        oc = attention.attend_cache(qc[None], k_row, v_row, chunk_mask, start + c, chunk=attention.CACHE_CHUNK,
-                                    platform=platform)
+        oc = attention.attend_cache(qc[None], k_row, v_row, chunk_mask, start + c, layer=layer,
+                                    chunk=attention.CACHE_CHUNK, platform=platform)
         return jnp.concatenate([od[:, 0][None], oc], axis=1), (kb, vb)
 
     x = model.embed(jnp.concatenate([tokens, chunk_ids])[None])  # [1, S + C, D]

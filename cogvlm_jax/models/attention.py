@@ -66,10 +66,12 @@ def attend(q, k, v, mask=None, *, query_chunk: int | None = None, heads_major: b
     return out[:, :nq]
 
 
-def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK, platform: str = "cpu"):
+def attend_cache(q, k, v, mask, filled, *, layer=None, chunk: int = CACHE_CHUNK, platform: str = "cpu"):
     """Attention of a few queries over a heads-major cache, reading only its first ``filled`` slots.
 
-    q [B, Q, H, E]; k, v [B, K, T, E]; mask [B, Q, T]; ``filled`` a traced int: no row has a valid slot
+    q [B, Q, H, E]; k, v [B, K, T, E], or with ``layer`` (an int or a traced index) the buffers of every
+    layer [B, N, K, T, E], of which layer ``layer``'s slots are read where they lie (no copy of the
+    layer's cache first); mask [B, Q, T]; ``filled`` a traced int: no row has a valid slot
     at or after it (the largest write index + Q; the rows keep their own indices). A cache no longer
     than ``chunk`` is read whole; a longer one in blocks of ``chunk`` slots, ceil(filled / chunk) of
     them, in a ``while`` loop with an online softmax: a long, mostly empty cache costs what its filled
@@ -78,7 +80,10 @@ def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK, platform: s
     skipped.
     """
     b, nq, h, e = q.shape
-    kh, t = k.shape[1], k.shape[2]
+    kh, t = k.shape[-3], k.shape[-2]
+    if layer is not None and t <= chunk:
+        k, v = (jax.lax.dynamic_index_in_dim(x, layer, axis=1, keepdims=False) for x in (k, v))
+        layer = None
     if t <= chunk:
         return attend(q, k, v, mask, heads_major=True, platform=platform)
     qg = q.reshape(b, nq, kh, h // kh, e)
@@ -88,7 +93,12 @@ def attend_cache(q, k, v, mask, filled, *, chunk: int = CACHE_CHUNK, platform: s
     def block(c, carry):
         m, l, acc = carry  # running max, sum of exp, weighted values: [B, K, G, Q] (acc: + [E])
         start = jnp.minimum(c * chunk, t - chunk)
-        kc, vc, mc = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=2) for x in (k, v, mask))
+        if layer is None:
+            kc, vc = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=2) for x in (k, v))
+        else:  # [B, 1, K, chunk, E] of layer ``layer`` -> [B, K, chunk, E]
+            at = (0, layer, 0, start, 0)
+            kc, vc = (jax.lax.dynamic_slice(x, at, (b, 1, kh, chunk, e))[:, 0] for x in (k, v))
+        mc = jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=2)
         s = jnp.einsum("bqkge,bkse->bkgqs", *operands(q.dtype, qg, kc, platform=platform), precision=prec,
                        preferred_element_type=jnp.float32) * scale
         s = jnp.where(mc[:, None, None, :, :], s, _MASKED)

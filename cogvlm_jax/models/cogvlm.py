@@ -24,6 +24,7 @@ from cogvlm_jax.models.decoder import DecoderLayer
 from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, RMSNorm, _init
 from cogvlm_jax.models.quantize import SCALE, Quantization
+from cogvlm_jax.models.vision import STACKED
 
 Dtype = jnp.dtype
 
@@ -57,7 +58,10 @@ class CogVLM(nn.Module):
         self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=None,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab_table", None)))
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        self.layers = [layer(t, self.dtype, ex) for _ in range(t.num_layers)]
+        if ex.megatron:  # one layer, run under ``nn.scan`` over parameters stacked as ``layers``
+            self.layers = layer(t, self.dtype, ex, name=STACKED)
+        else:
+            self.layers = [layer(t, self.dtype, ex) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
         self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_in=True,  # HF's [V, D]
                              execution=ex)
@@ -89,28 +93,51 @@ class CogVLM(nn.Module):
             route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1, every_row_has_image)
         pos = positions.position_ids(token_type_ids, attention_mask)
         mask = positions.causal_mask(attention_mask)
-        x, kv, hidden = self.run_layers(x, route, pos, mask, cache)
+        x, kv, hidden = self.run_layers(x, route, pos, mask, cache, hidden=return_hidden)
         x = self.norm(x)
-        hidden = hidden[:-1] + (x,)
+        hidden = hidden[:-1] + (x,) if return_hidden else None
         if cache is not None:
             cache = kv_cache.advance(cache.replace(k=kv[0], v=kv[1]), attention_mask.astype(bool))
         logits = self.lm_head(x[:, -1] if last_only else x)
-        return logits, cache, (hidden if return_hidden else None)
+        return logits, cache, hidden
 
-    def run_layers(self, x, route, pos, mask, cache=None, **layer_kw):
-        """``x`` [B, L, D] through every decoder layer, each writing its keys/values into its own buffers of
-        ``cache`` (at ``cache.index``; None: no cache) -> (x, (keys, values) per layer or None, the hidden
-        states: the input and every layer's output). ``layer_kw``: ``attend_cache`` or ``core`` (see
-        ``DecoderLayer``). The cache's bookkeeping (``valid``, ``index``) is the caller's to advance."""
-        hidden, new_k, new_v = [x], [], []
+    def run_layers(self, x, route, pos, mask, cache=None, hidden: bool = False, **layer_kw):
+        """``x`` [B, L, D] through every decoder layer, each writing its keys/values into its layer of the
+        buffers of ``cache`` (at ``cache.index``; None: no cache) -> (x, the (keys, values) buffers or
+        None, with ``hidden`` the hidden states: the input and every layer's output, else None).
+        ``layer_kw``: ``attend_cache`` or ``core`` (see ``DecoderLayer``). The cache's bookkeeping
+        (``valid``, ``index``) is the caller's to advance.
+
+        In the Megatron layout the layers run as one layer under ``nn.scan`` over their stacked
+        parameters (the published 19B's 32 layers compile once), the cache buffers carried through the
+        scan and each layer's keys/values written in place at the scan's index."""
+        kv = None if cache is None else (cache.k, cache.v)
+        index = None if cache is None else cache.index
+        if self.execution.megatron:
+            return self._scan_layers(x, route, pos, mask, kv, index, hidden, **layer_kw)
+        states = [x]
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, route, pos, mask, kv, None if cache is None else cache.index, **layer_kw)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-            hidden.append(x)
-        return x, (None if cache is None else (tuple(new_k), tuple(new_v))), tuple(hidden)
+            x, kv = layer(x, route, pos, mask, kv, index, layer=i, **layer_kw)
+            states.append(x)
+        return x, kv, tuple(states) if hidden else None
+
+    def _scan_layers(self, x, route, pos, mask, kv, index, hidden, attend_cache=False, core=None):
+        """``run_layers`` of the Megatron layout: ``self.layers`` (one ``DecoderLayer``, its parameters
+        stacked on a leading axis) as the body of ``nn.scan`` over the layer index. The route, masks and
+        ``core`` are the same for every layer (closed over: ``route.split`` stays the Python ``True`` a
+        caller may give it); the carry is the residual stream and the cache buffers."""
+        n = self.config.text.num_layers
+
+        def step(layer, carry, i):
+            x, kv = carry
+            x, kv = layer(x, route, pos, mask, kv, index, attend_cache, core, i)
+            return (x, kv), (x if hidden else None)
+
+        scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True}, length=n,
+                       metadata_params={nn.PARTITION_NAME: None})
+        x_in = x
+        (x, kv), ys = scan(self.layers, (x, kv), jnp.arange(n, dtype=jnp.int32))
+        return x, kv, ((x_in,) + tuple(ys[i] for i in range(n))) if hidden else None
 
     def decode_step(self, tokens, token_positions, cache):
         """One text token per row: tokens [B], token_positions [B] -> (logits [B, V] float32, cache).

@@ -54,12 +54,13 @@ def _route(module: nn.Module, route: Optional[ExpertRoute], vision: Callable[[],
     return nn.cond(route.split, split, both, module, x, route)
 
 
-def _write_and_attend(q, k, v, mask, kv, write_index, attend_cache: bool, platform: str):
-    """Write the new keys/values into the cache (if any), then attend: -> (o [B, L, H, E], kv)."""
+def _write_and_attend(q, k, v, mask, kv, write_index, layer, attend_cache: bool, platform: str):
+    """Write the new keys/values into layer ``layer`` of the cache (if any), then attend:
+    -> (o [B, L, H, E], kv)."""
     if kv is not None:
-        kv = (kv_cache.write(kv[0], k, write_index), kv_cache.write(kv[1], v, write_index))
+        kv = (kv_cache.write(kv[0], k, write_index, layer), kv_cache.write(kv[1], v, write_index, layer))
     if attend_cache:  # the queries read the filled part of the (heads-major) cache
-        return attention.attend_cache(q, kv[0], kv[1], mask, jnp.max(write_index) + q.shape[1],
+        return attention.attend_cache(q, kv[0], kv[1], mask, jnp.max(write_index) + q.shape[1], layer=layer,
                                       chunk=attention.CACHE_CHUNK, platform=platform), kv
     return attention.attend(q, k, v, mask, platform=platform), kv
 
@@ -96,15 +97,17 @@ class VisionExpertAttention(nn.Module):
     execution: Execution = Execution()
 
     @nn.compact
-    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None):
+    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None,
+                 layer=0):
         """x [B, L, D]; route: the experts' tokens (None: all text); positions [B, L]; mask [B, L, L]
         (prefill) or [B, 1, T] (decode).
 
-        kv: this layer's (k, v) cache buffers or None; the new keys/values are written at
+        kv: the (k, v) cache buffers of every layer (``kv_cache.py``) or None; this layer is ``layer`` (an
+        int, or the traced index of a scan over layers) of them, and its new keys/values are written at
         ``write_index`` [B]. With ``attend_cache`` the queries read the cache (decode: only its filled
         part, up to the largest write index, see ``attention.attend_cache``), else only the fresh keys
-        (prefill). ``core``: instead of that, ``core(q, k, v, kv) -> (o, kv)`` writes and attends (the
-        chunked-prefill step, whose rows belong to different caches: ``chunked_prefill.py``).
+        (prefill). ``core``: instead of that, ``core(q, k, v, kv, layer) -> (o, kv)`` writes and attends
+        (the chunked-prefill step, whose rows belong to different caches: ``chunked_prefill.py``).
         Returns (output [B, L, D], updated (k, v) or None).
         """
         c, ex = self.cfg, self.execution
@@ -122,9 +125,9 @@ class VisionExpertAttention(nn.Module):
         k = apply_rope(k, positions, c.rope_theta).astype(self.dtype)
         v = v.astype(self.dtype)
         if core is None:
-            o, kv = _write_and_attend(q, k, v, mask, kv, write_index, attend_cache, ex.platform)
+            o, kv = _write_and_attend(q, k, v, mask, kv, write_index, layer, attend_cache, ex.platform)
         else:
-            o, kv = core(q, k, v, kv)
+            o, kv = core(q, k, v, kv, layer)
         o = o.reshape(b, n, h * e)
         return _route(self, route,
                       lambda: Dense(c.hidden_size, ("proj_in", "proj_out"), dtype=self.dtype, out_in=True,
@@ -141,10 +144,12 @@ class DecoderLayer(nn.Module):
     execution: Execution = Execution()
 
     @nn.compact
-    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None):
+    def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None,
+                 layer=0):
         eps = self.cfg.rms_norm_eps
         a, kv = VisionExpertAttention(self.cfg, self.dtype, self.execution, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x), route, positions, mask, kv, write_index, attend_cache, core)
+            RMSNorm(eps, name="input_layernorm")(x), route, positions, mask, kv, write_index, attend_cache, core,
+            layer)
         x = x + a
         x = x + VisionExpertMLP(self.cfg, self.dtype, self.execution, name="mlp")(
             RMSNorm(eps, name="post_attention_layernorm")(x), route)

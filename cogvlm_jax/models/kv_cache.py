@@ -1,12 +1,14 @@
 """The KV cache: an explicit pytree passed into prefill/decode and returned updated. Nothing else.
 
-Per layer, keys and values ``[B, K, T, E]`` (heads-major, T the fixed cache length: a decode step's
-attention reads each head's keys as one contiguous block, with no transpose of the cache), plus per
-row the slots that hold real tokens (``valid`` [B, T]; left padding leaves holes) and the next slot to
-write (``index`` [B]). Rows write at their own index, so a serving engine can hold requests of
-different lengths. Every leaf has the batch on axis 0.
+Keys and values, one buffer each for all layers, ``[B, N, K, T, E]`` (heads-major, T the fixed cache
+length: a decode step's attention reads each head's keys as one contiguous block, with no transpose of
+the cache), plus per row the slots that hold real tokens (``valid`` [B, T]; left padding leaves holes)
+and the next slot to write (``index`` [B]). Rows write at their own index, so a serving engine can hold
+requests of different lengths. Every leaf has the batch on axis 0. A layer writes and reads its own
+``layer`` of the buffers (a Python int in an unrolled stack, the scan's traced index in a stack of
+layers under ``nn.scan``: the same program for every layer, writing in place).
 
-Axis legend: B batch, T cache length, K kv heads, E head dim, n new tokens.
+Axis legend: B batch, N layers, T cache length, K kv heads, E head dim, n new tokens.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-# Logical axes of one layer's key (or value) buffer, for the sharding rules in ``axes.py``.
+# Logical axes of one layer's keys (or values), for the sharding rules in ``axes.py``; of the buffer of
+# every layer's, ``CACHE_AXES``: the layer axis whole on every device.
 KV_AXES = ("batch", "kv_heads", "length", "head_dim")
+CACHE_AXES = ("batch", None) + KV_AXES[1:]
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: tuple  # per layer [B, K, T, E]
-    v: tuple  # per layer [B, K, T, E]
+    k: jax.Array  # [B, N, K, T, E]
+    v: jax.Array  # [B, N, K, T, E]
     valid: jax.Array  # [B, T] bool
     index: jax.Array  # [B] int32
 
@@ -36,10 +40,14 @@ def kv_shape(batch: int, length: int, num_kv_heads: int, head_dim: int) -> tuple
     return (batch, num_kv_heads, length, head_dim)
 
 
+def cache_shape(num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int):
+    """The shape of the key (or value) buffer of every layer, in the order of ``CACHE_AXES``."""
+    return (batch, num_layers, num_kv_heads, length, head_dim)
+
+
 def init_cache(num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
-    shape = kv_shape(batch, length, num_kv_heads, head_dim)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+    shape = cache_shape(num_layers, batch, length, num_kv_heads, head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((batch,), jnp.int32))
 
 
@@ -49,15 +57,19 @@ def _write_rows(buf, new, index, axis: int):
         buf, new, index)
 
 
-def write(buf, new, index):
-    """One layer's buf [B, K, T, E] with new keys/values [B, n, K, E] written at slots index[b].. of row b."""
-    return _write_rows(buf, jnp.swapaxes(new, 1, 2), index, axis=1)
+def write(buf, new, index, layer):
+    """buf [B, N, K, T, E] with layer ``layer``'s new keys/values [B, n, K, E] written at slots index[b]..
+    of row b."""
+    new = jnp.swapaxes(new, 1, 2)[:, None]  # [B, 1, K, n, E]
+    zero = jnp.zeros((), jnp.int32)
+    return jax.vmap(lambda b, x, i: jax.lax.dynamic_update_slice(
+        b, x.astype(b.dtype), (jnp.asarray(layer, jnp.int32), zero, i, zero)))(buf, new, index)
 
 
-def write_chunk(buf, new, row, start):
-    """One layer's buf [B, K, T, E] with new [n, K, E] written into row ``row`` at slots start.. (those
-    past T are dropped: the padding of a prompt's last chunk, ``chunked_prefill.py``)."""
-    return buf.at[row, :, start + jnp.arange(new.shape[0])].set(new.astype(buf.dtype), mode="drop")
+def write_chunk(buf, new, row, start, layer):
+    """buf [B, N, K, T, E] with layer ``layer``'s new [n, K, E] written into row ``row`` at slots start..
+    (those past T are dropped: the padding of a prompt's last chunk, ``chunked_prefill.py``)."""
+    return buf.at[row, layer, :, start + jnp.arange(new.shape[0])].set(new.astype(buf.dtype), mode="drop")
 
 
 def advance(cache: KVCache, new_valid) -> KVCache:
@@ -71,8 +83,8 @@ def drop_left_padding(cache: KVCache, pads) -> KVCache:
     left-padded prompt's padding (never valid), no longer take room: the row's next write goes right
     after its last real token. Its keys and values keep their positions (they are not slot numbers), so
     attention sees the same tokens."""
-    roll = jax.vmap(lambda x, n: jnp.roll(x, -n, axis=1))  # [K, T, E] per row: slots are axis 1
-    return cache.replace(k=tuple(roll(x, pads) for x in cache.k), v=tuple(roll(x, pads) for x in cache.v),
+    roll = jax.vmap(lambda x, n: jnp.roll(x, -n, axis=2))  # [N, K, T, E] per row: slots are axis 2
+    return cache.replace(k=roll(cache.k, pads), v=roll(cache.v, pads),
                          valid=jax.vmap(lambda x, n: jnp.roll(x, -n))(cache.valid, pads), index=cache.index - pads)
 
 

@@ -8,9 +8,10 @@ Megatron program holds). In the exact layout both pass the tree through as it is
   them head-grouped (``models/qkv_layout.py``): the fused QKV weights and biases of the decoder (both
   experts) and of the ViT are reordered, each leaf one jitted gather whose output keeps the leaf's
   sharding.
-* The ViT's blocks ``vision/transformer/layers_{i}`` are stacked on a leading axis into
-  ``vision/transformer/layers`` (``models/vision.py`` runs them under ``nn.scan``), each stacked leaf one
-  jitted stack sharded as its blocks' leaves were, the new axis whole on every device.
+* The decoder's layers ``layers_{i}`` and the ViT's blocks ``vision/transformer/layers_{i}`` are stacked
+  on a leading axis into ``layers`` and ``vision/transformer/layers`` (``models/cogvlm.py`` and
+  ``models/vision.py`` run them under ``nn.scan``), each stacked leaf one jitted stack sharded as its
+  blocks' leaves were, the new axis whole on every device.
 
 The extra memory is one leaf (or one stack) at a time, and on a mesh over several processes every
 process runs the same programs. Abstract trees (``jax.ShapeDtypeStruct`` leaves, for ahead-of-time
@@ -33,7 +34,7 @@ from cogvlm_jax.models.cogvlm import logical_axes
 from cogvlm_jax.models.execution import LAYOUTS
 from cogvlm_jax.models.vision import STACKED
 
-_VIT = ("vision", "transformer")  # the path of the ViT's blocks
+_VIT = ("vision", "transformer")  # the path of the ViT's blocks (the decoder's layers are at the top)
 
 _QKV_AXES = {"qkv": "text", "vit_qkv": "vision"}  # the logical name of a fused QKV feature axis -> its tower
 
@@ -112,44 +113,55 @@ def _block_index(key: str):
     return int(key[len("layers_"):]) if key.startswith("layers_") and key[len("layers_"):].isdigit() else None
 
 
-def stack_vit(params, config: CogVLMConfig):
-    """``vision/transformer/layers_{i}/...`` -> ``vision/transformer/layers/...`` stacked over ``i``."""
+def _stacks(config: CogVLMConfig):
+    """(the path of a stack of blocks, their number): the decoder's layers and the ViT's blocks."""
+    return (((), config.text.num_layers), (_VIT, config.vision.num_layers))
+
+
+def stack_layers(params, config: CogVLMConfig):
+    """``layers_{i}/...`` (the decoder's) and ``vision/transformer/layers_{i}/...`` (the ViT's) ->
+    ``layers/...`` and ``vision/transformer/layers/...``, each stacked over ``i``."""
     flat = flatten_dict(params)
-    n = config.vision.num_layers
-    groups: dict[tuple, dict[int, tuple]] = {}
-    for path in list(flat):
-        if path[:2] == _VIT and len(path) > 2 and (i := _block_index(path[2])) is not None:
-            groups.setdefault(path[3:], {})[i] = path
-    for rest, paths in groups.items():
-        if sorted(paths) != list(range(n)):
-            raise ValueError(f"vision/transformer/layers_*/{'/'.join(rest)}: blocks {sorted(paths)}, "
-                             f"expected 0..{n - 1}")
-        leaves = [flat.pop(paths[i]) for i in range(n)]
-        first = leaves[0]
-        sharding = _stacked_sharding(getattr(first, "sharding", None))
-        if isinstance(first, jax.ShapeDtypeStruct):
-            stacked = jax.ShapeDtypeStruct((n,) + tuple(first.shape), first.dtype, sharding=sharding)
-        elif isinstance(first, np.ndarray):
-            stacked = np.stack(leaves)
-        else:
-            stacked = _stack(sharding)(*leaves)
-        del leaves
-        flat[_VIT + (STACKED,) + rest] = stacked
+    for prefix, n in _stacks(config):
+        k = len(prefix)
+        groups: dict[tuple, dict[int, tuple]] = {}
+        for path in list(flat):
+            if path[:k] == prefix and len(path) > k + 1 and (i := _block_index(path[k])) is not None:
+                groups.setdefault(path[k + 1:], {})[i] = path
+        for rest, paths in groups.items():
+            if sorted(paths) != list(range(n)):
+                raise ValueError(f"{'/'.join(prefix + ('layers_*',) + rest)}: blocks {sorted(paths)}, "
+                                 f"expected 0..{n - 1}")
+            leaves = [flat.pop(paths[i]) for i in range(n)]
+            first = leaves[0]
+            sharding = _stacked_sharding(getattr(first, "sharding", None))
+            if isinstance(first, jax.ShapeDtypeStruct):
+                stacked = jax.ShapeDtypeStruct((n,) + tuple(first.shape), first.dtype, sharding=sharding)
+            elif isinstance(first, np.ndarray):
+                stacked = np.stack(leaves)
+            else:
+                stacked = _stack(sharding)(*leaves)
+            del leaves
+            flat[prefix + (STACKED,) + rest] = stacked
     return unflatten_dict(flat)
 
 
-def unstack_vit(params, config: CogVLMConfig):
-    """The inverse of :func:`stack_vit`."""
+def unstack_layers(params, config: CogVLMConfig):
+    """The inverse of :func:`stack_layers`."""
     flat = flatten_dict(params)
-    n = config.vision.num_layers
-    for path in [p for p in flat if p[:3] == _VIT + (STACKED,)]:
-        w = flat.pop(path)
-        if isinstance(w, np.ndarray):
-            parts = list(w)
-        else:
-            parts = _unstack(n, _unstacked_sharding(w.sharding))(w)
-        for i, part in enumerate(parts):
-            flat[_VIT + (f"layers_{i}",) + path[3:]] = part
+    for prefix, n in _stacks(config):
+        k = len(prefix)
+        for path in [p for p in flat if p[:k + 1] == prefix + (STACKED,) and len(p) > k + 1]:
+            w = flat.pop(path)
+            if isinstance(w, jax.ShapeDtypeStruct):
+                sharding = _unstacked_sharding(getattr(w, "sharding", None))
+                parts = [jax.ShapeDtypeStruct(tuple(w.shape[1:]), w.dtype, sharding=sharding)] * n
+            elif isinstance(w, np.ndarray):
+                parts = list(w)
+            else:
+                parts = _unstack(n, _unstacked_sharding(w.sharding))(w)
+            for i, part in enumerate(parts):
+                flat[prefix + (f"layers_{i}",) + path[k + 1:]] = part
     return unflatten_dict(flat)
 
 
@@ -164,11 +176,11 @@ def to_program(params, config: CogVLMConfig, layout: str, quant=None):
     tree of a model quantized so (``models/quantize.py``): a fused QKV's scales are reordered with its rows."""
     if not _megatron(layout):
         return params
-    return stack_vit(_reorder(params, config, inverse=False, quant=quant), config)
+    return stack_layers(_reorder(params, config, inverse=False, quant=quant), config)
 
 
 def to_checkpoint(params, config: CogVLMConfig, layout: str, quant=None):
     """Parameters the programs of ``layout`` hold, in checkpoint order: the inverse of :func:`to_program`."""
     if not _megatron(layout):
         return params
-    return _reorder(unstack_vit(params, config), config, inverse=True, quant=quant)
+    return _reorder(unstack_layers(params, config), config, inverse=True, quant=quant)

@@ -43,9 +43,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def cache_shardings(cache: kv_cache.KVCache, mesh: Mesh):
-    """KV cache: batch over data (and fsdp), kv heads over tensor; per-row bookkeeping by batch."""
-    kv = lambda x: axes.named_sharding(kv_cache.KV_AXES, x.shape, mesh)  # noqa: E731
-    return kv_cache.KVCache(k=tuple(kv(x) for x in cache.k), v=tuple(kv(x) for x in cache.v),
+    """KV cache: batch over data (and fsdp), kv heads over tensor, layers whole; per-row bookkeeping by
+    batch."""
+    kv = lambda x: axes.named_sharding(kv_cache.CACHE_AXES, x.shape, mesh)  # noqa: E731
+    return kv_cache.KVCache(k=kv(cache.k), v=kv(cache.v),
                             valid=axes.named_sharding(("batch", "length"), cache.valid.shape, mesh),
                             index=axes.named_sharding(("batch",), cache.index.shape, mesh))
 
