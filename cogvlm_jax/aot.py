@@ -497,14 +497,69 @@ def _describe(s: _Spec) -> str:
 _OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
 
-def count_collectives(hlo_text: str) -> dict:
-    """Collectives in an HLO module's text by kind; an async ``-start`` / ``-done`` pair counts once. Each
-    computation is counted once: a loop body (the decode loop's step) counts as one step."""
-    counts = dict.fromkeys(COLLECTIVES, 0)
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(")  # a computation's first line (column 0)
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+                     r"|branch_computations=\{([^}]*)\}")
+_WHILE = re.compile(r"\swhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"%([\w.\-]+) = s32\[\][^=]*constant\((\d+)\)")
+_BOUND = re.compile(r"ROOT .*compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    comps, name = {}, None
     for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if m is not None:
-            counts[m.group(1)] += 1
+        if line and not line[0].isspace() and line.rstrip().endswith("{") and not line.startswith("HloModule"):
+            m = _HEADER.match(line)
+            name = m.group(1) if m else None
+            if name is not None:
+                comps[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            comps[name].append(line)
+    return comps
+
+
+def _trips(cond: list[str]) -> int:
+    """A loop condition's ``counter < N`` with N a constant: N trips (a scan's or a static fori_loop's,
+    whose counter starts at 0); any other condition (a loop until a value says stop): 1."""
+    constants = dict(m.groups() for line in cond if (m := _CONSTANT.search(line)))
+    for line in cond:
+        if (m := _BOUND.search(line)) and m.group(1) in constants:
+            return int(constants[m.group(1)])
+    return 1
+
+
+def count_collectives(hlo_text: str) -> dict:
+    """Collectives run per step of an HLO module, by kind; an async ``-start`` / ``-done`` pair counts
+    once. A loop over a fixed count (``nn.scan`` over stacked layers or blocks) counts its body that
+    many times; any other loop's body (the decode loop's step, the decode attention's walk over the
+    cache) counts once: one step."""
+    comps = _computations(hlo_text)
+    calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}  # callee -> (caller, trips)
+    for caller, lines in comps.items():
+        for line in lines:
+            loop = _WHILE.search(line)
+            trips = _trips(comps.get(loop.group(1), [])) if loop else 1
+            for m in _CALLED.finditer(line):
+                names = [m.group(1)] if m.group(1) else [n.strip().lstrip("%") for n in m.group(2).split(",")]
+                for callee in names:
+                    if callee in calls:
+                        calls[callee].append((caller, trips if loop and callee == loop.group(2) else 1))
+    times: dict[str, int] = {}
+
+    def run(c, seen=()):
+        if c not in times:
+            callers = [(a, t) for a, t in calls[c] if a not in seen]
+            times[c] = sum(run(a, seen + (c,)) * t for a, t in callers) if callers else 1  # the entry: once
+        return times[c]
+
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    for c, lines in (comps or {"": hlo_text.splitlines()}).items():
+        for line in lines:
+            m = _OP.search(line)
+            if m is not None:
+                counts[m.group(1)] += run(c) if c in calls else 1
     return counts
 
 

@@ -61,7 +61,7 @@ def test_the_tpu_program_makes_the_tpu_choices(decode_v5e):
     assert not any(k.startswith("xla_cpu") for k in r.compiler_options), r.compiler_options
     assert r.compiler_options == {}
     cache = decode_v5e.out_info.cache
-    assert {x.dtype for x in cache.k + cache.v} == {jnp.dtype(jnp.bfloat16)}
+    assert {cache.k.dtype, cache.v.dtype} == {jnp.dtype(jnp.bfloat16)}
     assert "opt-barrier" not in decode_v5e.as_text()
 
 
