@@ -57,6 +57,7 @@ from cogvlm_jax.config import CogVLMConfig, load_config  # noqa: E402
 from cogvlm_jax.generation.buckets import round_up  # noqa: E402
 from cogvlm_jax.parallel import compile_cache  # noqa: E402
 from cogvlm_jax.parallel.axes import make_mesh  # noqa: E402
+from cogvlm_jax.models.vision import SCAN_SCOPE  # noqa: E402
 
 INSTALL = "pip install 'cogvlm-jax[aot]'"
 GiB = 2 ** 30
@@ -521,8 +522,7 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
 
 
 def _trips(cond: list[str]) -> int:
-    """A loop condition's ``counter < N`` with N a constant: N trips (a scan's or a static fori_loop's,
-    whose counter starts at 0); any other condition (a loop until a value says stop): 1."""
+    """A loop condition's ``counter < N`` with N a constant: N trips (a scan's counter starts at 0)."""
     constants = dict(m.groups() for line in cond if (m := _CONSTANT.search(line)))
     for line in cond:
         if (m := _BOUND.search(line)) and m.group(1) in constants:
@@ -532,14 +532,17 @@ def _trips(cond: list[str]) -> int:
 
 def count_collectives(hlo_text: str) -> dict:
     """Collectives run per step of an HLO module, by kind; an async ``-start`` / ``-done`` pair counts
-    once. A loop over a fixed count (``nn.scan`` over stacked layers or blocks) counts its body that
-    many times; any other loop's body (the decode loop's step, the decode attention's walk over the
-    cache) counts once: one step."""
+    once. A loop of ``nn.scan`` over stacked layers or blocks (under the name scope ``SCAN_SCOPE``, with a
+    constant trip count) counts its body as many times as it runs; any other loop's body (the decode
+    loop's step, the engine's decode chunk, the decode attention's walk over the cache) counts once:
+    one step."""
     comps = _computations(hlo_text)
     calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}  # callee -> (caller, trips)
     for caller, lines in comps.items():
         for line in lines:
             loop = _WHILE.search(line)
+            if loop and f"/{SCAN_SCOPE}/while\"" not in line:  # the scan's own loop, not one in its body
+                loop = None
             trips = _trips(comps.get(loop.group(1), [])) if loop else 1
             for m in _CALLED.finditer(line):
                 names = [m.group(1)] if m.group(1) else [n.strip().lstrip("%") for n in m.group(2).split(",")]

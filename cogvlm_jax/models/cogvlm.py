@@ -24,7 +24,7 @@ from cogvlm_jax.models.decoder import DecoderLayer
 from cogvlm_jax.models.execution import Execution
 from cogvlm_jax.models.layers import Dense, RMSNorm, _init
 from cogvlm_jax.models.quantize import SCALE, Quantization
-from cogvlm_jax.models.vision import STACKED
+from cogvlm_jax.models.vision import SCAN_SCOPE, STACKED
 
 Dtype = jnp.dtype
 
@@ -136,7 +136,8 @@ class CogVLM(nn.Module):
         scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True}, length=n,
                        metadata_params={nn.PARTITION_NAME: None})
         x_in = x
-        (x, kv), ys = scan(self.layers, (x, kv), jnp.arange(n, dtype=jnp.int32))
+        with jax.named_scope(SCAN_SCOPE):
+            (x, kv), ys = scan(self.layers, (x, kv), jnp.arange(n, dtype=jnp.int32))
         return x, kv, ((x_in,) + tuple(ys[i] for i in range(n))) if hidden else None
 
     def decode_step(self, tokens, token_positions, cache):

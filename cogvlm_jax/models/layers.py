@@ -143,10 +143,11 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Llama RMSNorm, always computed in float32 and cast back to the input dtype."""
+    """Llama RMSNorm, always computed in float32 and cast back to the input dtype. The scale's logical
+    axis is ``"norm"``: held whole on every device (``parallel/axes.py``), so no program gathers it."""
 
     eps: float = 1e-5
-    axis_name: str = "embed"
+    axis_name: str = "norm"
 
     @nn.compact
     def __call__(self, x):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cogvlm_jax.config import VisionConfig
@@ -122,8 +123,9 @@ class Transformer(nn.Module):
         if self.execution.megatron:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             length=self.cfg.num_layers, metadata_params={nn.PARTITION_NAME: None})
-            x, _ = stack(self.cfg, self.dtype, self.query_chunk, self.execution, scan_step=True,
-                         name=STACKED)(x, None)
+            with jax.named_scope(SCAN_SCOPE):
+                x, _ = stack(self.cfg, self.dtype, self.query_chunk, self.execution, scan_step=True,
+                             name=STACKED)(x, None)
             return x
         for i in range(self.cfg.num_layers):
             x = block(self.cfg, self.dtype, self.query_chunk, self.execution, name=f"layers_{i}")(x)
@@ -131,3 +133,6 @@ class Transformer(nn.Module):
 
 
 STACKED = "layers"  # the name of the stacked blocks in a Megatron program's ``vision/transformer``
+# the name scope of every ``nn.scan`` over stacked layers or blocks: a compiled program's loops from it run
+# their body once per layer (``aot.count_collectives`` counts them so)
+SCAN_SCOPE = "scan_over_layers"

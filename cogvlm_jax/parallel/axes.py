@@ -47,6 +47,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     # decoder weights: fsdp shards the model width, tensor the heads / mlp / vocab
     "embed": ("fsdp",),
+    # the decoder's norm scales, whole on every device (a vector per layer: sharding them saves nothing,
+    # and a layer under ``nn.scan`` would gather its slice of the stacked scales with an all-reduce)
+    "norm": (),
     "qkv": ("tensor",),
     "mlp": ("tensor",),
     "proj_in": ("fsdp",),  # the input features of a projection back to the model width (heads or mlp)
