@@ -23,7 +23,7 @@ import numpy as np
 
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.models import kv_cache, positions
-from cogvlm_jax.models.cogvlm import CogVLM
+from cogvlm_jax.models.cogvlm import CogVLM, text_params
 from cogvlm_jax.parallel import rows
 from cogvlm_jax.parallel.sharding import cache_shardings
 
@@ -167,8 +167,9 @@ def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pi
 
 def decode_step(model: CogVLM, params, token, position, cache):
     """One token per row through the model: ``token`` [B] at ``position`` [B], its keys and values written
-    into ``cache`` -> (the logits that choose the next token [B, V], cache)."""
-    return model.apply({"params": params}, token, position, cache, method=CogVLM.decode_step)
+    into ``cache`` -> (the logits that choose the next token [B, V], cache). Only the parameters it reads
+    are handed in (``text_params``)."""
+    return model.apply({"params": text_params(params)}, token, position, cache, method=CogVLM.decode_step)
 
 
 def decode_one(model: CogVLM, params, s: DecodeState, eos_ids, pad_id, do_sample: bool) -> DecodeState:

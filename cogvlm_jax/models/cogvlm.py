@@ -154,6 +154,19 @@ class CogVLM(nn.Module):
         return self.lm_head(self.norm(x))[:, 0], cache
 
 
+_VISION_ONLY = frozenset({"vision", "vision_expert_query_key_value", "vision_expert_dense", "vision_mlp"})
+
+
+def text_params(params):
+    """``params`` without what a text-only step (``CogVLM.decode_step``) never reads: the vision tower and
+    the decoder's vision experts. A step inside a loop (the decode loop) reads the loop's parameters as
+    constants of the loop; a scan over stacked layers inside it takes every leaf of the stacked layer, so
+    without this the unread vision experts stay arguments of the program."""
+    if not hasattr(params, "items"):  # a leaf
+        return params
+    return {k: text_params(v) for k, v in params.items() if k not in _VISION_ONLY}
+
+
 def _dummy_inputs(config: CogVLMConfig, batch: int = 1):
     n = config.num_image_tokens + 2
     ids = jnp.zeros((batch, n), jnp.int32)
