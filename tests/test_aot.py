@@ -98,6 +98,15 @@ def test_fsdp_gathers_weights_and_never_adds_partial_sums(mesh):
         assert per["all-reduce"] == 0 and per["all-gather"] > 0, (layout, per)
 
 
+def test_the_decode_loop_reads_only_the_weights_a_text_step_uses():
+    """The decode loop's arguments are the language weights and the cache: the decoder's stacked layers
+    under ``nn.scan`` (Megatron) keep no vision-expert leaf as an argument, as the unrolled layers do not."""
+    args = {layout: aot.report(aot.compile_for(tiny(), **{**DECODE, "program": "decode", "layout": layout}))
+            for layout in ("megatron", "exact")}
+    assert args["megatron"].argument_bytes <= args["exact"].argument_bytes, {
+        k: (r.argument_bytes, r.input_bytes) for k, r in args.items()}
+
+
 def test_the_exact_layout_stays_selectable():
     """The exact layout splits no contraction (no all-reduce of partial sums), on the TPU target too."""
     per = aot.layer_collectives(tiny(), **{**DECODE, "layout": "exact"})
