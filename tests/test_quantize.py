@@ -256,10 +256,13 @@ def test_sharded_int8_equals_one_device_int8(layout, shape, quantized, batches):
         m = cogvlm_jax.Model(one.config, cogvlm_jax.load(_paths(fam)[0], progress=False).params, mesh=mesh,
                              layout=layout, quantize="int8")
         flat = flatten_dict(m.params)
-        k = flat[("layers_0", "mlp", "language_mlp", "gate_proj", "kernel")]
-        s = flat[("layers_0", "mlp", "language_mlp", "gate_proj", ql.SCALE)]
+        # the Megatron layout holds the decoder's layers stacked on a leading axis (``layers``)
+        layer, out = (("layers",), 1) if layout == "megatron" else (("layers_0",), 0)
+        k = flat[layer + ("mlp", "language_mlp", "gate_proj", "kernel")]
+        s = flat[layer + ("mlp", "language_mlp", "gate_proj", ql.SCALE)]
         assert k.dtype == jnp.int8 and len(k.sharding.device_set) == int(np.prod(shape))
-        assert s.sharding.spec[0] == k.sharding.spec[0]  # the output channels' split
+        split = lambda x: (tuple(x.sharding.spec) + (None,) * x.ndim)[out]  # noqa: E731
+        assert split(s) == split(k)  # the output channels' split
         err = float(np.abs(m.forward(*batch) - one.forward(*batch)).max())
         print(f"\n{fam} {layout} {shape} int8: max |sharded - one device| = {err:.2e}")
         assert err <= 1e-4
