@@ -29,7 +29,7 @@ LOCATE_PROMPT = "Where is {}? answer in [[x0,y0,x1,y1]] format."
 
 SCALE = 1000  # coordinates run 0..SCALE-1
 _GROUP = re.compile(r"\[\[([^\[\]]*)\]\]")
-_BOX = re.compile(r"\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*")
+_BOX = re.compile(r"\s*([0-9]{1,4})\s*,\s*([0-9]{1,4})\s*,\s*([0-9]{1,4})\s*,\s*([0-9]{1,4})\s*")  # ASCII digits
 # Outline colours, cycled over the boxes of one picture.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 

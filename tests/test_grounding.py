@@ -42,7 +42,7 @@ def test_out_of_range_is_clamped_and_swapped_corners_are_ordered():
 @pytest.mark.parametrize("text", [
     "", "no boxes here", "[[]]", "[[1,2,3]]", "[[1,2,3,4,5]]", "[[a,b,c,d]]", "[[1.5,2,3,4]]", "[[-1,0,5,5]]",
     "[[12345,0,1,1]]", "[[1,2,3,4", "1,2,3,4]]", "[1,2,3,4]", "[[1,2;3,4]]", "[[10,20]]", "[[1,,2,3,4]]",
-    "[[1,2,3,4,]]", "[[\n]]", "[[;;;]]", "[[" * 500,
+    "[[1,2,3,4,]]", "[[\n]]", "[[;;;]]", "[[" * 500, "[[\u0663,1,2,3]]",
 ])
 def test_malformed_box_text_is_ignored(text):
     assert parse_boxes(text, (640, 480)) == []
