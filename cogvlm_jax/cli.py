@@ -238,7 +238,10 @@ def _write_boxes(path: str, fmt: str, image, answer: str) -> None:
 def cmd_generate(args) -> int:
     mesh = multihost.init_from_args(args)
     out = _out()
-    image = _image(args.image)  # fail on a bad image before loading the model
+    images = [_image(path) for path in args.image or ()]  # fail on a bad image before loading the model
+    image = images[0] if len(images) == 1 else images or None
+    if args.boxes_out is not None and len(images) > 1:
+        raise ValueError(f"--boxes-out draws on one picture; {len(images)} --image given")
     boxes_format = None if args.boxes_out is None else _boxes_format(args.boxes_out, image)
     model = _load(args, mesh)
     answer = []
@@ -552,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one question about an image, streamed")
     _add_model_args(g)
-    g.add_argument("--image", help="image file (omit for a text-only prompt)")
+    g.add_argument("--image", action="append", help="image file (omit for a text-only prompt); repeat it for "
+                   "several images, one span each in the order given")
     g.add_argument("--prompt", required=True)
     g.add_argument("--boxes-out", metavar="PATH",
                    help="write the image with the answer's [[x0,y0,x1,y1]] boxes drawn (grounding models; the "

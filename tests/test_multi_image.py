@@ -130,3 +130,21 @@ def test_generate_greedy_first_token_follows_the_forward_logits(two_images):
     first = m.chat([IMG0, IMG1], "Which one is red?", max_new_tokens=1)
     eos = m.config.eos_token_ids
     assert first == ("" if int(ids[0, 0]) in eos else m.tokenizer.decode([int(ids[0, 0])]))
+
+
+def test_generate_takes_image_repeated_in_order(monkeypatch, capsys):
+    import cogvlm_jax.api
+    from cogvlm_jax import cli
+    from PIL import Image
+
+    seen = []
+    monkeypatch.setattr(cogvlm_jax.api.Model, "stream", lambda self, image, *a, **k: seen.append(image) or iter(["ok"]))
+    d = fixture_dir("cogvlm2")
+    base = ["generate", "--model", os.path.join(d, "checkpoint"), "--tokenizer", os.path.join(d, "tokenizer"),
+            "--prompt", "Which?"]
+    assert cli.cmd_generate(cli.build_parser().parse_args(base + ["--image", IMG1, "--image", IMG0])) == 0
+    assert capsys.readouterr().out == "ok\n"
+    assert [np.asarray(im).tolist() for im in seen[0]] == [np.asarray(Image.open(p).convert("RGB")).tolist()
+                                                          for p in (IMG1, IMG0)]
+    with pytest.raises(ValueError, match="--boxes-out draws on one picture; 2 --image given"):
+        cli.cmd_generate(cli.build_parser().parse_args(base + ["--image", IMG1, "--image", IMG0, "--boxes-out", "x.png"]))

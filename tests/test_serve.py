@@ -172,7 +172,7 @@ def test_messages_map_onto_the_template():
         {"role": "user", "content": [{"type": "text", "text": "C?"},
                                      {"type": "image_url", "image_url": {"url": "data:b"}}]},
     ])
-    assert (q, history, image) == ("B?\nC?", [("Be brief.\nA?", "a")], "data:b")
+    assert (q, history, image) == ("B?\nC?", [("Be brief.\nA?", "a")], ["data:a", "data:b"])
     for bad, match in (([], "non-empty"), ([{"role": "assistant", "content": "x"}], "must follow a user"),
                        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "last message"),
                        ([{"role": "tool", "content": "x"}], "unsupported role"),
@@ -752,6 +752,23 @@ def test_sigterm_stops_accepting_drains_and_exits_0(model):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_every_image_of_every_user_message_is_a_span_in_order(model, server):
+    """Three images over two user messages: the prompt holds three spans, history's first, and the answer
+    is Model.chat's with the same images."""
+    def image_part(path):
+        return {"type": "image_url", "image_url": {"url": data_url(path)}}
+
+    msgs = [{"role": "user", "content": [image_part(IMG0), {"type": "text", "text": "Look."}]},
+            {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": [image_part(IMG1), {"type": "text", "text": "Which is red?"}, image_part(IMG0)]}]
+    r = client(server).chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=0)
+    history = [("Look.", "Yes.", IMG0)]
+    x = model.build_inputs("Which is red?", history, [IMG1, IMG0])
+    assert x["pixel_values"].shape[0] == 3 and int(x["token_type_ids"].sum()) == 3 * model.config.num_image_tokens
+    assert r.usage.prompt_tokens == len(x["input_ids"])
+    assert r.choices[0].message.content == model.chat([IMG1, IMG0], "Which is red?", history, max_new_tokens=6)
 
 
 # ----------------------------------------------------------------------------------------- the page
