@@ -112,24 +112,23 @@ def test_the_second_span_holds_the_second_images_features_and_routes_per_span(tw
     assert mask.astype(int).tolist() == [0] + ([1] * (n - 1) + [0]) * 2 + [0] * (len(tt[0]) - 1 - 2 * n)
     pos = positions.position_ids(tt, jnp.ones_like(tt), n)[0].tolist()
     assert pos[:1 + 2 * n + 1] == [0, 1] + [2] * (n - 2) + [3, 4] + [5] * (n - 2) + [6, 7]
-    feats = jax.jit(lambda p, pv: module.apply({"params": p}, pv, method=type(module).encode_images))(
-        params, jnp.asarray(x["pixel_values"][1:2]))
     # the decoder's input (the spliced embeddings) on the second span: the second image's features
-    inputs = jax.jit(lambda p, ids, tt, pv: module.apply({"params": p}, ids, tt, jnp.ones_like(tt), pv,
-                                                          return_hidden=True)[2][0])(
-        params, jnp.asarray(x["input_ids"][None]), tt, jnp.asarray(x["pixel_values"][None]))
+    def spliced_and_second(p, ids, tt, pv):
+        second = module.apply({"params": p}, pv[0, 1:2], method=type(module).encode_images)
+        return module.apply({"params": p}, ids, tt, jnp.ones_like(tt), pv, return_hidden=True)[2][0], second
+
+    inputs, feats = jax.jit(spliced_and_second)(params, jnp.asarray(x["input_ids"][None]), tt,
+                                                jnp.asarray(x["pixel_values"][None]))
     np.testing.assert_allclose(np.asarray(inputs[0, 1 + n:1 + 2 * n]), np.asarray(feats[0]), rtol=0, atol=1e-6)
 
 
-def test_generate_greedy_first_token_follows_the_forward_logits(two_images):
+def test_chat_greedy_first_token_follows_the_forward_logits(two_images):
+    """chat builds the same two-span prompt from a list of images, and its prefill's next position and
+    routing give the token the forward's last logits choose."""
     m, x, logits = two_images
-    ids = m.generate(x["input_ids"][None], x["token_type_ids"][None], x["attention_mask"][None],
-                     x["pixel_values"][None], max_new_tokens=1)
-    assert int(ids[0, 0]) == int(np.argmax(logits[-1]))
-    # chat builds the same prompt from a list of images
-    first = m.chat([IMG0, IMG1], "Which one is red?", max_new_tokens=1)
-    eos = m.config.eos_token_ids
-    assert first == ("" if int(ids[0, 0]) in eos else m.tokenizer.decode([int(ids[0, 0])]))
+    first = int(np.argmax(logits[-1]))
+    want = "" if first in m.config.eos_token_ids else m.tokenizer.decode([first])
+    assert m.chat([IMG0, IMG1], "Which one is red?", max_new_tokens=1) == want
 
 
 def test_generate_takes_image_repeated_in_order(monkeypatch, capsys):
