@@ -141,27 +141,34 @@ class Model:
         v = self.config.text.vocab_size
         if ids.size and (ids.min() < 0 or ids.max() >= v):
             raise InputError(f"input_ids outside the vocabulary [0, {v}): min {ids.min()}, max {ids.max()}")
-        if ids.shape[1] > self.config.context_length:
-            raise InputError(f"prompt of {ids.shape[1]} tokens exceeds max_length {self.config.context_length}")
         n_img = self.config.num_image_tokens
         tt = np.where(am.astype(bool), tt, 0)
         counts = tt.sum(axis=1)
+        if ids.shape[1] > self.config.context_length:
+            images = f" ({counts.max() // n_img} images of {n_img} tokens each)" if counts.any() else ""
+            raise InputError(f"prompt of {ids.shape[1]} tokens{images} exceeds max_length {self.config.context_length}")
         for row, c in enumerate(counts):
-            if c not in (0, n_img):
+            if c % n_img:
                 raise InputError(f"row {row} has {c} image tokens (token_type_ids == 1); one image takes exactly "
                                  f"{n_img} (boi + {n_img - 2} + eoi), text-only rows none")
-            if c:
-                span = np.flatnonzero(tt[row])
-                if span[-1] - span[0] + 1 != c:
-                    raise InputError(f"row {row}: the image tokens are not one contiguous span")
+            if c:  # each run of image tokens: whole images side by side
+                edges = np.diff(np.concatenate([[0], tt[row], [0]]))
+                runs = np.flatnonzero(edges < 0) - np.flatnonzero(edges > 0)
+                if np.any(runs % n_img):
+                    raise InputError(f"row {row}: a run of {runs[runs % n_img != 0][0]} image tokens is not whole "
+                                     f"images of {n_img}")
         pv = None
         if counts.any():
             if pixel_values is None:
                 raise InputError("token_type_ids mark image tokens but pixel_values is None")
             pv = np.asarray(pixel_values, np.float32)
             s = self.config.vision.image_size
-            want = (ids.shape[0], self.config.vision.in_channels, s, s)
-            if pv.shape != want:
+            most = int(counts.max()) // n_img
+            one = (ids.shape[0], self.config.vision.in_channels, s, s)
+            if pv.ndim == 5 and pv.shape[0] == one[0] and pv.shape[1] >= most and pv.shape[2:] == one[1:]:
+                pass  # several images per row: [B, N, 3, S, S], N at least the most a row holds
+            elif pv.shape != one or most > 1:
+                want = one if most == 1 else (one[0], most, *one[1:])
                 raise InputError(f"pixel_values must have shape {want}, got {pv.shape}")
         return ids.astype(np.int32), tt.astype(np.int32), am.astype(np.int32), pv
 
@@ -207,7 +214,8 @@ class Model:
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
         if self.mesh is not None:  # per-row settings live with their rows
             sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
-        every_row = pv is not None and bool((tt.sum(axis=1) > 0).all())  # _check: each is one whole image
+        # _check: each row is whole images; the model takes the one-run split only with one image per row
+        every_row = pv is not None and bool((tt.sum(axis=1) > 0).all())
         state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=buffer,
                                       cache_length=length + round_up(buffer, 16), collect_logits=collect_logits,
                                       every_row_has_image=every_row)
@@ -260,6 +268,8 @@ class Model:
 
     def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS):
         """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None).
+        ``image``: one image or a list (``[N, 3, S, S]`` pixels, one span each); ``history`` turns may
+        carry their image as ``(q, a, image)`` (see ``inputs.preprocess.build_inputs``).
 
         ``max_image_pixels``: an image file declaring more pixels is refused before it is decoded
         (``preprocess.ImageTooLargeError``); None: no limit but PIL's own.
@@ -279,7 +289,8 @@ class Model:
 
     def chat(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
              top_k=None, top_p=None, seed=0) -> str:
-        """The answer to ``query`` about ``image`` (or None) after ``history`` [(q, a), ...]; without
+        """The answer to ``query`` about ``image`` (None, one, or a list) after ``history`` [(q, a) or
+        (q, a, image), ...]; without
         ``max_new_tokens``, until eos or the context is full."""
         return "".join(self.stream(image, query, history, template, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))

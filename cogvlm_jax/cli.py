@@ -209,15 +209,49 @@ def _out():
     return answer
 
 
+def _boxes_format(path: str, image) -> str:
+    """The PIL format ``--boxes-out PATH`` is written in (from its extension), checked before the model
+    loads: an image to draw on, a known extension, an existing folder."""
+    from PIL import Image
+
+    if image is None:
+        raise ValueError("--boxes-out needs --image: the boxes are drawn on the picture asked about")
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"--boxes-out {path}: unknown image extension (use .png, .jpg, .webp, ...)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--boxes-out {path}: folder {parent} does not exist")
+    return fmt
+
+
+def _write_boxes(path: str, fmt: str, image, answer: str) -> None:
+    """The picture with the answer's boxes drawn, written atomically; how many is said on stderr."""
+    from cogvlm_jax.grounding import draw_boxes, parse_boxes
+
+    boxes = parse_boxes(answer, image.size)
+    with files.atomic_file(path, "wb") as f:
+        draw_boxes(image, boxes).save(f, format=fmt)
+    print(f"cogvlm-jax generate: {len(boxes)} box{'es' * (len(boxes) != 1)} drawn in {path}", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     mesh = multihost.init_from_args(args)
     out = _out()
-    image = _image(args.image)  # fail on a bad image before loading the model
+    images = [_image(path) for path in args.image or ()]  # fail on a bad image before loading the model
+    image = images[0] if len(images) == 1 else images or None
+    if args.boxes_out is not None and len(images) > 1:
+        raise ValueError(f"--boxes-out draws on one picture; {len(images)} --image given")
+    boxes_format = None if args.boxes_out is None else _boxes_format(args.boxes_out, image)
     model = _load(args, mesh)
+    answer = []
     for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
+        answer.append(piece)
         out.write(piece)
         out.flush()
     out.write("\n")
+    if boxes_format is not None and multihost.is_main_process():
+        _write_boxes(args.boxes_out, boxes_format, image, "".join(answer))
     return 0
 
 
@@ -521,8 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one question about an image, streamed")
     _add_model_args(g)
-    g.add_argument("--image", help="image file (omit for a text-only prompt)")
+    g.add_argument("--image", action="append", help="image file (omit for a text-only prompt); repeat it for "
+                   "several images, one span each in the order given")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--boxes-out", metavar="PATH",
+                   help="write the image with the answer's [[x0,y0,x1,y1]] boxes drawn (grounding models; the "
+                        "format from the extension), replaced atomically")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="multi-turn chat about an image")

@@ -21,12 +21,18 @@ def _model_args(family):
     return ["--model", os.path.join(d, "checkpoint"), "--tokenizer", os.path.join(d, "tokenizer")]
 
 
-def test_generate_streams_the_greedy_answer(f32_models):
+def test_generate_streams_the_greedy_answer(f32_models, tmp_path):
+    """...and with --boxes-out writes the input picture, at its size, with the answer's boxes drawn."""
+    from PIL import Image
+
+    from cogvlm_jax.grounding import draw_boxes, parse_boxes
+
     family = "cogvlm1"
     case = next(c for c in cases(family) if c["name"] == "chat_image")
     image = os.path.join(fixture_dir(family), "images", case["image"])
+    boxes_out = tmp_path / "boxes.jpg"
     r = _run("generate", *_model_args(family), "--image", image, "--prompt", case["query"],
-             "--max-new-tokens", str(case["max_new_tokens"]))
+             "--max-new-tokens", str(case["max_new_tokens"]), "--boxes-out", str(boxes_out))
     assert r.returncode == 0, r.stderr
     tok = f32_models[family].tokenizer
     ids = [int(i) for i in case["arrays"]["generated_ids"]]
@@ -34,6 +40,14 @@ def test_generate_streams_the_greedy_answer(f32_models):
     if any(i in eos for i in ids):
         ids = ids[:min(ids.index(e) for e in eos if e in ids)]
     assert r.stdout == tok.decode(ids) + "\n"
+    src = Image.open(image).convert("RGB")
+    drawn = Image.open(boxes_out)
+    assert drawn.format == "JPEG" and drawn.size == src.size
+    boxes = parse_boxes(r.stdout, src.size)
+    assert f"{len(boxes)} box" in r.stderr
+    want = draw_boxes(src, boxes)
+    want.save(tmp_path / "want.jpg", format="JPEG")
+    assert (Image.open(tmp_path / "want.jpg").tobytes() == drawn.tobytes())
 
 
 def test_chat_repl_keeps_history(f32_models):

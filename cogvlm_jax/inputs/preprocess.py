@@ -132,9 +132,7 @@ def build_prompt(query: str, history: Sequence[Sequence[str]] = (), template: st
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
-    pairs = None if isinstance(history, str) else tuple(history)
-    if pairs is None or any(isinstance(t, str) or len(t) != 2 for t in pairs):
-        raise ValueError(f"history must be a sequence of (question, answer) pairs, got {history!r}")
+    pairs, _ = split_history(history)
     if template == "base":
         return query
     ask = ANSWER_PROMPTS[template]
@@ -142,8 +140,25 @@ def build_prompt(query: str, history: Sequence[Sequence[str]] = (), template: st
     return f"{turns}Question: {query} {ask}"
 
 
+def _images(image) -> list:
+    """One image, None, or a list / tuple of images -> a list of images."""
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def split_history(history) -> tuple[tuple[tuple[str, str], ...], list]:
+    """History turns ``(question, answer)`` or ``(question, answer, image)`` (the image of that turn: one,
+    a list, or None) -> (the (question, answer) pairs, the turns' images in order)."""
+    turns = None if isinstance(history, str) else tuple(history)
+    if turns is None or any(isinstance(t, str) or len(t) not in (2, 3) for t in turns):
+        raise ValueError(f"history must be a sequence of (question, answer) or (question, answer, image) turns, "
+                         f"got {history!r}")
+    return tuple((t[0], t[1]) for t in turns), [im for t in turns if len(t) == 3 for im in _images(t[2])]
+
+
 def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]] = (),
-                 image: ImageLike | None = None, template: str | None = None,
+                 image: ImageLike | Sequence[ImageLike] | None = None, template: str | None = None,
                  answer: str | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
     """One unbatched prompt as numpy arrays.
 
@@ -152,9 +167,17 @@ def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]]
     appended and ``labels`` ([L] int32, -100 on the prompt) is added. ``template`` defaults to the
     config's ``template_version``. ``max_image_pixels``: the most pixels the image file may declare (see
     :func:`load_image`).
+
+    Several images: ``image`` a list, and history turns ``(q, a, image)``. Every image is its own
+    ``[boi, patches, eoi]`` span of ``config.num_image_tokens`` slots; the spans follow bos side by side,
+    the history's images first (turn by turn), then the query's, and ``pixel_values`` is ``[N, 3, S, S]``
+    in that order. One image, from whichever turn, is the official layout exactly.
     """
     prompt = build_prompt(query, history, config.template_version if template is None else template)
-    n_image = config.num_image_tokens if image is not None else 0
+    images = split_history(history)[1] + _images(image)
+    if len(images) == 1:
+        image = images[0]
+    n_image = config.num_image_tokens * len(images)
     ids = [config.bos_token_id] + [config.image_token_id] * n_image + tokenizer.encode(prompt)
     types = [0] + [1] * n_image + [0] * (len(ids) - 1 - n_image)
     out = {}
@@ -168,8 +191,9 @@ def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]]
     out["input_ids"] = np.array(ids, np.int32)
     out["token_type_ids"] = np.array(types, np.int32)
     out["attention_mask"] = np.ones(len(ids), np.int32)
-    out["pixel_values"] = (None if image is None
-                           else image_to_pixels(image, config.vision.image_size, max_image_pixels))
+    size = config.vision.image_size
+    out["pixel_values"] = (None if not images else image_to_pixels(image, size, max_image_pixels) if len(images) == 1
+                           else np.stack([image_to_pixels(im, size, max_image_pixels) for im in images]))
     return out
 
 
@@ -201,6 +225,11 @@ def pad_batch(inputs: Sequence[dict], pad_id: int, length: int | None = None) ->
             batch[key][row, length - n:] = x[key]
 
     images = [x.get("pixel_values") for x in inputs]
+    if any(p is not None and p.ndim == 4 for p in images):  # several images in a row: [B, N, 3, S, S]
+        images = [p if p is None or p.ndim == 4 else p[None] for p in images]
+        most = max(len(p) for p in images if p is not None)
+        images = [p if p is None or len(p) == most else np.concatenate([p, np.zeros((most - len(p), *p.shape[1:]),
+                                                                                      p.dtype)]) for p in images]
     shapes = {p.shape for p in images if p is not None}
     if len(shapes) > 1:
         raise ValueError(f"prompts have images of different shapes {sorted(shapes)}")

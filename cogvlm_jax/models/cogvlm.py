@@ -67,8 +67,13 @@ class CogVLM(nn.Module):
         return self.embed_tokens(ids).astype(jnp.float32)
 
     def encode_images(self, pixel_values):
-        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi."""
-        return self.vision(pixel_values)
+        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi. Several images per row, [B, N, 3, S, S] ->
+        [B, N * I, D]: each image's span, in order (one ViT batch of B * N images)."""
+        if pixel_values.ndim == 4:
+            return self.vision(pixel_values)
+        b, n = pixel_values.shape[:2]
+        feats = self.vision(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
     def __call__(self, input_ids, token_type_ids, attention_mask, pixel_values=None, cache=None,
                  last_only: bool = False, return_hidden: bool = False, every_row_has_image: bool = False):
@@ -84,10 +89,13 @@ class CogVLM(nn.Module):
         """
         x = self.embed(input_ids)
         route = None
+        n_img = self.config.num_image_tokens
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
-            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1, every_row_has_image)
-        pos = positions.position_ids(token_type_ids, attention_mask)
+            # several images per row are several spans: the mask routes them, never the one-run split
+            one_image = pixel_values.ndim == 4 or pixel_values.shape[1] == 1
+            route = positions.expert_route(token_type_ids, n_img - 1, every_row_has_image and one_image)
+        pos = positions.position_ids(token_type_ids, attention_mask, n_img)
         mask = positions.causal_mask(attention_mask)
         x, kv, hidden = self.run_layers(x, route, pos, mask, cache)
         x = self.norm(x)

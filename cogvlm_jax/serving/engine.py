@@ -138,7 +138,7 @@ class Engine:
         self.explain_failure: Optional[Callable[[], Optional[str]]] = None
         self.completed = 0  # requests that left their slot (any reason), for /health and tests
         self.cancelled = 0  # of which cancelled (the client went away)
-        self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled alone: one compile each
+        self.prefill_shapes: set[tuple[int, int]] = set()  # (bucket, images) prefilled alone: one compile each
         self._admitted = 0  # requests given a slot so far
 
     # ------------------------------------------------------------------ admission
@@ -435,7 +435,8 @@ class Engine:
         args = self._alone(slot, req, self._insert_args, slot, req)
         if args is None:
             return
-        self.prefill_shapes.add((args[0].shape[1], args[3] is not None))
+        pv = args[3]
+        self.prefill_shapes.add((args[0].shape[1], 0 if pv is None else 1 if pv.ndim == 4 else pv.shape[1]))
         first = self._device("insert", *args)
         self._alone(slot, req, self._take, slot, [int(first)])
 

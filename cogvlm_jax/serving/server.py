@@ -230,9 +230,8 @@ class _Routes:
     def build(self, req: ChatRequest) -> dict:
         """The model's inputs for ``req`` (its image read and decoded); run off the event loop."""
         self.check_prompt_chars(req)
-        image = None
-        if req.image_url is not None:
-            image = read_image_url(req.image_url, self.config.image_root, self.config.max_image_bytes)
+        images = [read_image_url(url, self.config.image_root, self.config.max_image_bytes) for url in req.image_urls]
+        image = images[0] if len(images) == 1 else images or None
         try:
             return self.model.build_inputs(req.query, req.history, image, max_image_pixels=self.config.max_image_pixels)
         except ImageTooLargeError as e:
