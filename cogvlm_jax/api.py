@@ -90,6 +90,14 @@ def prefill_weights(params, dtype):
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def _check_prefill_dtype(prefill_dtype, quantize) -> None:
+    if prefill_dtype is not None and prefill_dtype not in PREFILL_DTYPES:
+        raise ValueError(f"prefill_dtype must be one of {PREFILL_DTYPES} or None, got {prefill_dtype!r}")
+    if prefill_dtype is not None and quantize is not None:
+        raise ValueError("prefill_dtype and quantize cannot be combined: a quantized model's products "
+                         "dequantize into its own compute dtype")
+
+
 def _held_as_is(path, a) -> bool:
     return not jnp.issubdtype(a.dtype, jnp.floating) or getattr(path[-1], "key", None) == quant_lib.SCALE
 
@@ -121,11 +129,7 @@ class Model:
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
                  mesh=None, layout=None, quantize=None, quantize_vision=False, prefill_dtype=None):
         want = model_dtype(dtype)
-        if prefill_dtype is not None and prefill_dtype not in PREFILL_DTYPES:
-            raise ValueError(f"prefill_dtype must be one of {PREFILL_DTYPES} or None, got {prefill_dtype!r}")
-        if prefill_dtype is not None and quantize is not None:
-            raise ValueError("prefill_dtype and quantize cannot be combined: a quantized model's products "
-                             "dequantize into its own compute dtype")
+        _check_prefill_dtype(prefill_dtype, quantize)
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -379,6 +383,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     ``prefill_dtype`` ("bfloat16" | None): the prompt's prefill multiplies in it (``Model``).
     """
     want = model_dtype(dtype)
+    _check_prefill_dtype(prefill_dtype, quantize)  # before anything is read
     path = resolve(path, revision, progress=progress)
     tokenizer_dir = resolve(tokenizer, kind="tokenizer", progress=progress)
     if path is None:
