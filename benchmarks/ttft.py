@@ -94,8 +94,9 @@ def first_token_seconds(model, inputs, repeats: int):
     return best, np.asarray(state.chosen_logits)[:, 0]
 
 
-def part_flops(config, text_tokens: int, length: int) -> dict[str, float]:
-    """Useful FLOPs of each part (``prefill.prefill_flops``'s count, split)."""
+def part_flops(config, length: int) -> dict[str, float]:
+    """Useful FLOPs of each part of a prefill of ``length`` tokens with one image (``prefill.prefill_flops``'s
+    count, split)."""
     v, t = config.vision, config.text
     n, w = v.num_patches + 1, v.hidden_size
     vit = 2 * v.num_patches * v.in_channels * v.patch_size ** 2 * w
@@ -188,9 +189,8 @@ def run(quick: bool = False, prefills=PREFILLS, repeats: int | None = None) -> l
     config = ttft_config()
     params = make_params(config, "float32")
     inputs = image_prompt(config, 1, PROMPT_TOKENS)
-    text = PROMPT_TOKENS - config.num_image_tokens
     flops = prefill_flops(config, PROMPT_TOKENS)
-    parts = part_flops(config, text, PROMPT_TOKENS)
+    parts = part_flops(config, PROMPT_TOKENS)
     recs, firsts = [], {}
     n = 1024 if quick else 2048
     for prefill in prefills:
