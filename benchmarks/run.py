@@ -10,7 +10,8 @@ alternatives, patched in-process) are the experiments behind the layout choices.
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
 for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
 compares with one stream on a one-slot server (``speedup_vs_one_stream``, the median of alternating
-rounds); ``quantized`` (decode tok/s and held bytes with the weights in each ``--quantize`` format) compares
+rounds); ``ttft`` (time to the first token of an image prompt, and the prefill's parts: ViT, adapter,
+decoder by expert) with the matmul peak of the prefill's dtype; ``quantized`` (decode tok/s and held bytes with the weights in each ``--quantize`` format) compares
 the decode weights' read rate with the bandwidth probe. Decode and quantized need the bandwidth probe, so
 it is run (and printed) whenever either is.
 """
@@ -25,11 +26,12 @@ from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 from cogvlm_jax.dtypes import DTYPES
 
 BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot", "soak",
-              "quantized", "startup")
+              "quantized", "startup", "ttft")
 # on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long), soak
 # (ten minutes of mixed traffic on the default model's server; one with --quick), quantized (decode with
 # float32, int8 and int4 weights, benchmarks/quantized.py), startup (cold processes of generate and serve,
-# benchmarks/startup.py; --quick: generate only)
+# benchmarks/startup.py; --quick: generate only), ttft (time to the first token of the 274-token image prompt on
+# a mid CogVLM-1 config, float32 and bfloat16 prefill, and its parts; benchmarks/ttft.py)
 DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")
 QUANTIZE = ("none", "int8", "int4")
 
@@ -127,6 +129,15 @@ def _notes(r: dict) -> str:
                 f"{e['decode_weight_bytes'] / 1e6:.1f} MB of weights at {e['weight_gb_s']:.2f} GB/s")
     if r["name"].startswith("startup_"):
         return f"{e['cache']}, run {e['run']}"
+    if r["name"] == "ttft":
+        return (f"{e['prompt_tokens']} tokens ({e['image_tokens']} image), {e['model_gflop']:.1f} GFLOP: floor "
+                f"{e['floor_ms']:.0f} ms at {e['limit_gflop_s']:.0f} GFLOP/s, {e['achieved_gflop_s']:.0f} achieved")
+    if r["name"].startswith("ttft_part_"):
+        return (f"{e['gflop']:.2f} GFLOP at {e['achieved_gflop_s']:.0f} GFLOP/s, {e['share_of_ttft']:.0%} of the "
+                "TTFT")
+    if r["name"] == "ttft_bf16_gap":
+        return (f"largest first-token logit gap to the float32 prefill (logits std {e['logit_std']:.2f}); same "
+                f"first token: {e['same_first_token']}")
     if r["name"] == "matmul_peak":
         return f"{e['n']}^3 matmul"
     return ""
@@ -210,6 +221,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         from benchmarks import startup
 
         out(startup.run(1, "generate", cache_off=False) if args.quick else startup.run())
+    if "ttft" in only:  # the mid CogVLM-1 config of benchmarks/ttft.py, float32 and bfloat16 prefills
+        from benchmarks import ttft
+
+        out(ttft.run(args.quick))
     if "aot" in only:  # the published configs (--tiny / --quick: the tiny fixtures) on every target
         from benchmarks import aot
 

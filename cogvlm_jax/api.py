@@ -69,6 +69,35 @@ def weights_for_compute(params, dtype, platform: Optional[str] = None):
         lambda path, a: a if _held_as_is(path, a) else rounded(a), params)
 
 
+PREFILL_DTYPES = ("bfloat16",)
+
+
+def prefill_weights(params, dtype):
+    """The weights a prefill of 16-bit products (``Model(prefill_dtype=...)``) reads: every float
+    ``kernel`` but the lm_head's rounded to ``dtype`` once, here; norms, biases, embeddings and the
+    lm_head (one row at prefill) are the arrays of ``params`` themselves, not copies. Held beside
+    ``params`` (which the decode loop reads), they cost half the kernels' float32 bytes more memory;
+    converted inside every prefill instead, each would read and write every kernel (about 60 ms per
+    prefill of the mid config on a 2-core CPU, docs/benchmarks.md)."""
+    cast = jax.jit(lambda a: a.astype(dtype))
+
+    def leaf(path, a):
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[-1] == "kernel" and keys[0] != "lm_head" and jnp.issubdtype(a.dtype, jnp.floating):
+            return cast(a)
+        return a
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _check_prefill_dtype(prefill_dtype, quantize) -> None:
+    if prefill_dtype is not None and prefill_dtype not in PREFILL_DTYPES:
+        raise ValueError(f"prefill_dtype must be one of {PREFILL_DTYPES} or None, got {prefill_dtype!r}")
+    if prefill_dtype is not None and quantize is not None:
+        raise ValueError("prefill_dtype and quantize cannot be combined: a quantized model's products "
+                         "dequantize into its own compute dtype")
+
+
 def _held_as_is(path, a) -> bool:
     return not jnp.issubdtype(a.dtype, jnp.floating) or getattr(path[-1], "key", None) == quant_lib.SCALE
 
@@ -87,11 +116,20 @@ class Model:
     ``quantize`` (``"int8"``, ``"int4"`` or None) and ``quantize_vision``: the model holds its decoder,
     lm_head and adapter kernels (and the ViT's with ``quantize_vision``) quantized (``models/quantize.py``);
     float kernels in ``params`` are quantized here, kernels already quantized are kept.
+
+    ``prefill_dtype`` (``"bfloat16"`` or None): the prefill of ``generate`` / ``chat`` / ``stream`` (the
+    ViT, the adapter and the decoder over the prompt) multiplies operands rounded to it, accumulated in
+    float32 (``Execution.matmul_dtype``), reading a copy of the kernels held in it (``prefill_weights``);
+    the decode loop, ``forward`` and the lm_head stay in the model's dtype. On a CPU with native bfloat16
+    dots (AVX512_BF16, AMX) that halves the prefill's matmul time; elsewhere it may be slower. The first
+    token's logits then differ from the float32 prefill's by bfloat16 rounding (docs/benchmarks.md, "Time
+    to first token"). None: the prefill computes as the rest of the model does.
     """
 
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
-                 mesh=None, layout=None, quantize=None, quantize_vision=False):
+                 mesh=None, layout=None, quantize=None, quantize_vision=False, prefill_dtype=None):
         want = model_dtype(dtype)
+        _check_prefill_dtype(prefill_dtype, quantize)
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -115,7 +153,14 @@ class Model:
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
                                     mesh, describe=lambda p, ids, tt, am, pv: f"forward ({ids.shape[0]} x "
                                     f"{ids.shape[1]} tokens{', images' if pv is not None else ''})")
-        self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh)
+        self.prefill_dtype = prefill_dtype
+        prefill_module = None
+        self._prefill_params = self.params
+        if prefill_dtype is not None:
+            prefill_module = self.module.clone(execution=execution.replace(matmul_dtype=prefill_dtype))
+            self._prefill_params = prefill_weights(self.params, model_dtype(prefill_dtype))
+        self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh,
+                                             prefill_model=prefill_module)
 
     def _place(self, *arrays):
         """Host inputs -> device arrays, batch-sharded over the mesh when there is one.
@@ -194,18 +239,22 @@ class Model:
         longest = int(am.sum(axis=1).max())
         ctx = self.config.context_length
         b, n = ids.shape
+        # _check: each row is whole images; the model takes the one-run split only with one image per row
+        every_row = pv is not None and bool((tt.sum(axis=1) > 0).all())
+        # Only the text is padded to the ladder: the image tokens every row holds are left out of it.
+        fixed = int(tt.sum(axis=1).min()) if every_row else 0
         if max_new_tokens is None:
             limit = ctx - longest
             if limit < 1:
                 raise InputError(f"prompt of {longest} tokens fills the model's context of {ctx} tokens: no room "
                                  "for an answer")
-            buffer, length = max(answer_length(n, ctx), limit), bucket_length(n, ctx)
+            buffer, length = max(answer_length(n, ctx, fixed), limit), bucket_length(n, ctx, fixed)
         else:
             if longest + max_new_tokens > ctx:
                 raise InputError(f"prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds max_length "
                                  f"{ctx}")
             limit = buffer = max_new_tokens
-            length = bucket_length(n, ctx - max_new_tokens)
+            length = bucket_length(n, ctx - max_new_tokens, fixed)
         sampling.check_sampling(temperature, top_k, top_p, seed)
         pad = length - n
         pad2 = ((0, 0), (pad, 0))
@@ -214,9 +263,7 @@ class Model:
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
         if self.mesh is not None:  # per-row settings live with their rows
             sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
-        # _check: each row is whole images; the model takes the one-run split only with one image per row
-        every_row = pv is not None and bool((tt.sum(axis=1) > 0).all())
-        state = self._generator.start(self.params, *self._place(ids, tt, am, pv), sp, max_new_tokens=buffer,
+        state = self._generator.start(self._prefill_params, *self._place(ids, tt, am, pv), sp, max_new_tokens=buffer,
                                       cache_length=length + round_up(buffer, 16), collect_logits=collect_logits,
                                       every_row_has_image=every_row)
         return state, temperature > 0, limit
@@ -245,13 +292,15 @@ class Model:
 
     def generate_chunks(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                         temperature=0.0, top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[np.ndarray]:
-        """Yield the new ids [B, k] every ``chunk`` tokens (same compiled loop as ``generate``)."""
+        """Yield the new ids [B, k]: the first token alone, as soon as the prefill has chosen it (the time to
+        the first token is the prefill's and one step's, not a chunk's), then every ``chunk`` tokens (the
+        same compiled loop as ``generate``: the step limit is a traced value)."""
         state, do_sample, limit = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
                                               temperature, top_k, top_p, seed)
         emitted = 0
         while emitted < limit:
-            state = self._generator.decode(self.params, state, np.int32(min(emitted + chunk, limit)),
-                                           do_sample=do_sample)
+            stop = 1 if emitted == 0 else min(emitted + chunk, limit)
+            state = self._generator.decode(self.params, state, np.int32(stop), do_sample=do_sample)
             step = int(to_host(state.step))
             yield to_host(state.tokens)[:, emitted:step]
             if step == emitted or bool(np.all(to_host(state.done))):
@@ -320,7 +369,8 @@ class Model:
 
 def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
          progress: bool = True, layout: Optional[str] = None, revision: Optional[str] = None,
-         quantize: Optional[str] = None, quantize_vision: bool = False) -> Model:
+         quantize: Optional[str] = None, quantize_vision: bool = False,
+         prefill_dtype: Optional[str] = None) -> Model:
     """Load a CogVLM checkpoint: an HF directory (safetensors), one written by ``cogvlm-jax convert``, or a
     Hugging Face Hub id such as ``"THUDM/cogvlm2-llama3-chat-19B"`` (``revision``: its branch, tag or
     commit), read from the Hugging Face cache or downloaded into it (``cogvlm_jax.hub``; a local directory
@@ -342,8 +392,10 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     ``quantize`` ("int8" | "int4" | None) and ``quantize_vision``: hold the kernels quantized (``Model``;
     ``models/quantize.py``), each quantized as it is read. A checkpoint written by ``cogvlm-jax convert
     --quantize`` is read back as it is stored; ``quantize`` then defaults to its format and must match it.
+    ``prefill_dtype`` ("bfloat16" | None): the prompt's prefill multiplies in it (``Model``).
     """
     want = model_dtype(dtype)
+    _check_prefill_dtype(prefill_dtype, quantize)  # before anything is read
     path = resolve(path, revision, progress=progress)
     tokenizer_dir = resolve(tokenizer, kind="tokenizer", progress=progress)
     if path is None:
@@ -364,7 +416,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None,
                          quant=quant)
     return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout, quantize=quantize,
-                 quantize_vision=quantize_vision)
+                 quantize_vision=quantize_vision, prefill_dtype=prefill_dtype)
 
 
 def _stored_quantize(path, stored, quantize, quantize_vision):

@@ -28,6 +28,8 @@ CACHE_CHUNK = 256  # slots per block when decode attention walks the filled part
 def _attend_block(q, k, v, mask, scale, heads_major: bool, platform: str):
     b, nq, h, e = q.shape
     kv = k.shape[1 if heads_major else 2]
+    if kv == h and not heads_major:  # fresh keys (a prefill, the ViT); a cache read keeps the grouped form
+        return _attend_per_head(q, k, v, mask, scale, platform)
     kv_spec = "bkse" if heads_major else "bske"
     qg = q.reshape(b, nq, kv, h // kv, e)
     prec = precision_for(q.dtype)
@@ -41,6 +43,23 @@ def _attend_block(q, k, v, mask, scale, heads_major: bool, platform: str):
     o = jnp.einsum(f"bkgqs,{kv_spec}->bkgqe", *operands(v.dtype, p, v, platform=platform), precision=prec,
                    preferred_element_type=jnp.float32)
     return jnp.moveaxis(o, 3, 1).reshape(b, nq, h, e).astype(q.dtype)
+
+
+def _attend_per_head(q, k, v, mask, scale, platform: str):
+    """``_attend_block`` over sequence-major keys with one query head per kv head (CogVLM1's decoder,
+    every ViT): the products batched over heads alone, the same numbers. Written with the grouped axis
+    of size one, XLA:CPU runs the score and value products of a 274-token prefill about three times
+    slower (docs/benchmarks.md, "Time to first token")."""
+    kv_spec = "bshe"
+    prec = precision_for(q.dtype)
+    s = jnp.einsum(f"bqhe,{kv_spec}->bhqs", *operands(q.dtype, q, k, platform=platform), precision=prec,
+                   preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        s = jnp.where(mask[:, None, :, :], s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum(f"bhqs,{kv_spec}->bhqe", *operands(v.dtype, p, v, platform=platform), precision=prec,
+                   preferred_element_type=jnp.float32)
+    return jnp.moveaxis(o, 1, 2).astype(q.dtype)
 
 
 def attend(q, k, v, mask=None, *, query_chunk: int | None = None, heads_major: bool = False,

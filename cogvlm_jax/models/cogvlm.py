@@ -59,8 +59,10 @@ class CogVLM(nn.Module):
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = [layer(t, self.dtype, ex) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
+        # the lm_head reads one row at prefill (``last_only``): a product of the module's dtype even in a
+        # program of 16-bit products (``Execution.matmul_dtype``), and float32 logits from float32 weights
         self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_in=True,  # HF's [V, D]
-                             execution=ex)
+                             execution=ex.replace(matmul_dtype=None))
 
     def embed(self, ids):
         """[B, L] token ids -> [B, L, D] float32 embeddings."""

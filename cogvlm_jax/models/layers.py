@@ -52,6 +52,8 @@ def weight_operands(dtype, x, kernel, execution: Execution):
     """``operands(dtype, x, kernel)``, except that a kernel widened once already (``execution.widened_kernels``)
     is used as it is: no convert of the whole weight in every call."""
     platform = execution.platform
+    if execution.matmul_dtype is not None:  # native 16-bit products (a prefill program): no widening
+        return x.astype(execution.matmul_dtype), kernel.astype(execution.matmul_dtype)
     if execution.widened_kernels and kernel.dtype == jnp.float32 and widens_on_cpu(dtype, platform):
         return operands(dtype, x, platform=platform)[0], kernel
     return operands(dtype, x, kernel, platform=platform)
@@ -82,7 +84,8 @@ class Dense(nn.Module):
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
     stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
-    own bfloat16 error (tests/test_model_parity.py).
+    own bfloat16 error (tests/test_model_parity.py). With ``execution.matmul_dtype`` they are rounded to
+    that dtype instead and multiplied natively (``weight_operands``: a bfloat16 prefill program).
     """
 
     features: int
@@ -110,12 +113,12 @@ class Dense(nn.Module):
             xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
         else:
             xs, ks, out_scale = self._quantized(x, shape, logical)
+        prec = precision_for(ex.matmul_dtype or self.dtype)
         if self.out_in and self.execution.weight_lhs:  # a few-row program: see parallel/rows.py
-            y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
-                           preferred_element_type=jnp.float32)
+            y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=prec, preferred_element_type=jnp.float32)
             y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
         else:
-            y = jnp.einsum(spec, xs, ks, precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
+            y = jnp.einsum(spec, xs, ks, precision=prec, preferred_element_type=jnp.float32)
         if out_scale is not None:  # int8: one scale per output channel, applied to the product
             y = y * out_scale.astype(jnp.float32)
         if self.use_bias:
@@ -222,6 +225,7 @@ class PatchConv(nn.Module):
                             (p, p, c, self.features))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
         x = x.reshape(b, h // p, p, w // p, p, c)
+        ex = self.execution
         y = jnp.einsum("bhpwqc,pqco->bhwo", *weight_operands(self.dtype, x, kernel, self.execution),
-                       precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
+                       precision=precision_for(ex.matmul_dtype or self.dtype), preferred_element_type=jnp.float32)
         return y.astype(jnp.float32) + bias.astype(jnp.float32)
