@@ -703,9 +703,11 @@ def _read_line(proc, deadline):
 
 def test_sigterm_stops_accepting_drains_and_exits_0(model):
     d = fixture_dir("cogvlm2")
+    # One slot and --max-length 512, as the servers of tests/test_serve_hostile.py: the same programs, which
+    # they read back from the run's compilation cache.
     proc = subprocess.Popen(
         [sys.executable, "-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"), "--tokenizer",
-         os.path.join(d, "tokenizer"), "--port", "0", "--slots", "2", "--max-length", "512",
+         os.path.join(d, "tokenizer"), "--port", "0", "--slots", "1", "--max-length", "512",
          "--drain-seconds", "120", "--model-name", NAME],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
