@@ -59,6 +59,9 @@ class Execution:
 
     ``quant``: the ``Dense`` kernels are held quantized (``models/quantize.py``); the vision tower's
     ViT is built without it unless ``quant.vision`` (``adapter.VisionModel``).
+
+    ``quant_kernel``: on CPU, a quantized ``[out, in]`` product of few rows on one device reads its
+    integers in the kernel of ``models/int8_cpu.py`` (``int8_cpu.applies``); False: XLA ops everywhere.
     """
 
     mesh: Optional[Mesh] = None
@@ -68,6 +71,7 @@ class Execution:
     weight_lhs: bool = False
     widened_kernels: bool = False
     quant: Optional[Quantization] = None
+    quant_kernel: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "rules", partitioning.as_rules(self.rules))
