@@ -23,6 +23,8 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -118,21 +120,60 @@ AVX2 void DotRows256(const float* __restrict x, int64_t ldx, const W* __restrict
     out[r] = t;
   }
 }
+// Packed int4 pairs -> the dequantized float row (q * scale of its group), 32 inputs (16 bytes) a step
+// where the group is a multiple of 32; the caller handles other groups.
+AVX512 void UnpackRow512(const uint8_t* packed, const float* scale, int64_t d, int64_t g, float* row) {
+  const __m512i eight = _mm512_set1_epi32(8), low = _mm512_set1_epi32(0xF);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t i = 0; i < d; i += 32) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
+    const __m512i lo = _mm512_sub_epi32(_mm512_xor_si512(_mm512_and_si512(b, low), eight), eight);
+    const __m512i hi = _mm512_sub_epi32(_mm512_xor_si512(_mm512_srli_epi32(b, 4), eight), eight);
+    const __m512 s = _mm512_set1_ps(scale[i / g]);
+    _mm512_storeu_ps(row + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, first, hi)), s));
+    _mm512_storeu_ps(row + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, second, hi)), s));
+  }
+}
+
+AVX2 void UnpackRow256(const uint8_t* packed, const float* scale, int64_t d, int64_t g, float* row) {
+  const __m256i eight = _mm256_set1_epi32(8), low = _mm256_set1_epi32(0xF);
+  for (int64_t i = 0; i < d; i += 16) {  // 8 bytes: 16 inputs
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2)));
+    const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(b, low), eight), eight);
+    const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(b, 4), eight), eight);
+    const __m256i a = _mm256_unpacklo_epi32(lo, hi), c = _mm256_unpackhi_epi32(lo, hi);
+    const __m256 s = _mm256_set1_ps(scale[i / g]);
+    _mm256_storeu_ps(row + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x20)), s));
+    _mm256_storeu_ps(row + i + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x31)), s));
+  }
+}
 #endif
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
-// The instruction set of the CPU this runs on (not the build machine's).
+// The instruction set of the CPU this runs on (not the build machine's). COGVLM_CPU_KERNEL_ISA=avx2 or
+// =scalar caps it, so that every version can be tested on one machine (tests/test_int8_cpu.py).
 Isa DetectIsa() {
+  const char* cap = std::getenv("COGVLM_CPU_KERNEL_ISA");
+  const bool scalar = cap && std::strcmp(cap, "scalar") == 0, avx2 = cap && std::strcmp(cap, "avx2") == 0;
+  if (scalar) return Isa::kScalar;
 #ifdef COGVLM_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (!avx2 && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kScalar;
 }
 
 const Isa kIsa = DetectIsa();
+
+}  // namespace
+
+// The version the products run (0 portable, 1 AVX2+FMA, 2 AVX-512), for tests and benchmarks.
+extern "C" int CogvlmCpuKernelIsa() { return static_cast<int>(kIsa); }
+
+namespace {
 
 template <int RB, typename W>
 inline void DotRows(const float* x, int64_t ldx, const W* w, int64_t d, float* out) {
@@ -141,6 +182,15 @@ inline void DotRows(const float* x, int64_t ldx, const W* w, int64_t d, float* o
   if (kIsa == Isa::kAvx2) return DotRows256<RB>(x, ldx, w, d, out);
 #endif
   DotRowsScalar<RB>(x, ldx, w, d, out);
+}
+
+// The vector unpacking of an int4 row where the CPU and the group allow it; false: the caller's loop.
+inline bool UnpackRowVector(const uint8_t* packed, const float* scale, int64_t d, int64_t g, float* row) {
+#ifdef COGVLM_X86
+  if (kIsa == Isa::kAvx512 && g % 32 == 0) return UnpackRow512(packed, scale, d, g, row), true;
+  if (kIsa == Isa::kAvx2 && g % 16 == 0) return UnpackRow256(packed, scale, d, g, row), true;
+#endif
+  return false;
 }
 
 // One weight row against every row of x: dots[r] for r < rows.
@@ -173,13 +223,15 @@ void Int4Columns(const float* x, int64_t rows, int64_t d, const uint8_t* w, cons
   std::vector<float> dots(rows);
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* packed = w + o * (d / 2);
-    for (int64_t j = 0; j < d / 2; ++j) {  // sign-extend both nibbles: (v ^ 8) - 8
-      q[2 * j] = static_cast<int8_t>(((packed[j] & 0xF) ^ 8) - 8);
-      q[2 * j + 1] = static_cast<int8_t>(((packed[j] >> 4) ^ 8) - 8);
-    }
     const float* s = scale + o * groups;
-    for (int64_t k = 0; k < groups; ++k)  // the dequantized weight, as quantize.dequantize rounds it
-      for (int64_t i = k * g; i < (k + 1) * g; ++i) row[i] = static_cast<float>(q[i]) * s[k];
+    if (!UnpackRowVector(packed, s, d, g, row.data())) {
+      for (int64_t j = 0; j < d / 2; ++j) {  // sign-extend both nibbles: (v ^ 8) - 8
+        q[2 * j] = static_cast<int8_t>(((packed[j] & 0xF) ^ 8) - 8);
+        q[2 * j + 1] = static_cast<int8_t>(((packed[j] >> 4) ^ 8) - 8);
+      }
+      for (int64_t k = 0; k < groups; ++k)  // the dequantized weight, as quantize.dequantize rounds it
+        for (int64_t i = k * g; i < (k + 1) * g; ++i) row[i] = static_cast<float>(q[i]) * s[k];
+    }
     RowAgainstAll(x, rows, d, row.data(), dots.data());
     for (int64_t r = 0; r < rows; ++r) y[r * f + o] = dots[r];
   }

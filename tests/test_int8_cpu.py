@@ -13,6 +13,8 @@ kernel is orders of magnitude above it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -81,6 +83,37 @@ def test_the_kernel_equals_the_xla_product(fmt):
             assert y.shape == ref.shape == (r, out) and y.dtype == np.float32
             err, bound = np.abs(y.astype(np.float64) - ref), _bound(x[e - r:e], w)
             assert (err <= bound).all(), f"{fmt} {r}x{d} @ {out}: max error {err.max()} over bound {bound.max()}"
+
+
+ISA_CHECK = """
+import numpy as np, jax
+from cogvlm_jax.models import int8_cpu, quantize as ql
+assert int8_cpu.isa() == {isa!r}, int8_cpu.isa()
+rng = np.random.default_rng(0)
+for fmt in ql.FORMATS:
+    quant = ql.make(fmt, platform="cpu")
+    for out, d in ((37, 256), (5, 48), (3, 66)):
+        q, s = ql.quantize(rng.standard_normal((out, d)).astype(np.float32), 1, fmt)
+        k = ql.held(q, 1, quant)
+        x = rng.standard_normal((7, d)).astype(np.float32)
+        y = np.asarray(int8_cpu.matmul(x, k, s, quant), np.float64)
+        ref = np.asarray(int8_cpu.reference(x, k, s, quant), np.float64)
+        bound = 2 * (d + 1) * 2.0 ** -24 * 1.01 * np.abs(x) @ np.abs(np.asarray(ql.dequantize(k, s, 1, quant))).T
+        assert (np.abs(y - ref) <= bound).all(), (fmt, out, d, np.abs(y - ref).max())
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_every_instruction_set_version_equals_the_xla_product(isa):
+    """The AVX2 and portable versions, on a CPU that would run AVX-512 (``COGVLM_CPU_KERNEL_ISA`` caps the
+    choice made when the library loads); widths with a vector-unpacked int4 group (256: 128, 48: 48 on
+    AVX2) and one without (66)."""
+    if isa == "avx2" and int8_cpu.isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, COGVLM_CPU_KERNEL_ISA=isa, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", ISA_CHECK.format(isa=isa)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_its_gradient_is_the_xla_products():

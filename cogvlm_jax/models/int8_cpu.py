@@ -62,13 +62,21 @@ def _load() -> bool:
             lib = ctypes.cdll.LoadLibrary(path)
             for name, symbol in TARGETS.values():
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-            _state.update(loaded=True, why=None)
+            _state.update(loaded=True, why=None, lib=lib)
         except (OSError, AttributeError) as e:
             _state.update(loaded=False, why=str(e))
             warnings.warn(f"the CPU int8/int4 decode kernel is unavailable ({e}); quantized products on CPU "
                           "run as XLA ops, which widen the weights to float32 on every call", RuntimeWarning,
                           stacklevel=3)
         return _state["loaded"]
+
+
+def isa() -> Optional[str]:
+    """The version the kernel runs on this CPU: ``"avx512"``, ``"avx2"`` (with FMA) or ``"scalar"``
+    (chosen when the library loads; ``COGVLM_CPU_KERNEL_ISA=avx2|scalar`` caps it); None without it."""
+    if not _load():
+        return None
+    return ("scalar", "avx2", "avx512")[_state["lib"].CogvlmCpuKernelIsa()]
 
 
 def available() -> bool:
