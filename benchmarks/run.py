@@ -11,9 +11,11 @@ bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s
 for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
 compares with one stream on a one-slot server (``speedup_vs_one_stream``, the median of alternating
 rounds); ``ttft`` (time to the first token of an image prompt, and the prefill's parts: ViT, adapter,
-decoder by expert) with the matmul peak of the prefill's dtype; ``quantized`` (decode tok/s and held bytes with the weights in each ``--quantize`` format) compares
-the decode weights' read rate with the bandwidth probe. Decode and quantized need the bandwidth probe, so
-it is run (and printed) whenever either is.
+decoder by expert) with the matmul peak of the prefill's dtype; ``quantized`` (decode tok/s and held bytes
+with the weights in each ``--quantize`` format) compares the decode weights' read rate with the bandwidth
+probe; ``int8_cpu`` (decode ms/step with float32, int8 and int4 weights, with and without the CPU kernel
+of ``models/int8_cpu.py``) does too. Decode, quantized and int8_cpu need the bandwidth probe, so it is run
+(and printed) whenever one of them is.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 from cogvlm_jax.dtypes import DTYPES
 
 BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot", "soak",
-              "quantized", "startup", "ttft")
+              "quantized", "int8_cpu", "startup", "ttft")
 # on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long), soak
 # (ten minutes of mixed traffic on the default model's server; one with --quick), quantized (decode with
-# float32, int8 and int4 weights, benchmarks/quantized.py), startup (cold processes of generate and serve,
-# benchmarks/startup.py; --quick: generate only), ttft (time to the first token of the 274-token image prompt on
-# a mid CogVLM-1 config, float32 and bfloat16 prefill, and its parts; benchmarks/ttft.py)
+# float32, int8 and int4 weights, benchmarks/quantized.py), int8_cpu (the CPU int8/int4 kernel against
+# XLA's product: one product, then decode of the mid config, benchmarks/int8_cpu.py), startup (cold
+# processes of generate and serve, benchmarks/startup.py; --quick: generate only), ttft (time to the first
+# token of the 274-token image prompt on a mid CogVLM-1 config, float32 and bfloat16 prefill, and its
+# parts; benchmarks/ttft.py)
 DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")
 QUANTIZE = ("none", "int8", "int4")
 
@@ -127,6 +131,12 @@ def _notes(r: dict) -> str:
     if r["name"] == "quantized_decode":
         return (f"weights {e['quantize']}: {e['step_ms']:.2f} ms/step, held {e['held_bytes'] / 1e6:.1f} MB, decode reads "
                 f"{e['decode_weight_bytes'] / 1e6:.1f} MB of weights at {e['weight_gb_s']:.2f} GB/s")
+    if r["name"] == "int8_product":
+        return f"{e['path']}: [{e['out_in'][0]}, {e['out_in'][1]}] product; XLA widens the int8 kernel: {e['xla_widens']}"
+    if r["name"] == "int8_decode":
+        speed = "" if e.get("speedup_vs_float32") is None else f", {e['speedup_vs_float32']:.2f}x float32"
+        return (f"weights {e['quantize']}, kernel {'on' if e['kernel'] else 'off'}: {e['tok_s']:.1f} tok/s, reads "
+                f"{e['decode_weight_bytes'] / 1e6:.1f} MB of weights at {e['weight_gb_s']:.2f} GB/s{speed}")
     if r["name"].startswith("startup_"):
         return f"{e['cache']}, run {e['run']}"
     if r["name"] == "ttft":
@@ -170,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         recs.extend(new)
 
     probe = None
-    if only & {"bandwidth", "matvec", "prototypes", "decode", "quantized"}:
+    if only & {"bandwidth", "matvec", "prototypes", "decode", "quantized", "int8_cpu"}:
         from benchmarks import bandwidth
 
         bw = bandwidth.run(args.quick, size_gb=args.probe_gb)
@@ -217,6 +227,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         q_config = "mid" if "mid" in configs else configs[0]
         out(quantized.run(q_config, formats, args.batches, args.steps or (8 if args.quick else 32),
                           1 if args.quick else 3, probe_gb_s=probe))
+    if "int8_cpu" in only:  # the CPU kernel against XLA's int8 product, on the mid config unless --configs
+        from benchmarks import int8_cpu
+
+        k_config = "mid" if "mid" in configs else configs[0]
+        out(int8_cpu.run(k_config, args.batches, args.steps or (8 if args.quick else 32), 1 if args.quick else 3,
+                         probe_gb_s=probe, quick=args.quick))
     if "startup" in only:  # cold processes; also python -m benchmarks.startup
         from benchmarks import startup
 

@@ -186,6 +186,8 @@ def test_a_quantized_decode_step_reads_the_quantized_weights():
           f"int4 {int4} ({int4 / bf16:.3f}x)")
     assert int8 <= 0.55 * bf16 and int4 < 0.75 * int8
     assert "s8[" in texts["int8"] and "s4[" in texts["int4"] and "s8[" not in texts[None]
+    for q in ("int8", "int4"):  # the CPU kernel of models/int8_cpu.py is never part of a TPU program
+        assert "cogvlm_int" not in texts[q] and "custom_call_target=\"cogvlm" not in texts[q]
     for q in ("int8", "int4"):  # a dequantized copy of every weight would add about the bfloat16 arguments
         extra = reports[q].temp_bytes - reports[None].temp_bytes
         print(f"{q}: temporaries {reports[q].temp_bytes} bytes, bfloat16 {reports[None].temp_bytes}")

@@ -65,6 +65,9 @@ class Execution:
 
     ``quant``: the ``Dense`` kernels are held quantized (``models/quantize.py``); the vision tower's
     ViT is built without it unless ``quant.vision`` (``adapter.VisionModel``).
+
+    ``quant_kernel``: on CPU, a quantized ``[out, in]`` product of few rows on one device reads its
+    integers in the kernel of ``models/int8_cpu.py`` (``int8_cpu.applies``); False: XLA ops everywhere.
     """
 
     mesh: Optional[Mesh] = None
@@ -75,6 +78,7 @@ class Execution:
     widened_kernels: bool = False
     matmul_dtype: Optional[str] = None
     quant: Optional[Quantization] = None
+    quant_kernel: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "rules", partitioning.as_rules(self.rules))

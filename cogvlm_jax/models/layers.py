@@ -11,12 +11,14 @@ Axis legend: B batch, L length, D model width, F mlp width.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cogvlm_jax.models import int8_cpu
 from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.execution import Execution
 
@@ -81,6 +83,9 @@ class Dense(nn.Module):
     to 64 tokens, a chunked-prefill step) the product is ``(kernel @ x.T).T``: with the weight as the left
     operand XLA:CPU does not re-pack it on every call.
 
+    A quantized ``[out, in]`` kernel of a few-row product on CPU is multiplied in the kernel of
+    ``models/int8_cpu.py`` (``int8_cpu.applies``), which reads the held integers without widening them.
+
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
     product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
     stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
@@ -108,17 +113,21 @@ class Dense(nn.Module):
         shape = (self.features, d) if self.out_in else (d, self.features)
         spec = "...d,fd->...f" if self.out_in else "...d,df->...f"
         out_scale = None
-        if ex.quant is None:
-            kernel = self.param("kernel", nn.with_logical_partitioning(_init, logical), shape)
-            xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
+        if ex.quant is not None and int8_cpu.applies(ex, math.prod(x.shape[:-1]), self.out_in):
+            kernel, scale = self._quantized_params(shape, logical)
+            y = int8_cpu.matmul(x.astype(self.dtype).astype(jnp.float32), kernel, scale, ex.quant)
         else:
-            xs, ks, out_scale = self._quantized(x, shape, logical)
-        prec = precision_for(ex.matmul_dtype or self.dtype)
-        if self.out_in and self.execution.weight_lhs:  # a few-row program: see parallel/rows.py
-            y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=prec, preferred_element_type=jnp.float32)
-            y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
-        else:
-            y = jnp.einsum(spec, xs, ks, precision=prec, preferred_element_type=jnp.float32)
+            if ex.quant is None:
+                kernel = self.param("kernel", nn.with_logical_partitioning(_init, logical), shape)
+                xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
+            else:
+                xs, ks, out_scale = self._quantized(x, shape, logical)
+            prec = precision_for(ex.matmul_dtype or self.dtype)
+            if self.out_in and ex.weight_lhs:  # a few-row program: see parallel/rows.py
+                y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=prec, preferred_element_type=jnp.float32)
+                y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
+            else:
+                y = jnp.einsum(spec, xs, ks, precision=prec, preferred_element_type=jnp.float32)
         if out_scale is not None:  # int8: one scale per output channel, applied to the product
             y = y * out_scale.astype(jnp.float32)
         if self.use_bias:
@@ -127,9 +136,9 @@ class Dense(nn.Module):
             y = y + bias.astype(y.dtype)
         return self.execution.whole_rows(y) if self.gather else y
 
-    def _quantized(self, x, shape, logical):
-        """The operands of a quantized kernel's product (``models/quantize.py``): (x, the kernel in the
-        compute dtype, the output channels' scales or None). ``shape`` is the float kernel's."""
+    def _quantized_params(self, shape, logical):
+        """A quantized kernel's held integers and scales (``models/quantize.py``), as the product reads
+        them. ``shape`` is the float kernel's."""
         ex, q = self.execution, self.execution.quant
         in_axis = 1 if self.out_in else 0
         held_shape = tuple(n // 2 if q.packed and a == in_axis else n for a, n in enumerate(shape))
@@ -139,9 +148,16 @@ class Dense(nn.Module):
         scale_logical = tuple(None if a == in_axis and not q.grouped else n for a, n in enumerate(logical))
         scale = self.param(quant_lib.SCALE, nn.with_logical_partitioning(
             lambda key, s: jnp.ones(s, jnp.float32), scale_logical), quant_lib.scale_shape(shape, in_axis, q.format))
+        return ex.weight(kernel, logical), ex.weight(scale, scale_logical)
+
+    def _quantized(self, x, shape, logical):
+        """The operands of a quantized kernel's product as XLA ops: (x, the kernel in the compute dtype,
+        the output channels' scales or None). ``shape`` is the float kernel's."""
+        ex, q = self.execution, self.execution.quant
+        in_axis = 1 if self.out_in else 0
+        kernel, scale = self._quantized_params(shape, logical)
         compute = jnp.float32 if widens_on_cpu(self.dtype, ex.platform) else self.dtype
-        ks, out_scale, x = quant_lib.product_kernel(ex.weight(kernel, logical), ex.weight(scale, scale_logical), x,
-                                                   in_axis, q, compute)
+        ks, out_scale, x = quant_lib.product_kernel(kernel, scale, x, in_axis, q, compute)
         return x.astype(self.dtype).astype(compute), ks, out_scale
 
 
