@@ -3,7 +3,10 @@
 Data flow: pixels -> ViT -> adapter (``adapter.VisionModel``) -> spliced into the token embeddings at the
 image slots -> decoder layers -> final norm -> lm_head (float32 logits).
 
-Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches + eoi).
+Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches + eoi), T video frames.
+
+A video model (``config.video``) takes [B, T, 3, S, S] pixels; its decoder has no vision expert
+(``TextConfig.vision_expert``), so no token is routed and its positions follow the token types alone.
 """
 
 from __future__ import annotations
@@ -67,8 +70,14 @@ class CogVLM(nn.Module):
         return self.embed_tokens(ids).astype(jnp.float32)
 
     def encode_images(self, pixel_values):
-        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi."""
-        return self.vision(pixel_values)
+        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi. A video, [B, T, 3, S, S] -> [B, T * I, D]:
+        the ViT runs over the B * T frames as one batch, and each row's frames follow one another in order
+        (the order of their spans in the prompt)."""
+        if pixel_values.ndim == 4:
+            return self.vision(pixel_values)
+        b, t = pixel_values.shape[:2]
+        features = self.vision(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
+        return features.reshape(b, t * features.shape[1], features.shape[2])
 
     def __call__(self, input_ids, token_type_ids, attention_mask, pixel_values=None, cache=None,
                  last_only: bool = False, return_hidden: bool = False, every_row_has_image: bool = False):
@@ -83,9 +92,10 @@ class CogVLM(nn.Module):
         hidden_states: tuple of the decoder input and every layer's output (last one normed), if asked.
         """
         x = self.embed(input_ids)
-        route = None
+        route = None  # None: every token takes the language expert
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
+        if pixel_values is not None and self.config.text.vision_expert:
             route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1, every_row_has_image)
         pos = positions.position_ids(token_type_ids, attention_mask)
         mask = positions.causal_mask(attention_mask)
