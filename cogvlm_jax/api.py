@@ -146,7 +146,35 @@ class Model:
         n_img = self.config.num_image_tokens
         tt = np.where(am.astype(bool), tt, 0)
         counts = tt.sum(axis=1)
+        frames = self._check_spans(tt, counts, n_img)
+        pv = None
+        if counts.any():
+            if pixel_values is None:
+                raise InputError("token_type_ids mark image tokens but pixel_values is None")
+            pv = np.asarray(pixel_values, np.float32)
+            s = self.config.vision.image_size
+            if self.config.video:
+                if pv.ndim != 5 or pv.shape[0] != ids.shape[0] or pv.shape[1] < frames or \
+                        pv.shape[2:] != (self.config.vision.in_channels, s, s):
+                    raise InputError(f"pixel_values must have shape ({ids.shape[0]}, T, "
+                                     f"{self.config.vision.in_channels}, {s}, {s}) with T >= {frames} (the most "
+                                     f"frames a row's prompt holds), got {pv.shape}")
+            else:
+                want = (ids.shape[0], self.config.vision.in_channels, s, s)
+                if pv.shape != want:
+                    raise InputError(f"pixel_values must have shape {want}, got {pv.shape}")
+        return ids.astype(np.int32), tt.astype(np.int32), am.astype(np.int32), pv
+
+    def _check_spans(self, tt, counts, n_img) -> int:
+        """Each row's image tokens are one span of ``n_img`` (an image model) or spans of whole frames (a
+        video model: each maximal run of image tokens holds whole frames). -> the most frames of a row."""
         for row, c in enumerate(counts):
+            if self.config.video:
+                runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], tt[row], [0]]))))[::2]
+                if any(r % n_img for r in runs):
+                    raise InputError(f"row {row} has image-token runs of {runs.tolist()} tokens; each video frame "
+                                     f"takes exactly {n_img} (boi + {n_img - 2} + eoi)")
+                continue
             if c not in (0, n_img):
                 raise InputError(f"row {row} has {c} image tokens (token_type_ids == 1); one image takes exactly "
                                  f"{n_img} (boi + {n_img - 2} + eoi), text-only rows none")
@@ -154,16 +182,7 @@ class Model:
                 span = np.flatnonzero(tt[row])
                 if span[-1] - span[0] + 1 != c:
                     raise InputError(f"row {row}: the image tokens are not one contiguous span")
-        pv = None
-        if counts.any():
-            if pixel_values is None:
-                raise InputError("token_type_ids mark image tokens but pixel_values is None")
-            pv = np.asarray(pixel_values, np.float32)
-            s = self.config.vision.image_size
-            want = (ids.shape[0], self.config.vision.in_channels, s, s)
-            if pv.shape != want:
-                raise InputError(f"pixel_values must have shape {want}, got {pv.shape}")
-        return ids.astype(np.int32), tt.astype(np.int32), am.astype(np.int32), pv
+        return int(counts.max(initial=0)) // n_img
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, token_type_ids, attention_mask, pixel_values=None) -> np.ndarray:
@@ -258,16 +277,20 @@ class Model:
                              "Hub id (CogVLM1 uses Vicuna's: tokenizer=\"lmsys/vicuna-7b-v1.5\")")
         return self.tokenizer
 
-    def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS):
+    def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS,
+                     video=None, video_strategy=None):
         """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None).
 
         ``max_image_pixels``: an image file declaring more pixels is refused before it is decoded
-        (``preprocess.ImageTooLargeError``); None: no limit but PIL's own.
+        (``preprocess.ImageTooLargeError``); None: no limit but PIL's own. ``video`` (a CogVLM2-Video
+        model): uint8 frames (3, T, H, W), a list of PIL frames or a video file, sampled by
+        ``video_strategy`` (``"base"`` or ``"chat"``, default by the template: ``inputs/video.py``);
+        pixel_values is then [T, 3, 224, 224].
         """
 
         tok = self._need_tokenizer("build_inputs")
         return build_inputs(tok, self.config, query, history=history, image=image, template=template,
-                            max_image_pixels=max_image_pixels)
+                            max_image_pixels=max_image_pixels, video=video, video_strategy=video_strategy)
 
     def _text_stop(self, ids: Sequence[int]) -> list[int]:
         out = []
@@ -277,17 +300,21 @@ class Model:
             out.append(int(i))
         return out
 
-    def chat(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
-             top_k=None, top_p=None, seed=0) -> str:
+    def chat(self, image=None, query=None, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
+             top_k=None, top_p=None, seed=0, video=None, video_strategy=None) -> str:
         """The answer to ``query`` about ``image`` (or None) after ``history`` [(q, a), ...]; without
-        ``max_new_tokens``, until eos or the context is full."""
+        ``max_new_tokens``, until eos or the context is full. A video model takes ``video=`` (see
+        ``build_inputs``) in place of the image."""
         return "".join(self.stream(image, query, history, template, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, video=video,
+                                   video_strategy=video_strategy))
 
-    def stream(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
-               top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[str]:
+    def stream(self, image=None, query=None, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
+               top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK, video=None, video_strategy=None) -> Iterator[str]:
         """The answer as text pieces, as it is generated."""
-        inputs = self.build_inputs(query, history, image, template)
+        if query is None:
+            raise InputError("chat/stream need a query (the question to answer)")
+        inputs = self.build_inputs(query, history, image, template, video=video, video_strategy=video_strategy)
         ids = inputs["input_ids"]
         pv = None if inputs["pixel_values"] is None else inputs["pixel_values"][None]
         decoder = StreamDecoder(self.tokenizer)

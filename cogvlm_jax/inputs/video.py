@@ -25,7 +25,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from cogvlm_jax.inputs.preprocess import CLIP_MEAN, CLIP_STD
+from cogvlm_jax.inputs.clip_norm import CLIP_MEAN, CLIP_STD
 
 STRATEGIES = ("base", "chat")
 MAX_FRAMES = 24  # frames the demo samples
