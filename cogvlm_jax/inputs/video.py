@@ -79,6 +79,8 @@ def _open(source, name: str):
     av = _av()
     try:
         container = av.open(source, mode="r")
+    except av.error.EOFError:  # a stream declared, the file ending before any frame
+        raise VideoError(f"video {name} has no frames (the file ends before the first)") from None
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"cannot decode video {name}: {e}") from None
     if not container.streams.video:
