@@ -212,9 +212,14 @@ def _out():
 def cmd_generate(args) -> int:
     mesh = multihost.init_from_args(args)
     out = _out()
+    if args.video is not None and args.image is not None:
+        raise ValueError("give --image or --video, not both")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise FileNotFoundError(f"video file {args.video} not found")
     image = _image(args.image)  # fail on a bad image before loading the model
     model = _load(args, mesh)
-    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
+    video = dict(video=args.video, video_strategy=args.video_strategy) if args.video is not None else {}
+    for piece in model.stream(image, args.prompt, template=args.template, **video, **_sampling(args)):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -522,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer one question about an image, streamed")
     _add_model_args(g)
     g.add_argument("--image", help="image file (omit for a text-only prompt)")
+    g.add_argument("--video", help="video file, for a CogVLM2-Video checkpoint (docs/video.md)")
+    g.add_argument("--video-strategy", choices=("base", "chat"), default=None,
+                   help="how frames are sampled: base (24 evenly over the first 60 s) or chat (the frame nearest "
+                        "each second, up to 24); default: by the template")
     g.add_argument("--prompt", required=True)
     g.set_defaults(func=cmd_generate)
 

@@ -242,3 +242,52 @@ def test_bad_videos_are_named(model, tmp_path):
         a = _cases()[0]["arrays"]
         model.forward(a["input_ids"][None], a["token_type_ids"][None], a["attention_mask"][None],
                       a["pixel_values"][None, :2])
+
+
+def test_generate_cli_and_the_server_answer_about_a_video_file(model, tmp_path):
+    """``cogvlm-jax generate --video`` and a chat request with an OpenAI-style ``video_url`` part (a data URL,
+    and a file:// URL under --image-root) give ``model.chat``'s answer; an undecodable video is a 400."""
+    import base64
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from cogvlm_jax.serving.engine import Engine
+    from cogvlm_jax.serving.server import BackgroundServer, ServerConfig
+
+    path = _write(str(tmp_path / "clip.mp4"), list(range(25)))
+    # the chat template (3 frames here; base always samples 24): a model of the same weights whose config says it
+    chat = cogvlm_jax.api.Model(model.config.replace(template_version="chat"), model.params, model.tokenizer)
+    want = chat.chat(video=path, query="What happens?", max_new_tokens=3)
+    r = subprocess.run([sys.executable, "-m", "cogvlm_jax.cli", "generate", "--model", os.path.join(ROOT, "checkpoint"),
+                        "--tokenizer", os.path.join(ROOT, "tokenizer"), "--video", path, "--template", "chat",
+                        "--prompt", "What happens?", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+    def ask(url):
+        body = {"model": "video", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]}]}
+        req = urllib.request.Request(srv.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    eng = Engine(chat, slots=1, max_length=512, max_queue=4).start()
+    srv = BackgroundServer(eng, ServerConfig("video", image_root=str(tmp_path)), manage_engine=True).start()
+    try:
+        with open(path, "rb") as f:
+            status, out = ask("data:video/mp4;base64," + base64.b64encode(f.read()).decode())
+        assert status == 200, out
+        assert out["choices"][0]["message"]["content"] == want
+        status, out = ask("file://" + path)
+        assert status == 200 and out["choices"][0]["message"]["content"] == want, out
+        (tmp_path / "junk.mp4").write_bytes(b"\x00 not a video " * 64)
+        status, out = ask("file://" + str(tmp_path / "junk.mp4"))
+        assert status == 400 and out["error"]["code"] == "invalid_video" and "cannot decode" in out["error"]["message"]
+    finally:
+        srv.stop()

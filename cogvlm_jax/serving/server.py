@@ -39,12 +39,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
+from cogvlm_jax.inputs.video import VideoError
 from cogvlm_jax.parallel import compiles
 from cogvlm_jax.serving.engine import Engine
 from cogvlm_jax.serving.images import read_image_url
 from cogvlm_jax.serving.protocol import (
     LONE_SURROGATE,
     SSE_DONE,
+    VideoURL,
     APIError,
     ChatRequest,
     completion,
@@ -231,10 +233,19 @@ class _Routes:
         """The model's inputs for ``req`` (its image read and decoded); run off the event loop."""
         self.check_prompt_chars(req)
         image = None
-        if req.image_url is not None:
+        is_video = isinstance(req.image_url, VideoURL)
+        if req.image_url is not None and is_video != self.model.config.video:
+            raise APIError(400, "this model takes videos (video_url parts), not images" if self.model.config.video
+                           else "this model takes images (image_url parts), not videos", "messages",
+                           "unsupported_media")
+        if req.image_url is not None:  # a video's bytes within the same limits as an image's
             image = read_image_url(req.image_url, self.config.image_root, self.config.max_image_bytes)
         try:
+            if is_video:
+                return self.model.build_inputs(req.query, req.history, video=image)
             return self.model.build_inputs(req.query, req.history, image, max_image_pixels=self.config.max_image_pixels)
+        except VideoError as e:
+            raise APIError(400, f"the video cannot be used: {e}", "messages", "invalid_video") from None
         except ImageTooLargeError as e:
             raise APIError(400, f"{e} (--max-image-pixels)", "messages", "image_too_large") from None
         except ImageError as e:
