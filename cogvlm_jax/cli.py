@@ -327,6 +327,7 @@ def cmd_compile(args) -> int:
 
         train_config = TrainConfig(trainable=args.trainable, remat=args.remat)
     kw = dict(batch=args.batch, cache_length=args.cache_length, prompt_length=args.prompt_length, image=args.image,
+              frames=args.frames,
               dtype=args.dtype, max_new_tokens=args.max_new_tokens, chunk=args.chunk, train_config=train_config,
               **_quantize_kw(args))
     mesh = multihost.parse_mesh(args.mesh) if args.mesh else None
@@ -580,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the prompt plus --max-new-tokens)")
     co.add_argument("--prompt-length", type=POSITIVE, help="prefill / insert / train: tokens per row")
     co.add_argument("--image", action="store_true", help="prefill / insert / train: one image per row")
+    co.add_argument("--frames", type=POSITIVE, default=None,
+                    help="a video model (CogVLM2-Video): video frames per row (default with --image: 24)")
     co.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     co.add_argument("--max-new-tokens", type=POSITIVE, default=256)
     co.add_argument("--chunk", type=POSITIVE, help="decode_chunk: decode steps per call (default the server's, 4)")
