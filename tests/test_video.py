@@ -291,3 +291,26 @@ def test_generate_cli_and_the_server_answer_about_a_video_file(model, tmp_path):
         assert status == 400 and out["error"]["code"] == "invalid_video" and "cannot decode" in out["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_sharded_and_bfloat16_models_read_the_video_checkpoint(model):
+    """Loaded straight onto a data x fsdp x tensor mesh, the video model gives the reference logits of the
+    base case (two frames whose spans touch); in bfloat16 every weight holds a bfloat16 value (the
+    checkpoint's own); a vision-expert fine-tune of a decoder without one is refused by name."""
+    from cogvlm_jax import make_mesh
+    from cogvlm_jax.training.trainer import TrainConfig, Trainer
+
+    a = _cases()[1]["arrays"]
+    assert a["pixel_values"].shape[0] == 2
+    batch = (a["input_ids"][None], a["token_type_ids"][None], a["attention_mask"][None], a["pixel_values"][None])
+    kw = dict(tokenizer=os.path.join(ROOT, "tokenizer"), progress=False)
+    sharded = cogvlm_jax.load(os.path.join(ROOT, "checkpoint"), mesh=make_mesh(1, 2, 2, devices=jax.devices()[:4]),
+                              **kw)
+    err = float(np.abs(sharded.forward(*batch)[0][:, a["logits_columns"]] - a["logits"]).max())
+    print(f"\ncogvlm2-video on a 1x2x2 mesh: max abs logit error {err:.2e}")
+    assert err <= TOL
+    bf16 = cogvlm_jax.load(os.path.join(ROOT, "checkpoint"), dtype="bfloat16", **kw)
+    for p in jax.tree_util.tree_leaves(bf16.params):
+        assert bool(np.all(np.asarray(p.astype(jax.numpy.bfloat16).astype(p.dtype)) == np.asarray(p)))
+    with pytest.raises(ValueError, match="needs a decoder with a vision expert"):
+        Trainer(model.config, TrainConfig(trainable="vision-expert"))
