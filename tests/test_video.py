@@ -160,15 +160,15 @@ def test_loss_and_gradients_match_the_reference(model):
 
 
 # ------------------------------------------------------------------------------ files and sampling
-def _write(path, pts, rate=10, size=16):
-    """A tiny video whose frame i has presentation time ``pts[i] / rate`` s and the grey level ``7 i``."""
+def _write(path, pts, rate=10, size=16, step=7):
+    """A tiny video whose frame i has presentation time ``pts[i] / rate`` s and the grey level ``step * i``."""
     with av.open(path, "w") as c:
         s = c.add_stream("mpeg4", rate=rate)
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
         s.time_base = fractions.Fraction(1, rate)
         for i, p in enumerate(pts):
-            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), 7 * i, np.uint8), format="rgb24")
+            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), step * i, np.uint8), format="rgb24")
             f = f.reformat(format="yuv420p")
             f.pts = p
             for pk in s.encode(f):
@@ -178,9 +178,9 @@ def _write(path, pts, rate=10, size=16):
     return path
 
 
-def _which(frames):
+def _which(frames, step=7):
     """The index of each decoded frame, read back from its grey level."""
-    return [int(round(float(v) / 7)) for v in frames[0, :, 8, 8]]
+    return [int(round(float(v) / step)) for v in frames[0, :, 8, 8]]
 
 
 def test_chat_takes_the_frame_nearest_each_whole_second(tmp_path):
@@ -205,6 +205,11 @@ def test_base_takes_24_frames_evenly_over_the_first_minute(tmp_path):
     # 70 s at 2 fps: only the first 60 s (120 frames) are sampled
     assert video_lib.sample_indices([i / 2 for i in range(140)], 2.0, "base") == \
         np.linspace(0, 119, 24, dtype=int).tolist()
+    # a file of 70 s at 1 fps (grey levels 3 apart, which the codec keeps to within one step): frames 0..59
+    long = _write(str(tmp_path / "long.mp4"), list(range(70)), rate=1, step=3)
+    got = _which(video_lib.read_video(long, "base"), step=3)
+    want = np.linspace(0, 59, 24, dtype=int)
+    assert len(got) == 24 and np.abs(np.array(got) - want).max() <= 1, got
 
 
 def test_a_video_file_goes_through_build_inputs(model, tmp_path):
@@ -236,6 +241,9 @@ def test_bad_videos_are_named(model, tmp_path):
     with pytest.raises(video_lib.VideoError, match=r"a video of 31 frames .* over the model's context of 2048 tokens: "
                                                    r"30 frames fit"):
         model.build_inputs("What happens?", video=too_many, template="chat")
+    big = _write(str(tmp_path / "big.mp4"), [0], size=64)
+    with pytest.raises(video_lib.VideoError, match="64x64 = 0.0 megapixels, over the limit"):
+        video_lib.read_video(big, "chat", max_pixels=64 * 63)
     with pytest.raises(ValueError, match="video model: pass the frames as video="):
         model.build_inputs("?", image=np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(cogvlm_jax.InputError, match="with T >= 3"):

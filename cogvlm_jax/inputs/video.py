@@ -31,6 +31,9 @@ STRATEGIES = ("base", "chat")
 MAX_FRAMES = 24  # frames the demo samples
 BASE_SECONDS = 60  # the span ``base`` samples from
 FRAME_SIZE = 224  # the official code's 64 + 2 slots per frame: the ViT sees 224 px
+# The most pixels a file's frames may declare (3840 x 2160), checked before decoding: a small file can
+# declare frames of any size, and up to 24 of them are held decoded.
+MAX_FRAME_PIXELS = 3840 * 2160
 
 VideoLike = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Sequence[Image.Image]]
 
@@ -89,21 +92,41 @@ def _open(source, name: str):
     return container
 
 
-def _decode(source_factory, name: str, keep=None):
-    """Decode every frame of the first video stream: -> (timestamps, average fps, {index: rgb (H, W, 3)} for
-    the indices in ``keep``)."""
+def _enough(strategy: str, num_frames: int):
+    """Whether the timestamps decoded so far already decide ``strategy``'s choice (frames come in
+    presentation order): ``base`` reads only the first 60 s; ``chat`` is decided once a frame at or after
+    second ``num_frames - 1`` is seen (every later frame is farther from every second it could pick)."""
+    if strategy == "base":
+        return lambda stamps, fps: fps > 0 and len(stamps) >= int(BASE_SECONDS * fps)
+    return lambda stamps, fps: stamps[-1] >= num_frames - 1
+
+
+def _decode(source_factory, name: str, keep=None, enough=None, max_pixels: int = MAX_FRAME_PIXELS):
+    """Decode the first video stream's frames in order: -> (timestamps, average fps, {index: rgb (H, W, 3)}
+    for the indices in ``keep``). Stops after the last index in ``keep``, or once ``enough(stamps, fps)``."""
     av = _av()
     container = _open(source_factory(), name)
     stamps, kept = [], {}
+    last = max(keep) if keep else None
     try:
         stream = container.streams.video[0]
+        w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
+        if w * h > max_pixels:
+            raise VideoError(f"video {name} has frames of {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                             f"{max_pixels / 1e6:g} megapixels")
         fps = float(stream.average_rate) if stream.average_rate else 0.0
         base = stream.time_base
         for frame in container.decode(stream):
-            if keep is not None and len(stamps) in keep:
-                kept[len(stamps)] = frame.to_ndarray(format="rgb24")
+            if frame.width * frame.height > max_pixels:
+                raise VideoError(f"video {name} has a frame of {frame.width}x{frame.height}, over the limit of "
+                                 f"{max_pixels / 1e6:g} megapixels")
+            i = len(stamps)
+            if keep is not None and i in keep:
+                kept[i] = frame.to_ndarray(format="rgb24")
             pts = frame.pts if frame.pts is not None else 0
             stamps.append(float(pts * base) if base is not None else float(frame.time or 0.0))
+            if (last is not None and i >= last) or (enough is not None and enough(stamps, fps)):
+                break
     except av.FFmpegError as e:
         raise VideoError(f"cannot decode video {name}: {e}") from None
     finally:
@@ -111,10 +134,12 @@ def _decode(source_factory, name: str, keep=None):
     return stamps, fps, kept
 
 
-def read_video(video, strategy: str = "chat", num_frames: int = MAX_FRAMES) -> np.ndarray:
+def read_video(video, strategy: str = "chat", num_frames: int = MAX_FRAMES,
+               max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
     """The frames ``strategy`` samples from a video file (a path or its bytes): uint8 (C, T, H, W).
 
-    A file that cannot be decoded, or holds no video frames, is a ``VideoError`` naming it."""
+    A file that cannot be decoded, holds no video frames, or whose frames are over ``max_pixels`` pixels,
+    is a ``VideoError`` naming it."""
     if strategy not in STRATEGIES:
         raise VideoError(f"unknown video sampling strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if isinstance(video, (bytes, bytearray)):
@@ -133,13 +158,13 @@ def read_video(video, strategy: str = "chat", num_frames: int = MAX_FRAMES) -> n
             return name
     else:
         raise TypeError(f"expected a video path or bytes, got {type(video).__name__}")
-    # two passes: the timestamps first (the choice needs all of them), then only the chosen frames as RGB,
-    # so a minute of video never sits in memory decoded
-    stamps, fps, _ = _decode(source, name)
+    # two passes: the timestamps first (as far as the choice needs them), then only the chosen frames as
+    # RGB, so a minute of video never sits in memory decoded
+    stamps, fps, _ = _decode(source, name, enough=_enough(strategy, num_frames), max_pixels=max_pixels)
     if not stamps:
         raise VideoError(f"video {name} has no frames")
     picked = sample_indices(stamps, fps, strategy, num_frames)
-    _, _, kept = _decode(source, name, keep=set(picked))
+    _, _, kept = _decode(source, name, keep=set(picked), max_pixels=max_pixels)
     missing = sorted(set(picked) - set(kept))
     if missing:
         raise VideoError(f"video {name}: frames {missing} decoded in the first pass but not the second")
@@ -191,7 +216,12 @@ def _linear_taps(n_in: int, n_out: int):
 
 
 def frames_to_pixels(frames: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
-    """uint8 (C, T, H, W) -> float32 (T, 3, size, size) pixels: the official video transform."""
+    """uint8 (C, T, H, W) -> float32 (T, 3, size, size) pixels: the official video transform, one frame at a
+    time (a float32 copy of every full-size frame at once would be four times the decoded video)."""
+    return np.stack([_frame_pixels(frames[:, t:t + 1], size)[0] for t in range(frames.shape[1])])
+
+
+def _frame_pixels(frames: np.ndarray, size: int) -> np.ndarray:
     c, t, h, w = frames.shape
     x = frames.astype(np.float32) / np.float32(255.0)
     x = (x - CLIP_MEAN[:, None, None, None]) / CLIP_STD[:, None, None, None]
