@@ -192,30 +192,40 @@ class Model:
         if ids.shape[1] > self.config.context_length:
             images = f" ({counts.max() // n_img} images of {n_img} tokens each)" if counts.any() else ""
             raise InputError(f"prompt of {ids.shape[1]} tokens{images} exceeds max_length {self.config.context_length}")
-        for row, c in enumerate(counts):
-            if c % n_img:
-                raise InputError(f"row {row} has {c} image tokens (token_type_ids == 1); one image takes exactly "
-                                 f"{n_img} (boi + {n_img - 2} + eoi), text-only rows none")
-            if c:  # each run of image tokens: whole images side by side
-                edges = np.diff(np.concatenate([[0], tt[row], [0]]))
-                runs = np.flatnonzero(edges < 0) - np.flatnonzero(edges > 0)
-                if np.any(runs % n_img):
-                    raise InputError(f"row {row}: a run of {runs[runs % n_img != 0][0]} image tokens is not whole "
-                                     f"images of {n_img}")
+        most = self._check_spans(tt, counts, n_img)
         pv = None
         if counts.any():
             if pixel_values is None:
                 raise InputError("token_type_ids mark image tokens but pixel_values is None")
             pv = np.asarray(pixel_values, np.float32)
             s = self.config.vision.image_size
-            most = int(counts.max()) // n_img
             one = (ids.shape[0], self.config.vision.in_channels, s, s)
             if pv.ndim == 5 and pv.shape[0] == one[0] and pv.shape[1] >= most and pv.shape[2:] == one[1:]:
-                pass  # several images per row: [B, N, 3, S, S], N at least the most a row holds
+                pass  # several images or frames per row: [B, N, 3, S, S], N at least the most a row holds
+            elif self.config.video:
+                raise InputError(f"pixel_values must have shape ({ids.shape[0]}, T, "
+                                 f"{self.config.vision.in_channels}, {s}, {s}) with T >= {most} (the most "
+                                 f"frames a row's prompt holds), got {pv.shape}")
             elif pv.shape != one or most > 1:
                 want = one if most == 1 else (one[0], most, *one[1:])
                 raise InputError(f"pixel_values must have shape {want}, got {pv.shape}")
         return ids.astype(np.int32), tt.astype(np.int32), am.astype(np.int32), pv
+
+    def _check_spans(self, tt, counts, n_img) -> int:
+        """Each maximal run of a row's image tokens holds whole images (or video frames) of ``n_img`` slots
+        side by side. -> the most images (frames) a row holds."""
+        what = "video frame" if self.config.video else "image"
+        for row, c in enumerate(counts):
+            if c % n_img:
+                raise InputError(f"row {row} has {c} image tokens (token_type_ids == 1); one {what} takes exactly "
+                                 f"{n_img} (boi + {n_img - 2} + eoi), text-only rows none")
+            if c:
+                edges = np.diff(np.concatenate([[0], tt[row], [0]]))
+                runs = np.flatnonzero(edges < 0) - np.flatnonzero(edges > 0)
+                if np.any(runs % n_img):
+                    raise InputError(f"row {row}: a run of {runs[runs % n_img != 0][0]} image tokens is not whole "
+                                     f"{what}s of {n_img}")
+        return int(counts.max(initial=0)) // n_img
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, token_type_ids, attention_mask, pixel_values=None) -> np.ndarray:
@@ -315,18 +325,22 @@ class Model:
                              "Hub id (CogVLM1 uses Vicuna's: tokenizer=\"lmsys/vicuna-7b-v1.5\")")
         return self.tokenizer
 
-    def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS):
+    def build_inputs(self, query, history=(), image=None, template=None, *, max_image_pixels=MAX_IMAGE_PIXELS,
+                     video=None, video_strategy=None):
         """dict of input_ids, token_type_ids, attention_mask ([L] int32) and pixel_values ([3, S, S] or None).
         ``image``: one image or a list (``[N, 3, S, S]`` pixels, one span each); ``history`` turns may
         carry their image as ``(q, a, image)`` (see ``inputs.preprocess.build_inputs``).
 
         ``max_image_pixels``: an image file declaring more pixels is refused before it is decoded
-        (``preprocess.ImageTooLargeError``); None: no limit but PIL's own.
+        (``preprocess.ImageTooLargeError``); None: no limit but PIL's own. ``video`` (a CogVLM2-Video
+        model): uint8 frames (3, T, H, W), a list of PIL frames or a video file, sampled by
+        ``video_strategy`` (``"base"`` or ``"chat"``, default by the template: ``inputs/video.py``);
+        pixel_values is then [T, 3, 224, 224].
         """
 
         tok = self._need_tokenizer("build_inputs")
         return build_inputs(tok, self.config, query, history=history, image=image, template=template,
-                            max_image_pixels=max_image_pixels)
+                            max_image_pixels=max_image_pixels, video=video, video_strategy=video_strategy)
 
     def _text_stop(self, ids: Sequence[int]) -> list[int]:
         out = []
@@ -336,18 +350,21 @@ class Model:
             out.append(int(i))
         return out
 
-    def chat(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
-             top_k=None, top_p=None, seed=0) -> str:
+    def chat(self, image=None, query=None, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
+             top_k=None, top_p=None, seed=0, video=None, video_strategy=None) -> str:
         """The answer to ``query`` about ``image`` (None, one, or a list) after ``history`` [(q, a) or
-        (q, a, image), ...]; without
-        ``max_new_tokens``, until eos or the context is full."""
+        (q, a, image), ...]; without ``max_new_tokens``, until eos or the context is full. A video model
+        takes ``video=`` (see ``build_inputs``) in place of the image."""
         return "".join(self.stream(image, query, history, template, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, video=video,
+                                   video_strategy=video_strategy))
 
-    def stream(self, image, query, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
-               top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK) -> Iterator[str]:
+    def stream(self, image=None, query=None, history=(), template=None, *, max_new_tokens=None, temperature=0.0,
+               top_k=None, top_p=None, seed=0, chunk=STREAM_CHUNK, video=None, video_strategy=None) -> Iterator[str]:
         """The answer as text pieces, as it is generated."""
-        inputs = self.build_inputs(query, history, image, template)
+        if query is None:
+            raise InputError("chat/stream need a query (the question to answer)")
+        inputs = self.build_inputs(query, history, image, template, video=video, video_strategy=video_strategy)
         ids = inputs["input_ids"]
         pv = None if inputs["pixel_values"] is None else inputs["pixel_values"][None]
         decoder = StreamDecoder(self.tokenizer)

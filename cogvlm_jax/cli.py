@@ -238,14 +238,21 @@ def _write_boxes(path: str, fmt: str, image, answer: str) -> None:
 def cmd_generate(args) -> int:
     mesh = multihost.init_from_args(args)
     out = _out()
+    if args.video is not None and args.image:
+        raise ValueError("give --image or --video, not both")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise FileNotFoundError(f"video file {args.video} not found")
+    if args.video is not None and args.boxes_out is not None:
+        raise ValueError("--boxes-out draws on an --image, not a --video")
     images = [_image(path) for path in args.image or ()]  # fail on a bad image before loading the model
     image = images[0] if len(images) == 1 else images or None
     if args.boxes_out is not None and len(images) > 1:
         raise ValueError(f"--boxes-out draws on one picture; {len(images)} --image given")
     boxes_format = None if args.boxes_out is None else _boxes_format(args.boxes_out, image)
     model = _load(args, mesh)
+    video = dict(video=args.video, video_strategy=args.video_strategy) if args.video is not None else {}
     answer = []
-    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
+    for piece in model.stream(image, args.prompt, template=args.template, **video, **_sampling(args)):
         answer.append(piece)
         out.write(piece)
         out.flush()
@@ -356,6 +363,7 @@ def cmd_compile(args) -> int:
 
         train_config = TrainConfig(trainable=args.trainable, remat=args.remat)
     kw = dict(batch=args.batch, cache_length=args.cache_length, prompt_length=args.prompt_length, image=args.image,
+              frames=args.frames,
               dtype=args.dtype, max_new_tokens=args.max_new_tokens, chunk=args.chunk, train_config=train_config,
               **_quantize_kw(args))
     mesh = multihost.parse_mesh(args.mesh) if args.mesh else None
@@ -557,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--image", action="append", help="image file (omit for a text-only prompt); repeat it for "
                    "several images, one span each in the order given")
+    g.add_argument("--video", help="video file, for a CogVLM2-Video checkpoint (docs/video.md)")
+    g.add_argument("--video-strategy", choices=("base", "chat"), default=None,
+                   help="how frames are sampled: base (24 evenly over the first 60 s) or chat (the frame nearest "
+                        "each second, up to 24); default: by the template")
     g.add_argument("--prompt", required=True)
     g.add_argument("--boxes-out", metavar="PATH",
                    help="write the image with the answer's [[x0,y0,x1,y1]] boxes drawn (grounding models; the "
@@ -609,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the prompt plus --max-new-tokens)")
     co.add_argument("--prompt-length", type=POSITIVE, help="prefill / insert / train: tokens per row")
     co.add_argument("--image", action="store_true", help="prefill / insert / train: one image per row")
+    co.add_argument("--frames", type=POSITIVE, default=None,
+                    help="a video model (CogVLM2-Video): video frames per row (default with --image: 24)")
     co.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     co.add_argument("--max-new-tokens", type=POSITIVE, default=256)
     co.add_argument("--chunk", type=POSITIVE, help="decode_chunk: decode steps per call (default the server's, 4)")

@@ -161,7 +161,7 @@ def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pi
     ``every_row_has_image``: see ``CogVLM.__call__``."""
     logits, cache, _ = model.apply({"params": params}, input_ids, token_type_ids, attention_mask, pixel_values,
                                    cache=cache, last_only=True, every_row_has_image=every_row_has_image)
-    next_pos = jnp.max(positions.position_ids(token_type_ids, attention_mask, model.config.num_image_tokens), axis=1) + 1
+    next_pos = jnp.max(positions.position_ids(token_type_ids, attention_mask, model.config.position_span), axis=1) + 1
     return logits, next_pos, cache
 
 

@@ -3,7 +3,10 @@
 Data flow: pixels -> ViT -> adapter (``adapter.VisionModel``) -> spliced into the token embeddings at the
 image slots -> decoder layers -> final norm -> lm_head (float32 logits).
 
-Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches + eoi).
+Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches + eoi), T video frames.
+
+A video model (``config.video``) takes [B, T, 3, S, S] pixels; its decoder has no vision expert
+(``TextConfig.vision_expert``), so no token is routed and its positions follow the token types alone.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ class CogVLM(nn.Module):
         return self.embed_tokens(ids).astype(jnp.float32)
 
     def encode_images(self, pixel_values):
-        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi. Several images per row, [B, N, 3, S, S] ->
-        [B, N * I, D]: each image's span, in order (one ViT batch of B * N images)."""
+        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi. Several images per row, or a video's
+        frames, [B, N, 3, S, S] -> [B, N * I, D]: each image's (frame's) span, in order (the order of their
+        spans in the prompt); the ViT runs over the B * N images as one batch."""
         if pixel_values.ndim == 4:
             return self.vision(pixel_values)
         b, n = pixel_values.shape[:2]
@@ -90,14 +94,15 @@ class CogVLM(nn.Module):
         hidden_states: tuple of the decoder input and every layer's output (last one normed), if asked.
         """
         x = self.embed(input_ids)
-        route = None
+        route = None  # None: every token takes the language expert
         n_img = self.config.num_image_tokens
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
+        if pixel_values is not None and self.config.text.vision_expert:
             # several images per row are several spans: the mask routes them, never the one-run split
             one_image = pixel_values.ndim == 4 or pixel_values.shape[1] == 1
             route = positions.expert_route(token_type_ids, n_img - 1, every_row_has_image and one_image)
-        pos = positions.position_ids(token_type_ids, attention_mask, n_img)
+        pos = positions.position_ids(token_type_ids, attention_mask, self.config.position_span)
         mask = positions.causal_mask(attention_mask)
         x, kv, hidden = self.run_layers(x, route, pos, mask, cache)
         x = self.norm(x)

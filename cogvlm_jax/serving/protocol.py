@@ -80,8 +80,14 @@ def _neutral(value, options) -> bool:
     return any(type(value) is type(o) and value == o for o in options)
 
 
+class VideoURL(str):
+    """The URL of a ``video_url`` part (a video model's input): a ``str`` that says it is a video."""
+
+
 def _content(message: dict, index: int) -> tuple[str, list]:
-    """(text, image URLs in order) of one message's content: a string, or a list of text / image_url parts."""
+    """(text, image and video URLs in order) of one message's content: a string, or a list of text /
+    image_url / video_url parts (OpenAI-style: ``{"type": "video_url", "video_url": {"url": ...}}``; a
+    ``VideoURL``)."""
     content = message.get("content")
     where = f"messages[{index}]"
     if content is None or isinstance(content, str):
@@ -95,15 +101,15 @@ def _content(message: dict, index: int) -> tuple[str, list]:
             if not isinstance(part.get("text"), str):
                 raise APIError(400, f"{where}.content[{j}].text must be a string", "messages")
             texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
+        elif kind in ("image_url", "video_url"):
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
-                raise APIError(400, f"{where}.content[{j}].image_url.url must be a string", "messages")
-            images.append(url)
+                raise APIError(400, f"{where}.content[{j}].{kind}.url must be a string", "messages")
+            images.append(VideoURL(url) if kind == "video_url" else url)
         else:
             raise APIError(400, f"{where}.content[{j}]: unsupported content part type {json.dumps(kind)} "
-                                "(supported: text, image_url)", "messages")
+                                "(supported: text, image_url, video_url)", "messages")
     return "\n".join(texts), images
 
 
