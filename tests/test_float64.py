@@ -127,7 +127,7 @@ def test_every_case_alone_within_1e_12(fam, f64_runs):
     for rec, (logits, hidden, features) in zip(cases(fam), alone):
         err = _errors(rec, logits[0], [h[0] for h in hidden], None if features is None else features[0],
                       truth(fam, rec["name"]))
-        worst = {k: max(v, worst.get(k, 0.0)) for k, v in err.items()}
+        worst.update({k: max(v, worst.get(k, 0.0)) for k, v in err.items()})
         assert max(err.values()) <= TOL, (rec["name"], err)
     print(f"\n{fam} float64, each case alone: max abs errors {worst}")
 
@@ -141,7 +141,7 @@ def test_left_padded_batch_within_1e_12(fam, f64_runs):
         m = len(rec["arrays"]["input_ids"])
         feats = features[i] if "vision_features" in exact.files else None
         err = _errors(rec, logits[i, n - m:], [h[i, n - m:] for h in hidden], feats, exact)
-        worst = {k: max(v, worst.get(k, 0.0)) for k, v in err.items()}
+        worst.update({k: max(v, worst.get(k, 0.0)) for k, v in err.items()})
         assert max(err.values()) <= TOL, (rec["name"], err)
     print(f"\n{fam} float64, left-padded batch of all cases: max abs errors {worst}")
 
