@@ -14,8 +14,8 @@ import numpy as np
 
 from cogvlm_jax.config import CogVLMConfig, load_config
 from cogvlm_jax.convert.checkpoint import stored_quantization
-from cogvlm_jax.convert.params import read_params
-from cogvlm_jax.dtypes import model_dtype
+from cogvlm_jax.convert.params import read_params, stored_inv_freq
+from cogvlm_jax.dtypes import LOADABLE, REFERENCE, model_dtype
 from cogvlm_jax.files import CheckpointError
 from cogvlm_jax.generation import sampling
 from cogvlm_jax.generation.buckets import answer_length, bucket_length, round_up
@@ -25,7 +25,7 @@ from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
 from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer, load_tokenizer
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.models import quantize as quant_lib
-from cogvlm_jax.models.layers import widens_on_cpu
+from cogvlm_jax.models.layers import accumulation, widens_on_cpu
 from cogvlm_jax.parallel import program
 from cogvlm_jax.parallel.layout import to_program
 from cogvlm_jax.parallel.multihost import to_global, to_host
@@ -36,6 +36,31 @@ from cogvlm_jax.parallel.sharding import batch_sharding, param_shardings
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
 STREAM_CHUNK = 4  # tokens generated on device between two stream yields
+
+
+def is_reference(dtype) -> bool:
+    """Whether ``dtype`` (a name or a dtype) is the float64 reference mode's (``dtypes.REFERENCE``)."""
+    return np.dtype(model_dtype(dtype, LOADABLE) if isinstance(dtype, str) else dtype) in REFERENCE.values()
+
+
+def check_reference_mode(dtype, platform: str, quantize: Optional[str] = None) -> None:
+    """A ValueError saying what is missing when a model in ``dtype`` cannot run on ``platform``: the float64
+    reference mode computes everything in float64, which needs JAX's 64-bit mode (without it JAX would
+    silently make every float64 array float32), runs on CPU only (accelerators have no fast float64, and
+    the mode is for checking numbers, not for speed) and holds the checkpoint's own weights (no
+    ``quantize``). Any other dtype passes."""
+    if not is_reference(dtype):
+        return
+    if platform != "cpu":
+        raise ValueError(f"dtype='float64' is a reference mode for CPU; this model would run on {platform!r} devices: "
+                         "load it without a mesh of accelerators (JAX_PLATFORMS=cpu), or in float32 / bfloat16")
+    if quantize is not None:
+        raise ValueError(f"dtype='float64' computes with the checkpoint's own weights; quantize={quantize!r} cannot "
+                         "be combined with it")
+    if not jax.config.jax_enable_x64:
+        raise ValueError("dtype='float64' needs JAX's 64-bit mode, which is off: set JAX_ENABLE_X64=1 in the "
+                         "environment before Python starts, or call jax.config.update(\"jax_enable_x64\", True) "
+                         "before loading (and keep it on while the model runs)")
 
 
 def compute_dtype(dtype, platform: Optional[str] = None):
@@ -90,9 +115,12 @@ def prefill_weights(params, dtype):
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def _check_prefill_dtype(prefill_dtype, quantize) -> None:
+def _check_prefill_dtype(prefill_dtype, quantize, dtype) -> None:
     if prefill_dtype is not None and prefill_dtype not in PREFILL_DTYPES:
         raise ValueError(f"prefill_dtype must be one of {PREFILL_DTYPES} or None, got {prefill_dtype!r}")
+    if prefill_dtype is not None and is_reference(dtype):
+        raise ValueError("prefill_dtype cannot be combined with dtype='float64': the reference mode computes "
+                         "everything in float64")
     if prefill_dtype is not None and quantize is not None:
         raise ValueError("prefill_dtype and quantize cannot be combined: a quantized model's products "
                          "dequantize into its own compute dtype")
@@ -124,12 +152,19 @@ class Model:
     dots (AVX512_BF16, AMX) that halves the prefill's matmul time; elsewhere it may be slower. The first
     token's logits then differ from the float32 prefill's by bfloat16 rounding (docs/benchmarks.md, "Time
     to first token"). None: the prefill computes as the rest of the model does.
+
+    ``dtype="float64"``: the reference mode (:func:`check_reference_mode`): every computation in float64,
+    logits float64. ``rope_inv_freq``: the decoder's rotary inverse frequencies (``load`` passes a float64
+    model the checkpoint's stored buffer, ``convert.params.stored_inv_freq``); None: computed from the
+    config's ``rope_theta`` in the model's wide dtype (``layers.accumulation``).
     """
 
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
-                 mesh=None, layout=None, quantize=None, quantize_vision=False, prefill_dtype=None):
-        want = model_dtype(dtype)
-        _check_prefill_dtype(prefill_dtype, quantize)
+                 mesh=None, layout=None, quantize=None, quantize_vision=False, prefill_dtype=None,
+                 rope_inv_freq=None):
+        want = model_dtype(dtype, LOADABLE)
+        check_reference_mode(want, program.platform_of(mesh), quantize)
+        _check_prefill_dtype(prefill_dtype, quantize, want)
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -149,7 +184,9 @@ class Model:
         # rows head-grouped (``parallel/layout.py``)
         self.params = weights_for_compute(to_program(params, config, execution.layout, quant), want,
                                           execution.platform)
-        self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution)
+        self.module = CogVLM(config, compute_dtype(want, execution.platform), vit_query_chunk, execution=execution,
+                             rope_inv_freq=None if rope_inv_freq is None else tuple(float(f) for f in rope_inv_freq))
+        self.logits_dtype = np.dtype(accumulation(self.module.dtype))  # float32; float64 in the reference mode
         self._forward = program.jit(lambda p, ids, tt, am, pv: self.module.apply({"params": p}, ids, tt, am, pv)[0],
                                     mesh, describe=lambda p, ids, tt, am, pv: f"forward ({ids.shape[0]} x "
                                     f"{ids.shape[1]} tokens{', images' if pv is not None else ''})")
@@ -175,6 +212,7 @@ class Model:
 
     # ------------------------------------------------------------------ checks
     def _check(self, input_ids, token_type_ids, attention_mask, pixel_values):
+        check_reference_mode(self.module.dtype, self.module.execution.platform, self.quantize)  # x64 still on
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InputError(f"input_ids must be [batch, length], got shape {ids.shape}")
@@ -197,7 +235,7 @@ class Model:
         if counts.any():
             if pixel_values is None:
                 raise InputError("token_type_ids mark image tokens but pixel_values is None")
-            pv = np.asarray(pixel_values, np.float32)
+            pv = np.asarray(pixel_values, np.float64 if is_reference(self.module.dtype) else np.float32)
             s = self.config.vision.image_size
             one = (ids.shape[0], self.config.vision.in_channels, s, s)
             if pv.ndim == 5 and pv.shape[0] == one[0] and pv.shape[1] >= most and pv.shape[2:] == one[1:]:
@@ -229,9 +267,10 @@ class Model:
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, token_type_ids, attention_mask, pixel_values=None) -> np.ndarray:
-        """Logits float32 [B, L, V] for [B, L] inputs (left padding: pads neither count nor are attended)."""
+        """Logits [B, L, V] for [B, L] inputs (left padding: pads neither count nor are attended): float32,
+        float64 in the reference mode."""
         ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
-        return to_host(self._forward(self.params, *self._place(ids, tt, am, pv))).astype(np.float32, copy=False)
+        return to_host(self._forward(self.params, *self._place(ids, tt, am, pv))).astype(self.logits_dtype, copy=False)
 
     # ------------------------------------------------------------------ generate
     def _start(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
@@ -396,7 +435,9 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     Without ``path``: the small default model shipped in the package (trained from scratch on the
     coloured-shapes task of ``cogvlm_jax.recipes.synthetic``; see docs/default-model.md), with its tokenizer.
     ``dtype``: the weights' precision ("bfloat16" halves their memory on accelerators; on CPU they are
-    rounded to it and kept in float32, see :func:`weights_for_compute`).
+    rounded to it and kept in float32, see :func:`weights_for_compute`). "float64" is the reference mode
+    (:func:`check_reference_mode`: CPU, JAX's 64-bit mode on): every computation in float64 and the rotary
+    frequencies the checkpoint stores, for checking a port against ours (docs/sharding-and-numerics.md).
     ``tokenizer``: a tokenizer file, directory or Hub id (a ``TokenizerError`` naming it if it holds none;
     CogVLM1 checkpoints ship none: they use ``"lmsys/vicuna-7b-v1.5"``'s); by default the checkpoint
     directory (or its ``tokenizer/``) is searched. Without one, ``forward``/``generate`` on ids still work.
@@ -411,8 +452,9 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     --quantize`` is read back as it is stored; ``quantize`` then defaults to its format and must match it.
     ``prefill_dtype`` ("bfloat16" | None): the prompt's prefill multiplies in it (``Model``).
     """
-    want = model_dtype(dtype)
-    _check_prefill_dtype(prefill_dtype, quantize)  # before anything is read
+    want = model_dtype(dtype, LOADABLE)
+    check_reference_mode(want, program.platform_of(mesh), quantize)  # before anything is read
+    _check_prefill_dtype(prefill_dtype, quantize, want)
     path = resolve(path, revision, progress=progress)
     tokenizer_dir = resolve(tokenizer, kind="tokenizer", progress=progress)
     if path is None:
@@ -429,11 +471,13 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     stored = stored_quantization(path)
     if stored is not None:
         quantize, quantize_vision = _stored_quantize(path, stored, quantize, quantize_vision)
+        check_reference_mode(want, execution.platform, quantize)
     quant = quant_lib.make(quantize, quantize_vision, execution.platform)
     params = read_params(path, config, want, mesh=mesh, progress=progress, rules=execution.rules or None,
                          quant=quant)
+    rope = stored_inv_freq(path, config) if is_reference(want) else None
     return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout, quantize=quantize,
-                 quantize_vision=quantize_vision, prefill_dtype=prefill_dtype)
+                 quantize_vision=quantize_vision, prefill_dtype=prefill_dtype, rope_inv_freq=rope)
 
 
 def _stored_quantize(path, stored, quantize, quantize_vision):

@@ -203,7 +203,7 @@ def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_token
     return DecodeState(
         tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32), logits=logits, step=jnp.zeros((), jnp.int32),
         done=jnp.zeros((b,), bool), position=next_pos.astype(jnp.int32), cache=cache, sampling=sampling,
-        chosen_logits=(jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32) if collect_logits else None))
+        chosen_logits=(jnp.zeros((b, max_new_tokens, logits.shape[-1]), logits.dtype) if collect_logits else None))
 
 
 def _describe_start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *, max_new_tokens,

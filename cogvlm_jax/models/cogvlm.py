@@ -25,7 +25,7 @@ from cogvlm_jax.models import kv_cache, positions
 from cogvlm_jax.models.adapter import VisionModel
 from cogvlm_jax.models.decoder import DecoderLayer
 from cogvlm_jax.models.execution import Execution
-from cogvlm_jax.models.layers import Dense, RMSNorm, _init
+from cogvlm_jax.models.layers import Dense, RMSNorm, _init, accumulation
 from cogvlm_jax.models.quantize import SCALE, Quantization
 
 Dtype = jnp.dtype
@@ -44,13 +44,17 @@ def splice(text_embeds, token_type_ids, image_features):
 
 class CogVLM(nn.Module):
     """``execution``: what the programs of this module are traced for (mesh, platform, few-row products,
-    pre-widened kernels: ``execution.py``); ``parallel/program.py`` ``execution(mesh)`` builds it."""
+    pre-widened kernels: ``execution.py``); ``parallel/program.py`` ``execution(mesh)`` builds it.
+    ``rope_inv_freq``: the decoder's rotary inverse frequencies, head_dim / 2 numbers (the float64 reference
+    mode passes the checkpoint's stored buffer, ``convert/params.stored_inv_freq``); None: computed from
+    the config's ``rope_theta`` in ``layers.accumulation(dtype)``."""
 
     config: CogVLMConfig
     dtype: Dtype = jnp.float32
     vit_query_chunk: Optional[int] = None
     remat: bool = False  # training: recompute each decoder layer / ViT block in the backward pass
     execution: Execution = Execution()
+    rope_inv_freq: Optional[tuple[float, ...]] = None
 
     def setup(self):
         t, ex = self.config.text, self.execution
@@ -60,7 +64,7 @@ class CogVLM(nn.Module):
         self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=None,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab_table", None)))
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        self.layers = [layer(t, self.dtype, ex) for _ in range(t.num_layers)]
+        self.layers = [layer(t, self.dtype, ex, self.rope_inv_freq) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
         # the lm_head reads one row at prefill (``last_only``): a product of the module's dtype even in a
         # program of 16-bit products (``Execution.matmul_dtype``), and float32 logits from float32 weights
@@ -68,8 +72,8 @@ class CogVLM(nn.Module):
                              execution=ex.replace(matmul_dtype=None))
 
     def embed(self, ids):
-        """[B, L] token ids -> [B, L, D] float32 embeddings."""
-        return self.embed_tokens(ids).astype(jnp.float32)
+        """[B, L] token ids -> [B, L, D] embeddings in ``accumulation(dtype)`` (float32; float64 for float64)."""
+        return self.embed_tokens(ids).astype(accumulation(self.dtype))
 
     def encode_images(self, pixel_values):
         """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi. Several images per row, or a video's

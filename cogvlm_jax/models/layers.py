@@ -12,7 +12,7 @@ Axis legend: B batch, L length, D model width, F mlp width.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -27,9 +27,18 @@ Dtype = Any
 _init = nn.initializers.normal(stddev=0.02)
 
 
+def accumulation(dtype: Dtype) -> jnp.dtype:
+    """The wide dtype of a model computing in ``dtype``: what its products accumulate in and its residual
+    stream, norms, softmax, rotary angles and logits are computed in. Float32 for float32 and the 16-bit
+    dtypes; float64 for float64 (the reference mode, ``api.check_reference_mode``), in which nothing is
+    rounded to float32 anywhere."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 def precision_for(dtype: Dtype):
-    """Float32 runs are the exact reference path: ask every backend for full-precision matmuls."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    """Float32 and float64 runs are the exact paths: ask every backend for full-precision matmuls."""
+    exact = jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+    return jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
 
 
 def widens_on_cpu(dtype, platform: str) -> bool:
@@ -87,10 +96,12 @@ class Dense(nn.Module):
     ``models/int8_cpu.py`` (``int8_cpu.applies``), which reads the held integers without widening them.
 
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
-    product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
-    stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
-    own bfloat16 error (tests/test_model_parity.py). With ``execution.matmul_dtype`` they are rounded to
-    that dtype instead and multiplied natively (``weight_operands``: a bfloat16 prefill program).
+    The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
+    product is accumulated and returned in ``accumulation(dtype)`` (float32; float64 for a float64 model),
+    so the residual stream, norms, softmax and logits stay float32 whatever the weights are. That keeps a
+    bfloat16 run's logits well inside the reference's own bfloat16 error (tests/test_model_parity.py).
+    With ``execution.matmul_dtype`` they are rounded to that dtype instead and multiplied natively
+    (``weight_operands``: a bfloat16 prefill program).
     """
 
     features: int
@@ -113,6 +124,7 @@ class Dense(nn.Module):
         shape = (self.features, d) if self.out_in else (d, self.features)
         spec = "...d,fd->...f" if self.out_in else "...d,df->...f"
         out_scale = None
+        wide = accumulation(self.dtype)
         if ex.quant is not None and int8_cpu.applies(ex, math.prod(x.shape[:-1]), self.out_in):
             kernel, scale = self._quantized_params(shape, logical)
             y = int8_cpu.matmul(x.astype(self.dtype).astype(jnp.float32), kernel, scale, ex.quant)
@@ -124,12 +136,12 @@ class Dense(nn.Module):
                 xs, ks, out_scale = self._quantized(x, shape, logical)
             prec = precision_for(ex.matmul_dtype or self.dtype)
             if self.out_in and ex.weight_lhs:  # a few-row program: see parallel/rows.py
-                y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=prec, preferred_element_type=jnp.float32)
+                y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=prec, preferred_element_type=wide)
                 y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
             else:
-                y = jnp.einsum(spec, xs, ks, precision=prec, preferred_element_type=jnp.float32)
+                y = jnp.einsum(spec, xs, ks, precision=prec, preferred_element_type=wide)
         if out_scale is not None:  # int8: one scale per output channel, applied to the product
-            y = y * out_scale.astype(jnp.float32)
+            y = y * out_scale.astype(wide)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,))
@@ -162,7 +174,8 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Llama RMSNorm, always computed in float32 and cast back to the input dtype."""
+    """Llama RMSNorm, computed in ``accumulation`` of the input's dtype (float32; float64 for float64) and
+    cast back to the input dtype."""
 
     eps: float = 1e-5
     axis_name: str = "embed"
@@ -171,13 +184,14 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                            (x.shape[-1],))
-        xf = x.astype(jnp.float32)
+        wide = accumulation(x.dtype)
+        xf = x.astype(wide)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (scale.astype(jnp.float32) * y).astype(x.dtype)
+        return (scale.astype(wide) * y).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with weight and bias, computed in float32 and cast back to the input dtype."""
+    """LayerNorm with weight and bias, computed in ``accumulation`` of the input's dtype and cast back to it."""
 
     eps: float = 1e-6
     axis_name: str = "embed"
@@ -187,11 +201,12 @@ class LayerNorm(nn.Module):
         shape = (x.shape[-1],)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), shape)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), shape)
-        xf = x.astype(jnp.float32)
+        wide = accumulation(x.dtype)
+        xf = x.astype(wide)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        return (y * scale.astype(wide) + bias.astype(wide)).astype(x.dtype)
 
 
 def gelu(x):
@@ -199,22 +214,28 @@ def gelu(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, dtype: Dtype = jnp.float32) -> jax.Array:
+    """The rotary inverse frequencies ``theta ** -(2i / head_dim)``, computed in ``dtype``."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
 
 
-def apply_rope(x, positions, theta: float):
+def apply_rope(x, positions, theta: float, inv_freq: Optional[tuple[float, ...]] = None):
     """Rotate-half rotary embedding over the full head dim.
 
     x: [B, L, N, E] (N query or kv heads); positions: [B, L] integers. The angles are computed in
-    float32 from integer positions, so they are exact at any length (the official bfloat16 CogVLM2 rounds
-    positions above 256 because it builds them in the buffer's dtype; we do not reproduce that error).
+    ``accumulation(x.dtype)`` (float32; float64 for float64) from integer positions, so they are exact at
+    any length (the official bfloat16 CogVLM2 rounds positions above 256 because it builds them in the
+    buffer's dtype; we do not reproduce that error). ``inv_freq``: the E/2 inverse frequencies to use (a
+    checkpoint's stored buffer, ``convert/params.stored_inv_freq``); None: computed from ``theta`` in that
+    dtype.
     """
     e = x.shape[-1]
-    ang = positions.astype(jnp.float32)[..., None] * rope_inv_freq(e, theta)  # [B, L, E/2]
+    wide = accumulation(x.dtype)
+    pos = positions.astype(wide)[..., None]
+    ang = pos * (rope_inv_freq(e, theta, wide) if inv_freq is None else jnp.asarray(inv_freq, wide))  # [B, L, E/2]
     cos = jnp.concatenate([jnp.cos(ang), jnp.cos(ang)], axis=-1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(ang), jnp.sin(ang)], axis=-1)[:, :, None, :]
-    xf = x.astype(jnp.float32)
+    xf = x.astype(wide)
     half = e // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos + rotated * sin).astype(x.dtype)
@@ -242,6 +263,7 @@ class PatchConv(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
         x = x.reshape(b, h // p, p, w // p, p, c)
         ex = self.execution
+        wide = accumulation(self.dtype)
         y = jnp.einsum("bhpwqc,pqco->bhwo", *weight_operands(self.dtype, x, kernel, self.execution),
-                       precision=precision_for(ex.matmul_dtype or self.dtype), preferred_element_type=jnp.float32)
-        return y.astype(jnp.float32) + bias.astype(jnp.float32)
+                       precision=precision_for(ex.matmul_dtype or self.dtype), preferred_element_type=wide)
+        return y.astype(wide) + bias.astype(wide)
