@@ -52,14 +52,14 @@ def _attend_per_head(q, k, v, mask, scale, platform: str):
     of size one, XLA:CPU runs the score and value products of a 274-token prefill about three times
     slower (docs/benchmarks.md, "Time to first token")."""
     kv_spec = "bshe"
-    prec = precision_for(q.dtype)
+    prec, wide = precision_for(q.dtype), accumulation(q.dtype)
     s = jnp.einsum(f"bqhe,{kv_spec}->bhqs", *operands(q.dtype, q, k, platform=platform), precision=prec,
-                   preferred_element_type=jnp.float32) * scale
+                   preferred_element_type=wide) * scale
     if mask is not None:
         s = jnp.where(mask[:, None, :, :], s, _MASKED)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum(f"bhqs,{kv_spec}->bhqe", *operands(v.dtype, p, v, platform=platform), precision=prec,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=wide)
     return jnp.moveaxis(o, 1, 2).astype(q.dtype)
 
 
