@@ -59,7 +59,6 @@ def probe(size_gb: float = 1.0, repeats: int = 10) -> dict[str, float]:
         jax.block_until_ready(f(x))  # compile + warm the pages
         t = best_time(lambda: jax.block_until_ready(f(x)), repeats)
         out[name] = nbytes / t / GB
-    del x
     out["probe"] = max(out.values())
     out["bytes"] = float(nbytes)
     return out

@@ -139,7 +139,8 @@ class DecodeCase:
 class DecodeBench:
     """A model, its random params and its generator, reused across the cases of one (config, dtype)."""
 
-    def __init__(self, config_name: str, dtype: str, params=None, quantize: Optional[str] = None):
+    def __init__(self, config_name: str, dtype: str, params=None, quantize: Optional[str] = None,
+                 quant_kernel: bool = True):
         from cogvlm_jax.api import compute_dtype, weights_for_compute
         from cogvlm_jax.generation.sampling import Generator
         from cogvlm_jax.models import quantize as quant_lib
@@ -158,7 +159,9 @@ class DecodeBench:
             params = quantize_params(params, self.config, quant)
         self.params = weights_for_compute(params, DTYPES[dtype])
         self.compute_dtype = compute_dtype(DTYPES[dtype]).name
-        self.model = CogVLM(self.config, DTYPES[self.compute_dtype], execution=execution.replace(quant=quant))
+        # quant_kernel: the CPU int8/int4 kernel of models/int8_cpu.py (False: the XLA product)
+        self.model = CogVLM(self.config, DTYPES[self.compute_dtype],
+                            execution=execution.replace(quant=quant, quant_kernel=quant_kernel))
         self.gen = Generator(self.model, (NEVER_EOS,), self.config.pad_token_id)
 
     def cache_length(self, case: DecodeCase) -> int:

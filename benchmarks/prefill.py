@@ -28,13 +28,14 @@ from cogvlm_jax.dtypes import DTYPES
 
 
 # --------------------------------------------------------------------------- the limit
-def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5, native: bool = False) -> float:
     """FLOP/s of a jitted [n, n] @ [n, n] in the dtype a model loaded in ``dtype`` multiplies in
-    (``api.compute_dtype``: float32 on CPU for bfloat16), float32 accumulation, the model's precision."""
+    (``api.compute_dtype``: float32 on CPU for bfloat16), float32 accumulation, the model's precision.
+    ``native``: in ``dtype`` itself, as a program of ``Execution.matmul_dtype`` products multiplies."""
     from cogvlm_jax.api import compute_dtype
     from cogvlm_jax.models.layers import precision_for
 
-    dt = compute_dtype(DTYPES[dtype])
+    dt = DTYPES[dtype] if native else compute_dtype(DTYPES[dtype])
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((n, n), np.float32), dt)
     b = jnp.asarray(rng.standard_normal((n, n), np.float32), dt)

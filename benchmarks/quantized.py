@@ -7,9 +7,9 @@ int4) weights (``cogvlm_jax.load(..., quantize=)``, ``models/quantize.py``).
 Each row is one ``benchmarks.decode.DecodeBench`` case (the timed ``Generator.decode`` loop, best of the
 repetitions) on random weights, quantized as a quantizing load does. ``held_bytes``: every parameter the
 model holds; ``decode_weight_bytes``: those a decode step reads (the language expert of every layer, the
-final norm, the lm_head), at the bytes they are held in. XLA:CPU has no integer-by-float dot: it
-converts an int8 kernel to float32 inside the product, so what a step saves is the bytes read from
-memory, not the arithmetic.
+final norm, the lm_head), at the bytes they are held in. The quantized decode products run in the CPU
+kernel of ``models/int8_cpu.py`` (``--no-kernel``: as XLA ops, which convert each int8 kernel to a
+float32 array inside the product; ``benchmarks/int8_cpu.py`` compares the two).
 """
 
 from __future__ import annotations
@@ -35,21 +35,22 @@ def _bytes(params, pattern=None) -> int:
 
 def run(config: str = "mid", formats: Sequence[Optional[str]] = (None, "int8", "int4"), batches=(1,),
         steps: int = 32, repeats: int = 3, prompt_length: int = 150, out=None,
-        probe_gb_s: Optional[float] = None) -> list[dict]:
+        probe_gb_s: Optional[float] = None, quant_kernel: bool = True) -> list[dict]:
     """One record per (format, batch). ``probe_gb_s`` (the bandwidth probe, ``benchmarks.run``): the records'
-    ``fraction_of_limit`` is the decode weights' read rate against it."""
+    ``fraction_of_limit`` is the decode weights' read rate against it. ``quant_kernel``: quantized decode
+    products in the CPU kernel of ``models/int8_cpu.py`` (False: XLA's)."""
     from benchmarks.decode import DecodeBench, DecodeCase
 
     recs = []
     for q in formats:
-        bench = DecodeBench(config, "float32", quantize=q)
+        bench = DecodeBench(config, "float32", quantize=q, quant_kernel=quant_kernel)
         held, read = _bytes(bench.params), _bytes(bench.params, _DECODE_LEAF)
         for b in batches:
             m = bench.measure(DecodeCase(config, "float32", b, steps, prompt_length, repeats))
             gb_s = read / m["step_s"] / 1e9
             rec = record("quantized_decode", m["tok_s"], "tok/s", config=config, dtype="float32", batch=b,
                          fraction_of_limit=None if probe_gb_s is None else gb_s / probe_gb_s, quantize=q or "none",
-                         step_ms=m["step_s"] * 1e3, held_bytes=held, decode_weight_bytes=read, weight_gb_s=gb_s)
+                         kernel=quant_kernel and q is not None, step_ms=m["step_s"] * 1e3, held_bytes=held, decode_weight_bytes=read, weight_gb_s=gb_s)
             recs.append(rec)
             if out is not None:
                 out(rec)
@@ -64,9 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-kernel", action="store_true", help="XLA's quantized products, not the CPU kernel's")
     a = p.parse_args(argv)
     formats = [None if f == "none" else f for f in a.formats.split(",")]
-    run(a.config, formats, [int(b) for b in a.batches.split(",")], a.steps, a.repeats, out=emit)
+    run(a.config, formats, [int(b) for b in a.batches.split(",")], a.steps, a.repeats, out=emit,
+        quant_kernel=not a.no_kernel)
     return 0
 
 

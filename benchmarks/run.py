@@ -10,9 +10,12 @@ alternatives, patched in-process) are the experiments behind the layout choices.
 bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s) and 1 GB (RSS)
 for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
 compares with one stream on a one-slot server (``speedup_vs_one_stream``, the median of alternating
-rounds); ``quantized`` (decode tok/s and held bytes with the weights in each ``--quantize`` format) compares
-the decode weights' read rate with the bandwidth probe. Decode and quantized need the bandwidth probe, so
-it is run (and printed) whenever either is.
+rounds); ``ttft`` (time to the first token of an image prompt, and the prefill's parts: ViT, adapter,
+decoder by expert) with the matmul peak of the prefill's dtype; ``quantized`` (decode tok/s and held bytes
+with the weights in each ``--quantize`` format) compares the decode weights' read rate with the bandwidth
+probe; ``int8_cpu`` (decode ms/step with float32, int8 and int4 weights, with and without the CPU kernel
+of ``models/int8_cpu.py``) does too. Decode, quantized and int8_cpu need the bandwidth probe, so it is run
+(and printed) whenever one of them is.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 from cogvlm_jax.dtypes import DTYPES
 
 BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot", "soak",
-              "quantized", "startup")
+              "quantized", "int8_cpu", "startup", "ttft")
 # on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long), soak
 # (ten minutes of mixed traffic on the default model's server; one with --quick), quantized (decode with
-# float32, int8 and int4 weights, benchmarks/quantized.py), startup (cold processes of generate and serve,
-# benchmarks/startup.py; --quick: generate only)
+# float32, int8 and int4 weights, benchmarks/quantized.py), int8_cpu (the CPU int8/int4 kernel against
+# XLA's product: one product, then decode of the mid config, benchmarks/int8_cpu.py), startup (cold
+# processes of generate and serve, benchmarks/startup.py; --quick: generate only), ttft (time to the first
+# token of the 274-token image prompt on a mid CogVLM-1 config, float32 and bfloat16 prefill, and its
+# parts; benchmarks/ttft.py)
 DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")
 QUANTIZE = ("none", "int8", "int4")
 
@@ -125,8 +131,23 @@ def _notes(r: dict) -> str:
     if r["name"] == "quantized_decode":
         return (f"weights {e['quantize']}: {e['step_ms']:.2f} ms/step, held {e['held_bytes'] / 1e6:.1f} MB, decode reads "
                 f"{e['decode_weight_bytes'] / 1e6:.1f} MB of weights at {e['weight_gb_s']:.2f} GB/s")
+    if r["name"] == "int8_product":
+        return f"{e['path']}: [{e['out_in'][0]}, {e['out_in'][1]}] product; XLA widens the int8 kernel: {e['xla_widens']}"
+    if r["name"] == "int8_decode":
+        speed = "" if e.get("speedup_vs_float32") is None else f", {e['speedup_vs_float32']:.2f}x float32"
+        return (f"weights {e['quantize']}, kernel {'on' if e['kernel'] else 'off'}: {e['tok_s']:.1f} tok/s, reads "
+                f"{e['decode_weight_bytes'] / 1e6:.1f} MB of weights at {e['weight_gb_s']:.2f} GB/s{speed}")
     if r["name"].startswith("startup_"):
         return f"{e['cache']}, run {e['run']}"
+    if r["name"] == "ttft":
+        return (f"{e['prompt_tokens']} tokens ({e['image_tokens']} image), {e['model_gflop']:.1f} GFLOP: floor "
+                f"{e['floor_ms']:.0f} ms at {e['limit_gflop_s']:.0f} GFLOP/s, {e['achieved_gflop_s']:.0f} achieved")
+    if r["name"].startswith("ttft_part_"):
+        return (f"{e['gflop']:.2f} GFLOP at {e['achieved_gflop_s']:.0f} GFLOP/s, {e['share_of_ttft']:.0%} of the "
+                "TTFT")
+    if r["name"] == "ttft_bf16_gap":
+        return (f"largest first-token logit gap to the float32 prefill (logits std {e['logit_std']:.2f}); same "
+                f"first token: {e['same_first_token']}")
     if r["name"] == "matmul_peak":
         return f"{e['n']}^3 matmul"
     return ""
@@ -159,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         recs.extend(new)
 
     probe = None
-    if only & {"bandwidth", "matvec", "prototypes", "decode", "quantized"}:
+    if only & {"bandwidth", "matvec", "prototypes", "decode", "quantized", "int8_cpu"}:
         from benchmarks import bandwidth
 
         bw = bandwidth.run(args.quick, size_gb=args.probe_gb)
@@ -206,10 +227,20 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         q_config = "mid" if "mid" in configs else configs[0]
         out(quantized.run(q_config, formats, args.batches, args.steps or (8 if args.quick else 32),
                           1 if args.quick else 3, probe_gb_s=probe))
+    if "int8_cpu" in only:  # the CPU kernel against XLA's int8 product, on the mid config unless --configs
+        from benchmarks import int8_cpu
+
+        k_config = "mid" if "mid" in configs else configs[0]
+        out(int8_cpu.run(k_config, args.batches, args.steps or (8 if args.quick else 32), 1 if args.quick else 3,
+                         probe_gb_s=probe, quick=args.quick))
     if "startup" in only:  # cold processes; also python -m benchmarks.startup
         from benchmarks import startup
 
         out(startup.run(1, "generate", cache_off=False) if args.quick else startup.run())
+    if "ttft" in only:  # the mid CogVLM-1 config of benchmarks/ttft.py, float32 and bfloat16 prefills
+        from benchmarks import ttft
+
+        out(ttft.run(args.quick))
     if "aot" in only:  # the published configs (--tiny / --quick: the tiny fixtures) on every target
         from benchmarks import aot
 

@@ -249,11 +249,17 @@ def _sampling(mesh, batch: int):
                           _rows(mesh, (batch,), jnp.float32), _rows(mesh, (batch, 2), jnp.uint32))
 
 
-def _prompt(config: CogVLMConfig, put, batch: int, length: int, image: bool):
-    """input_ids, token_type_ids, attention_mask [batch, length] int32 and pixel_values (or None)."""
+def _pixels(config: CogVLMConfig, lead: tuple, image) -> tuple:
+    """The pixel_values shape after ``lead`` (batch dims): [C, S, S], or a video's [frames, C, S, S]
+    (``image`` is then the frame count)."""
     s = config.vision.image_size
+    return lead + ((int(image),) if config.video else ()) + (config.vision.in_channels, s, s)
+
+
+def _prompt(config: CogVLMConfig, put, batch: int, length: int, image):
+    """input_ids, token_type_ids, attention_mask [batch, length] int32 and pixel_values (or None)."""
     ints = [put((batch, length), jnp.int32) for _ in range(3)]
-    return (*ints, put((batch, config.vision.in_channels, s, s), jnp.float32) if image else None)
+    return (*ints, put(_pixels(config, (batch,), image), jnp.float32) if image else None)
 
 
 # =========================================================================== programs
@@ -274,6 +280,7 @@ class _Spec:
     detail: str = ""
     layout: str = "exact"
     quantize: Optional[str] = None
+    frames: int = 0  # a video model's frames per row (with ``image``)
 
 
 def _build_generate(program, config, mesh, params, dtype, batch, cache_length, prompt_length, image,
@@ -331,11 +338,10 @@ def _build_train(config, mesh, params, dtype, batch, prompt_length, image, train
     trainer = Trainer(config, tc, dtype, mesh, vit_query_chunk)
     state, frozen = trainer.abstract_init(params)
     micro = (tc.accum, batch // tc.accum)
-    s = config.vision.image_size
     shapes = {k: (micro + (prompt_length,), jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask",
                                                                  "labels")}
     if image:
-        shapes["pixel_values"] = (micro + (config.vision.in_channels, s, s), jnp.float32)
+        shapes["pixel_values"] = (_pixels(config, micro, image), jnp.float32)
     data = {k: _sds(shape, dt, trainer.batch_sharding(shape)) for k, (shape, dt) in shapes.items()}
     return trainer.step_program(state), (state, frozen, data), {}
 
@@ -369,7 +375,7 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
                 max_new_tokens: int = 256, do_sample: bool = False, chunk: Optional[int] = None, train_config=None,
                 vit_query_chunk: Optional[int] = None, check_fit: bool = True,
                 layout: Optional[str] = None, quantize: Optional[str] = None,
-                quantize_vision: bool = False) -> jax.stages.Compiled:
+                quantize_vision: bool = False, frames: Optional[int] = None) -> jax.stages.Compiled:
     """Compile ``program`` of ``config`` (a preset name, a checkpoint directory / config.json, or a
     ``CogVLMConfig``) for ``target`` on ``mesh`` (data, fsdp, tensor; default all devices on tensor).
 
@@ -383,7 +389,9 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     ``train`` always compiles the trainer's, exact). ``quantize`` (``"int8"`` / ``"int4"``) and
     ``quantize_vision``: the program of a model loaded with them (``cogvlm_jax.load``): its parameters are
     the quantized tree (``models/quantize.py``; int4 as the target holds it). ``train`` with ``quantize``:
-    the QLoRA step (``train_config`` LoRA; ``TrainConfig.quantize`` set to it).
+    the QLoRA step (``train_config`` LoRA; ``TrainConfig.quantize`` set to it). ``frames``: a video model
+    (CogVLM2-Video) with ``frames`` video frames per row, each ``num_image_tokens`` slots of the prompt
+    (``image`` with a video model and no ``frames``: the demo's most, 24).
 
     Returns the ``jax.stages.Compiled``; :func:`report` reads it. Raises :class:`DoesNotFitError` when the
     per-device peak passes the chip's HBM (``check_fit=False``: returned anyway, unless XLA refuses it).
@@ -400,9 +408,22 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
     name = cfg.name or (config if isinstance(config, str) else "config")
     if batch < 1 or max_new_tokens < 1:
         raise AotError(f"need batch >= 1 and max_new_tokens >= 1, got {batch}, {max_new_tokens}")
+    if frames is not None and not cfg.video:
+        raise AotError(f"frames is for a video model (CogVLM2-Video); {name} takes images")
+    if frames is not None and frames < 1:
+        raise AotError(f"frames must be >= 1, got {frames}")
+    if cfg.video and (image or frames):
+        from cogvlm_jax.inputs.video import MAX_FRAMES
+
+        frames = MAX_FRAMES if frames is None else frames
+        image = frames
     if program in ("prefill", "insert", "train"):
         if prompt_length is None:
             raise AotError(f"program {program} needs prompt_length")
+        if cfg.video and image and prompt_length <= frames * cfg.num_image_tokens:
+            raise AotError(f"prompt_length {prompt_length} cannot hold {frames} video frames: they take "
+                           f"{frames * cfg.num_image_tokens} tokens ({cfg.num_image_tokens} each), plus at least one "
+                           "text token")
         if image and prompt_length <= cfg.num_image_tokens:
             raise AotError(f"prompt_length {prompt_length} cannot hold an image: it takes {cfg.num_image_tokens} "
                            "tokens (boi + patches + eoi), plus at least one text token")
@@ -444,7 +465,7 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
                  detail=(f"chunk {chunk}" if program == "decode_chunk" else
                          f"trainable {(train_config.trainable if train_config else 'full')}" if program == "train"
                          else f"{max_new_tokens} new tokens" if program == "decode" else ""), layout=layout,
-                 quantize=quantize)
+                 quantize=quantize, frames=int(frames or 0) if cfg.video and image else 0)
     t0 = time.perf_counter()
     # the checkpoint's tree as the layout's programs hold it (Megatron: the ViT's blocks stacked)
     params = to_program(abstract_sharded_params(cfg, m, np_dtype, rules_for(layout), quant), cfg, layout, quant)
@@ -486,7 +507,8 @@ def compile_for(config: Union[str, CogVLMConfig], target: Union[str, Target] = "
 def _describe(s: _Spec) -> str:
     parts = [f"{s.config_name} {s.program}", s.dtype + (f" {s.quantize}" if s.quantize else ""), f"batch {s.batch}"]
     if s.prompt_length is not None:
-        parts.append(f"prompt {s.prompt_length}" + (" with image" if s.image else ""))
+        parts.append(f"prompt {s.prompt_length}" + (f" with {s.frames} video frames" if s.frames else
+                                                     " with image" if s.image else ""))
     if s.cache_length is not None:
         parts.append(f"cache {s.cache_length}")
     if s.detail:

@@ -209,15 +209,56 @@ def _out():
     return answer
 
 
+def _boxes_format(path: str, image) -> str:
+    """The PIL format ``--boxes-out PATH`` is written in (from its extension), checked before the model
+    loads: an image to draw on, a known extension, an existing folder."""
+    from PIL import Image
+
+    if image is None:
+        raise ValueError("--boxes-out needs --image: the boxes are drawn on the picture asked about")
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"--boxes-out {path}: unknown image extension (use .png, .jpg, .webp, ...)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--boxes-out {path}: folder {parent} does not exist")
+    return fmt
+
+
+def _write_boxes(path: str, fmt: str, image, answer: str) -> None:
+    """The picture with the answer's boxes drawn, written atomically; how many is said on stderr."""
+    from cogvlm_jax.grounding import draw_boxes, parse_boxes
+
+    boxes = parse_boxes(answer, image.size)
+    with files.atomic_file(path, "wb") as f:
+        draw_boxes(image, boxes).save(f, format=fmt)
+    print(f"cogvlm-jax generate: {len(boxes)} box{'es' * (len(boxes) != 1)} drawn in {path}", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     mesh = multihost.init_from_args(args)
     out = _out()
-    image = _image(args.image)  # fail on a bad image before loading the model
+    if args.video is not None and args.image:
+        raise ValueError("give --image or --video, not both")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise FileNotFoundError(f"video file {args.video} not found")
+    if args.video is not None and args.boxes_out is not None:
+        raise ValueError("--boxes-out draws on an --image, not a --video")
+    images = [_image(path) for path in args.image or ()]  # fail on a bad image before loading the model
+    image = images[0] if len(images) == 1 else images or None
+    if args.boxes_out is not None and len(images) > 1:
+        raise ValueError(f"--boxes-out draws on one picture; {len(images)} --image given")
+    boxes_format = None if args.boxes_out is None else _boxes_format(args.boxes_out, image)
     model = _load(args, mesh)
-    for piece in model.stream(image, args.prompt, template=args.template, **_sampling(args)):
+    video = dict(video=args.video, video_strategy=args.video_strategy) if args.video is not None else {}
+    answer = []
+    for piece in model.stream(image, args.prompt, template=args.template, **video, **_sampling(args)):
+        answer.append(piece)
         out.write(piece)
         out.flush()
     out.write("\n")
+    if boxes_format is not None and multihost.is_main_process():
+        _write_boxes(args.boxes_out, boxes_format, image, "".join(answer))
     return 0
 
 
@@ -322,6 +363,7 @@ def cmd_compile(args) -> int:
 
         train_config = TrainConfig(trainable=args.trainable, remat=args.remat)
     kw = dict(batch=args.batch, cache_length=args.cache_length, prompt_length=args.prompt_length, image=args.image,
+              frames=args.frames,
               dtype=args.dtype, max_new_tokens=args.max_new_tokens, chunk=args.chunk, train_config=train_config,
               **_quantize_kw(args))
     mesh = multihost.parse_mesh(args.mesh) if args.mesh else None
@@ -521,8 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one question about an image, streamed")
     _add_model_args(g)
-    g.add_argument("--image", help="image file (omit for a text-only prompt)")
+    g.add_argument("--image", action="append", help="image file (omit for a text-only prompt); repeat it for "
+                   "several images, one span each in the order given")
+    g.add_argument("--video", help="video file, for a CogVLM2-Video checkpoint (docs/video.md)")
+    g.add_argument("--video-strategy", choices=("base", "chat"), default=None,
+                   help="how frames are sampled: base (24 evenly over the first 60 s) or chat (the frame nearest "
+                        "each second, up to 24); default: by the template")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--boxes-out", metavar="PATH",
+                   help="write the image with the answer's [[x0,y0,x1,y1]] boxes drawn (grounding models; the "
+                        "format from the extension), replaced atomically")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="multi-turn chat about an image")
@@ -571,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the prompt plus --max-new-tokens)")
     co.add_argument("--prompt-length", type=POSITIVE, help="prefill / insert / train: tokens per row")
     co.add_argument("--image", action="store_true", help="prefill / insert / train: one image per row")
+    co.add_argument("--frames", type=POSITIVE, default=None,
+                    help="a video model (CogVLM2-Video): video frames per row (default with --image: 24)")
     co.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     co.add_argument("--max-new-tokens", type=POSITIVE, default=256)
     co.add_argument("--chunk", type=POSITIVE, help="decode_chunk: decode steps per call (default the server's, 4)")

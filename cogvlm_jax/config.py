@@ -1,7 +1,8 @@
 """Frozen model configs built from a published Hugging Face ``config.json``.
 
 ``CogVLMConfig.from_hf_dict`` takes the file exactly as published (see ``presets/``). A field we do not
-know is an error naming it; the video model is an error saying it is not supported yet. ``to_hf_dict``
+know is an error naming it. ``CogVLMVideoForCausalLM`` (CogVLM2-Video) is the CogVLM2 family with
+``video=True``: its prompt holds T frames of 224 px, and its decoder has no vision expert. ``to_hf_dict``
 writes a config.json the official remote code reads back.
 """
 
@@ -66,6 +67,7 @@ class TextConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     vision_qkv_bias: bool = False  # CogVLM2's vision-expert QKV has a bias, the language one has none
+    vision_expert: bool = True  # False (CogVLM2-Video): every token, image or text, takes the language weights
 
     @property
     def head_dim(self) -> int:
@@ -89,12 +91,24 @@ class CogVLMConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
     name: str = ""
+    video: bool = False  # CogVLM2-Video: a prompt holds T frames, each a span of num_image_tokens
     extra: tuple = ()  # pass-through HF fields we keep for export: ((key, json value), ...)
 
     @property
     def num_image_tokens(self) -> int:
-        """Slots one image takes in the prompt: boi + adapter outputs + eoi."""
+        """Slots one image (one video frame) takes in the prompt: boi + adapter outputs + eoi."""
         return self.vision.num_output_tokens + 2
+
+    @property
+    def position_span(self) -> int | None:
+        """``positions.position_ids``' ``image_tokens``: one image's span, so images side by side each get
+        the single-image position rule; None for a video model, whose frames follow the reference's rule
+        over each run of image tokens (the base template's frames side by side are one run)."""
+        return None if self.video else self.num_image_tokens
+
+    @property
+    def architecture(self) -> str:
+        return VIDEO_ARCHITECTURE if self.video else IMAGE_ARCHITECTURE
 
     @property
     def context_length(self) -> int:
@@ -115,12 +129,10 @@ class CogVLMConfig:
         archs = d.get("architectures") or ["CogVLMForCausalLM"]
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             raise ConfigError(f"architectures must be a list of names, got {archs!r}")
-        if any("Video" in a for a in archs):
-            raise ConfigError(
-                f"architecture {archs[0]} (the CogVLM2 video model) is not supported yet; "
-                "supported: CogVLMForCausalLM (CogVLM and CogVLM2 image chat)")
-        if archs != ["CogVLMForCausalLM"]:
-            raise ConfigError(f"unsupported architectures {archs}; expected ['CogVLMForCausalLM']")
+        if archs not in ([IMAGE_ARCHITECTURE], [VIDEO_ARCHITECTURE]):
+            raise ConfigError(f"unsupported architectures {archs}; expected ['{IMAGE_ARCHITECTURE}'] "
+                              f"(CogVLM, CogVLM2) or ['{VIDEO_ARCHITECTURE}'] (CogVLM2-Video)")
+        video = archs == [VIDEO_ARCHITECTURE]
         for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                     "vocab_size", "vision_config"):
             if key not in d:
@@ -136,6 +148,9 @@ class CogVLMConfig:
             family = "cogvlm2" if (d.get("bos_token_id") == 128000 or "num_multi_query_heads" in d) else "cogvlm1"
         if family not in VISION_LANGUAGE:
             raise ConfigError(f"cogvlm_family {family!r} unknown; expected one of {VISION_LANGUAGE}")
+        if video and family != "cogvlm2":
+            raise ConfigError(f"{VIDEO_ARCHITECTURE} is a CogVLM2 model (Llama-3 vocabulary, GQA); "
+                              f"cogvlm_family is {family!r}")
         v = d["vision_config"]
         if not isinstance(v, dict):
             raise ConfigError(f"vision_config must be an object of the vision tower's fields, got {_kind(v)}")
@@ -167,6 +182,11 @@ class CogVLMConfig:
                               f"{vision.patch_size}{' with a 2x2 downsample' if vision.downsample else ''}")
         if vision.hidden_size % vision.num_heads:
             raise ConfigError("vision_config.hidden_size is not divisible by num_heads")
+        if video and vision.num_output_tokens != VIDEO_FRAME_PATCHES:
+            # the official code lays out 64 + 2 slots per frame whatever the config says
+            raise ConfigError(f"{VIDEO_ARCHITECTURE} takes {VIDEO_FRAME_PATCHES} patches per frame (8x8 after the 2x2 "
+                              f"conv: vision_config.image_size / patch_size = 16), got "
+                              f"{vision.image_size} / {vision.patch_size} -> {vision.num_output_tokens}")
         heads = _int(d, "num_attention_heads")
         kv_heads = _int(d, "num_multi_query_heads", 8) if family == "cogvlm2" else heads
         hidden = _int(d, "hidden_size")
@@ -183,7 +203,7 @@ class CogVLMConfig:
             vocab_size=vocab, rms_norm_eps=_number(d, "rms_norm_eps", 1e-5, positive=True),
             rope_theta=_number(d, "rope_theta", 500000.0 if family == "cogvlm2" else 10000.0, positive=True),
             max_position_embeddings=_int(d, "max_position_embeddings", 2048),
-            vision_qkv_bias=family == "cogvlm2")
+            vision_qkv_bias=family == "cogvlm2" and not video, vision_expert=not video)
         eos_ids = _token_ids(d.get("eos_token_id", 2), "eos_token_id", vocab)
         pad = 0 if d.get("pad_token_id") is None else _token_id(d["pad_token_id"], "pad_token_id", vocab)
         template = _str(d, "template_version", "chat")
@@ -201,12 +221,12 @@ class CogVLMConfig:
             bos_token_id=_token_id(d.get("bos_token_id", 1), "bos_token_id", vocab), eos_token_ids=eos_ids,
             pad_token_id=pad, image_token_id=_token_id(d.get("image_token_id", pad), "image_token_id", vocab),
             template_version=template, tie_word_embeddings=tie, torch_dtype=torch_dtype,
-            name=_str(d, "_name_or_path", ""), extra=extra)
+            name=_str(d, "_name_or_path", ""), video=video, extra=extra)
 
     def to_hf_dict(self) -> dict[str, Any]:
         t, v = self.text, self.vision
         d: dict[str, Any] = {
-            "architectures": ["CogVLMForCausalLM"],
+            "architectures": [self.architecture],
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
             "pad_token_id": self.pad_token_id,
@@ -275,6 +295,10 @@ class CogVLMConfig:
     def replace(self, **kw) -> "CogVLMConfig":
         return dataclasses.replace(self, **kw)
 
+
+IMAGE_ARCHITECTURE = "CogVLMForCausalLM"
+VIDEO_ARCHITECTURE = "CogVLMVideoForCausalLM"
+VIDEO_FRAME_PATCHES = 64  # adapter outputs per video frame (the official code's fixed 64 + 2 slots)
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
 

@@ -69,9 +69,10 @@ def _vision_layer_norm(name: str) -> list[Rule]:
 
 def _expert_mlps() -> list[Rule]:
     rules = []
-    for expert in ("language_mlp", "vision_mlp"):
+    for expert, when in (("language_mlp", None), ("vision_mlp", "vision_expert")):
         for proj, shape in (("gate_proj", ("F", "D")), ("up_proj", ("F", "D")), ("down_proj", ("D", "F"))):
-            rules.append(_text_layer(f"mlp.{expert}.{proj}.weight", f"mlp/{expert}/{proj}/kernel", NONE, shape))
+            rules.append(_text_layer(f"mlp.{expert}.{proj}.weight", f"mlp/{expert}/{proj}/kernel", NONE, shape,
+                                     when=when))
     return rules
 
 
@@ -108,11 +109,12 @@ RULES: tuple[Rule, ...] = (
     _text_layer("self_attn.language_expert_query_key_value.weight", "self_attn/language_expert_query_key_value/kernel",
                 NONE, ("QKV", "D")),
     _text_layer("self_attn.vision_expert_query_key_value.weight", "self_attn/vision_expert_query_key_value/kernel",
-                NONE, ("QKV", "D")),
+                NONE, ("QKV", "D"), when="vision_expert"),
     _text_layer("self_attn.vision_expert_query_key_value.bias", "self_attn/vision_expert_query_key_value/bias",
                 NONE, ("QKV",), when="vision_qkv_bias"),
     _text_layer("self_attn.language_expert_dense.weight", "self_attn/language_expert_dense/kernel", NONE, ("D", "HE")),
-    _text_layer("self_attn.vision_expert_dense.weight", "self_attn/vision_expert_dense/kernel", NONE, ("D", "HE")),
+    _text_layer("self_attn.vision_expert_dense.weight", "self_attn/vision_expert_dense/kernel", NONE, ("D", "HE"),
+                when="vision_expert"),
     *_expert_mlps(),
     _text_layer("self_attn.rotary_emb.inv_freq", None, BUFFER, ("E/2",), optional=True),
     Rule("model.norm.weight", "norm/scale", NONE, ("D",)),
@@ -121,7 +123,8 @@ RULES: tuple[Rule, ...] = (
 
 _CONDITIONS = {
     "downsample": lambda c: c.vision.downsample,
-    "vision_qkv_bias": lambda c: c.text.vision_qkv_bias,
+    "vision_qkv_bias": lambda c: c.text.vision_expert and c.text.vision_qkv_bias,
+    "vision_expert": lambda c: c.text.vision_expert,  # CogVLM2-Video's decoder has the language expert alone
     "untied": lambda c: not c.tie_word_embeddings,
 }
 

@@ -6,12 +6,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from cogvlm_jax.convert import checkpoint
-from cogvlm_jax.convert.convert_hf import read_hf_checkpoint
+import numpy as np
+from cogvlm_jax.convert import checkpoint, mapping
+from cogvlm_jax.convert.convert_hf import open_tensors, read_hf_checkpoint
 from cogvlm_jax.convert.hf_sharded import read_hf_sharded
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.dtypes import as_dtype
 from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.cogvlm import abstract_params
 from cogvlm_jax.parallel.sharding import abstract_sharded_params, param_shardings
@@ -71,3 +73,33 @@ def _read_quantized(path, config, dtype, stored_quant, quant, mesh, rules):
 def quantized_kernel_paths(flat) -> list[tuple]:
     """The kernels of a flattened tree that have a ``kernel_scale`` beside them."""
     return [p[:-1] + ("kernel",) for p in flat if p[-1] == quant_lib.SCALE]
+
+
+def stored_inv_freq(path: str, config: CogVLMConfig) -> tuple[float, ...] | None:
+    """The rotary inverse frequencies the checkpoint at ``path`` stores, exactly (its dtype's values as
+    Python floats), or None where it stores none.
+
+    The reference code rotates by its ``rotary_emb.inv_freq`` buffer as loaded (CogVLM1's float32, computed
+    by torch in float32), not by frequencies recomputed in the compute dtype: the float64 reference mode
+    reads them here (``api.load``). An HF checkpoint: its ``model.layers.N.self_attn.rotary_emb.inv_freq``
+    tensors, which must agree across the layers. One of ours: the buffer the conversion recorded
+    (``checkpoint.json``: the source's values where they differ from ``mapping.rotary_inv_freq``, else that
+    in the source's dtype); a checkpoint not converted from one that stored them has none."""
+    if checkpoint.is_our_checkpoint(path):
+        facts = checkpoint.read_meta(path).get("hf", {})
+        if "inv_freq" in facts:
+            return tuple(float(f) for f in facts["inv_freq"])
+        if "inv_freq_dtype" in facts:
+            values = mapping.rotary_inv_freq(config).astype(as_dtype(facts["inv_freq_dtype"]))
+            return tuple(float(f) for f in values.astype(np.float64))
+        return None
+    entries = open_tensors(path)
+    keys = [k for k in mapping.buffer_hf_keys(config) if k in entries]
+    if not keys:
+        return None
+    arrays = [np.asarray(entries[k][0].read(k)).astype(np.float64) for k in keys]
+    for k, a in zip(keys[1:], arrays[1:]):
+        if a.shape != arrays[0].shape or not np.array_equal(a, arrays[0]):
+            raise checkpoint.CheckpointError(f"{path}: {k} differs from {keys[0]}; the layers must store the same "
+                                             "rotary frequencies")
+    return tuple(float(f) for f in arrays[0])

@@ -37,6 +37,7 @@ import pytest
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FIXTURES64 = os.path.join(os.path.dirname(__file__), "fixtures64")  # the official code's float64 numbers
+FIXTURES_VIDEO = os.path.join(os.path.dirname(__file__), "fixtures-video")  # CogVLM2-Video's (its README)
 FAMILIES = ("cogvlm1", "cogvlm2")
 
 

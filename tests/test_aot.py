@@ -195,6 +195,8 @@ def test_a_quantized_decode_step_reads_the_quantized_weights():
           f"int4 {int4} ({int4 / bf16:.3f}x)")
     assert int8 <= 0.55 * bf16 and int4 < 0.75 * int8
     assert "s8[" in texts["int8"] and "s4[" in texts["int4"] and "s8[" not in texts[None]
+    for q in ("int8", "int4"):  # the CPU kernel of models/int8_cpu.py is never part of a TPU program
+        assert "cogvlm_int" not in texts[q] and "custom_call_target=\"cogvlm" not in texts[q]
     for q in ("int8", "int4"):  # a dequantized copy of every weight would add about the bfloat16 arguments
         extra = reports[q].temp_bytes - reports[None].temp_bytes
         print(f"{q}: temporaries {reports[q].temp_bytes} bytes, bfloat16 {reports[None].temp_bytes}")
@@ -251,3 +253,27 @@ def test_a_target_compiles_again_without_the_compile_cache(tmp_path):
     assert not [str(w.message) for w in caught if "compilation cache" in str(w.message)]
     assert all(s > 0 for s in seconds), seconds
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+
+
+def test_a_video_prefill_compiles_with_its_frames():
+    """``compile_for(frames=)``: a CogVLM2-Video prefill takes [B, T, 3, 224, 224] pixels (the ViT over the
+    frames as one batch), its decoder holds no vision expert, and the report says the frames."""
+    base = preset("cogvlm2-video-llama3-chat")
+    cfg = base.replace(
+        name="tiny-video", text=dataclasses.replace(base.text, hidden_size=128, intermediate_size=256, num_heads=16,
+                                                    num_kv_heads=8, num_layers=1, vocab_size=1024,
+                                                    max_position_embeddings=512),
+        vision=dataclasses.replace(base.vision, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=1),
+        bos_token_id=1, eos_token_ids=(2,), pad_token_id=0, image_token_id=0)
+    compiled = aot.compile_for(cfg, target="v5e-8", mesh=(1, 1, 8), program="prefill", batch=1, frames=2,
+                               prompt_length=2 * 66 + 8, dtype="bfloat16")
+    shapes = [a.shape for a in jax.tree_util.tree_leaves(compiled.args_info)]
+    assert (1, 2, 3, 224, 224) in shapes
+    names = jax.tree_util.keystr(compiled.args_info)
+    assert "language_expert_query_key_value" in names and "vision_expert" not in names and "vision_mlp" not in names
+    assert "with 2 video frames" in aot.report(compiled).format()
+    with pytest.raises(aot.AotError, match="cannot hold 2 video frames"):
+        aot.compile_for(cfg, target="v5e-8", mesh=(1, 1, 8), program="prefill", batch=1, frames=2, prompt_length=100)
+    with pytest.raises(aot.AotError, match="frames is for a video model"):
+        aot.compile_for(tiny(), target="v5e-8", mesh=(1, 1, 8), program="prefill", batch=1, frames=2,
+                        prompt_length=100)

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two parts on the same layer (models and inputs, serving and training) do not import each other.
 LAYERS = {
     "cogvlm_jax.files": 0, "cogvlm_jax.config": 0, "cogvlm_jax.dtypes": 0,
-    "cogvlm_jax.models": 1, "cogvlm_jax.inputs": 1, "cogvlm_jax.hub": 1,
+    "cogvlm_jax.models": 1, "cogvlm_jax.inputs": 1, "cogvlm_jax.hub": 1, "cogvlm_jax.grounding": 1,
     "cogvlm_jax.parallel": 2,
     "cogvlm_jax.convert": 3,
     "cogvlm_jax.generation": 4,

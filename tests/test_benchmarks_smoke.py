@@ -174,3 +174,16 @@ def test_bench_from_an_installed_copy_says_in_one_line_it_needs_a_checkout(tmp_p
         lines = [x for x in r.stderr.splitlines() if x.startswith("cogvlm-jax")]
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
         assert "need a source checkout" in lines[0] and r.stdout == ""
+
+
+def test_ttft_parts_count_the_prefills_flops():
+    """benchmarks/ttft.py: the parts' FLOPs add up to the prefill's useful FLOPs, for the issue's prompt on
+    its CogVLM-1 config (258 image tokens, 16 text), with nothing compiled."""
+    from benchmarks.prefill import prefill_flops
+    from benchmarks.ttft import PROMPT_TOKENS, part_flops, ttft_config
+
+    config = ttft_config()
+    assert config.family == "cogvlm1" and config.num_image_tokens == 258 and PROMPT_TOKENS == 274
+    parts = part_flops(config, PROMPT_TOKENS)
+    assert abs(sum(parts.values()) - prefill_flops(config, PROMPT_TOKENS)) < 1e-9 * sum(parts.values())
+    assert 76e9 < sum(parts.values()) < 77e9 and parts["vision_expert"] > 10 * parts["language_expert"]

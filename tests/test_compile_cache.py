@@ -59,9 +59,13 @@ def test_a_second_process_reads_back_what_the_first_compiled(tmp_path):
     assert _entries(tmp_path)
 
 
-@pytest.mark.parametrize("value", ["0", "off", "No", "false", ""])
-def test_the_environment_turns_it_off(tmp_path, value):
-    out = _child(value)
+def test_the_environment_turns_it_off(tmp_path, monkeypatch):
+    """Every spelling of off, through ``directory()`` (the one place ``enable()`` reads it from); then a process
+    started with the cache off runs with none."""
+    for value in ["0", "off", "No", "false", ""]:
+        monkeypatch.setenv(compile_cache.ENV, value)
+        assert compile_cache.directory() is None, value
+    out = _child("0")
     assert out["path"] is None and out["hits"] == 0
     assert not os.path.exists(os.path.join(str(tmp_path), "0"))
 

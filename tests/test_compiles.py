@@ -12,6 +12,7 @@ import pytest
 from conftest import LINEAR_TRAIN, write_train_data
 
 import cogvlm_jax
+from cogvlm_jax.generation.buckets import bucket_length
 from cogvlm_jax.parallel import compiles, program
 
 LINE = re.compile(r"^compiled (.+) in (\d+\.\d) s$")
@@ -66,8 +67,11 @@ def test_generate_says_its_prefill_and_decode_compiles(shipped, every_compile, c
     assert model.chat(image, "What color is the circle?", max_new_tokens=4) == "red"
     n = len(model.build_inputs("What color is the circle?", image=image)["input_ids"])
     said = _said(capsys)
-    assert said[0] == f"prefill (1 x 64 tokens, images, cache {64 + 16})", (n, said)
-    assert said[1:] == ["decode loop (1 row, cache 80, up to 4 tokens)"], said
+    fixed = model.config.num_image_tokens  # an image prompt is padded by its text alone
+    b = fixed + 16
+    assert bucket_length(n, fixed=fixed) == b and b < bucket_length(n), (n, fixed)
+    assert said[0] == f"prefill (1 x {b} tokens, images, cache {b + 16})", (n, said)
+    assert said[1:] == [f"decode loop (1 row, cache {b + 16}, up to 4 tokens)"], said
     model.chat(image, "What shape is the red object?", max_new_tokens=4)  # the same bucket: compiled
     assert _said(capsys) == []
 

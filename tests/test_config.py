@@ -11,14 +11,20 @@ from cogvlm_jax.models.cogvlm import count_params
 SHARED_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs")
 
 
-def test_every_preset_parses_except_video():
-    ok = [n for n in preset_names() if "video" not in n]
-    assert len(ok) == 6
-    for n in ok:
+def test_every_preset_parses():
+    names = preset_names()
+    assert len(names) == 7
+    for n in names:
         cfg = preset(n)
         assert cfg.family == ("cogvlm2" if "cogvlm2" in n else "cogvlm1")
-    with pytest.raises(ConfigError, match=r"video model\) is not supported yet"):
-        preset("cogvlm2-video-llama3-chat")
+        assert cfg.video == ("video" in n) and cfg.text.vision_expert == ("video" not in n)
+    video = preset("cogvlm2-video-llama3-chat")
+    assert video.num_image_tokens == 66 and not video.text.vision_qkv_bias
+    assert CogVLMConfig.from_hf_dict(video.to_hf_dict()) == video
+    bad = dict(video.to_hf_dict(), vision_config=dict(video.to_hf_dict()["vision_config"], image_size=448,
+                                                      num_positions=1025))
+    with pytest.raises(ConfigError, match="takes 64 patches per frame"):
+        CogVLMConfig.from_hf_dict(bad)
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_CONFIGS), reason="../shared not beside the checkout")

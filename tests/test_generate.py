@@ -266,3 +266,83 @@ def test_load_without_tokenizer_still_runs_ids():
                                   case["arrays"]["generated_ids"])
     with pytest.raises(cogvlm_jax.InputError, match="needs a tokenizer"):
         model.chat(None, "hello")
+
+
+def test_bucket_length_pads_only_the_text_of_an_image_prompt():
+    """``fixed`` tokens (an image's) are never padded: the text alone goes up the ladder, within the limit."""
+    from cogvlm_jax.generation.buckets import answer_length, bucket_length
+
+    assert bucket_length(274) == 320 and bucket_length(274, fixed=258) == 274  # 16 text tokens: bucket 16
+    assert bucket_length(275, fixed=258) == 258 + 32 and bucket_length(258 + 65, fixed=258) == 258 + 128
+    for fixed in (6, 258):
+        for n in range(fixed + 1, fixed + 1100):
+            b = bucket_length(n, fixed=fixed)
+            assert b - fixed == bucket_length(n - fixed) and b >= n, (fixed, n)
+        for limit in (fixed + 40, fixed + 200):  # near the limit: fixed + a multiple of 16, else the prompt
+            for n in range(fixed + 1, limit + 1):
+                b = bucket_length(n, limit, fixed)
+                assert n <= b <= limit and (b == n or (b - fixed) % 16 == 0), (fixed, limit, n, b)
+        context = fixed + 300
+        by_bucket = {}
+        for n in range(fixed + 1, context):
+            by_bucket.setdefault(bucket_length(n, context, fixed), set()).add(answer_length(n, context, fixed))
+            assert answer_length(n, context, fixed) >= context - n
+        assert all(len(sizes) == 1 for sizes in by_bucket.values()), by_bucket
+    assert bucket_length(10, fixed=0) == 16
+    with pytest.raises(ValueError, match="fixed"):
+        bucket_length(5, fixed=6)
+
+
+def _image_cases(family):
+    return [c for c in _gen_cases(family) if "pixel_values" in c["arrays"].files]
+
+
+def test_first_streamed_token_comes_alone_and_image_prompts_pad_only_text(f32_models):
+    """``generate_chunks`` yields the first token by itself (the time to it is the prefill's, not a chunk's),
+    then chunks, the same ids as ``generate``; an image prompt's prefill is padded by its text alone."""
+    model = f32_models["cogvlm1"]
+    case = _image_cases("cogvlm1")[0]
+    a = case["arrays"]
+    pieces = list(model.generate_chunks(*_single(case), max_new_tokens=case["max_new_tokens"], chunk=3))
+    assert [p.shape[1] for p in pieces][:2] == [1, 3], [p.shape for p in pieces]
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1)[0], a["generated_ids"])
+    from cogvlm_jax.generation.buckets import bucket_length, round_up
+
+    m = case["max_new_tokens"]
+    state = model._start(*_single(case), m, 0.0, None, None, 0)[0]  # the prefill generate_chunks ran
+    n, fixed = len(a["input_ids"]), model.config.num_image_tokens
+    assert state.cache.length == fixed + bucket_length(n - fixed) + round_up(m, 16), (state.cache.length, n)
+
+
+# The first token's logits of a bfloat16 prefill (Model(prefill_dtype="bfloat16")) against the float32
+# reference, largest over each family's image cases: the products' bfloat16 rounding (measured 2026-12-02
+# on a CPU with native bfloat16 dots: cogvlm1 0.041, cogvlm2 0.047, text-only prompts 0.02-0.03). Each
+# case must also stay inside the official code's own bfloat16 error on it (``bf16_max_abs_error``, 0.09-0.17).
+BF16_PREFILL_BOUND = 0.06
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_prefill_stays_within_bfloat16_error(family, f32_models):
+    """The prefill of 16-bit products reads bfloat16 copies of its kernels (the lm_head's and the decode
+    loop's stay float32), chooses the reference's first token and is as close to the float32 reference as
+    bfloat16 rounding allows. (The float32 path's ids and logits: test_greedy_ids_and_logits_match_reference.)"""
+    f32 = f32_models[family]
+    model = cogvlm_jax.Model(f32.config, f32.params, f32.tokenizer, prefill_dtype="bfloat16")
+    kernels = {"/".join(str(getattr(k, "key", k)) for k in path): x.dtype
+               for path, x in jax.tree_util.tree_flatten_with_path(model._prefill_params)[0]}
+    assert kernels["lm_head/kernel"] == jnp.float32 and kernels["layers_0/mlp/vision_mlp/up_proj/kernel"] == jnp.bfloat16
+    assert kernels["vision/transformer/layers_0/mlp/fc1/kernel"] == jnp.bfloat16
+    assert model.params is f32.params
+    recs = _image_cases(family)  # the image prompts, in one left-padded batch: one prefill compile
+    state = model._start(*left_pad_batch(recs, f32.config.pad_token_id), 1, 0.0, None, None, 0)[0]  # its logits
+    worst = 0.0
+    for row, case in enumerate(recs):
+        a = case["arrays"]
+        err = float(np.abs(np.asarray(state.logits[row])[a["logits_columns"]] - a["generated_logits"][0]).max())
+        assert err < case["bf16_max_abs_error"], (case["name"], err, case["bf16_max_abs_error"])
+        assert int(np.argmax(state.logits[row])) == int(a["generated_ids"][0]), case["name"]
+        worst = max(worst, err)
+    print(f"\n{family} bfloat16 prefill: first-token logits max abs error vs float32 reference {worst:.4f}")
+    assert worst <= BF16_PREFILL_BOUND
+    with pytest.raises(ValueError, match="prefill_dtype"):
+        cogvlm_jax.Model(f32.config, f32.params, prefill_dtype="float16")

@@ -100,7 +100,8 @@ def test_every_fused_qkv_is_reordered_the_layers_stacked_and_back(f32_models):
 
 def test_load_reads_straight_into_the_megatron_layout(reference):
     fam = "cogvlm2"
-    model = cogvlm_jax.load(os.path.join(fixture_dir(fam), "checkpoint"), mesh=mesh_of((1, 2, 2)),
+    # a mesh of test_megatron_layout_gives_single_device_answers: its forward program, compiled there, serves here
+    model = cogvlm_jax.load(os.path.join(fixture_dir(fam), "checkpoint"), mesh=mesh_of((1, 4, 2)),
                             layout="megatron", progress=False)
     down = model.params["layers"]["mlp"]["language_mlp"]["down_proj"]["kernel"]  # [layer, out=D, in=F]
     assert down.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # split by its inputs

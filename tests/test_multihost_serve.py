@@ -4,9 +4,10 @@ runs the device programs process 0's engine sends it.
 
 The fixture ``served`` starts the pair (each killed if it outlives its deadline), sends it requests for both
 slots and one more (it waits for a slot, then is inserted between decode chunks), reads /health, and
-stops process 0 with SIGTERM: the follower must stop with it. The server prefills text prompts in
+stops process 0 with SIGTERM: the follower must stop with it. The servers prefill text prompts in
 chunks of 8 (``--prefill-chunk 8``), so the text-only request takes several chunked-prefill steps on
-the sharded cache, and the image requests the prefill-alone path.
+the sharded cache, and the image requests the prefill-alone path. Every pair here runs the same
+settings, so the pairs after the first read its programs back from the run's compilation cache.
 
 The fixture ``lost_follower`` starts another pair (``--peer-timeout 3``) once per way of losing the
 follower: SIGKILL (gloo sees its socket close) and SIGSTOP (it hangs: process 0's collective would wait
@@ -88,12 +89,14 @@ def _wait_for_url(path, children) -> str:
 
 
 def _serve_commands(*extra: str) -> dict:
-    """``cogvlm-jax serve`` of the cogvlm1 fixture model on a new two-process cluster, for process 0 and 1."""
+    """``cogvlm-jax serve`` of the cogvlm1 fixture model on a new two-process cluster, for process 0 and 1
+    (text prompts prefilled in chunks of 8)."""
     d = fixture_dir("cogvlm1")
     port = free_port()
     return {f"serve{i}": python("-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"),
                                 "--tokenizer", os.path.join(d, "tokenizer"), "--model-name", NAME, "--port", "0",
-                                "--slots", "2", "--decode-chunk", "2", "--max-length", "128", *extra,
+                                "--slots", "2", "--decode-chunk", "2", "--max-length", "128", "--prefill-chunk", "8",
+                                *extra,
                                 "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                 "--process-id", str(i), "--init-timeout", "60")
             for i in (0, 1)}
@@ -102,7 +105,7 @@ def _serve_commands(*extra: str) -> dict:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, f32_models):
     work = str(tmp_path_factory.mktemp("multihost_serve"))
-    children = start(_serve_commands("--prefill-chunk", "8"), work)
+    children = start(_serve_commands(), work)
     answers, health, stop_seconds = None, None, None
     want = [_reference_text(_case(name), f32_models["cogvlm1"]) for name in REQUESTS]
     try:

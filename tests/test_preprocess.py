@@ -232,6 +232,7 @@ def test_pad_batch_without_images_or_labels():
 
 def test_history_that_is_not_pairs_is_named():
     assert build_prompt("Q?", iter([("a?", "b")])) == "Question: a? Answer: b\nQuestion: Q? Answer:"
-    for bad in ("red", ["red"], [("q", "a", "extra")], [["q"]]):
-        with pytest.raises(ValueError, match="history must be a sequence of \\(question, answer\\) pairs"):
+    for bad in ("red", ["red"], [("q", "a", "cat.png", "extra")], [["q"]]):
+        with pytest.raises(ValueError, match="history must be a sequence of \\(question, answer\\) or "
+                                             "\\(question, answer, image\\) turns"):
             build_prompt("Q?", bad)

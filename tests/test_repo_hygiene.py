@@ -56,7 +56,7 @@ HISTORY_PATTERNS = (
 )
 HISTORY = re.compile("|".join(f"(?:{p})" for p in HISTORY_PATTERNS), re.IGNORECASE)
 
-SKIPPED = ("tests/fixtures/", "tests/fixtures64/")  # the reference fixtures, copied verbatim from their source
+SKIPPED = ("tests/fixtures/", "tests/fixtures64/", "tests/fixtures-video/")  # the reference fixtures, copied verbatim from their source
 
 
 def tracked_text_files() -> list[str]:

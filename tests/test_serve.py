@@ -172,7 +172,7 @@ def test_messages_map_onto_the_template():
         {"role": "user", "content": [{"type": "text", "text": "C?"},
                                      {"type": "image_url", "image_url": {"url": "data:b"}}]},
     ])
-    assert (q, history, image) == ("B?\nC?", [("Be brief.\nA?", "a")], "data:b")
+    assert (q, history, image) == ("B?\nC?", [("Be brief.\nA?", "a")], ["data:a", "data:b"])
     for bad, match in (([], "non-empty"), ([{"role": "assistant", "content": "x"}], "must follow a user"),
                        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "last message"),
                        ([{"role": "tool", "content": "x"}], "unsupported role"),
@@ -219,7 +219,7 @@ def test_engine_compiles_once_per_image_prefill_shape_and_once_per_step(f32_mode
     images = [model.build_inputs("hi", image=img), model.build_inputs("what is it? " * 3, image=img)]
     prompts = text + images
     assert len({bucket_length(len(x["input_ids"])) for x in text}) == 2  # prefilled alone, they would compile twice
-    shapes = {(bucket_length(len(x["input_ids"])), True) for x in images}
+    shapes = {(engine1.bucket(len(x["input_ids"]), image=True), True) for x in images}  # padded by their text
     assert len(shapes) == 2, shapes
     new = len(shapes - engine1.prefill_shapes)  # other tests may have prefilled some of them already
     _COMPILES["on"] = True
@@ -703,9 +703,11 @@ def _read_line(proc, deadline):
 
 def test_sigterm_stops_accepting_drains_and_exits_0(model):
     d = fixture_dir("cogvlm2")
+    # One slot and --max-length 512, as the servers of tests/test_serve_hostile.py: the same programs, which
+    # they read back from the run's compilation cache.
     proc = subprocess.Popen(
         [sys.executable, "-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"), "--tokenizer",
-         os.path.join(d, "tokenizer"), "--port", "0", "--slots", "2", "--max-length", "512",
+         os.path.join(d, "tokenizer"), "--port", "0", "--slots", "1", "--max-length", "512",
          "--drain-seconds", "120", "--model-name", NAME],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
@@ -754,6 +756,23 @@ def test_sigterm_stops_accepting_drains_and_exits_0(model):
             proc.wait()
 
 
+def test_every_image_of_every_user_message_is_a_span_in_order(model, server):
+    """Three images over two user messages: the prompt holds three spans, history's first, and the answer
+    is Model.chat's with the same images."""
+    def image_part(path):
+        return {"type": "image_url", "image_url": {"url": data_url(path)}}
+
+    msgs = [{"role": "user", "content": [image_part(IMG0), {"type": "text", "text": "Look."}]},
+            {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": [image_part(IMG1), {"type": "text", "text": "Which is red?"}, image_part(IMG0)]}]
+    r = client(server).chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=0)
+    history = [("Look.", "Yes.", IMG0)]
+    x = model.build_inputs("Which is red?", history, [IMG1, IMG0])
+    assert x["pixel_values"].shape[0] == 3 and int(x["token_type_ids"].sum()) == 3 * model.config.num_image_tokens
+    assert r.usage.prompt_tokens == len(x["input_ids"])
+    assert r.choices[0].message.content == model.chat([IMG1, IMG0], "Which is red?", history, max_new_tokens=6)
+
+
 # ----------------------------------------------------------------------------------------- the page
 def test_chat_page_in_headless_chromium_streams_the_api_answer(model, server):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
@@ -783,5 +802,55 @@ def test_chat_page_in_headless_chromium_streams_the_api_answer(model, server):
                 shown = page.locator(".msg.assistant .text").nth(k - 1).text_content()
                 assert shown == want, (k, shown, want)
             assert page.locator(".msg.user img").count() == 1  # the image was sent once, with the first question
+        finally:
+            browser.close()
+
+
+def test_chat_page_draws_the_boxes_of_an_answer_on_the_conversations_image(server):
+    """Grounding answers (canned here: the fixture model writes no boxes) are outlined on the latest image
+    sent, at the thousandths they name; malformed box text draws nothing; an answer without boxes no image."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    answers = ["A dog [[100,200,499,699]] and a", " ball [[600,600,799,899;000,000,1000,999]] [[1,2,3]]",
+               "Also here [[250,250,749,749]].", "No boxes [[x]]."]
+    sent = []
+
+    def fake_completion(route):
+        sent.append(route.request.post_data_json)
+        pieces = answers[:2] if len(sent) == 1 else [answers[len(sent)]]
+        body = "".join("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}) + "\n\n"
+                       for p in pieces) + "data: [DONE]\n\n"
+        route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.route("**/v1/chat/completions", fake_completion)
+            page.goto(server.url + "/")
+            page.set_input_files("#image", IMG0)
+            page.wait_for_selector("#preview[src^='data:image/png;base64,']", state="attached")
+            for k, question in enumerate(("Where is the dog?", "And the cat?", "Anything else?"), start=1):
+                page.fill("#question", question)
+                page.click("#send")
+                page.wait_for_function("n => document.body.dataset.state === 'idle' && "
+                                       "document.querySelectorAll('.msg.assistant').length === n", arg=k)
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").all_inner_texts()
+            assert sent[0]["messages"][0]["content"][0]["image_url"]["url"] == data_url(IMG0)
+            bubbles = page.locator(".msg.assistant")
+            assert [bubbles.nth(i).locator(".box").count() for i in range(3)] == [3, 1, 0]
+            assert bubbles.nth(2).locator(".boxed").count() == 0
+            for i in range(2):  # both drawn on the image of the first turn
+                assert bubbles.nth(i).locator(".boxed img").get_attribute("src") == data_url(IMG0)
+            styles = bubbles.nth(0).locator(".box").evaluate_all(
+                "boxes => boxes.map(b => [b.style.left, b.style.top, b.style.width, b.style.height])")
+            assert styles == [["10%", "20%", "40%", "50%"], ["60%", "60%", "20%", "30%"],
+                              ["0%", "0%", "100%", "100%"]]
+            # on screen: the box's outer edges at those fractions of the shown image
+            rects = bubbles.nth(1).locator(".boxed").evaluate(
+                "w => [w.querySelector('img').getBoundingClientRect(), w.querySelector('.box').getBoundingClientRect()]"
+                ".map(r => [r.left, r.top, r.width, r.height])")
+            (il, it, iw, ih), (bl, bt, bw, bh) = rects
+            assert iw > 0 and abs(bl - il - 0.25 * iw) < 1 and abs(bt - it - 0.25 * ih) < 1
+            assert abs(bw - 0.5 * iw) < 1 and abs(bh - 0.5 * ih) < 1
         finally:
             browser.close()

@@ -412,6 +412,8 @@ def test_json_content_types_with_parameters_are_served(server):
 
 # ----------------------------------------------------------------------------------------- a real process
 def _serve(drain_seconds: str):
+    """``cogvlm-jax serve`` with the settings of tests/test_serve.py's SIGTERM server (one program set, compiled
+    once per run)."""
     d = fixture_dir("cogvlm2")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cogvlm_jax.cli", "serve", "--model", os.path.join(d, "checkpoint"), "--tokenizer",

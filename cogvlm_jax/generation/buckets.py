@@ -25,41 +25,50 @@ def ladder_step(n: int) -> int:
     return max(FINE_FROM, octave // 16)
 
 
-def bucket_length(n: int, limit: Optional[int] = None) -> int:
+def bucket_length(n: int, limit: Optional[int] = None, fixed: int = 0) -> int:
     """The length a prompt of ``n`` tokens is left-padded to: one compile per bucket.
 
     The ladder: 16, 32, 64, then multiples of 64 up to 1024, then eight steps per octave (1152, 1280, ...,
     2048, 2304, ...), so a prompt is padded by less than 64 tokens up to 1024 and by less than an eighth
-    of its length past it (a power of two pads up to twice the length: 274 tokens to 512, here to 320).
+    of its length past it (a power of two pads up to twice the length).
     18 buckets up to 1024, 8 more per octave; each compiles once per process, and once per machine with
     the persistent compilation cache (``parallel/compile_cache.py``).
+    ``fixed``: tokens of the prompt whose count never varies (an image's ``num_image_tokens``, when every
+    row holds one): only the other ``n - fixed`` go up the ladder, so an image prompt is padded by its
+    text's bucket alone (a 274-token prompt with a 258-token image: to 274, not 320). The number of
+    buckets stays the same, and an image prompt is a program of its own (pixels) anyway.
     ``limit``: the most slots the prompt may take (the cache or the context less the answer's room). Where
-    the ladder passes it, the prompt is padded less, to the first of: a multiple of 16, ``n`` itself, that
-    fits. So a prompt that fits unpadded is never refused for its padding, and near the limit the buckets
-    stay few (a finer step only within one ladder step of it). Past ``limit``: ``n``.
+    the ladder passes it, the prompt is padded less, to the first of: a multiple of 16 (``fixed`` plus a
+    multiple of 16), ``n`` itself, that fits. So a prompt that fits unpadded is never refused for its
+    padding, and near the limit the buckets stay few (a finer step only within one ladder step of it).
+    Past ``limit``: ``n``.
     """
-    if n <= FINE_FROM:
+    if not 0 <= fixed <= n:
+        raise ValueError(f"fixed tokens ({fixed}) must be within the prompt's {n}")
+    rest = n - fixed
+    if rest <= FINE_FROM:
         b = MIN_BUCKET
-        while b < n:
+        while b < rest:
             b *= 2
     else:
-        b = round_up(n, ladder_step(n))
+        b = round_up(rest, ladder_step(rest))
+    b += fixed
     if limit is None or b <= limit:
         return b
-    if round_up(n, MIN_BUCKET) <= limit:
-        return round_up(n, MIN_BUCKET)
+    if fixed + round_up(rest, MIN_BUCKET) <= limit:
+        return fixed + round_up(rest, MIN_BUCKET)
     return n
 
 
-def answer_length(n: int, context: int) -> int:
+def answer_length(n: int, context: int, fixed: int = 0) -> int:
     """The token buffer of an answer that may run to the end of ``context`` after a prompt of ``n``
     tokens (``max_new_tokens=None``): the room the shortest prompt of ``n``'s bucket
-    (``bucket_length(n, context)``) has. The buffer is a static shape: sized by the bucket, every prompt
-    of a bucket shares one compile. The answer still stops where its own context ends (the step limit
-    is a traced value)."""
-    b = bucket_length(n, context)
+    (``bucket_length(n, context, fixed)``) has. The buffer is a static shape: sized by the bucket, every
+    prompt of a bucket shares one compile. The answer still stops where its own context ends (the step
+    limit is a traced value)."""
+    b = bucket_length(n, context, fixed)
     shortest = n
-    while shortest > 1 and bucket_length(shortest - 1, context) == b:
+    while shortest > max(fixed, 1) and bucket_length(shortest - 1, context, fixed) == b:
         shortest -= 1
     return context - shortest
 

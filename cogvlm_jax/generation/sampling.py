@@ -161,7 +161,7 @@ def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pi
     ``every_row_has_image``: see ``CogVLM.__call__``."""
     logits, cache, _ = model.apply({"params": params}, input_ids, token_type_ids, attention_mask, pixel_values,
                                    cache=cache, last_only=True, every_row_has_image=every_row_has_image)
-    next_pos = jnp.max(positions.position_ids(token_type_ids, attention_mask), axis=1) + 1
+    next_pos = jnp.max(positions.position_ids(token_type_ids, attention_mask, model.config.position_span), axis=1) + 1
     return logits, next_pos, cache
 
 
@@ -204,7 +204,7 @@ def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_token
     return DecodeState(
         tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32), logits=logits, step=jnp.zeros((), jnp.int32),
         done=jnp.zeros((b,), bool), position=next_pos.astype(jnp.int32), cache=cache, sampling=sampling,
-        chosen_logits=(jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32) if collect_logits else None))
+        chosen_logits=(jnp.zeros((b, max_new_tokens, logits.shape[-1]), logits.dtype) if collect_logits else None))
 
 
 def _describe_start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *, max_new_tokens,
@@ -222,7 +222,9 @@ def _describe_decode(params, state, stop_at, *, do_sample):
 class Generator:
     """The jitted pair (prefill+start, decode loop) for one model; jax caches a compile per shape."""
 
-    def __init__(self, model: CogVLM, eos_ids, pad_id: int, mesh=None):
+    def __init__(self, model: CogVLM, eos_ids, pad_id: int, mesh=None, prefill_model: CogVLM | None = None):
+        """``prefill_model``: the module the prefill (``start``) is traced with, if not ``model`` (one whose
+        products multiply 16-bit operands, ``Execution.matmul_dtype``); the decode loop runs ``model``."""
         self.model = model
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
@@ -230,8 +232,9 @@ class Generator:
         # rows.MIN_ROWS to rows.MAX_ROWS rows (batch x prompt bucket, or batch in decode) compile their own way
         # on CPU (few-row products, see rows.py): each program is given its variant of ``model``
         @functools.partial(rows.ByRows, rows=lambda params, input_ids, *a, **k: input_ids.size, mesh=mesh,
-                           module=model, static_argnames=("max_new_tokens", "cache_length", "collect_logits",
-                                                           "every_row_has_image"),
+                           module=model if prefill_model is None else prefill_model,
+                           static_argnames=("max_new_tokens", "cache_length", "collect_logits",
+                                            "every_row_has_image"),
                            describe=_describe_start)
         def _start(model, params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
                    max_new_tokens, cache_length, collect_logits, every_row_has_image=False):

@@ -19,8 +19,9 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+from cogvlm_jax.inputs import video as video_lib
+from cogvlm_jax.inputs.clip_norm import CLIP_MEAN, CLIP_STD
+
 
 # How each template asks for the answer; "base" is the bare query.
 ANSWER_PROMPTS = {"chat": "Answer:", "vqa": "Short answer:"}
@@ -132,9 +133,7 @@ def build_prompt(query: str, history: Sequence[Sequence[str]] = (), template: st
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
-    pairs = None if isinstance(history, str) else tuple(history)
-    if pairs is None or any(isinstance(t, str) or len(t) != 2 for t in pairs):
-        raise ValueError(f"history must be a sequence of (question, answer) pairs, got {history!r}")
+    pairs, _ = split_history(history)
     if template == "base":
         return query
     ask = ANSWER_PROMPTS[template]
@@ -142,9 +141,27 @@ def build_prompt(query: str, history: Sequence[Sequence[str]] = (), template: st
     return f"{turns}Question: {query} {ask}"
 
 
+def _images(image) -> list:
+    """One image, None, or a list / tuple of images -> a list of images."""
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def split_history(history) -> tuple[tuple[tuple[str, str], ...], list]:
+    """History turns ``(question, answer)`` or ``(question, answer, image)`` (the image of that turn: one,
+    a list, or None) -> (the (question, answer) pairs, the turns' images in order)."""
+    turns = None if isinstance(history, str) else tuple(history)
+    if turns is None or any(isinstance(t, str) or len(t) not in (2, 3) for t in turns):
+        raise ValueError(f"history must be a sequence of (question, answer) or (question, answer, image) turns, "
+                         f"got {history!r}")
+    return tuple((t[0], t[1]) for t in turns), [im for t in turns if len(t) == 3 for im in _images(t[2])]
+
+
 def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]] = (),
-                 image: ImageLike | None = None, template: str | None = None,
-                 answer: str | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
+                 image: ImageLike | Sequence[ImageLike] | None = None, template: str | None = None,
+                 answer: str | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+                 video=None, video_strategy: str | None = None) -> dict:
     """One unbatched prompt as numpy arrays.
 
     Returns ``input_ids``, ``token_type_ids``, ``attention_mask`` ([L] int32) and ``pixel_values``
@@ -152,11 +169,66 @@ def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]]
     appended and ``labels`` ([L] int32, -100 on the prompt) is added. ``template`` defaults to the
     config's ``template_version``. ``max_image_pixels``: the most pixels the image file may declare (see
     :func:`load_image`).
+
+    Several images: ``image`` a list, and history turns ``(q, a, image)``. Every image is its own
+    ``[boi, patches, eoi]`` span of ``config.num_image_tokens`` slots; the spans follow bos side by side,
+    the history's images first (turn by turn), then the query's, and ``pixel_values`` is ``[N, 3, S, S]``
+    in that order. One image, from whichever turn, is the official layout exactly.
+
+    ``video`` (a video model, ``config.video``): uint8 frames (3, T, H, W), a list of PIL frames, or a
+    video file (path or bytes) sampled by ``video_strategy`` (``inputs/video.py``; default: ``base`` for
+    the base template, else ``chat``). Each frame is a span of ``num_image_tokens`` slots, followed (any
+    template but ``base``) by its index as text; ``pixel_values`` is [T, 3, 224, 224]. A video whose
+    prompt does not fit the context is a ``VideoError`` saying how many frames would.
     """
-    prompt = build_prompt(query, history, config.template_version if template is None else template)
-    n_image = config.num_image_tokens if image is not None else 0
+    template = config.template_version if template is None else template
+    prompt = build_prompt(query, history, template)
+    images = split_history(history)[1] + _images(image)
+    if video is not None:
+        return _video_inputs(tokenizer, config, prompt, template, video, video_strategy, images, answer)
+    if getattr(config, "video", False) and images:
+        raise ValueError("this is a video model: pass the frames as video=, not image=")
+    n_image = config.num_image_tokens * len(images)
     ids = [config.bos_token_id] + [config.image_token_id] * n_image + tokenizer.encode(prompt)
     types = [0] + [1] * n_image + [0] * (len(ids) - 1 - n_image)
+    size = config.vision.image_size
+    pixels = (None if not images else image_to_pixels(images[0], size, max_image_pixels) if len(images) == 1
+              else np.stack([image_to_pixels(im, size, max_image_pixels) for im in images]))
+    return _finish(tokenizer, config, ids, types, answer, pixels)
+
+
+def _video_inputs(tokenizer, config, prompt: str, template: str, video, strategy, images, answer) -> dict:
+    if images:
+        raise ValueError("give an image or a video, not both")
+    if not getattr(config, "video", False):
+        raise ValueError("this model takes images, not videos (video= needs a CogVLM2-Video checkpoint)")
+    strategy = ("base" if template == "base" else "chat") if strategy is None else strategy
+    frames = video_lib.as_frames(video, strategy)
+    ids, types = [config.bos_token_id], [0]
+    per_frame = []
+    for t in range(frames.shape[1]):
+        index = [] if template == "base" else tokenizer.encode(str(t))
+        per_frame.append(config.num_image_tokens + len(index))
+        ids += [config.image_token_id] * config.num_image_tokens + index
+        types += [1] * config.num_image_tokens + [0] * len(index)
+    text = tokenizer.encode(prompt)
+    ids += text
+    types += [0] * len(text)
+    total = len(ids) + (0 if answer is None else len(tokenizer.encode(answer)) + 1)
+    ctx = config.context_length
+    if total > ctx:
+        room, fits = ctx - 1 - (total - len(ids)) - len(text), 0
+        while fits < len(per_frame) and room >= per_frame[fits]:
+            room -= per_frame[fits]
+            fits += 1
+        raise video_lib.VideoError(
+            f"a video of {frames.shape[1]} frames makes a prompt of {total} tokens ({config.num_image_tokens} a "
+            f"frame{'' if template == 'base' else ' plus its index'}), over the model's context of {ctx} tokens: "
+            f"{fits} frames fit")
+    return _finish(tokenizer, config, ids, types, answer, video_lib.frames_to_pixels(frames))
+
+
+def _finish(tokenizer, config, ids: list, types: list, answer, pixels) -> dict:
     out = {}
     if answer is not None:
         # The tokenizer's eos (CogVLM2: <|end_of_text|> 128001, not <|eot_id|>), as upstream.
@@ -168,8 +240,7 @@ def build_inputs(tokenizer, config, query: str, history: Sequence[Sequence[str]]
     out["input_ids"] = np.array(ids, np.int32)
     out["token_type_ids"] = np.array(types, np.int32)
     out["attention_mask"] = np.ones(len(ids), np.int32)
-    out["pixel_values"] = (None if image is None
-                           else image_to_pixels(image, config.vision.image_size, max_image_pixels))
+    out["pixel_values"] = pixels
     return out
 
 
@@ -179,7 +250,8 @@ def pad_batch(inputs: Sequence[dict], pad_id: int, length: int | None = None) ->
 
     Padding has attention_mask 0, token type 0 and (if every row has labels) label -100. ``length``
     defaults to the longest row. ``pixel_values`` is ``[B, 3, S, S]`` with zeros for rows without an
-    image, or None when no row has one.
+    image, or None when no row has one. Videos (``[T, 3, S, S]`` each) give ``[B, T_max, 3, S, S]``: a
+    row of fewer frames has zero frames after its own, which its prompt never reads.
     """
     if not inputs:
         raise ValueError("pad_batch needs at least one prompt")
@@ -201,7 +273,14 @@ def pad_batch(inputs: Sequence[dict], pad_id: int, length: int | None = None) ->
             batch[key][row, length - n:] = x[key]
 
     images = [x.get("pixel_values") for x in inputs]
+    if any(p is not None and p.ndim == 4 for p in images):  # several images in a row: [B, N, 3, S, S]
+        images = [p if p is None or p.ndim == 4 else p[None] for p in images]
+        most = max(len(p) for p in images if p is not None)
+        images = [p if p is None or len(p) == most else np.concatenate([p, np.zeros((most - len(p), *p.shape[1:]),
+                                                                                      p.dtype)]) for p in images]
     shapes = {p.shape for p in images if p is not None}
+    if len(shapes) > 1 and len({(len(s), s[1:]) for s in shapes}) == 1 and len(next(iter(shapes))) == 4:
+        shapes = {max(shapes)}  # videos of different lengths: frames padded at the end
     if len(shapes) > 1:
         raise ValueError(f"prompts have images of different shapes {sorted(shapes)}")
     batch["pixel_values"] = None
@@ -209,6 +288,6 @@ def pad_batch(inputs: Sequence[dict], pad_id: int, length: int | None = None) ->
         pixels = np.zeros((len(inputs), *shapes.pop()), np.float32)
         for row, p in enumerate(images):
             if p is not None:
-                pixels[row] = p
+                pixels[row, :len(p)] = p
         batch["pixel_values"] = pixels
     return batch

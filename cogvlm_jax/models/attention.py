@@ -1,6 +1,7 @@
 """Scaled dot-product attention: the one function the ViT, prefill and decode all call.
 
-Scores and softmax are float32 whatever the activation dtype. Grouped-query attention is native: query
+Scores and softmax are float32 whatever the activation dtype (float64 for float64 operands:
+``layers.accumulation``). Grouped-query attention is native: query
 head h reads kv head ``h // (H / K)``. Long queries (the published CogVLM2 ViT attends over 9217 tokens)
 can be processed in chunks of ``query_chunk`` so the score matrix stays bounded; the result is the same
 numbers, since every query row's softmax is independent of the others. Keys and values come either
@@ -19,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cogvlm_jax.models.layers import operands, precision_for
+from cogvlm_jax.models.layers import accumulation, operands, precision_for
 
 _MASKED = -1e30  # finite: a row with no visible key (a pad query) gives a uniform average, never NaN
 CACHE_CHUNK = 256  # slots per block when decode attention walks the filled part of a long cache
@@ -28,19 +29,38 @@ CACHE_CHUNK = 256  # slots per block when decode attention walks the filled part
 def _attend_block(q, k, v, mask, scale, heads_major: bool, platform: str):
     b, nq, h, e = q.shape
     kv = k.shape[1 if heads_major else 2]
+    if kv == h and not heads_major:  # fresh keys (a prefill, the ViT); a cache read keeps the grouped form
+        return _attend_per_head(q, k, v, mask, scale, platform)
     kv_spec = "bkse" if heads_major else "bske"
     qg = q.reshape(b, nq, kv, h // kv, e)
-    prec = precision_for(q.dtype)
+    prec, wide = precision_for(q.dtype), accumulation(q.dtype)
     s = jnp.einsum(f"bqkge,{kv_spec}->bkgqs", *operands(q.dtype, qg, k, platform=platform), precision=prec,
-                   preferred_element_type=jnp.float32) * scale
+                   preferred_element_type=wide) * scale
     if mask is not None:
         s = jnp.where(mask[:, None, None, :, :], s, _MASKED)
     p = jax.nn.softmax(s, axis=-1)
     # "->bkgqe", then the transpose: asked for "bqkge" directly, XLA:CPU swaps the operands into a
     # batched V.T @ p that Eigen runs several times slower (most of a few-row decode step's attention)
     o = jnp.einsum(f"bkgqs,{kv_spec}->bkgqe", *operands(v.dtype, p, v, platform=platform), precision=prec,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=wide)
     return jnp.moveaxis(o, 3, 1).reshape(b, nq, h, e).astype(q.dtype)
+
+
+def _attend_per_head(q, k, v, mask, scale, platform: str):
+    """``_attend_block`` over sequence-major keys with one query head per kv head (CogVLM1's decoder,
+    every ViT): the products batched over heads alone, the same numbers. Written with the grouped axis
+    of size one, XLA:CPU runs the score and value products of a 274-token prefill about three times
+    slower (docs/benchmarks.md, "Time to first token")."""
+    kv_spec = "bshe"
+    prec, wide = precision_for(q.dtype), accumulation(q.dtype)
+    s = jnp.einsum(f"bqhe,{kv_spec}->bhqs", *operands(q.dtype, q, k, platform=platform), precision=prec,
+                   preferred_element_type=wide) * scale
+    if mask is not None:
+        s = jnp.where(mask[:, None, :, :], s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum(f"bhqs,{kv_spec}->bhqe", *operands(v.dtype, p, v, platform=platform), precision=prec,
+                   preferred_element_type=wide)
+    return jnp.moveaxis(o, 1, 2).astype(q.dtype)
 
 
 def attend(q, k, v, mask=None, *, query_chunk: int | None = None, heads_major: bool = False,
@@ -87,7 +107,7 @@ def attend_cache(q, k, v, mask, filled, *, layer=None, chunk: int = CACHE_CHUNK,
     if t <= chunk:
         return attend(q, k, v, mask, heads_major=True, platform=platform)
     qg = q.reshape(b, nq, kh, h // kh, e)
-    prec = precision_for(q.dtype)
+    prec, wide = precision_for(q.dtype), accumulation(q.dtype)  # ``wide``: not the carry's ``acc``
     scale = 1.0 / math.sqrt(e)
 
     def block(c, carry):
@@ -100,7 +120,7 @@ def attend_cache(q, k, v, mask, filled, *, layer=None, chunk: int = CACHE_CHUNK,
             kc, vc = (jax.lax.dynamic_slice(x, at, (b, 1, kh, chunk, e))[:, 0] for x in (k, v))
         mc = jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=2)
         s = jnp.einsum("bqkge,bkse->bkgqs", *operands(q.dtype, qg, kc, platform=platform), precision=prec,
-                       preferred_element_type=jnp.float32) * scale
+                       preferred_element_type=wide) * scale
         s = jnp.where(mc[:, None, None, :, :], s, _MASKED)
         fresh = start + jnp.arange(chunk) >= c * chunk  # block 0 is all fresh, so m is finite after it
         s = jnp.where(fresh, s, -jnp.inf)
@@ -108,12 +128,12 @@ def attend_cache(q, k, v, mask, filled, *, layer=None, chunk: int = CACHE_CHUNK,
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
         o = jnp.einsum("bkgqs,bkse->bkgqe", *operands(v.dtype, p, vc, platform=platform), precision=prec,
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=wide)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + o
 
     g = h // kh
-    init = (jnp.full((b, kh, g, nq), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, nq), jnp.float32),
-            jnp.zeros((b, kh, g, nq, e), jnp.float32))
+    init = (jnp.full((b, kh, g, nq), -jnp.inf, wide), jnp.zeros((b, kh, g, nq), wide),
+            jnp.zeros((b, kh, g, nq, e), wide))
     blocks = jnp.clip((filled + chunk - 1) // chunk, 1, -(-t // chunk))
     _, l, acc = jax.lax.fori_loop(0, blocks, block, init)
     o = acc / l[..., None]  # [B, K, G, Q, E]

@@ -3,7 +3,10 @@
 Data flow: pixels -> ViT -> adapter (``adapter.VisionModel``) -> spliced into the token embeddings at the
 image slots -> decoder layers -> final norm -> lm_head (float32 logits).
 
-Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches + eoi).
+Axis legend: B batch, L length, D model, V vocab, I image tokens (boi + patches + eoi), T video frames.
+
+A video model (``config.video``) takes [B, T, 3, S, S] pixels; its decoder has no vision expert
+(``TextConfig.vision_expert``), so no token is routed and its positions follow the token types alone.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from cogvlm_jax.models import kv_cache, positions
 from cogvlm_jax.models.adapter import VisionModel
 from cogvlm_jax.models.decoder import DecoderLayer
 from cogvlm_jax.models.execution import Execution
-from cogvlm_jax.models.layers import Dense, RMSNorm, _init
+from cogvlm_jax.models.layers import Dense, RMSNorm, _init, accumulation
 from cogvlm_jax.models.quantize import SCALE, Quantization
 from cogvlm_jax.models.vision import SCAN_SCOPE, STACKED
 
@@ -42,13 +45,17 @@ def splice(text_embeds, token_type_ids, image_features):
 
 class CogVLM(nn.Module):
     """``execution``: what the programs of this module are traced for (mesh, platform, few-row products,
-    pre-widened kernels: ``execution.py``); ``parallel/program.py`` ``execution(mesh)`` builds it."""
+    pre-widened kernels: ``execution.py``); ``parallel/program.py`` ``execution(mesh)`` builds it.
+    ``rope_inv_freq``: the decoder's rotary inverse frequencies, head_dim / 2 numbers (the float64 reference
+    mode passes the checkpoint's stored buffer, ``convert/params.stored_inv_freq``); None: computed from
+    the config's ``rope_theta`` in ``layers.accumulation(dtype)``."""
 
     config: CogVLMConfig
     dtype: Dtype = jnp.float32
     vit_query_chunk: Optional[int] = None
     remat: bool = False  # training: recompute each decoder layer / ViT block in the backward pass
     execution: Execution = Execution()
+    rope_inv_freq: Optional[tuple[float, ...]] = None
 
     def setup(self):
         t, ex = self.config.text, self.execution
@@ -59,20 +66,28 @@ class CogVLM(nn.Module):
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab_table", None)))
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         if ex.megatron:  # one layer, run under ``nn.scan`` over parameters stacked as ``layers``
-            self.layers = layer(t, self.dtype, ex, name=STACKED)
+            self.layers = layer(t, self.dtype, ex, self.rope_inv_freq, name=STACKED)
         else:
-            self.layers = [layer(t, self.dtype, ex) for _ in range(t.num_layers)]
+            self.layers = [layer(t, self.dtype, ex, self.rope_inv_freq) for _ in range(t.num_layers)]
         self.norm = RMSNorm(t.rms_norm_eps)
+        # the lm_head reads one row at prefill (``last_only``): a product of the module's dtype even in a
+        # program of 16-bit products (``Execution.matmul_dtype``), and float32 logits from float32 weights
         self.lm_head = Dense(t.vocab_size, ("embed", "vocab"), dtype=self.dtype, out_in=True,  # HF's [V, D]
-                             execution=ex)
+                             execution=ex.replace(matmul_dtype=None))
 
     def embed(self, ids):
-        """[B, L] token ids -> [B, L, D] float32 embeddings."""
-        return self.embed_tokens(ids).astype(jnp.float32)
+        """[B, L] token ids -> [B, L, D] embeddings in ``accumulation(dtype)`` (float32; float64 for float64)."""
+        return self.embed_tokens(ids).astype(accumulation(self.dtype))
 
     def encode_images(self, pixel_values):
-        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi."""
-        return self.vision(pixel_values)
+        """[B, 3, S, S] -> [B, I, D]: boi, adapted patches, eoi. Several images per row, or a video's
+        frames, [B, N, 3, S, S] -> [B, N * I, D]: each image's (frame's) span, in order (the order of their
+        spans in the prompt); the ViT runs over the B * N images as one batch."""
+        if pixel_values.ndim == 4:
+            return self.vision(pixel_values)
+        b, n = pixel_values.shape[:2]
+        feats = self.vision(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
     def __call__(self, input_ids, token_type_ids, attention_mask, pixel_values=None, cache=None,
                  last_only: bool = False, return_hidden: bool = False, every_row_has_image: bool = False):
@@ -87,11 +102,15 @@ class CogVLM(nn.Module):
         hidden_states: tuple of the decoder input and every layer's output (last one normed), if asked.
         """
         x = self.embed(input_ids)
-        route = None
+        route = None  # None: every token takes the language expert
+        n_img = self.config.num_image_tokens
         if pixel_values is not None:
             x = splice(x, token_type_ids, self.encode_images(pixel_values))
-            route = positions.expert_route(token_type_ids, self.config.num_image_tokens - 1, every_row_has_image)
-        pos = positions.position_ids(token_type_ids, attention_mask)
+        if pixel_values is not None and self.config.text.vision_expert:
+            # several images per row are several spans: the mask routes them, never the one-run split
+            one_image = pixel_values.ndim == 4 or pixel_values.shape[1] == 1
+            route = positions.expert_route(token_type_ids, n_img - 1, every_row_has_image and one_image)
+        pos = positions.position_ids(token_type_ids, attention_mask, self.config.position_span)
         mask = positions.causal_mask(attention_mask)
         x, kv, hidden = self.run_layers(x, route, pos, mask, cache, hidden=return_hidden)
         x = self.norm(x)

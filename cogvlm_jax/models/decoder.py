@@ -92,9 +92,12 @@ class VisionExpertMLP(nn.Module):
 
 
 class VisionExpertAttention(nn.Module):
+    """``rope_inv_freq``: the rotary inverse frequencies (``layers.apply_rope``); None: from the config's theta."""
+
     cfg: TextConfig
     dtype: Dtype = jnp.float32
     execution: Execution = Execution()
+    rope_inv_freq: Optional[tuple[float, ...]] = None
 
     @nn.compact
     def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None,
@@ -121,8 +124,8 @@ class VisionExpertAttention(nn.Module):
         q, k, v = qkv_layout.split(qkv, h, kh, e, grouped=ex.megatron)
         # the attention's operands in the compute dtype, as every other product's (a float32 score dot of
         # a 16-bit model would be a full-precision, several-pass product on TPU); scores stay float32
-        q = apply_rope(q, positions, c.rope_theta).astype(self.dtype)
-        k = apply_rope(k, positions, c.rope_theta).astype(self.dtype)
+        q = apply_rope(q, positions, c.rope_theta, self.rope_inv_freq).astype(self.dtype)
+        k = apply_rope(k, positions, c.rope_theta, self.rope_inv_freq).astype(self.dtype)
         v = v.astype(self.dtype)
         if core is None:
             o, kv = _write_and_attend(q, k, v, mask, kv, write_index, layer, attend_cache, ex.platform)
@@ -142,12 +145,13 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: Dtype = jnp.float32
     execution: Execution = Execution()
+    rope_inv_freq: Optional[tuple[float, ...]] = None
 
     @nn.compact
     def __call__(self, x, route, positions, mask, kv=None, write_index=None, attend_cache=False, core=None,
                  layer=0):
         eps = self.cfg.rms_norm_eps
-        a, kv = VisionExpertAttention(self.cfg, self.dtype, self.execution, name="self_attn")(
+        a, kv = VisionExpertAttention(self.cfg, self.dtype, self.execution, self.rope_inv_freq, name="self_attn")(
             RMSNorm(eps, name="input_layernorm")(x), route, positions, mask, kv, write_index, attend_cache, core,
             layer)
         x = x + a

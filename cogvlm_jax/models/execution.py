@@ -57,8 +57,17 @@ class Execution:
     platform is taken as already rounded to the module's dtype and widened, and multiplied as it is
     (training widens its frozen kernels once, outside the step); a 16-bit kernel is widened as always.
 
+    ``matmul_dtype``: the ``Dense`` / ``PatchConv`` products multiply operands rounded to this dtype
+    (``"bfloat16"``) natively, accumulated and returned in float32, whatever the module's dtype and
+    platform: a prefill-only program (``Model(prefill_dtype=...)``) on a CPU that computes bfloat16 dots
+    natively (AVX512_BF16, AMX) runs its big products about twice as fast as in float32. None: the
+    module's dtype, as ``layers.operands`` multiplies it.
+
     ``quant``: the ``Dense`` kernels are held quantized (``models/quantize.py``); the vision tower's
     ViT is built without it unless ``quant.vision`` (``adapter.VisionModel``).
+
+    ``quant_kernel``: on CPU, a quantized ``[out, in]`` product of few rows on one device reads its
+    integers in the kernel of ``models/int8_cpu.py`` (``int8_cpu.applies``); False: XLA ops everywhere.
     """
 
     mesh: Optional[Mesh] = None
@@ -67,7 +76,9 @@ class Execution:
     layout: str = "exact"
     weight_lhs: bool = False
     widened_kernels: bool = False
+    matmul_dtype: Optional[str] = None
     quant: Optional[Quantization] = None
+    quant_kernel: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "rules", partitioning.as_rules(self.rules))

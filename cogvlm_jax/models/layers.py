@@ -11,12 +11,14 @@ Axis legend: B batch, L length, D model width, F mlp width.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cogvlm_jax.models import int8_cpu
 from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.execution import Execution
 
@@ -25,9 +27,18 @@ Dtype = Any
 _init = nn.initializers.normal(stddev=0.02)
 
 
+def accumulation(dtype: Dtype) -> jnp.dtype:
+    """The wide dtype of a model computing in ``dtype``: what its products accumulate in and its residual
+    stream, norms, softmax, rotary angles and logits are computed in. Float32 for float32 and the 16-bit
+    dtypes; float64 for float64 (the reference mode, ``api.check_reference_mode``), in which nothing is
+    rounded to float32 anywhere."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 def precision_for(dtype: Dtype):
-    """Float32 runs are the exact reference path: ask every backend for full-precision matmuls."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    """Float32 and float64 runs are the exact paths: ask every backend for full-precision matmuls."""
+    exact = jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+    return jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
 
 
 def widens_on_cpu(dtype, platform: str) -> bool:
@@ -52,6 +63,8 @@ def weight_operands(dtype, x, kernel, execution: Execution):
     """``operands(dtype, x, kernel)``, except that a kernel widened once already (``execution.widened_kernels``)
     is used as it is: no convert of the whole weight in every call."""
     platform = execution.platform
+    if execution.matmul_dtype is not None:  # native 16-bit products (a prefill program): no widening
+        return x.astype(execution.matmul_dtype), kernel.astype(execution.matmul_dtype)
     if execution.widened_kernels and kernel.dtype == jnp.float32 and widens_on_cpu(dtype, platform):
         return operands(dtype, x, platform=platform)[0], kernel
     return operands(dtype, x, kernel, platform=platform)
@@ -79,10 +92,16 @@ class Dense(nn.Module):
     to 64 tokens, a chunked-prefill step) the product is ``(kernel @ x.T).T``: with the weight as the left
     operand XLA:CPU does not re-pack it on every call.
 
+    A quantized ``[out, in]`` kernel of a few-row product on CPU is multiplied in the kernel of
+    ``models/int8_cpu.py`` (``int8_cpu.applies``), which reads the held integers without widening them.
+
     The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
-    product is accumulated and returned in float32, so the residual stream, norms, softmax and logits
-    stay float32 whatever the weights are. That keeps a bfloat16 run's logits well inside the reference's
-    own bfloat16 error (tests/test_model_parity.py).
+    The operands are rounded to ``dtype`` (``operands``: bfloat16 runs multiply bfloat16 values) and the
+    product is accumulated and returned in ``accumulation(dtype)`` (float32; float64 for a float64 model),
+    so the residual stream, norms, softmax and logits stay float32 whatever the weights are. That keeps a
+    bfloat16 run's logits well inside the reference's own bfloat16 error (tests/test_model_parity.py).
+    With ``execution.matmul_dtype`` they are rounded to that dtype instead and multiplied natively
+    (``weight_operands``: a bfloat16 prefill program).
     """
 
     features: int
@@ -105,28 +124,33 @@ class Dense(nn.Module):
         shape = (self.features, d) if self.out_in else (d, self.features)
         spec = "...d,fd->...f" if self.out_in else "...d,df->...f"
         out_scale = None
-        if ex.quant is None:
-            kernel = self.param("kernel", nn.with_logical_partitioning(_init, logical), shape)
-            xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
+        wide = accumulation(self.dtype)
+        if ex.quant is not None and int8_cpu.applies(ex, math.prod(x.shape[:-1]), self.out_in):
+            kernel, scale = self._quantized_params(shape, logical)
+            y = int8_cpu.matmul(x.astype(self.dtype).astype(jnp.float32), kernel, scale, ex.quant)
         else:
-            xs, ks, out_scale = self._quantized(x, shape, logical)
-        if self.out_in and self.execution.weight_lhs:  # a few-row program: see parallel/rows.py
-            y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=precision_for(self.dtype),
-                           preferred_element_type=jnp.float32)
-            y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
-        else:
-            y = jnp.einsum(spec, xs, ks, precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
+            if ex.quant is None:
+                kernel = self.param("kernel", nn.with_logical_partitioning(_init, logical), shape)
+                xs, ks = weight_operands(self.dtype, x, ex.weight(kernel, logical), ex)
+            else:
+                xs, ks, out_scale = self._quantized(x, shape, logical)
+            prec = precision_for(ex.matmul_dtype or self.dtype)
+            if self.out_in and ex.weight_lhs:  # a few-row program: see parallel/rows.py
+                y = jnp.einsum("fd,rd->fr", ks, xs.reshape(-1, d), precision=prec, preferred_element_type=wide)
+                y = jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], self.features)  # barrier: keep W on the left
+            else:
+                y = jnp.einsum(spec, xs, ks, precision=prec, preferred_element_type=wide)
         if out_scale is not None:  # int8: one scale per output channel, applied to the product
-            y = y * out_scale.astype(jnp.float32)
+            y = y * out_scale.astype(wide)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,))
             y = y + bias.astype(y.dtype)
         return self.execution.whole_rows(y) if self.gather else y
 
-    def _quantized(self, x, shape, logical):
-        """The operands of a quantized kernel's product (``models/quantize.py``): (x, the kernel in the
-        compute dtype, the output channels' scales or None). ``shape`` is the float kernel's."""
+    def _quantized_params(self, shape, logical):
+        """A quantized kernel's held integers and scales (``models/quantize.py``), as the product reads
+        them. ``shape`` is the float kernel's."""
         ex, q = self.execution, self.execution.quant
         in_axis = 1 if self.out_in else 0
         held_shape = tuple(n // 2 if q.packed and a == in_axis else n for a, n in enumerate(shape))
@@ -136,15 +160,23 @@ class Dense(nn.Module):
         scale_logical = tuple(None if a == in_axis and not q.grouped else n for a, n in enumerate(logical))
         scale = self.param(quant_lib.SCALE, nn.with_logical_partitioning(
             lambda key, s: jnp.ones(s, jnp.float32), scale_logical), quant_lib.scale_shape(shape, in_axis, q.format))
+        return ex.weight(kernel, logical), ex.weight(scale, scale_logical)
+
+    def _quantized(self, x, shape, logical):
+        """The operands of a quantized kernel's product as XLA ops: (x, the kernel in the compute dtype,
+        the output channels' scales or None). ``shape`` is the float kernel's."""
+        ex, q = self.execution, self.execution.quant
+        in_axis = 1 if self.out_in else 0
+        kernel, scale = self._quantized_params(shape, logical)
         compute = jnp.float32 if widens_on_cpu(self.dtype, ex.platform) else self.dtype
-        ks, out_scale, x = quant_lib.product_kernel(ex.weight(kernel, logical), ex.weight(scale, scale_logical), x,
-                                                   in_axis, q, compute)
+        ks, out_scale, x = quant_lib.product_kernel(kernel, scale, x, in_axis, q, compute)
         return x.astype(self.dtype).astype(compute), ks, out_scale
 
 
 class RMSNorm(nn.Module):
-    """Llama RMSNorm, always computed in float32 and cast back to the input dtype. The scale's logical
-    axis is ``"norm"``: held whole on every device (``parallel/axes.py``), so no program gathers it."""
+    """Llama RMSNorm, computed in ``accumulation`` of the input's dtype (float32; float64 for float64) and
+    cast back to the input dtype. The scale's logical axis is ``"norm"``: held whole on every device
+    (``parallel/axes.py``), so no program gathers it."""
 
     eps: float = 1e-5
     axis_name: str = "norm"
@@ -153,13 +185,14 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                            (x.shape[-1],))
-        xf = x.astype(jnp.float32)
+        wide = accumulation(x.dtype)
+        xf = x.astype(wide)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (scale.astype(jnp.float32) * y).astype(x.dtype)
+        return (scale.astype(wide) * y).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with weight and bias, computed in float32 and cast back to the input dtype."""
+    """LayerNorm with weight and bias, computed in ``accumulation`` of the input's dtype and cast back to it."""
 
     eps: float = 1e-6
     axis_name: str = "embed"
@@ -169,11 +202,12 @@ class LayerNorm(nn.Module):
         shape = (x.shape[-1],)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), shape)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), shape)
-        xf = x.astype(jnp.float32)
+        wide = accumulation(x.dtype)
+        xf = x.astype(wide)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        return (y * scale.astype(wide) + bias.astype(wide)).astype(x.dtype)
 
 
 def gelu(x):
@@ -181,22 +215,28 @@ def gelu(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, dtype: Dtype = jnp.float32) -> jax.Array:
+    """The rotary inverse frequencies ``theta ** -(2i / head_dim)``, computed in ``dtype``."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
 
 
-def apply_rope(x, positions, theta: float):
+def apply_rope(x, positions, theta: float, inv_freq: Optional[tuple[float, ...]] = None):
     """Rotate-half rotary embedding over the full head dim.
 
     x: [B, L, N, E] (N query or kv heads); positions: [B, L] integers. The angles are computed in
-    float32 from integer positions, so they are exact at any length (the official bfloat16 CogVLM2 rounds
-    positions above 256 because it builds them in the buffer's dtype; we do not reproduce that error).
+    ``accumulation(x.dtype)`` (float32; float64 for float64) from integer positions, so they are exact at
+    any length (the official bfloat16 CogVLM2 rounds positions above 256 because it builds them in the
+    buffer's dtype; we do not reproduce that error). ``inv_freq``: the E/2 inverse frequencies to use (a
+    checkpoint's stored buffer, ``convert/params.stored_inv_freq``); None: computed from ``theta`` in that
+    dtype.
     """
     e = x.shape[-1]
-    ang = positions.astype(jnp.float32)[..., None] * rope_inv_freq(e, theta)  # [B, L, E/2]
+    wide = accumulation(x.dtype)
+    pos = positions.astype(wide)[..., None]
+    ang = pos * (rope_inv_freq(e, theta, wide) if inv_freq is None else jnp.asarray(inv_freq, wide))  # [B, L, E/2]
     cos = jnp.concatenate([jnp.cos(ang), jnp.cos(ang)], axis=-1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(ang), jnp.sin(ang)], axis=-1)[:, :, None, :]
-    xf = x.astype(jnp.float32)
+    xf = x.astype(wide)
     half = e // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos + rotated * sin).astype(x.dtype)
@@ -223,6 +263,8 @@ class PatchConv(nn.Module):
                             (p, p, c, self.features))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,))
         x = x.reshape(b, h // p, p, w // p, p, c)
+        ex = self.execution
+        wide = accumulation(self.dtype)
         y = jnp.einsum("bhpwqc,pqco->bhwo", *weight_operands(self.dtype, x, kernel, self.execution),
-                       precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
-        return y.astype(jnp.float32) + bias.astype(jnp.float32)
+                       precision=precision_for(ex.matmul_dtype or self.dtype), preferred_element_type=wide)
+        return y.astype(wide) + bias.astype(wide)

@@ -15,14 +15,33 @@ import jax.numpy as jnp
 LANGUAGE, VISION = 0, 1
 
 
-def vision_expert_mask(token_type_ids):
+def span_index(token_type_ids, image_tokens: Optional[int]):
+    """[B, L] int32: each image token's index inside its own ``[boi, patches, eoi]`` span (-1 on text), or
+    None without ``image_tokens``. Several images side by side are one run of image tokens, cut every
+    ``image_tokens`` (``config.num_image_tokens``) tokens into one span per image."""
+    if image_tokens is None:
+        return None
+    tt = token_type_ids
+    n = tt.shape[1]
+    is_vision = tt == VISION
+    prev = jnp.concatenate([jnp.zeros_like(is_vision[:, :1]), is_vision[:, :-1]], axis=1)
+    i = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], tt.shape)
+    run_start = jax.lax.cummax(jnp.where(is_vision & ~prev, i, 0), axis=1)
+    return jnp.where(is_vision, (i - run_start) % image_tokens, -1)
+
+
+def vision_expert_mask(token_type_ids, image_tokens: Optional[int] = None):
     """True where the vision expert runs: ``tt[i] == 1 and tt[i+1] == 1``; the last position never.
 
-    So boi and every patch use the vision expert, eoi (followed by text) the language expert.
+    So boi and every patch use the vision expert, eoi (followed by text) the language expert. With
+    ``image_tokens`` (one image's span), the rule holds per span: the eoi of an image followed at once by
+    the boi of the next one takes the language expert too.
     """
     tt = token_type_ids
     both = (tt[:, :-1] == VISION) & (tt[:, 1:] == VISION)
-    return jnp.concatenate([both, jnp.zeros_like(tt[:, :1], dtype=bool)], axis=1)
+    mask = jnp.concatenate([both, jnp.zeros_like(tt[:, :1], dtype=bool)], axis=1)
+    k = span_index(tt, image_tokens)
+    return mask if k is None else mask & (k != image_tokens - 1)
 
 
 @flax.struct.dataclass
@@ -49,8 +68,10 @@ def expert_route(token_type_ids, span: int, every_row: bool = False) -> ExpertRo
     """The :class:`ExpertRoute` of a batch whose image rows have ``span`` vision-expert tokens each.
 
     ``every_row``: the caller guarantees that every row holds one whole image (its checks did), so
-    ``split`` is the Python ``True`` and the decoder builds only the split program (no ``cond``)."""
-    mask = vision_expert_mask(token_type_ids)
+    ``split`` is the Python ``True`` and the decoder builds only the split program (no ``cond``). Rows
+    with several images (``span + 1`` tokens each, side by side or apart) are not one run: the mask
+    selects, per span."""
+    mask = vision_expert_mask(token_type_ids, span + 1)
     b, n = mask.shape
     if not 0 < span < n:
         return ExpertRoute(mask, None, None, jnp.zeros((), bool), span)
@@ -65,13 +86,15 @@ def expert_route(token_type_ids, span: int, every_row: bool = False) -> ExpertRo
     return ExpertRoute(mask, order, restore, split, span)
 
 
-def position_ids(token_type_ids, attention_mask):
+def position_ids(token_type_ids, attention_mask, image_tokens: Optional[int] = None):
     """Positions as the reference computes them for one unpadded prompt, at every real token.
 
     Text, boi and eoi advance the position by one; the first patch after boi advances by one and the
     other patches share it (an image costs 3 positions). Padding never advances the position, and the
     first real token of a row is position 0 whatever padding precedes it, so a left-padded row gets the
     positions it has alone. Example: ``[bos, boi, p, p, p, eoi, t, t] -> [0, 1, 2, 2, 2, 3, 4, 5]``.
+    With ``image_tokens`` (one image's span) images side by side are told apart: each span's boi and eoi
+    count as text, ``[bos, boi, p, p, eoi, boi, p, p, eoi] -> [0, 1, 2, 2, 3, 4, 5, 5, 6]``.
     """
     real = attention_mask.astype(bool)
     tt = jnp.where(real, token_type_ids, -1)
@@ -80,6 +103,9 @@ def position_ids(token_type_ids, attention_mask):
     is_vision = tt == VISION
     # boi (image token not preceded by one) and eoi (not followed by one) count as text.
     boundary = is_vision & ((prev != VISION) | (nxt != VISION))
+    k = span_index(tt, image_tokens)
+    if k is not None:
+        boundary = boundary | (is_vision & ((k == 0) | (k == image_tokens - 1)))
     as_text = (tt == LANGUAGE) | boundary
     prev_as_text = jnp.concatenate([jnp.zeros_like(as_text[:, :1]), as_text[:, :-1]], axis=1)
     first_patch = is_vision & ~boundary & prev_as_text

@@ -45,6 +45,10 @@ class Plan:
     # what the fallback rule (models/partitioning.py) replicates because the mesh does not divide it: one
     # line per parameter path (decoder layers and ViT blocks as layers_*) or the KV cache
     replicated: tuple[str, ...] = ()
+    # a video model (CogVLM2-Video): prompt slots one frame takes, and the most frames the context holds
+    # beside bos (chat template: each frame's index is one more token, as Llama-3 encodes 0..999)
+    frame_tokens: int = 0
+    max_frames: int = 0
 
     @property
     def per_device_bytes(self) -> int:
@@ -100,7 +104,10 @@ def plan(config: CogVLMConfig, data: int = 1, fsdp: int = 1, tensor: int = 1, dt
     per_layer = 2 * itemsize
     kv_total = per_layer * t.num_layers * math.prod(kv_shape)
     kv_dev = per_layer * t.num_layers * _shard_elems(kv_shape, kv_spec, sizes)
-    return Plan(data * fsdp * tensor, p_total, p_dev, kv_total, kv_dev, tuple(replicated))
+    ctx = context or config.context_length
+    frame_tokens = config.num_image_tokens if config.video else 0
+    max_frames = (ctx - 1) // (frame_tokens + 1) if config.video else 0
+    return Plan(data * fsdp * tensor, p_total, p_dev, kv_total, kv_dev, tuple(replicated), frame_tokens, max_frames)
 
 
 def format_plan(name: str, p: Plan, dtype: str, batch: int, context: int, quantize: str | None = None) -> str:
@@ -110,6 +117,9 @@ def format_plan(name: str, p: Plan, dtype: str, batch: int, context: int, quanti
              f"  parameters: {p.params_total_bytes / gib:8.2f} GiB total, {p.params_per_device_bytes / gib:8.2f} GiB per device",
              f"  KV cache:   {p.kv_total_bytes / gib:8.2f} GiB total, {p.kv_per_device_bytes / gib:8.2f} GiB per device",
              f"  per device: {p.per_device_bytes / gib:8.2f} GiB"]
+    if p.frame_tokens:
+        lines.append(f"  video:      {p.frame_tokens} slots a frame (+1 for its index with the chat template); the "
+                     f"context holds at most {p.max_frames} frames (the demo samples up to 24)")
     if p.replicated:
         lines.append(f"  replicated because the mesh does not divide them (the fallback rule of "
                      f"models/partitioning.py), {len(p.replicated)}:")

@@ -138,7 +138,7 @@ class Engine:
         self.explain_failure: Optional[Callable[[], Optional[str]]] = None
         self.completed = 0  # requests that left their slot (any reason), for /health and tests
         self.cancelled = 0  # of which cancelled (the client went away)
-        self.prefill_shapes: set[tuple[int, bool]] = set()  # (bucket, with image) prefilled alone: one compile each
+        self.prefill_shapes: set[tuple[int, int]] = set()  # (bucket, images) prefilled alone: one compile each
         self._admitted = 0  # requests given a slot so far
 
     # ------------------------------------------------------------------ admission
@@ -155,11 +155,11 @@ class Engine:
                 f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds this server's cache of "
                 f"{self.max_length} tokens per request (--max-length)")
 
-    def bucket(self, prompt_tokens: int) -> int:
-        """The length a prompt prefilled alone is padded to: ``bucket_length`` within the slot. Its padding
-        takes no room from the answer (``insert`` drops it), so ``max_tokens`` plays no part: one compile
-        per bucket whatever the request asks."""
-        return bucket_length(prompt_tokens, self.max_length)
+    def bucket(self, prompt_tokens: int, image: bool = False) -> int:
+        """The length a prompt prefilled alone is padded to: ``bucket_length`` within the slot, the text
+        alone padded when it holds an ``image``. Its padding takes no room from the answer (``insert``
+        drops it), so ``max_tokens`` plays no part: one compile per bucket whatever the request asks."""
+        return bucket_length(prompt_tokens, self.max_length, self.config.num_image_tokens if image else 0)
 
     def room(self, prompt_tokens: int) -> int:
         """The largest ``max_tokens`` a prompt of this length can have."""
@@ -435,13 +435,15 @@ class Engine:
         args = self._alone(slot, req, self._insert_args, slot, req)
         if args is None:
             return
-        self.prefill_shapes.add((args[0].shape[1], args[3] is not None))
+        pv = args[3]
+        self.prefill_shapes.add((args[0].shape[1], 0 if pv is None else 1 if pv.ndim == 4 else pv.shape[1]))
         first = self._device("insert", *args)
         self._alone(slot, req, self._take, slot, [int(first)])
 
     def _insert_args(self, slot: int, req: Request) -> tuple:
         """The ``insert`` program's host inputs for ``req`` in ``slot``: its prompt padded to its bucket."""
-        x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens))  # [1, L]
+        image = req.inputs["pixel_values"] is not None
+        x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens, image))  # [1, L]
         return (x["input_ids"], x["token_type_ids"], x["attention_mask"], x["pixel_values"], np.int32(slot),
                 np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
 

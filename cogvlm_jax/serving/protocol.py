@@ -5,8 +5,8 @@ names the parameter; 404 for another model). Every number is checked for its JSO
 number) and its range, within what the device programs hold (``sampling.check_sampling``); ``parse_json``
 refuses what Python's json would read but JSON is not, and what no later layer could take. A parameter we do not implement is refused, unless it has its
 neutral value (``NEUTRAL``). A conversation maps onto the model's template: earlier user/assistant turns
-become the history, the last user message the query, the latest image in any user message the image (none
-is fine); system messages are put before the first question.
+become the history, the last user message the query, every image of the user messages an image, in order
+(none is fine); system messages are put before the first question.
 
 A stream is server-sent events: one ``data:`` line of JSON per chunk (:func:`sse`), ``SSE_DONE`` last.
 """
@@ -51,7 +51,7 @@ NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprob
 class ChatRequest:
     query: str
     history: list
-    image_url: Optional[str]
+    image_urls: tuple  # every image_url of the user messages, in order
     max_tokens: Optional[int]
     temperature: float
     top_p: float
@@ -80,52 +80,59 @@ def _neutral(value, options) -> bool:
     return any(type(value) is type(o) and value == o for o in options)
 
 
-def _content(message: dict, index: int) -> tuple[str, Optional[str]]:
-    """(text, last image URL) of one message's content: a string, or a list of text / image_url parts."""
+class VideoURL(str):
+    """The URL of a ``video_url`` part (a video model's input): a ``str`` that says it is a video."""
+
+
+def _content(message: dict, index: int) -> tuple[str, list]:
+    """(text, image and video URLs in order) of one message's content: a string, or a list of text /
+    image_url / video_url parts (OpenAI-style: ``{"type": "video_url", "video_url": {"url": ...}}``; a
+    ``VideoURL``)."""
     content = message.get("content")
     where = f"messages[{index}]"
     if content is None or isinstance(content, str):
-        return content or "", None
+        return content or "", []
     if not isinstance(content, list):
         raise APIError(400, f"{where}.content must be a string or a list of parts", "messages")
-    texts, image = [], None
+    texts, images = [], []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise APIError(400, f"{where}.content[{j}].text must be a string", "messages")
             texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
+        elif kind in ("image_url", "video_url"):
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
-                raise APIError(400, f"{where}.content[{j}].image_url.url must be a string", "messages")
-            image = url
+                raise APIError(400, f"{where}.content[{j}].{kind}.url must be a string", "messages")
+            images.append(VideoURL(url) if kind == "video_url" else url)
         else:
             raise APIError(400, f"{where}.content[{j}]: unsupported content part type {json.dumps(kind)} "
-                                "(supported: text, image_url)", "messages")
-    return "\n".join(texts), image
+                                "(supported: text, image_url, video_url)", "messages")
+    return "\n".join(texts), images
 
 
-def parse_messages(messages) -> tuple[str, list, Optional[str]]:
-    """OpenAI messages -> (query, history [(q, a), ...], latest image URL or None)."""
+def parse_messages(messages) -> tuple[str, list, list]:
+    """OpenAI messages -> (query, history [(q, a), ...], every image URL of every user message, in order).
+    One image is the official single-image prompt; several are one span each, in this order."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", "messages")
-    system, history, pending, image = [], [], [], None
+    system, history, pending, images = [], [], [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise APIError(400, f"messages[{i}] must be an object", "messages")
         role = m.get("role")
         if m.get("tool_calls") or m.get("function_call"):
             raise APIError(400, f"messages[{i}]: tool calls are not supported", "messages")
-        text, url = _content(m, i)
-        if url is not None and role != "user":
+        text, urls = _content(m, i)
+        if urls and role != "user":
             raise APIError(400, f"messages[{i}]: only user messages may carry an image", "messages")
         if role in ("system", "developer"):
             system.append(text)
         elif role == "user":
             pending.append(text)
-            image = url if url is not None else image
+            images += urls
         elif role == "assistant":
             if not pending:
                 raise APIError(400, f"messages[{i}]: an assistant message must follow a user message", "messages")
@@ -143,7 +150,7 @@ def parse_messages(messages) -> tuple[str, list, Optional[str]]:
             history[0] = (f"{prefix}\n{history[0][0]}", history[0][1])
         else:
             query = f"{prefix}\n{query}"
-    return query, history, image
+    return query, history, images
 
 
 def parse_chat_request(body, model_name: str) -> ChatRequest:
@@ -163,7 +170,7 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
     if model is not None and model != model_name:
         raise APIError(404, f"The model {json.dumps(model)} does not exist: this server serves "
                             f"{json.dumps(model_name)}", "model", "model_not_found")
-    query, history, image = parse_messages(body.get("messages"))
+    query, history, images = parse_messages(body.get("messages"))
     max_tokens = _number(body, "max_completion_tokens", None, 1, None, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", None, 1, None, integer=True)
@@ -186,7 +193,7 @@ def parse_chat_request(body, model_name: str) -> ChatRequest:
     if seed is None:
         seed = secrets.randbits(31)
     return ChatRequest(
-        query=query, history=history, image_url=image, max_tokens=max_tokens,
+        query=query, history=history, image_urls=tuple(images), max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1, lo_open=True)),
         top_k=int(_number(body, "top_k", 0, 0, INT32_MAX, integer=True)), seed=seed,

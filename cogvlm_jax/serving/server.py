@@ -39,12 +39,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, ImageError, ImageTooLargeError
+from cogvlm_jax.inputs.video import VideoError
 from cogvlm_jax.parallel import compiles
 from cogvlm_jax.serving.engine import Engine
 from cogvlm_jax.serving.images import read_image_url
 from cogvlm_jax.serving.protocol import (
     LONE_SURROGATE,
     SSE_DONE,
+    VideoURL,
     APIError,
     ChatRequest,
     completion,
@@ -230,11 +232,22 @@ class _Routes:
     def build(self, req: ChatRequest) -> dict:
         """The model's inputs for ``req`` (its image read and decoded); run off the event loop."""
         self.check_prompt_chars(req)
-        image = None
-        if req.image_url is not None:
-            image = read_image_url(req.image_url, self.config.image_root, self.config.max_image_bytes)
+        urls = req.image_urls
+        is_video = self.model.config.video
+        if any(isinstance(u, VideoURL) != is_video for u in urls):
+            raise APIError(400, "this model takes videos (video_url parts), not images" if self.model.config.video
+                           else "this model takes images (image_url parts), not videos", "messages",
+                           "unsupported_media")
+        if is_video:  # the conversation's latest video, its bytes within the same limits as an image's
+            urls = urls[-1:]
+        images = [read_image_url(url, self.config.image_root, self.config.max_image_bytes) for url in urls]
+        image = images[0] if len(images) == 1 else images or None
         try:
+            if is_video:
+                return self.model.build_inputs(req.query, req.history, video=image)
             return self.model.build_inputs(req.query, req.history, image, max_image_pixels=self.config.max_image_pixels)
+        except VideoError as e:
+            raise APIError(400, f"the video cannot be used: {e}", "messages", "invalid_video") from None
         except ImageTooLargeError as e:
             raise APIError(400, f"{e} (--max-image-pixels)", "messages", "image_too_large") from None
         except ImageError as e:

@@ -293,6 +293,10 @@ class Trainer:
         if mesh is None and jax.process_count() > 1:
             raise ValueError(f"training with {jax.process_count()} processes needs a mesh over their devices "
                              "(e.g. cogvlm_jax.make_mesh(1, processes, devices per process))")
+        if train_config.trainable == "vision-expert" and not config.text.vision_expert:
+            name = config.name or "this model"
+            raise ValueError(f"trainable 'vision-expert' needs a decoder with a vision expert; {name} has none "
+                             "(CogVLM2-Video): use full or lora")
         self.config = config
         self.tc = train_config
         self.dtype = jnp.dtype(dtype)
