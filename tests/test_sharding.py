@@ -82,10 +82,11 @@ def test_rules_table_for_published_cogvlm2():
     expected = {
         ("embed_tokens", "embedding"): P(("tensor", "fsdp"), None),  # split by rows: lookups are exact
         ("lm_head", "kernel"): P("tensor", "fsdp"),  # [V, D], like the decoder linears
-        ("norm", "scale"): P("fsdp"),
+        ("norm", "scale"): P(None),  # norm scales whole on every device (axes.py's "norm")
     }
     for path, spec in expected.items():
         assert sh[path[0]][path[1]].spec == spec, path
+    assert layer["input_layernorm"]["scale"].spec == layer["post_attention_layernorm"]["scale"].spec == P(None)
     # Decoder linears are stored [out, in] (PyTorch's layout): their specs read out-axis first. Every
     # linear is split over tensor by its outputs and over fsdp by its inputs, the projections back to the
     # model width (dense, down_proj, fc2) too: no device sums a part of a contraction (axes.py).
@@ -101,10 +102,12 @@ def test_rules_table_for_published_cogvlm2():
     assert sh["vision"]["linear_proj"]["dense_4h_to_h"]["kernel"].spec == P("fsdp", "tensor")
     assert sh["vision"]["patch_embedding"]["proj"]["kernel"].spec == P(None, None, None, "fsdp")
     assert sh["vision"]["boi"].spec == P(None, None, "fsdp")
-    # The KV cache [B, K, T, E]: batch over (data, fsdp), kv heads over tensor; bookkeeping by batch.
+    # The KV cache, one [B, N, K, T, E] buffer each for k and v (N layers): batch over (data, fsdp), kv
+    # heads over tensor, the layer axis whole; bookkeeping by batch.
     cache = jax.eval_shape(lambda: kv_cache.init_cache(2, 4, 64, 8, 16, jnp.bfloat16))
     csh = cache_shardings(cache, mesh)
-    assert all(s.spec == P(("data", "fsdp"), "tensor", None, None) for s in csh.k + csh.v)
+    assert cache.k.shape == (4, 2, 8, 64, 16)
+    assert all(s.spec == P(("data", "fsdp"), None, "tensor", None, None) for s in (csh.k, csh.v))
     assert csh.valid.spec == P(("data", "fsdp"), None) and csh.index.spec == P(("data", "fsdp"))
 
 
