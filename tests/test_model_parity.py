@@ -25,12 +25,12 @@ ROUTE_ATOL = 1e-5  # one batch's logits by its two decoder routes (each expert o
 def test_every_case_matches_reference(family, f32_models):
     model = f32_models[family]
     worst = {"vision": 0.0, "hidden": 0.0, "logits": 0.0, "last_logits": 0.0}
+    with_hidden = jax.jit(lambda p, *x: model.module.apply({"params": p}, *x, return_hidden=True))
     for case in cases(family):
         a = case["arrays"]
         pv = a["pixel_values"][None] if "pixel_values" in a.files else None
-        logits, _, hidden = model.module.apply({"params": model.params}, a["input_ids"][None],
-                                               a["token_type_ids"][None], a["attention_mask"][None], pv,
-                                               return_hidden=True)
+        logits, _, hidden = with_hidden(model.params, a["input_ids"][None], a["token_type_ids"][None],
+                                        a["attention_mask"][None], pv)
         assert len(hidden) == a["hidden_states"].shape[0]
         for i, h in enumerate(hidden):
             worst["hidden"] = max(worst["hidden"], float(np.abs(np.asarray(h[0]) - a["hidden_states"][i]).max()))
