@@ -45,8 +45,9 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5, native:
 
 
 # --------------------------------------------------------------------------- FLOPs
-def prefill_flops(config, length: int, batch: int = 1) -> float:
-    """Useful FLOPs of a prefill of ``batch`` prompts of ``length`` tokens, each with one image."""
+def prefill_parts(config, length: int) -> dict[str, float]:
+    """Useful FLOPs of each part of a prefill of ``length`` tokens with one image: the ViT, the adapter,
+    the decoder's projections by expert, its attention and the lm_head (the last position only)."""
     v, t = config.vision, config.text
     n, w = v.num_patches + 1, v.hidden_size
     # ViT: patch conv, then per layer qkv + dense + mlp on N tokens and the full N x N attention.
@@ -59,9 +60,16 @@ def prefill_flops(config, length: int, batch: int = 1) -> float:
     # Decoder: one expert per token (qkv, dense, 3 mlp matmuls) + causal attention (half the square).
     d = t.hidden_size
     per_token = 2 * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size)
-    decoder = t.num_layers * (length * per_token + 2 * length * length * d)
-    head = 2 * d * t.vocab_size  # last position only
-    return float(batch * (vit + adapter + decoder + head))
+    image = config.num_image_tokens - 1  # the vision expert's tokens: all image tokens but eoi
+    return {"vit": vit, "adapter": adapter,
+            "vision_expert": t.num_layers * image * per_token,
+            "language_expert": t.num_layers * (length - image) * per_token,
+            "attention": t.num_layers * 2 * length * length * d, "lm_head": 2 * d * t.vocab_size}
+
+
+def prefill_flops(config, length: int, batch: int = 1) -> float:
+    """Useful FLOPs of a prefill of ``batch`` prompts of ``length`` tokens, each with one image."""
+    return float(batch * sum(prefill_parts(config, length).values()))
 
 
 # --------------------------------------------------------------------------- the benchmark

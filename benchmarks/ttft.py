@@ -33,7 +33,7 @@ import numpy as np
 
 from benchmarks.common import record
 from benchmarks.decode import image_prompt, make_params
-from benchmarks.prefill import matmul_peak, prefill_flops
+from benchmarks.prefill import matmul_peak, prefill_flops, prefill_parts
 
 TTFT_HF_CONFIG: dict[str, Any] = {
     "architectures": ["CogVLMForCausalLM"],
@@ -92,25 +92,6 @@ def first_token_seconds(model, inputs, repeats: int):
         best = min(best, time.perf_counter() - t0)
     state = model.generate_state(ids, tt, am, pix, max_new_tokens=1, collect_logits=True)
     return best, np.asarray(state.chosen_logits)[:, 0]
-
-
-def part_flops(config, length: int) -> dict[str, float]:
-    """Useful FLOPs of each part of a prefill of ``length`` tokens with one image (``prefill.prefill_flops``'s
-    count, split)."""
-    v, t = config.vision, config.text
-    n, w = v.num_patches + 1, v.hidden_size
-    vit = 2 * v.num_patches * v.in_channels * v.patch_size ** 2 * w
-    vit += v.num_layers * (2 * n * (3 * w * w + w * w + 2 * w * v.intermediate_size) + 4 * n * n * w)
-    m = v.num_output_tokens
-    adapter = (2 * m * 4 * w * w if v.downsample else 0)
-    adapter += 2 * m * (w * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
-    d = t.hidden_size
-    per_token = 2 * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size)
-    image = config.num_image_tokens - 1  # the vision expert's tokens: all image tokens but eoi
-    return {"vit": vit, "adapter": adapter,
-            "vision_expert": t.num_layers * image * per_token,
-            "language_expert": t.num_layers * (length - image) * per_token,
-            "attention": t.num_layers * 2 * length * length * d, "lm_head": 2 * d * t.vocab_size}
 
 
 def part_times(model, params, inputs, repeats: int) -> dict[str, float]:
@@ -190,7 +171,7 @@ def run(quick: bool = False, prefills=PREFILLS, repeats: int | None = None) -> l
     params = make_params(config, "float32")
     inputs = image_prompt(config, 1, PROMPT_TOKENS)
     flops = prefill_flops(config, PROMPT_TOKENS)
-    parts = part_flops(config, PROMPT_TOKENS)
+    parts = prefill_parts(config, PROMPT_TOKENS)
     recs, firsts = [], {}
     n = 1024 if quick else 2048
     for prefill in prefills:
