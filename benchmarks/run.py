@@ -11,7 +11,8 @@ bandwidth probe for decode, the matmul peak for prefill, a plain file copy (MB/s
 for the converter; ``serving`` (aggregate tok/s and TTFT at 1/4/16 streams through the HTTP server)
 compares with one stream on a one-slot server (``speedup_vs_one_stream``, the median of alternating
 rounds); ``ttft`` (time to the first token of an image prompt, and the prefill's parts: ViT, adapter,
-decoder by expert) with the matmul peak of the prefill's dtype; ``quantized`` (decode tok/s and held bytes
+decoder by expert) with the matmul peak of the prefill's dtype; ``prefix_cache`` (a follow-up turn's
+time to the first token with the prefix cache and without, against the first turn's) with the float32 peak; ``quantized`` (decode tok/s and held bytes
 with the weights in each ``--quantize`` format) compares the decode weights' read rate with the bandwidth
 probe; ``int8_cpu`` (decode ms/step with float32, int8 and int4 weights, with and without the CPU kernel
 of ``models/int8_cpu.py``) does too. Decode, quantized and int8_cpu need the bandwidth probe, so it is run
@@ -28,14 +29,15 @@ from benchmarks.common import CONFIG_NAMES, TINY_NAMES, emit, machine
 from cogvlm_jax.dtypes import DTYPES
 
 BENCHMARKS = ("bandwidth", "matvec", "prototypes", "decode", "prefill", "converter", "serving", "aot", "soak",
-              "quantized", "int8_cpu", "startup", "ttft")
+              "quantized", "int8_cpu", "startup", "ttft", "prefix_cache")
 # on request: prototypes (minutes), aot (compiles for TPU / GPU targets; needs the [aot] extra; long), soak
 # (ten minutes of mixed traffic on the default model's server; one with --quick), quantized (decode with
 # float32, int8 and int4 weights, benchmarks/quantized.py), int8_cpu (the CPU int8/int4 kernel against
 # XLA's product: one product, then decode of the mid config, benchmarks/int8_cpu.py), startup (cold
 # processes of generate and serve, benchmarks/startup.py; --quick: generate only), ttft (time to the first
 # token of the 274-token image prompt on a mid CogVLM-1 config, float32 and bfloat16 prefill, and its
-# parts; benchmarks/ttft.py)
+# parts; benchmarks/ttft.py), prefix_cache (time to the first token of a follow-up turn about an image with
+# the prefix cache and without, on the same config; benchmarks/prefix_cache.py)
 DEFAULT = ("bandwidth", "matvec", "decode", "prefill", "converter", "serving")
 QUANTIZE = ("none", "int8", "int4")
 
@@ -148,6 +150,12 @@ def _notes(r: dict) -> str:
     if r["name"] == "ttft_bf16_gap":
         return (f"largest first-token logit gap to the float32 prefill (logits std {e['logit_std']:.2f}); same "
                 f"first token: {e['same_first_token']}")
+    if r["name"] == "first_turn_ttft":
+        return f"{e['prompt_tokens']} prompt tokens, {e['model_gflop']:.1f} GFLOP"
+    if r["name"] == "followup_ttft":
+        return (f"cache {e['cache']}: {e['cached_tokens']} of {e['prompt_tokens']} prompt tokens kept, "
+                f"{e['new_tokens']} prefilled ({e['model_gflop']:.1f} GFLOP); {e['ratio_to_first_turn']:.2f}x the "
+                "first turn")
     if r["name"] == "matmul_peak":
         return f"{e['n']}^3 matmul"
     return ""
@@ -241,6 +249,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "benchmarks.run") -> 
         from benchmarks import ttft
 
         out(ttft.run(args.quick))
+    if "prefix_cache" in only:  # a follow-up turn's TTFT, cache on and off (benchmarks/prefix_cache.py)
+        from benchmarks import prefix_cache
+
+        out(prefix_cache.run(args.quick))
     if "aot" in only:  # the published configs (--tiny / --quick: the tiny fixtures) on every target
         from benchmarks import aot
 

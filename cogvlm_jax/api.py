@@ -17,8 +17,8 @@ from cogvlm_jax.convert.checkpoint import stored_quantization
 from cogvlm_jax.convert.params import read_params, stored_inv_freq
 from cogvlm_jax.dtypes import LOADABLE, REFERENCE, model_dtype
 from cogvlm_jax.files import CheckpointError
-from cogvlm_jax.generation import sampling
-from cogvlm_jax.generation.buckets import answer_length, bucket_length, round_up
+from cogvlm_jax.generation import prefix_cache as prefix_lib, sampling
+from cogvlm_jax.generation.buckets import answer_length, bucket_length, extension_length, round_up
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.hub import resolve
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
@@ -26,16 +26,19 @@ from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer, load_toke
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.layers import accumulation, widens_on_cpu
+from cogvlm_jax.models.positions import position_ids
 from cogvlm_jax.parallel import program
 from cogvlm_jax.parallel.layout import to_program
 from cogvlm_jax.parallel.multihost import to_global, to_host
 from cogvlm_jax.parallel.quantized import quantize_params
-from cogvlm_jax.parallel.sharding import batch_sharding, param_shardings
+from cogvlm_jax.parallel.sharding import batch_sharding, param_shardings, replicated
 
 # The small model shipped in the package (``recipes/default_model.py`` made it): ``load()`` with no path.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 DEFAULT_MODEL_NAME = "cogvlm-jax-shapes"  # the id the server gives it
 STREAM_CHUNK = 4  # tokens generated on device between two stream yields
+# what ``chat`` / ``stream`` keep of recent conversations (keys and values, image features) by default
+PREFIX_CACHE_BYTES = prefix_lib.DEFAULT_BYTES
 
 
 def is_reference(dtype) -> bool:
@@ -157,11 +160,17 @@ class Model:
     logits float64. ``rope_inv_freq``: the decoder's rotary inverse frequencies (``load`` passes a float64
     model the checkpoint's stored buffer, ``convert.params.stored_inv_freq``); None: computed from the
     config's ``rope_theta`` in the model's wide dtype (``layers.accumulation``).
+
+    ``prefix_cache_bytes``: ``chat`` and ``stream`` keep the keys and values of each conversation's latest
+    turn and the ViT features of its images, up to this many bytes of device memory, least recently used
+    first out (``self.prefix_cache``, ``generation/prefix_cache.py``); a follow-up question then
+    prefills only its new tokens, and a new question about a kept image skips the ViT. 0: off.
+    ``generate`` and ``forward`` never use it.
     """
 
     def __init__(self, config: CogVLMConfig, params, tokenizer=None, dtype="float32", vit_query_chunk=None,
                  mesh=None, layout=None, quantize=None, quantize_vision=False, prefill_dtype=None,
-                 rope_inv_freq=None):
+                 rope_inv_freq=None, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         want = model_dtype(dtype, LOADABLE)
         check_reference_mode(want, program.platform_of(mesh), quantize)
         _check_prefill_dtype(prefill_dtype, quantize, want)
@@ -198,6 +207,9 @@ class Model:
             self._prefill_params = prefill_weights(self.params, model_dtype(prefill_dtype))
         self._generator = sampling.Generator(self.module, config.eos_token_ids, config.pad_token_id, mesh,
                                              prefill_model=prefill_module)
+        self.prefix_cache = (prefix_lib.PrefixCache(prefix_cache_bytes, config.num_image_tokens)
+                             if prefix_cache_bytes else None)
+        self.last_cached_tokens = 0  # prompt tokens the last chat / stream took from the prefix cache
 
     def _place(self, *arrays):
         """Host inputs -> device arrays, batch-sharded over the mesh when there is one.
@@ -209,6 +221,10 @@ class Model:
             return arrays
 
         return tuple(None if a is None else to_global(a, batch_sharding(self.mesh, a.shape)) for a in arrays)
+
+    def _scalar(self, x):
+        """A host scalar as a program input: replicated over the mesh when there is one."""
+        return x if self.mesh is None else to_global(np.asarray(x), replicated(self.mesh))
 
     # ------------------------------------------------------------------ checks
     def _check(self, input_ids, token_type_ids, attention_mask, pixel_values):
@@ -274,12 +290,15 @@ class Model:
 
     # ------------------------------------------------------------------ generate
     def _start(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature,
-               top_k, top_p, seed, collect_logits=False):
+               top_k, top_p, seed, collect_logits=False, kept=None):
         """The prefilled ``DecodeState`` -> (state, whether it samples, the most new tokens it may take).
 
         ``max_new_tokens=None``: until eos or the context is full (``context_length`` less the longest
         prompt), in a token buffer sized by the prompt's bucket (``answer_length``): the bucket, not the
-        prompt's exact length, decides what compiles."""
+        prompt's exact length, decides what compiles.
+
+        ``kept`` (a dict; one unpadded row): use ``self.prefix_cache`` for this prompt, and record in
+        ``kept`` what ``_keep`` needs to keep its keys and values afterwards."""
         ids, tt, am, pv = self._check(input_ids, token_type_ids, attention_mask, pixel_values)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -305,6 +324,7 @@ class Model:
             limit = buffer = max_new_tokens
             length = bucket_length(n, ctx - max_new_tokens, fixed)
         sampling.check_sampling(temperature, top_k, top_p, seed)
+        prompt = ids, tt, am  # unpadded
         pad = length - n
         pad2 = ((0, 0), (pad, 0))
         ids = np.pad(ids, pad2, constant_values=self.config.pad_token_id)
@@ -312,10 +332,66 @@ class Model:
         sp = sampling.SamplingParams.make(b, temperature, top_k, top_p, seed)
         if self.mesh is not None:  # per-row settings live with their rows
             sp = jax.tree.map(lambda x: self._place(np.asarray(x))[0], sp)
+        if kept is not None and self.prefix_cache is not None:
+            state = self._start_kept(kept, *prompt, pv, sp, buffer, collect_logits)
+            if state is not None:
+                return state, temperature > 0, limit
+            kept["start"] = pad  # the prompt's first slot, after its left padding
+        features, keep = None, kept is not None and pv is not None and self.prefix_cache is not None
+        if keep:  # every image's kept features stand in for the pixels; else the prefill's are kept
+            held = [self.prefix_cache.features(d) for d in kept["images"]]
+            if all(f is not None for f in held):
+                features, pv, keep = held[0] if len(held) == 1 else jnp.concatenate(held, axis=1), None, False
         state = self._generator.start(self._prefill_params, *self._place(ids, tt, am, pv), sp, max_new_tokens=buffer,
                                       cache_length=length + round_up(buffer, 16), collect_logits=collect_logits,
-                                      every_row_has_image=every_row)
+                                      every_row_has_image=every_row, image_features=features, keep_features=keep)
+        if keep:
+            n_img = self.config.num_image_tokens
+            for i, d in enumerate(kept["images"]):
+                one = state.image_features[:, i * n_img:(i + 1) * n_img]
+                self.prefix_cache.put_features(d, one, one.nbytes)
+            state = state.replace(image_features=None)
         return state, temperature > 0, limit
+
+    def _start_kept(self, kept, ids, tt, am, pv, sp, buffer, collect_logits):
+        """The prefilled state of one prompt that begins with an entry of ``self.prefix_cache``, only the
+        rest of it prefilled (``CogVLM.extend``), or None if no entry stands for enough of it."""
+        kept.update(ids=ids[0], types=tt[0], images=prefix_lib.image_digests(None if pv is None else pv[0]),
+                    start=0, cached=0)
+        entry, m = self.prefix_cache.match(ids[0], tt[0], kept["images"])
+        if entry is None:
+            return None
+        n = ids.shape[1]
+        pos = np.asarray(position_ids(tt, am, self.config.position_span))[0]
+        rest = extension_length(n - m)
+        new = np.full((1, rest), self.config.pad_token_id, np.int32)
+        new_pos = np.zeros((1, rest), np.int32)
+        new[0, :n - m], new_pos[0, :n - m] = ids[0, m:], pos[m:]
+        k, v = entry.value
+        kept["cached"] = m
+        return self._generator.resume(self._prefill_params, k, v, self._scalar(np.int32(m)),
+                                      *self._place(new, new_pos, np.array([n - m], np.int32)), sp,
+                                      max_new_tokens=buffer, cache_length=k.shape[3] + rest + round_up(buffer, 16),
+                                      collect_logits=collect_logits)
+
+    def _keep(self, kept, state) -> None:
+        """Keep the keys and values one row's prompt and answer wrote (``state`` after ``_start(kept=...)``)
+        in ``self.prefix_cache``, for a later prompt that begins the same way."""
+        if self.prefix_cache is None or "ids" not in kept:
+            return
+        g = int(to_host(state.step))
+        answer = to_host(state.tokens)[0, :g]
+        if g and int(answer[-1]) in self.config.eos_token_ids:  # its keys are kept, but no prompt repeats it
+            answer = answer[:-1]
+            g -= 1
+        ids = np.concatenate([kept["ids"], answer]).astype(np.int32)
+        types = np.concatenate([kept["types"], np.zeros(g, np.int32)])
+        length = min(bucket_length(len(ids)), state.cache.length)
+        per_slot = 2 * state.cache.k[:1].nbytes // state.cache.length
+        if not self.prefix_cache.worth_keeping(per_slot * length):
+            return
+        k, v = self._generator.take(state.cache, self._scalar(np.int32(kept["start"])), length=length)
+        self.prefix_cache.put(ids, types, kept["images"], (k, v), k.nbytes + v.nbytes)
 
     def generate(self, input_ids, token_type_ids, attention_mask, pixel_values=None, *, max_new_tokens=None,
                  temperature=0.0, top_k=None, top_p=None, seed=0) -> np.ndarray:
@@ -344,14 +420,21 @@ class Model:
         """Yield the new ids [B, k]: the first token alone, as soon as the prefill has chosen it (the time to
         the first token is the prefill's and one step's, not a chunk's), then every ``chunk`` tokens (the
         same compiled loop as ``generate``: the step limit is a traced value)."""
+        for new, _ in self._chunks(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+                                   temperature, top_k, top_p, seed, chunk, None):
+            yield new
+
+    def _chunks(self, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k,
+                top_p, seed, chunk, kept):
+        """``generate_chunks``, each chunk with the state after it; ``kept``: see ``_start``."""
         state, do_sample, limit = self._start(input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
-                                              temperature, top_k, top_p, seed)
+                                              temperature, top_k, top_p, seed, kept=kept)
         emitted = 0
         while emitted < limit:
             stop = 1 if emitted == 0 else min(emitted + chunk, limit)
             state = self._generator.decode(self.params, state, np.int32(stop), do_sample=do_sample)
             step = int(to_host(state.step))
-            yield to_host(state.tokens)[:, emitted:step]
+            yield to_host(state.tokens)[:, emitted:step], state
             if step == emitted or bool(np.all(to_host(state.done))):
                 return
             emitted = step
@@ -407,9 +490,11 @@ class Model:
         ids = inputs["input_ids"]
         pv = None if inputs["pixel_values"] is None else inputs["pixel_values"][None]
         decoder = StreamDecoder(self.tokenizer)
-        for new in self.generate_chunks(ids[None], inputs["token_type_ids"][None], inputs["attention_mask"][None],
-                                        pv, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed, chunk=chunk):
+        kept, state = {}, None
+        self.last_cached_tokens = 0
+        for new, state in self._chunks(ids[None], inputs["token_type_ids"][None], inputs["attention_mask"][None],
+                                       pv, max_new_tokens, temperature, top_k, top_p, seed, chunk, kept):
+            self.last_cached_tokens = kept.get("cached", 0)
             row = [int(i) for i in new[0]]
             text_ids = self._text_stop(row)
             for i in text_ids:
@@ -418,6 +503,8 @@ class Model:
                     yield piece
             if len(text_ids) < len(row):  # eos
                 break
+        if state is not None:
+            self._keep(kept, state)
         tail = decoder.flush()
         if tail:
             yield tail
@@ -426,7 +513,7 @@ class Model:
 def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional[str] = None, mesh=None,
          progress: bool = True, layout: Optional[str] = None, revision: Optional[str] = None,
          quantize: Optional[str] = None, quantize_vision: bool = False,
-         prefill_dtype: Optional[str] = None) -> Model:
+         prefill_dtype: Optional[str] = None, prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> Model:
     """Load a CogVLM checkpoint: an HF directory (safetensors), one written by ``cogvlm-jax convert``, or a
     Hugging Face Hub id such as ``"THUDM/cogvlm2-llama3-chat-19B"`` (``revision``: its branch, tag or
     commit), read from the Hugging Face cache or downloaded into it (``cogvlm_jax.hub``; a local directory
@@ -451,6 +538,7 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
     ``models/quantize.py``), each quantized as it is read. A checkpoint written by ``cogvlm-jax convert
     --quantize`` is read back as it is stored; ``quantize`` then defaults to its format and must match it.
     ``prefill_dtype`` ("bfloat16" | None): the prompt's prefill multiplies in it (``Model``).
+    ``prefix_cache_bytes``: what ``chat`` / ``stream`` keep of recent conversations (``Model``; 0: nothing).
     """
     want = model_dtype(dtype, LOADABLE)
     check_reference_mode(want, program.platform_of(mesh), quantize)  # before anything is read
@@ -477,7 +565,8 @@ def load(path: Optional[str] = None, dtype: str = "float32", tokenizer: Optional
                          quant=quant)
     rope = stored_inv_freq(path, config) if is_reference(want) else None
     return Model(config, params, tok, dtype, mesh=mesh, layout=execution.layout, quantize=quantize,
-                 quantize_vision=quantize_vision, prefill_dtype=prefill_dtype, rope_inv_freq=rope)
+                 quantize_vision=quantize_vision, prefill_dtype=prefill_dtype, rope_inv_freq=rope,
+                 prefix_cache_bytes=prefix_cache_bytes)
 
 
 def _stored_quantize(path, stored, quantize, quantize_vision):

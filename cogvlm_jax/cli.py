@@ -22,6 +22,7 @@ import threading
 from cogvlm_jax import files
 from cogvlm_jax.api import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from cogvlm_jax.dtypes import DTYPES
+from cogvlm_jax.generation import prefix_cache
 from cogvlm_jax.models.execution import LAYOUTS
 from cogvlm_jax.parallel import compile_cache, multihost
 from cogvlm_jax.parallel.heartbeat import DEFAULT_TIMEOUT_S as PEER_TIMEOUT_S
@@ -275,7 +276,8 @@ def cmd_chat(args) -> int:
 
     mesh = multihost.init_from_args(args)
     out = _out()
-    image = _image(args.image)
+    images = [_image(path) for path in args.image or ()]  # a bad image fails before the model loads
+    image = images[0] if len(images) == 1 else images or None
     model = _load(args, mesh)
     history: list[tuple[str, str]] = []
     out.write("cogvlm-jax chat: empty line or Ctrl-D to quit, '/image PATH' to change the picture, '/clear' to "
@@ -501,10 +503,11 @@ def load_engine_and_config(args, mesh=None) -> tuple:
     kw = dict(dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh, progress=multihost.is_main_process(),
               layout=getattr(args, "layout", None), revision=getattr(args, "revision", None),
               **_quantize_kw(args))
-    model = cogvlm_jax.load(args.model, **kw)
+    model = cogvlm_jax.load(args.model, prefix_cache_bytes=0, **kw)  # the engine keeps its own
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
     engine = Engine(model, slots=args.slots, max_length=args.max_length, chunk=args.decode_chunk,
-                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                    prefix_cache_bytes=args.prefix_cache_mib << 20)
     config = ServerConfig(model_name=name, api_key=args.api_key, image_root=args.image_root,
                           max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                           default_max_tokens=args.default_max_tokens,
@@ -577,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="multi-turn chat about an image")
     _add_model_args(c)
-    c.add_argument("--image")
+    c.add_argument("--image", action="append", help="image file; repeat it for several images, one span each in "
+                   "the order given (the conversation keeps them; '/image PATH' starts again with one)")
     c.set_defaults(func=cmd_chat)
 
     cv = sub.add_parser("convert", help="HF safetensors -> our Orbax format, or back with --to hf")
@@ -702,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-chunk", type=NON_NEGATIVE, default=0,
                     help="chunked prefill: the most text-prompt tokens prefilled inside each decode step (no "
                          "compile per prompt length); 0 (default): each prompt prefilled alone")
+    sv.add_argument("--prefix-cache-mib", type=NON_NEGATIVE, default=prefix_cache.DEFAULT_BYTES >> 20,
+                    help="device memory (MiB) for the keys and values of recent conversations and the features "
+                         "of their images: a follow-up turn prefills only its new tokens; 0: off (default: "
+                         "%(default)s)")
     sv.add_argument("--default-max-tokens", type=POSITIVE,
                     help="the most tokens of an answer whose request sets no max_tokens (default: until eos or "
                          "the context is full)")

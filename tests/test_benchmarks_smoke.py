@@ -189,3 +189,21 @@ def test_ttft_parts_count_the_prefills_flops():
     assert 76e9 < prefill_flops(config, PROMPT_TOKENS) < 77e9 and prefill_flops(config, PROMPT_TOKENS, 2) == \
         2 * prefill_flops(config, PROMPT_TOKENS)
     assert parts["vision_expert"] > 10 * parts["language_expert"]
+
+
+def test_the_follow_up_benchmark_counts_only_the_new_tokens_flops():
+    """benchmarks/prefix_cache.py: the limit of a follow-up prefilled after a kept prefix counts the new
+    tokens' products and their attention over the whole context, far less than the whole prompt's."""
+    from benchmarks.prefill import prefill_flops
+    from benchmarks.prefix_cache import extension_flops
+    from benchmarks.ttft import ttft_config
+
+    config = ttft_config()
+    t = config.text
+    one = extension_flops(config, 1, 300)
+    # one token: the decode step's products plus its attention over 300 slots and the lm_head
+    d = t.hidden_size
+    assert one == t.num_layers * (2 * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size) + 4 * 300 * d) + \
+        2 * d * t.vocab_size
+    assert extension_flops(config, 77, 358) < 0.25 * prefill_flops(config, 358)
+    assert extension_flops(config, 80, 358) > extension_flops(config, 77, 358)

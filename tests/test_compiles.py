@@ -61,7 +61,8 @@ def shipped():
 
 
 def test_generate_says_its_prefill_and_decode_compiles(shipped, every_compile, capsys):
-    model = cogvlm_jax.Model(shipped.config, shipped.params, shipped.tokenizer)  # its own, uncompiled programs
+    # its own, uncompiled programs; no prefix cache (its programs: tests/test_prefix_cache.py)
+    model = cogvlm_jax.Model(shipped.config, shipped.params, shipped.tokenizer, prefix_cache_bytes=0)
     capsys.readouterr()
     image = "cogvlm_jax/default_model/example.png"
     assert model.chat(image, "What color is the circle?", max_new_tokens=4) == "red"
@@ -79,7 +80,7 @@ def test_generate_says_its_prefill_and_decode_compiles(shipped, every_compile, c
 def test_the_engine_says_its_start_and_each_new_bucket(shipped, every_compile, capsys):
     from cogvlm_jax.serving.engine import Engine
 
-    engine = Engine(shipped, slots=2, max_length=128)
+    engine = Engine(shipped, slots=2, max_length=128, prefix_cache_bytes=0)
     assert engine.warm_up_programs() == "the decode chunk for 1, 2 busy slots"
     capsys.readouterr()
     with engine:
@@ -99,11 +100,11 @@ def test_generate_and_the_engine_pad_a_long_prompt_to_the_next_multiple_of_64(sh
         query += " Where is it?"
     n = len(shipped.build_inputs(query)["input_ids"])
     assert 140 < n <= 180, n
-    model = cogvlm_jax.Model(shipped.config, shipped.params, shipped.tokenizer)  # its own, uncompiled programs
+    model = cogvlm_jax.Model(shipped.config, shipped.params, shipped.tokenizer, prefix_cache_bytes=0)
     capsys.readouterr()
     model.chat(None, query, max_new_tokens=2)
     assert _said(capsys)[0] == "prefill (1 x 192 tokens, cache 208)"
-    engine = Engine(shipped, slots=1, max_length=256)
+    engine = Engine(shipped, slots=1, max_length=256, prefix_cache_bytes=0)
     with engine:
         capsys.readouterr()
         engine.complete(shipped.build_inputs(query), 2)

@@ -70,10 +70,12 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def engine1(f32_models):
-    """A cogvlm1 engine whose every compile is counted, from construction on."""
+    """A cogvlm1 engine whose every compile is counted, from construction on (no prefix cache: a repeated
+    prompt would compile its programs, whose count tests/test_prefix_cache.py checks)."""
     _COMPILES["events"].clear()
     _COMPILES["on"] = True
-    eng = Engine(f32_models["cogvlm1"], slots=2, max_length=128, max_queue=4, prefill_chunk=8).start()
+    eng = Engine(f32_models["cogvlm1"], slots=2, max_length=128, max_queue=4, prefill_chunk=8,
+                 prefix_cache_bytes=0).start()
     _COMPILES["on"] = False
     yield eng
     eng.shutdown()

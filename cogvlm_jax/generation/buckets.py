@@ -2,7 +2,7 @@
 
 Each distinct shape under ``jit`` is one compile; rounding up to a ladder of sizes bounds their number:
 ``bucket_length`` for a prompt padded whole, ``answer_length`` for the room of an answer with no set
-maximum, ``decode_sizes`` for the serving engine's decode rows, ``prefill_sizes`` for its chunked-prefill
+maximum, ``extension_length`` for the new tokens of a prompt whose prefix is kept, ``decode_sizes`` for the serving engine's decode rows, ``prefill_sizes`` for its chunked-prefill
 chunks.
 """
 
@@ -58,6 +58,22 @@ def bucket_length(n: int, limit: Optional[int] = None, fixed: int = 0) -> int:
     if fixed + round_up(rest, MIN_BUCKET) <= limit:
         return fixed + round_up(rest, MIN_BUCKET)
     return n
+
+
+EXTENSION_FINE_UP_TO = 256  # the tokens after a kept prefix step by MIN_BUCKET up to this many
+
+
+def extension_length(n: int, limit: Optional[int] = None) -> int:
+    """The length the ``n`` new tokens of a prompt whose prefix is kept (``generation/prefix_cache.py``)
+    are right-padded to: a multiple of 16 up to 256 tokens, ``bucket_length``'s ladder past it. A
+    follow-up question and its answer are mostly tens of tokens, and all of them are computed, so they
+    are padded by less than 16 (a prompt padded whole, ViT and all, pays for a coarser ladder less
+    than for its compiles); 16 compiles cover every extension up to 256 tokens. ``limit``: as in
+    ``bucket_length``."""
+    if n <= EXTENSION_FINE_UP_TO:
+        b = round_up(max(n, 1), MIN_BUCKET)
+        return b if limit is None or b <= limit else n
+    return bucket_length(n, limit)
 
 
 def answer_length(n: int, context: int, fixed: int = 0) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.models import kv_cache, positions
 from cogvlm_jax.models.cogvlm import CogVLM, text_params
-from cogvlm_jax.parallel import rows
+from cogvlm_jax.parallel import program, rows
 from cogvlm_jax.parallel.sharding import cache_shardings
 
 
@@ -86,6 +86,7 @@ class DecodeState:
     cache: kv_cache.KVCache
     sampling: SamplingParams
     chosen_logits: Any = None  # [B, N, V] when collected (tests), else None
+    image_features: Any = None  # [B, I, D] the prefill's ViT features when asked for (a prefix cache keeps them)
 
 
 TOP_CANDIDATES = 256  # tokens lax.top_k pre-selects per row before top-k / top-p filtering
@@ -156,11 +157,12 @@ def choose(logits, sp: SamplingParams, step, do_sample: bool):
 
 
 def prefill(model: CogVLM, params, input_ids, token_type_ids, attention_mask, pixel_values, cache,
-            every_row_has_image: bool = False):
+            every_row_has_image: bool = False, image_features=None):
     """Run the prompt, write it into ``cache``; -> (last logits [B, V], next positions [B], cache).
-    ``every_row_has_image``: see ``CogVLM.__call__``."""
+    ``every_row_has_image``, ``image_features`` (in place of ``pixel_values``): see ``CogVLM.__call__``."""
     logits, cache, _ = model.apply({"params": params}, input_ids, token_type_ids, attention_mask, pixel_values,
-                                   cache=cache, last_only=True, every_row_has_image=every_row_has_image)
+                                   cache=cache, last_only=True, every_row_has_image=every_row_has_image,
+                                   image_features=image_features)
     next_pos = jnp.max(positions.position_ids(token_type_ids, attention_mask, model.config.position_span), axis=1) + 1
     return logits, next_pos, cache
 
@@ -208,9 +210,34 @@ def start_state(logits, next_pos, cache, sampling: SamplingParams, max_new_token
 
 
 def _describe_start(params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *, max_new_tokens,
-                    cache_length, collect_logits, every_row_has_image=False):
+                    cache_length, collect_logits, every_row_has_image=False, image_features=None,
+                    keep_features=False):
     b, n = input_ids.shape
-    return f"prefill ({b} x {n} tokens{', images' if pixel_values is not None else ''}, cache {cache_length})"
+    images = ", images" if pixel_values is not None else ", image features" if image_features is not None else ""
+    return f"prefill ({b} x {n} tokens{images}, cache {cache_length})"
+
+
+def _describe_resume(params, k, v, prefix, ids, *a, max_new_tokens, cache_length, collect_logits):
+    return (f"prefill after a cached prefix ({ids.shape[0]} x {ids.shape[1]} new tokens, {k.shape[3]} kept slots, "
+            f"cache {cache_length})")
+
+
+def take_prefix(cache: kv_cache.KVCache, start, length: int):
+    """The keys and values of row 0's slots ``start`` .. ``start + length`` [1, N, K, length, E] each (the
+    slots rolled, so a ``length`` past the cache's end wraps round to slots that are never read)."""
+    k, v = (jnp.roll(x[:1], -start, axis=3)[:, :, :, :length] for x in (cache.k, cache.v))
+    return k, v
+
+
+def resumed_cache(k, v, prefix_length, cache_length: int) -> kv_cache.KVCache:
+    """A one-row cache of ``cache_length`` slots holding kept keys and values ``k``, ``v`` [1, N, K, P, E]
+    (``take_prefix``), of which the first ``prefix_length`` (traced) are valid; the next write goes after them."""
+    _, n, kh, p, e = k.shape
+    full = kv_cache.init_cache(n, 1, cache_length, kh, e, k.dtype)
+    k, v = (jax.lax.dynamic_update_slice_in_dim(buf, x[..., :min(p, cache_length), :], 0, axis=3)
+            for buf, x in ((full.k, k), (full.v, v)))
+    valid = (jnp.arange(cache_length) < prefix_length)[None]
+    return full.replace(k=k, v=v, valid=valid, index=jnp.full((1,), prefix_length, jnp.int32))
 
 
 def _describe_decode(params, state, stop_at, *, do_sample):
@@ -234,23 +261,49 @@ class Generator:
         @functools.partial(rows.ByRows, rows=lambda params, input_ids, *a, **k: input_ids.size, mesh=mesh,
                            module=model if prefill_model is None else prefill_model,
                            static_argnames=("max_new_tokens", "cache_length", "collect_logits",
-                                            "every_row_has_image"),
+                                            "every_row_has_image", "keep_features"),
                            describe=_describe_start)
         def _start(model, params, input_ids, token_type_ids, attention_mask, pixel_values, sampling, *,
-                   max_new_tokens, cache_length, collect_logits, every_row_has_image=False):
+                   max_new_tokens, cache_length, collect_logits, every_row_has_image=False, image_features=None,
+                   keep_features=False):
+            """The prefilled ``DecodeState``. ``image_features``: the ViT's, in place of ``pixel_values``;
+            ``keep_features``: the state holds the features the prefill computed (``DecodeState``)."""
             t = model.config.text
             cache = kv_cache.init_cache(t.num_layers, input_ids.shape[0], cache_length, t.num_kv_heads,
                                         t.head_dim, model.dtype)
             if mesh is not None:  # batch over data, kv heads over tensor
                 cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+            images = pixel_values is not None or image_features is not None
+            if keep_features and pixel_values is not None:  # the ops the prefill runs on the pixels, as an output
+                image_features = model.apply({"params": params}, pixel_values, method=CogVLM.encode_images)
+                pixel_values = None
             logits, next_pos, cache = prefill(model, params, input_ids, token_type_ids, attention_mask,
-                                              pixel_values, cache, every_row_has_image and pixel_values is not None)
+                                              pixel_values, cache, every_row_has_image and images, image_features)
+            state = start_state(logits, next_pos, cache, sampling, max_new_tokens, self.pad_id, collect_logits)
+            return state.replace(image_features=image_features) if keep_features else state
+
+        # one row whose prompt begins with kept keys and values (``prefix_cache.py``): only the rest prefilled
+        @functools.partial(rows.ByRows, rows=lambda params, k, v, prefix, ids, *a, **kw: ids.size, mesh=mesh,
+                           module=model if prefill_model is None else prefill_model,
+                           static_argnames=("max_new_tokens", "cache_length", "collect_logits"),
+                           describe=_describe_resume)
+        def _resume(model, params, k, v, prefix_length, input_ids, token_positions, lengths, sampling, *,
+                    max_new_tokens, cache_length, collect_logits):
+            cache = resumed_cache(k, v, prefix_length, cache_length)
+            if mesh is not None:
+                cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+            logits, cache = model.apply({"params": text_params(params)}, input_ids, token_positions, lengths, cache,
+                                        method=CogVLM.extend)
+            next_pos = jnp.take_along_axis(token_positions, lengths[:, None] - 1, axis=1)[:, 0] + 1
             return start_state(logits, next_pos, cache, sampling, max_new_tokens, self.pad_id, collect_logits)
 
         def _decode(model, params, state, stop_at, *, do_sample):
             return decode_loop(model, params, state, stop_at, self.eos_ids, self.pad_id, do_sample)
 
         self.start = _start
+        self.resume = _resume
+        self.take = program.jit(take_prefix, mesh, static_argnames=("length",),
+                                describe=lambda cache, start, length: f"keep a prefix ({length} slots)")
         self.decode = rows.ByRows(_decode, lambda params, state, *a, **k: state.tokens.shape[0], mesh, module=model,
                                   static_argnames=("do_sample",), donate_argnames=("state",),
                                   describe=_describe_decode)

@@ -90,12 +90,16 @@ class CogVLM(nn.Module):
         return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
     def __call__(self, input_ids, token_type_ids, attention_mask, pixel_values=None, cache=None,
-                 last_only: bool = False, return_hidden: bool = False, every_row_has_image: bool = False):
+                 last_only: bool = False, return_hidden: bool = False, every_row_has_image: bool = False,
+                 image_features=None):
         """Prefill / full forward. Returns (logits, cache, hidden_states).
 
         ``every_row_has_image`` (static): the caller checked that every row holds one whole image, so each
         decoder layer runs each expert on its own tokens without the mixed-batch branch (a smaller program,
         compiled faster; the same numbers).
+
+        ``image_features`` [B, N * I, D]: what ``encode_images`` gave for the rows' pixels, in place of
+        ``pixel_values`` (a prefix cache kept them: the ViT is not run again).
 
         logits: float32 [B, L, V], or [B, V] at the last position with ``last_only`` (left-padded
         prompts end there). cache: the KV cache with the prompt written at slots [0, L), or None.
@@ -104,11 +108,13 @@ class CogVLM(nn.Module):
         x = self.embed(input_ids)
         route = None  # None: every token takes the language expert
         n_img = self.config.num_image_tokens
-        if pixel_values is not None:
-            x = splice(x, token_type_ids, self.encode_images(pixel_values))
-        if pixel_values is not None and self.config.text.vision_expert:
+        if pixel_values is not None and image_features is None:
+            image_features = self.encode_images(pixel_values)
+        if image_features is not None:
+            x = splice(x, token_type_ids, image_features)
+        if image_features is not None and self.config.text.vision_expert:
             # several images per row are several spans: the mask routes them, never the one-run split
-            one_image = pixel_values.ndim == 4 or pixel_values.shape[1] == 1
+            one_image = image_features.shape[1] == n_img
             route = positions.expert_route(token_type_ids, n_img - 1, every_row_has_image and one_image)
         pos = positions.position_ids(token_type_ids, attention_mask, self.config.position_span)
         mask = positions.causal_mask(attention_mask)
@@ -158,6 +164,21 @@ class CogVLM(nn.Module):
         with jax.named_scope(SCAN_SCOPE):
             (x, kv), ys = scan(self.layers, (x, kv), jnp.arange(n, dtype=jnp.int32))
         return x, kv, ((x_in,) + tuple(ys[i] for i in range(n))) if hidden else None
+
+    def extend(self, tokens, token_positions, lengths, cache):
+        """Text tokens appended to each row's cache (a prompt whose prefix the cache already holds):
+        tokens, token_positions [B, L], of which the first ``lengths[b]`` [B] of row b are real (right
+        padding after them), written from ``cache.index`` and attending to the row's valid slots and,
+        causally, to each other -> (logits [B, V] float32 at each row's last real token, cache with
+        ``index`` moved on by ``lengths``: the next write goes over the padding). Language expert only,
+        as a decode step (of which this is the case of L tokens at once).
+        """
+        new_valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        mask = kv_cache.extend_mask(cache, new_valid)
+        x, (k, v), _ = self.run_layers(self.embed(tokens), None, token_positions, mask, cache, attend_cache=True)
+        cache = kv_cache.advance(cache.replace(k=k, v=v), new_valid, lengths)
+        last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+        return self.lm_head(self.norm(last)), cache
 
     def decode_step(self, tokens, token_positions, cache):
         """One text token per row: tokens [B], token_positions [B] -> (logits [B, V] float32, cache).

@@ -72,10 +72,11 @@ def write_chunk(buf, new, row, start, layer):
     return buf.at[row, layer, :, start + jnp.arange(new.shape[0])].set(new.astype(buf.dtype), mode="drop")
 
 
-def advance(cache: KVCache, new_valid) -> KVCache:
-    """After every layer wrote ``n`` slots at ``index``: mark them (``new_valid`` [B, n]) and move on."""
-    return cache.replace(valid=_write_rows(cache.valid, new_valid, cache.index, axis=0),
-                         index=cache.index + new_valid.shape[1])
+def advance(cache: KVCache, new_valid, lengths=None) -> KVCache:
+    """After every layer wrote ``n`` slots at ``index``: mark them (``new_valid`` [B, n]) and move on, by
+    ``n``, or by ``lengths`` [B] (right-padded new tokens: the next write goes over the padding)."""
+    step = new_valid.shape[1] if lengths is None else lengths.astype(cache.index.dtype)
+    return cache.replace(valid=_write_rows(cache.valid, new_valid, cache.index, axis=0), index=cache.index + step)
 
 
 def drop_left_padding(cache: KVCache, pads) -> KVCache:
@@ -86,6 +87,16 @@ def drop_left_padding(cache: KVCache, pads) -> KVCache:
     roll = jax.vmap(lambda x, n: jnp.roll(x, -n, axis=2))  # [N, K, T, E] per row: slots are axis 2
     return cache.replace(k=roll(cache.k, pads), v=roll(cache.v, pads),
                          valid=jax.vmap(lambda x, n: jnp.roll(x, -n))(cache.valid, pads), index=cache.index - pads)
+
+
+def extend_mask(cache: KVCache, new_valid):
+    """[B, n, T] mask for ``n`` queries written at ``index`` (``new_valid`` [B, n]: the real ones): query i
+    reads the valid slots before ``index`` and the real new slots up to its own (causal). Padding queries
+    read the same and are discarded by the caller."""
+    rel = jnp.arange(cache.length)[None, None, :] - cache.index[:, None, None]  # [B, 1, T]: slot - index
+    i = jnp.arange(new_valid.shape[1])[None, :, None]
+    new = jnp.take_along_axis(new_valid, jnp.clip(rel[:, 0], 0, new_valid.shape[1] - 1), axis=1)[:, None, :]
+    return (cache.valid[:, None, :] & (rel < 0)) | ((rel >= 0) & (rel <= i) & new)
 
 
 def read_mask(cache: KVCache, new_valid):

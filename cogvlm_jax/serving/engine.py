@@ -20,6 +20,13 @@ costs one row, not S. A slot is freed the moment its request stops: eos, ``max_t
 ``cancel()`` (the client went away). Idle slots below the last busy one keep computing (static shapes);
 their tokens are dropped.
 
+With a prefix cache (``prefix_cache_bytes``, ``generation/prefix_cache.py``) a request that leaves its
+slot after its answer has its row's keys and values kept (``keep``), and a new request whose prompt
+begins with a kept prompt and answer (the next turn of the conversation) is prefilled alone from them,
+only its new tokens run (``resume``); a prompt with images whose ViT features are kept skips the ViT.
+Its events say how many prompt tokens came from the cache (``Event.cached_tokens``). On several
+processes every process holds the kept values, under the ids process 0 gives them.
+
 Compiles: one per decode size, one per prefill shape (prompt bucket, with or without an image), and with
 chunked prefill one per chunk length in ``prefill_sizes`` (text prompts then add none), whatever the traffic.
 
@@ -43,10 +50,12 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
-from cogvlm_jax.generation.buckets import MIN_BUCKET, bucket_length, decode_sizes, prefill_sizes
+from cogvlm_jax.generation.buckets import MIN_BUCKET, bucket_length, decode_sizes, extension_length, prefill_sizes
+from cogvlm_jax.generation import prefix_cache as prefix_lib
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.generation.sampling import check_sampling
 from cogvlm_jax.inputs.preprocess import pad_batch
+from cogvlm_jax.models.positions import position_ids
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.sharding import replicated
 from cogvlm_jax.serving import follower
@@ -61,6 +70,10 @@ from cogvlm_jax.serving.requests import (
     TextOutput,
 )
 
+def _nbytes(value) -> int:
+    return 0 if value is None else int(value.nbytes)
+
+
 DEFAULT_CHUNK = 4  # decode steps per device call between two host reads
 HEARTBEAT_S = 60.0  # several processes: an idle process 0 tells the others it is alive this often
 
@@ -72,6 +85,9 @@ class _Live:
     text: TextOutput
     generated: int = 0
     prompt: Optional[np.ndarray] = None  # a text prompt's ids while it is prefilled in chunks
+    tokens: list = dataclasses.field(default_factory=list)  # the ids generated so far
+    images: tuple = ()  # the digests of the prompt's images (``prefix_cache.image_digests``)
+    cached: int = 0  # prompt tokens taken from the prefix cache
     prefilled: int = 0  # of which written to the cache so far
     order: int = 0  # admission order: chunked prompts are prefilled first come, first served
 
@@ -91,10 +107,12 @@ class Engine:
     requests that may wait for a slot beyond the free ones; ``submit`` raises ``QueueFullError`` past
     that. ``prefill_chunk``: the most text-prompt tokens prefilled per decode step (chunked prefill,
     ``chunked_prefill.py``); 0, the default: every prompt is prefilled on its own.
+    ``prefix_cache_bytes``: device memory for the keys and values of finished requests and the features of
+    their images (``self.prefix_cache``); 0: no prefix cache.
     """
 
     def __init__(self, model, slots: int = 8, max_length: Optional[int] = None, chunk: int = DEFAULT_CHUNK,
-                 max_queue: int = 64, prefill_chunk: int = 0):
+                 max_queue: int = 64, prefill_chunk: int = 0, prefix_cache_bytes: int = prefix_lib.DEFAULT_BYTES):
         if model.tokenizer is None:
             raise InputError("serving needs a tokenizer: load the model with tokenizer=PATH")
         if slots < 1 or chunk < 1 or max_queue < 0 or prefill_chunk < 0:
@@ -122,10 +140,20 @@ class Engine:
         self._ops: dict[str, Callable] = {  # each device program, by the name sent to the other processes
             "noop": lambda: None,
             "empty": self._empty,
-            "insert": lambda *inputs: self._call(self._programs.insert, inputs),
+            "insert": self._insert_op,
+            "resume": lambda kept, *inputs: self._call(self._programs.resume, inputs, before=self._kept[int(kept)]),
             "decode": lambda live, active: self._call(self._programs.decode, (live,), active=int(active)),
             "mix": lambda *inputs: self._call(self._programs.mix, inputs),
+            "keep": self._keep_op,
+            "drop": lambda kept: self._kept.pop(int(kept), None),
         }
+        # the prefix cache: its index on process 0 (values: ids), the kept device values on every process
+        self._kept: dict[int, object] = {}
+        self._kept_ids = 0
+        self.prefix_cache = (prefix_lib.PrefixCache(prefix_cache_bytes, self.config.num_image_tokens,
+                                                    on_evict=lambda kept: self._device("drop", np.int64(kept)))
+                             if prefix_cache_bytes and multihost.is_main_process() else None)
+        self.resume_shapes: set[tuple[int, int]] = set()  # (kept slots, new tokens' bucket): one compile each
         self._live: list[Optional[_Live]] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -193,7 +221,8 @@ class Engine:
             self._drop_cancelled()
             return {"slots": self.slots, "busy": sum(s is not None for s in self._live),
                     "waiting": len(self._waiting), "completed": self.completed, "cancelled": self.cancelled,
-                    "max_length": self.max_length, "failure": self.failure}
+                    "max_length": self.max_length, "failure": self.failure,
+                    "prefix_cache": None if self.prefix_cache is None else self.prefix_cache.stats()}
 
     def failure_message(self) -> str:
         return f"the engine failed and serves no more requests (restart the server): {self.failure}"
@@ -295,14 +324,43 @@ class Engine:
     def _empty(self) -> None:
         self._state = self._programs.empty()
 
-    def _call(self, program: Callable, inputs: tuple, **static):
-        """``program(params, state, *inputs, **static)`` -> its outputs; the state moves on. ``static``: the
-        decode's row count, a compile-time constant."""
-        if self.mesh is not None:  # every process supplies the same host inputs, replicated
-            inputs = tuple(None if a is None else multihost.to_global(np.asarray(a), replicated(self.mesh))
-                           for a in inputs)
-        self._state, out = program(self.model.params, self._state, *inputs, **static)
+    def _host(self, inputs: tuple) -> tuple:
+        """Host inputs as program inputs: on a mesh every process supplies the same ones, replicated."""
+        if self.mesh is None:
+            return inputs
+        return tuple(None if a is None else multihost.to_global(np.asarray(a), replicated(self.mesh)) for a in inputs)
+
+    def _call(self, program: Callable, inputs: tuple, before: tuple = (), **static):
+        """``program(params, state, *before, *inputs, **static)`` -> its outputs; the state moves on.
+        ``before``: device values (kept by the prefix cache); ``static``: the decode's row count, a
+        compile-time constant, or the features an insert takes."""
+        self._state, out = program(self.model.params, self._state, *before, *self._host(inputs), **static)
         return out
+
+    def _insert_op(self, *inputs):
+        """``insert``; its last two inputs: the ids of the kept features of the prompt's images, used in
+        place of its pixels (then None), and the ids to keep the features of each of its images under
+        (each None where not wanted)."""
+        *inputs, use, keep = inputs
+        kw = {}
+        if use is not None:
+            feats = [self._kept[int(i)] for i in use]
+            kw["image_features"] = feats[0] if len(feats) == 1 else jax.numpy.concatenate(feats, axis=1)
+        if keep is None:
+            return self._call(self._programs.insert, tuple(inputs), **kw)
+        first, feats = self._call(self._programs.insert, tuple(inputs), keep_features=True)
+        n_img = self.config.num_image_tokens
+        for i, k in enumerate(keep):
+            self._kept[int(k)] = feats[:, i * n_img:(i + 1) * n_img]
+        return first
+
+    def _keep_op(self, slot, kept, length) -> None:
+        """Keep the first ``length`` slots of row ``slot``'s keys and values under the id ``kept``."""
+        self._kept[int(kept)] = self._programs.keep(self._state, *self._host((slot,)), length=int(length))
+
+    def _new_id(self) -> int:
+        self._kept_ids += 1
+        return self._kept_ids
 
     # ------------------------------------------------------------------ the serving thread
     def _run(self) -> None:
@@ -432,26 +490,70 @@ class Engine:
         self._fail_all(message)
 
     def _insert(self, slot: int, req: Request) -> None:
+        if self.prefix_cache is not None:
+            resumed = self._alone(slot, req, self._resume_args, slot, req)
+            if resumed is None:  # it failed alone
+                return
+            if resumed:
+                first = self._device("resume", *resumed)
+                self._alone(slot, req, self._take, slot, [int(first)])
+                return
         args = self._alone(slot, req, self._insert_args, slot, req)
         if args is None:
             return
         pv = args[3]
         self.prefill_shapes.add((args[0].shape[1], 0 if pv is None else 1 if pv.ndim == 4 else pv.shape[1]))
+        new_features = ()
+        if pv is not None and self.prefix_cache is not None:  # the features kept, or computed and then kept
+            ids = [self.prefix_cache.features(d) for d in self._live[slot].images]
+            if all(i is not None for i in ids):
+                args = args[:3] + (None,) + args[4:-2] + (np.array(ids, np.int64), None)
+            else:
+                ids = [self._new_id() for _ in ids]
+                new_features = tuple(zip(self._live[slot].images, ids))
+                args = args[:-1] + (np.array(ids, np.int64),)
         first = self._device("insert", *args)
+        for digest, kept in new_features:  # after the insert that reads them: keeping one may evict another
+            self.prefix_cache.put_features(digest, kept, _nbytes(self._kept.get(kept)))
         self._alone(slot, req, self._take, slot, [int(first)])
+
+    def _resume_args(self, slot: int, req: Request) -> tuple:
+        """The ``resume`` program's host inputs (the kept entry's id first) if the prefix cache holds the
+        start of ``req``'s prompt, else (); either way the prompt's image digests are noted."""
+        live, x = self._live[slot], req.inputs
+        live.images = prefix_lib.image_digests(x["pixel_values"])
+        ids, tt = np.asarray(x["input_ids"], np.int32), np.asarray(x["token_type_ids"], np.int32)
+        entry, m = self.prefix_cache.match(ids, tt, live.images)
+        if entry is None:
+            return ()
+        n = len(ids)
+        am = np.asarray(x["attention_mask"], np.int32)
+        pos = np.asarray(position_ids(tt[None], am[None], self.config.position_span))[0]
+        rest = extension_length(n - m, self.max_length - m)
+        new = np.full((1, rest), self.config.pad_token_id, np.int32)
+        new_pos = np.zeros((1, rest), np.int32)
+        new[0, :n - m], new_pos[0, :n - m] = ids[m:], pos[m:]
+        live.cached = m
+        self.resume_shapes.add((int(self._kept[entry.value][0].shape[3]), rest))
+        return (np.int64(entry.value), np.int32(m), new, new_pos, np.int32(n - m), np.int32(slot),
+                np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
 
     def _insert_args(self, slot: int, req: Request) -> tuple:
         """The ``insert`` program's host inputs for ``req`` in ``slot``: its prompt padded to its bucket."""
         image = req.inputs["pixel_values"] is not None
         x = pad_batch([req.inputs], self.config.pad_token_id, self.bucket(req.prompt_tokens, image))  # [1, L]
         return (x["input_ids"], x["token_type_ids"], x["attention_mask"], x["pixel_values"], np.int32(slot),
-                np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
+                np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32),
+                None, None)
 
     def _chunked_prompt(self, req: Request) -> Optional[np.ndarray]:
         """A text prompt's ids if it is to be prefilled in chunks, else None (prefilled alone: ``insert``)."""
         x = req.inputs
         if not self.prefill_chunk or x.get("pixel_values") is not None or np.any(np.asarray(x["token_type_ids"])):
             return None
+        if self.prefix_cache is not None and self.prefix_cache.match(x["input_ids"], x["token_type_ids"],
+                                                                     count=False)[1]:
+            return None  # a kept prefix: only the rest is prefilled, alone (``resume``)
         return np.asarray(x["input_ids"], np.int32)
 
     def _mix_args(self, slot: int, prompt: np.ndarray, start: int, req: Optional[Request]) -> tuple[tuple, int, bool]:
@@ -506,6 +608,7 @@ class Engine:
         text, finish, hit = [], None, False
         for tok in tokens:
             live.generated += 1
+            live.tokens.append(tok)
             if tok in self.eos:
                 finish = "stop"
                 break
@@ -522,9 +625,30 @@ class Engine:
                 tail, hit = live.text.flush()
                 text.append(tail)
                 finish = "stop" if hit else finish
+            self._keep(slot, live)
             self._free(slot)
         if not req.cancelled:
-            req.on_event(Event("".join(text), finish, live.generated))
+            req.on_event(Event("".join(text), finish, live.generated, cached_tokens=live.cached))
+
+    def _keep(self, slot: int, live: _Live) -> None:
+        """Keep the keys and values of a finished request's row in the prefix cache: its prompt and every
+        generated token but the last (fed to the model only by a decode step after it)."""
+        if self.prefix_cache is None:
+            return
+        x = live.request.inputs
+        prompt = np.asarray(x["input_ids"], np.int32)
+        ids = np.concatenate([prompt, np.array(live.tokens[:-1], np.int32)])
+        types = np.concatenate([np.asarray(x["token_type_ids"], np.int32), np.zeros(len(ids) - len(prompt), np.int32)])
+        length = min(bucket_length(len(ids)), self.max_length)
+        k = self._programs.shapes.cache.k  # [S, N, K, T, E]
+        nbytes = 2 * k.dtype.itemsize * (k.size // (k.shape[0] * k.shape[3])) * length
+        if not self.prefix_cache.worth_keeping(nbytes):
+            return
+        if not live.images and x.get("pixel_values") is not None:
+            live.images = prefix_lib.image_digests(x["pixel_values"])
+        kept = self._new_id()
+        self._device("keep", np.int32(slot), np.int64(kept), np.int32(length))
+        self.prefix_cache.put(ids, types, live.images, kept, nbytes)
 
     def _free(self, slot: int, cancelled: bool = False) -> None:
         with self._cv:

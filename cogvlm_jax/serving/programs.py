@@ -10,6 +10,11 @@ state it is given:
   into a slot: one compile per prompt shape;
 * ``decode``: ``chunk`` decode steps of the first rows (a static row count, one of
   ``buckets.decode_sizes``): one compile per row count;
+* ``resume``: like ``insert``, for a prompt whose first tokens' keys and values a prefix cache kept
+  (``generation/prefix_cache.py``): the kept slots copied into a one-row cache, only the rest of the
+  prompt (text) prefilled (``CogVLM.extend``), then put into a slot: one compile per (kept slots, rest
+  bucket);
+* ``keep``: a copy of the first slots of one row (a request's prompt and answer), for the prefix cache;
 * ``mix`` (chunked prefill, ``chunked_prefill.py``): one decode step of every slot plus the next chunk of
   one text prompt, the products of both in one block; after the prompt's last chunk its slot starts
   decoding from its first token. One compile per chunk length (``buckets.prefill_sizes``).
@@ -38,8 +43,8 @@ import numpy as np
 
 from cogvlm_jax.generation import chunked_prefill, sampling
 from cogvlm_jax.models import kv_cache
-from cogvlm_jax.models.cogvlm import CogVLM
-from cogvlm_jax.parallel import multihost, rows
+from cogvlm_jax.models.cogvlm import CogVLM, text_params
+from cogvlm_jax.parallel import multihost, program, rows
 from cogvlm_jax.parallel.sharding import cache_shardings, replicated
 
 
@@ -141,8 +146,13 @@ class Programs:
                 cache=cache_shardings(self.shapes.cache, mesh))
             self._out = {"out_shardings": (self.shardings, rep)}
         self.insert = self._insert_program()
+        self.resume = self._resume_program()
         self.decode = self._decode_program()
         self.mix = self._mix_program()
+        self.keep = program.jit(lambda state, slot, length: sampling.take_prefix(
+            jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0), state.cache), 0,
+            length), mesh, static_argnames=("length",), describe=lambda state, slot, length: (
+                f"keep a request's keys and values ({length} slots)"))
 
     def new_cache(self, batch: int) -> kv_cache.KVCache:
         module, cache_length = self.module, self.cache_length
@@ -166,19 +176,26 @@ class Programs:
         module, mesh, out = self.module, self.mesh, self._out
 
         # a prompt of rows.MIN_ROWS to rows.MAX_ROWS tokens prefills as a few-row program (see rows.py)
-        @functools.partial(rows.ByRows, rows=lambda params, state, input_ids, *a: input_ids.size, mesh=mesh,
-                           module=module, donate_argnames=("state",), **out,
-                           describe=lambda params, state, input_ids, tt, am, pixel_values, *a: (
+        @functools.partial(rows.ByRows, rows=lambda params, state, input_ids, *a, **k: input_ids.size, mesh=mesh,
+                           module=module, donate_argnames=("state",), static_argnames=("keep_features",), **out,
+                           describe=lambda params, state, input_ids, tt, am, pixel_values, *a, image_features=None,
+                           keep_features=False: (
                                f"insert (a prompt of bucket {input_ids.shape[1]}"
-                               f"{', an image' if pixel_values is not None else ''})"))
+                               f"{', an image' if pixel_values is not None else ''}"
+                               f"{', image features' if image_features is not None else ''})"))
         def insert(module, params, state: Slots, input_ids, token_type_ids, attention_mask, pixel_values, slot,
-                   temperature, top_k, top_p, seed):
+                   temperature, top_k, top_p, seed, image_features=None, keep_features=False):
             """Prefill one prompt [1, L] into a fresh one-row cache, choose its first token, put it in ``slot``
-            -> (state, the first token)."""
+            -> (state, the first token), or with ``keep_features`` (state, (the first token, the ViT features
+            [1, N * I, D] of its pixels)). ``image_features``: the ViT's, in place of ``pixel_values``."""
             # one row: with pixels it holds its image (the engine built it), so no mixed-batch branch
+            images = pixel_values is not None or image_features is not None
+            if keep_features:  # the ops the prefill runs on the pixels, as an output
+                image_features = module.apply({"params": params}, pixel_values, method=CogVLM.encode_images)
+                pixel_values = None
             logits, next_pos, cache = sampling.prefill(module, params, input_ids, token_type_ids, attention_mask,
-                                                       pixel_values, self.new_cache(1),
-                                                       every_row_has_image=pixel_values is not None)
+                                                       pixel_values, self.new_cache(1), every_row_has_image=images,
+                                                       image_features=image_features)
             # the bucket's padding gives its slots back: the answer has the whole rest of the slot
             pads = input_ids.shape[1] - jnp.sum(attention_mask, axis=1).astype(jnp.int32)
             cache = kv_cache.drop_left_padding(cache, pads)
@@ -186,9 +203,32 @@ class Programs:
             state = state.replace(cache=jax.tree_util.tree_map(put, state.cache, cache))
             state, first = _start_row(state, put, logits, next_pos.astype(jnp.int32), temperature, top_k, top_p,
                                       seed)
-            return state, first[0]
+            return state, ((first[0], image_features) if keep_features else first[0])
 
         return insert
+
+    def _resume_program(self):
+        module, mesh, out, cache_length = self.module, self.mesh, self._out, self.cache_length
+
+        @functools.partial(rows.ByRows, rows=lambda params, state, k, v, prefix, ids, *a: ids.size, mesh=mesh,
+                           module=module, donate_argnames=("state",), **out,
+                           describe=lambda params, state, k, v, prefix, ids, *a: (
+                               f"insert after a kept prefix ({k.shape[3]} kept slots, {ids.shape[1]} new tokens)"))
+        def resume(module, params, state: Slots, k, v, prefix_length, input_ids, token_positions, length, slot,
+                   temperature, top_k, top_p, seed):
+            """The kept keys and values ``k``, ``v`` [1, N, K, P, E] (their first ``prefix_length`` slots) and
+            then the prompt's text ``input_ids`` [1, L] (the first ``length`` real) into a one-row cache,
+            put in ``slot`` with its first token chosen -> (state, the first token)."""
+            cache = sampling.resumed_cache(k, v, prefix_length, cache_length)
+            logits, cache = module.apply({"params": text_params(params)}, input_ids, token_positions,
+                                         length[None], cache, method=CogVLM.extend)
+            put = lambda full, row: _put_row(full, row, slot)  # noqa: E731
+            state = state.replace(cache=jax.tree_util.tree_map(put, state.cache, cache))
+            next_pos = jax.lax.dynamic_index_in_dim(token_positions[0], length - 1, keepdims=True) + 1
+            state, first = _start_row(state, put, logits, next_pos, temperature, top_k, top_p, seed)
+            return state, first[0]
+
+        return resume
 
     def _decode_program(self):
         module, mesh, slots, chunk, out = self.module, self.mesh, self.slots, self.chunk, self._out

@@ -271,17 +271,19 @@ def completion_chunk(rid, created, model, delta, finish=None, include_usage=Fals
     return out
 
 
-def usage(prompt_tokens, completion_tokens) -> dict:
+def usage(prompt_tokens, completion_tokens, cached_tokens=0) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens the prefix cache held (not prefilled)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion(rid, created, model, text, finish, prompt_tokens, completion_tokens) -> dict:
+def completion(rid, created, model, text, finish, prompt_tokens, completion_tokens, cached_tokens=0) -> dict:
     """A whole ``chat.completion``: one choice, the assistant's ``text``."""
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def model_card(name: str, context_length: int, max_length: int) -> dict:

@@ -36,6 +36,7 @@ class Event:
     finish_reason: Optional[str] = None
     completion_tokens: int = 0  # tokens generated so far, the eos included
     error: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclasses.dataclass(eq=False)

@@ -319,7 +319,7 @@ class _Routes:
                 if ev.finish_reason is not None:
                     yield chunk({}, ev.finish_reason)
                     if c.chat.include_usage:
-                        yield chunk(None, totals=usage(c.prompt_tokens, ev.completion_tokens))
+                        yield chunk(None, totals=usage(c.prompt_tokens, ev.completion_tokens, ev.cached_tokens))
                     break
             yield SSE_DONE
         finally:
@@ -345,7 +345,7 @@ class _Routes:
             c.job.cancel()
             self.live.discard(c)
         return completion(c.id, c.created, self.config.model_name, "".join(parts), ev.finish_reason, c.prompt_tokens,
-                          ev.completion_tokens)
+                          ev.completion_tokens, ev.cached_tokens)
 
 
 def check_json_content_type(request: HTTPRequest) -> None:
