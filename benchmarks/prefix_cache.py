@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import time
 
-
 from benchmarks.common import record
 from benchmarks.decode import make_params
 from benchmarks.prefill import matmul_peak, prefill_flops
