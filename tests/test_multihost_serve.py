@@ -33,10 +33,13 @@ import pytest
 from conftest import cases, fixture_dir
 from processes import finish, free_port, python, start
 
+import cogvlm_jax
+
 DEADLINE_S = 240  # hard limit for each child, well above what the children need
 NAME = "tiny-two-processes"
 # fixture cases (chat template, greedy): two slots, and a third request that waits for one
 REQUESTS = ["chat_image", "chat_text_only", "chat_image"]
+FOLLOW_UP = "And what else is there?"
 
 
 def _case(name):
@@ -106,7 +109,7 @@ def _serve_commands(*extra: str) -> dict:
 def served(tmp_path_factory, f32_models):
     work = str(tmp_path_factory.mktemp("multihost_serve"))
     children = start(_serve_commands(), work)
-    answers, health, stop_seconds = None, None, None
+    answers, health, stop_seconds, follow_up = None, None, None, None
     want = [_reference_text(_case(name), f32_models["cogvlm1"]) for name in REQUESTS]
     try:
         url = _wait_for_url(os.path.join(work, "serve0.out"), children)
@@ -115,6 +118,10 @@ def served(tmp_path_factory, f32_models):
                 replies = list(pool.map(lambda b: _request(url + "/v1/chat/completions", b),
                                         [_body(_case(name)) for name in REQUESTS]))
             answers = [r["choices"][0]["message"]["content"] for r in replies]
+            # the next turn of the first conversation: prefilled after its kept keys and values, on both processes
+            body = _body(_case(REQUESTS[0]))
+            body["messages"] += [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": FOLLOW_UP}]
+            follow_up = _request(url + "/v1/chat/completions", body)
             health = _request(url + "/health")
             t = time.monotonic()
             children["procs"]["serve0"].send_signal(signal.SIGTERM)
@@ -122,7 +129,8 @@ def served(tmp_path_factory, f32_models):
             stop_seconds = time.monotonic() - t
     finally:
         results = finish(children, DEADLINE_S)
-    return {"results": results, "want": want, "answers": answers, "health": health, "stop_seconds": stop_seconds}
+    return {"results": results, "want": want, "answers": answers, "health": health, "stop_seconds": stop_seconds,
+            "follow_up": follow_up}
 
 
 def test_two_processes_serve_the_reference_answers(served):
@@ -130,7 +138,22 @@ def test_two_processes_serve_the_reference_answers(served):
     assert served["answers"] is not None, f"no server: {r['serve0']['stderr'][-3000:]}\n{r['serve1']['stderr'][-3000:]}"
     print(f"\nanswers: {served['answers']}")
     assert served["answers"] == served["want"]
-    assert served["health"]["completed"] == len(REQUESTS) and served["health"]["slots"] == 2
+    assert served["health"]["completed"] == len(REQUESTS) + 1 and served["health"]["slots"] == 2
+
+
+def test_two_processes_resume_a_conversation_from_the_prefix_cache(served, f32_models):
+    """The follow-up turn of the first conversation is prefilled after its kept prefix (every process
+    holds the kept keys and values) and answers what the whole prompt's prefill answers."""
+    reply = served["follow_up"]
+    assert reply is not None, "no server"
+    case = _case(REQUESTS[0])
+    image = os.path.join(fixture_dir("cogvlm1"), "images", case["image"])
+    plain = cogvlm_jax.Model(f32_models["cogvlm1"].config, f32_models["cogvlm1"].params,
+                             f32_models["cogvlm1"].tokenizer, prefix_cache_bytes=0)
+    want = plain.chat(image, FOLLOW_UP, [(case["query"], served["answers"][0])], max_new_tokens=case["max_new_tokens"])
+    assert reply["choices"][0]["message"]["content"] == want
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, reply["usage"]
+    assert served["health"]["prefix_cache"]["hits"] >= 1, served["health"]
 
 
 def test_follower_stops_with_process_0_and_only_process_0_serves(served):
