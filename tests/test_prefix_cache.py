@@ -293,3 +293,20 @@ def test_the_engine_keeps_and_resumes_on_a_megatron_mesh(f32_models):
             answers[name] = [a for a, _ in got]
             assert got[1][1].cached_tokens > 0
     assert answers["megatron"] == answers["one device"], answers
+
+
+def test_chat_keeps_and_resumes_on_a_mesh(f32_models):
+    """``Model.chat`` on a mesh that splits the batch and the kv heads: the kept keys and values and the
+    resumed row are sharded arrays; the answers are one device's."""
+    base = f32_models["cogvlm2"]
+    plain = _fresh(base, prefix_cache_bytes=0)
+    sharded = cogvlm_jax.Model(base.config, base.params, base.tokenizer, mesh=make_mesh(2, 1, 2,
+                               devices=jax.devices()[:4]))
+    history = []
+    for query in (Q1, Q2):
+        got = sharded.chat(IMG0, query, history, max_new_tokens=5)
+        assert got == plain.chat(IMG0, query, history, max_new_tokens=5)
+        history.append((query, got))
+    assert sharded.last_cached_tokens > 0
+    (entry,) = [e for key, (e, _) in sharded.prefix_cache._items.items() if key[0] == "kv"][-1:]
+    assert len(entry.value[0].sharding.device_set) == 4
