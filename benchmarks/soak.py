@@ -4,7 +4,8 @@ whether the server stayed whole.
     python -m benchmarks.soak                                  # 1000 requests over 600 s
     python -m benchmarks.soak --seconds 40 --requests 120 --out soak.json
 
-The server runs as its own process (``cogvlm-jax serve`` on 127.0.0.1, ``--slots 4 --max-queue 4``), so
+The server runs as its own process (``cogvlm-jax serve`` on 127.0.0.1, ``--slots 4 --max-queue 4
+--prefix-cache-mib 0``), so
 its resident memory (``VmRSS``) and open descriptors (``/proc/PID/fd``) are its own; they are sampled
 every ``sample_s`` seconds. The requests arrive on a schedule drawn beforehand (``requests`` of them spread over
 ``seconds``), a tenth of them in bursts of more than the slots plus the queue (so some get a 429), on
@@ -61,8 +62,11 @@ class Server:
     """``cogvlm-jax serve`` of the shipped default model in a child process; ``port``, ``pid``, ``stop()``."""
 
     def __init__(self, slots: int = SLOTS, max_queue: int = MAX_QUEUE, timeout: float = 300.0):
+        # without a prefix cache: the soak's questions repeat, and a cache filling to its bound and compiling
+        # its programs (about 140 MiB over the first 20 s of a 60 s run of the shipped model, then flat:
+        # 2 MiB in its second half) would be taken for growth after the warm-up
         cmd = [sys.executable, "-m", "cogvlm_jax.cli", "serve", "--port", "0", "--slots", str(slots),
-               "--max-queue", str(max_queue), "--drain-seconds", "5"]
+               "--max-queue", str(max_queue), "--drain-seconds", "5", "--prefix-cache-mib", "0"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, text=True)
         self.pid = self.proc.pid
