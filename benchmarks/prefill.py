@@ -45,6 +45,13 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5, native:
 
 
 # --------------------------------------------------------------------------- FLOPs
+def decoder_token_flops(config) -> int:
+    """Useful FLOPs of one token through one decoder layer's products (one expert): qkv, dense, the MLP."""
+    t = config.text
+    d = t.hidden_size
+    return 2 * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size)
+
+
 def prefill_parts(config, length: int) -> dict[str, float]:
     """Useful FLOPs of each part of a prefill of ``length`` tokens with one image: the ViT, the adapter,
     the decoder's projections by expert, its attention and the lm_head (the last position only)."""
@@ -59,7 +66,7 @@ def prefill_parts(config, length: int) -> dict[str, float]:
     adapter += 2 * m * (w * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
     # Decoder: one expert per token (qkv, dense, 3 mlp matmuls) + causal attention (half the square).
     d = t.hidden_size
-    per_token = 2 * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size)
+    per_token = decoder_token_flops(config)
     image = config.num_image_tokens - 1  # the vision expert's tokens: all image tokens but eoi
     return {"vit": vit, "adapter": adapter,
             "vision_expert": t.num_layers * image * per_token,

@@ -31,7 +31,7 @@ import time
 
 from benchmarks.common import record
 from benchmarks.decode import make_params
-from benchmarks.prefill import matmul_peak, prefill_flops
+from benchmarks.prefill import decoder_token_flops, matmul_peak, prefill_flops
 from benchmarks.ttft import ttft_config
 
 FIRST = "Describe the picture in detail."
@@ -45,10 +45,8 @@ def extension_flops(config, new: int, total: int) -> float:
     included): the language expert's products on the new tokens, their attention over the context
     (scores and values), the lm_head on the last."""
     t = config.text
-    d = t.hidden_size
-    per_token = 2 * (d * t.qkv_size + d * d + 3 * d * t.intermediate_size)
-    attention = 4 * new * total * d
-    return float(t.num_layers * (new * per_token + attention) + 2 * d * t.vocab_size)
+    attention = 4 * new * total * t.hidden_size
+    return float(t.num_layers * (new * decoder_token_flops(config) + attention) + 2 * t.hidden_size * t.vocab_size)
 
 
 def first_token_seconds(model, image, query, history) -> float:

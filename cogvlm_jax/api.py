@@ -18,7 +18,7 @@ from cogvlm_jax.convert.params import read_params, stored_inv_freq
 from cogvlm_jax.dtypes import LOADABLE, REFERENCE, model_dtype
 from cogvlm_jax.files import CheckpointError
 from cogvlm_jax.generation import prefix_cache as prefix_lib, sampling
-from cogvlm_jax.generation.buckets import answer_length, bucket_length, extension_length, round_up
+from cogvlm_jax.generation.buckets import answer_length, bucket_length, round_up
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.hub import resolve
 from cogvlm_jax.inputs.preprocess import MAX_IMAGE_PIXELS, build_inputs
@@ -26,7 +26,6 @@ from cogvlm_jax.inputs.tokenizer import StreamDecoder, find_tokenizer, load_toke
 from cogvlm_jax.models.cogvlm import CogVLM
 from cogvlm_jax.models import quantize as quant_lib
 from cogvlm_jax.models.layers import accumulation, widens_on_cpu
-from cogvlm_jax.models.positions import position_ids
 from cogvlm_jax.parallel import program
 from cogvlm_jax.parallel.layout import to_program
 from cogvlm_jax.parallel.multihost import to_global, to_host
@@ -362,16 +361,13 @@ class Model:
         if entry is None:
             return None
         n = ids.shape[1]
-        pos = np.asarray(position_ids(tt, am, self.config.position_span))[0]
-        rest = extension_length(n - m)
-        new = np.full((1, rest), self.config.pad_token_id, np.int32)
-        new_pos = np.zeros((1, rest), np.int32)
-        new[0, :n - m], new_pos[0, :n - m] = ids[0, m:], pos[m:]
+        new, new_pos = prefix_lib.new_tokens(ids[0], tt[0], am[0], m, self.config.pad_token_id,
+                                             self.config.position_span)
         k, v = entry.value
         kept["cached"] = m
         return self._generator.resume(self._prefill_params, k, v, self._scalar(np.int32(m)),
                                       *self._place(new, new_pos, np.array([n - m], np.int32)), sp,
-                                      max_new_tokens=buffer, cache_length=k.shape[3] + rest + round_up(buffer, 16),
+                                      max_new_tokens=buffer, cache_length=k.shape[3] + new.shape[1] + round_up(buffer, 16),
                                       collect_logits=collect_logits)
 
     def _keep(self, kept, state) -> None:

@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from cogvlm_jax.models.positions import VISION
+from cogvlm_jax.generation.buckets import extension_length
+from cogvlm_jax.models.positions import VISION, position_ids
 
 DEFAULT_BYTES = 1 << 30  # what ``Model.chat`` and the serving engine keep by default (device memory)
 MIN_REUSE = 16  # fewer shared tokens than this are not worth a program of their own: prefilled whole
@@ -81,6 +82,19 @@ def reusable_length(ids, types, images, entry: Entry, image_tokens: int) -> int:
     if vision[m:].any() or m < MIN_REUSE:  # the new tokens are text only
         return 0
     return m
+
+
+def new_tokens(ids, types, attention_mask, kept: int, pad_id: int, position_span=None, limit=None):
+    """The tokens of one prompt ``ids``, ``types``, ``attention_mask`` [L] after its first ``kept`` (which a
+    kept entry stands for), as ``CogVLM.extend`` takes them -> (ids [1, P], their positions in the whole
+    prompt [1, P], right padded to ``buckets.extension_length(L - kept, limit)``)."""
+    n = len(ids)
+    pos = np.asarray(position_ids(np.asarray(types)[None], np.asarray(attention_mask)[None], position_span))[0]
+    rest = extension_length(n - kept, limit)
+    new = np.full((1, rest), pad_id, np.int32)
+    new_pos = np.zeros((1, rest), np.int32)
+    new[0, :n - kept], new_pos[0, :n - kept] = ids[kept:], pos[kept:]
+    return new, new_pos
 
 
 class PrefixCache:

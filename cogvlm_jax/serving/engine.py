@@ -50,12 +50,11 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
-from cogvlm_jax.generation.buckets import MIN_BUCKET, bucket_length, decode_sizes, extension_length, prefill_sizes
+from cogvlm_jax.generation.buckets import MIN_BUCKET, bucket_length, decode_sizes, prefill_sizes
 from cogvlm_jax.generation import prefix_cache as prefix_lib
 from cogvlm_jax.generation.errors import InputError
 from cogvlm_jax.generation.sampling import check_sampling
 from cogvlm_jax.inputs.preprocess import pad_batch
-from cogvlm_jax.models.positions import position_ids
 from cogvlm_jax.parallel import multihost
 from cogvlm_jax.parallel.sharding import replicated
 from cogvlm_jax.serving import follower
@@ -527,14 +526,10 @@ class Engine:
         if entry is None:
             return ()
         n = len(ids)
-        am = np.asarray(x["attention_mask"], np.int32)
-        pos = np.asarray(position_ids(tt[None], am[None], self.config.position_span))[0]
-        rest = extension_length(n - m, self.max_length - m)
-        new = np.full((1, rest), self.config.pad_token_id, np.int32)
-        new_pos = np.zeros((1, rest), np.int32)
-        new[0, :n - m], new_pos[0, :n - m] = ids[m:], pos[m:]
+        new, new_pos = prefix_lib.new_tokens(ids, tt, np.asarray(x["attention_mask"], np.int32), m,
+                                             self.config.pad_token_id, self.config.position_span, self.max_length - m)
         live.cached = m
-        self.resume_shapes.add((int(self._kept[entry.value][0].shape[3]), rest))
+        self.resume_shapes.add((int(self._kept[entry.value][0].shape[3]), new.shape[1]))
         return (np.int64(entry.value), np.int32(m), new, new_pos, np.int32(n - m), np.int32(slot),
                 np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p), np.uint32(req.seed % 2**32))
 
